@@ -1,0 +1,78 @@
+"""What the B-cos conv and linear front doors share: checks of b/scale/max_out,
+the backend capability test, and the pieces of the fused backward that sit
+outside the kernels (weight normalisation, b as an optional tensor)."""
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from bcos_kernels.ops._checks import positive_int
+
+# dtypes each fused backend computes in
+FUSED_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+}
+
+
+def check_b(b, x: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
+    """(b as a float, b as a tensor or None). A tensor b (learnable) stays a tensor."""
+    if isinstance(b, torch.Tensor):
+        if b.numel() != 1 or not b.is_floating_point():
+            raise ValueError(f"b must be a number >= 1 or a one-element floating point tensor, got a tensor of "
+                             f"shape {tuple(b.shape)} and dtype {b.dtype}")
+        if b.device != x.device:
+            raise ValueError(f"b is on {b.device} but x is on {x.device}; they must be on the same device")
+        # No value check: it would synchronise with the GPU on every call; the
+        # B-cosification modules clamp b themselves.
+        return math.nan, b
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 1:
+        raise ValueError(f"b must be a finite number >= 1 (or a tensor), got {b!r}")
+    return float(b), None
+
+
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"scale must be a finite non-zero number, got {scale!r}")
+    return float(scale)
+
+
+def check_max_out(max_out, rows: int, rows_name: str) -> int:
+    positive_int("max_out", max_out)
+    if rows % max_out:
+        raise ValueError(f"max_out={max_out} must divide the number of {rows_name} ({rows}): "
+                         f"the weight holds out_channels * max_out filters")
+    return max_out
+
+
+def fused_support(backend: str, x: torch.Tensor):
+    """A reason why ``backend`` cannot run this B-cos call, or None."""
+    dtypes = FUSED_DTYPES.get(backend, ())
+    if x.dtype not in dtypes:
+        return f"dtype {x.dtype} is not supported by backend {backend!r} (supported: {list(dtypes)})"
+    return None
+
+
+def b_value(b: float, b_tensor: Optional[torch.Tensor]) -> Tuple[float, bool]:
+    """(b as a float, whether it came from a tensor) for the kernels."""
+    if b_tensor is None:
+        return b, False
+    return float(b_tensor.detach().reshape(())), True
+
+
+def weight_norm_backward(grad_w_hat: torch.Tensor, w_hat: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:
+    """Gradient through w_hat = w / ||w|| (per output filter): (g - w_hat <g, w_hat>) / ||w||."""
+    dims = tuple(range(1, w_hat.dim()))
+    return (grad_w_hat - w_hat * (grad_w_hat * w_hat).sum(dims, keepdim=True)) / w_norm
+
+
+def weight_and_norm(weight: torch.Tensor, normalize_weight: bool):
+    """(w_hat, ||w|| per filter or None)."""
+    if not normalize_weight:
+        return weight, None
+    dims = tuple(range(1, weight.dim()))
+    w_norm = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+    return weight / w_norm, w_norm
+
+
+def grad_for_b(grad_b: torch.Tensor, b_tensor: torch.Tensor) -> torch.Tensor:
+    return grad_b.to(b_tensor.dtype).reshape(b_tensor.shape)

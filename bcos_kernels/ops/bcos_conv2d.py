@@ -1,0 +1,142 @@
+"""Front door of the B-cos conv2d op (v1, v2 and B-cosification in one).
+
+backend "torch" runs the reference (plain autograd). The fused backends run
+the custom op ``bcos_kernels::bcos_conv2d_fused``: the convolution (ATen) and
+one fused pass each way for everything else (patch norm, MaxOut, |cos|^(b-1),
+scale), with a hand-written backward.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from bcos_kernels import backends
+from bcos_kernels.ops import _bcos_common as common
+from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
+from bcos_kernels.reference import bcos as ref
+
+
+def bcos_conv2d(x, weight, bias=None, *, b=2.0, stride=1, padding=0, dilation=1, groups=1, max_out=1,
+                normalize_weight=True, scale=1.0, detach=False, backend=None):
+    """B-cos convolution. x: (N, C, H, W); weight: (O*max_out, C/groups, kh, kw); bias: (O*max_out,) or None.
+
+    Returns (N, O, Ho, Wo). ``b`` is a number >= 1 or a one-element tensor (learnable b, gets a gradient).
+    ``detach=True`` is explanation mode: the dynamic scale is a constant for the gradient.
+    """
+    check_tensor("x", x, 4)
+    check_tensor("weight", weight, 4)
+    check_like("weight", weight, "x", x)
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+        check_like("bias", bias, "x", x)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} elements but weight has {weight.shape[0]} filters")
+    stride = int_pair("stride", stride)
+    padding = int_pair("padding", padding, minimum=0)
+    dilation = int_pair("dilation", dilation)
+    positive_int("groups", groups)
+    channels, filters = x.shape[1], weight.shape[0]
+    if channels % groups or filters % groups:
+        raise ValueError(f"groups={groups} must divide the input channels of x ({channels}) and the number of "
+                         f"filters in weight ({filters})")
+    if weight.shape[1] * groups != channels:
+        raise ValueError(f"weight expects {weight.shape[1] * groups} input channels (weight.shape[1]={weight.shape[1]}"
+                         f" x groups={groups}) but x has {channels}")
+    common.check_max_out(max_out, filters, "filters in weight")
+    if (filters // max_out) % groups:
+        raise ValueError(f"groups={groups} must divide out_channels = weight.shape[0] / max_out = {filters // max_out}"
+                         f" (each MaxOut unit must lie inside one group)")
+    for i, name in enumerate(("height", "width")):
+        span = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        if x.shape[2 + i] + 2 * padding[i] < span:
+            raise ValueError(f"x {name} {x.shape[2 + i]} plus padding is smaller than the kernel span {span}")
+    b_float, b_tensor = common.check_b(b, x)
+    scale = common.check_scale(scale)
+    name = backends.resolve("bcos_conv2d", backend, x.device, {"cpu": lambda: common.fused_support("cpu", x)})
+    if name == "torch":
+        return ref.bcos_conv2d(x, weight, bias, b=b, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                               max_out=max_out, normalize_weight=normalize_weight, scale=scale, detach=bool(detach))
+    out, _, _, _ = bcos_conv2d_fused(x, weight, bias, b_tensor, b_float, list(stride), list(padding), list(dilation),
+                                     groups, max_out, bool(normalize_weight), scale, bool(detach), name)
+    return out
+
+
+def _output_size(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> List[int]:
+    return [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+
+
+@torch.library.custom_op("bcos_kernels::bcos_conv2d_fused", mutates_args=())
+def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      b_tensor: Optional[torch.Tensor], b: float, stride: List[int], padding: List[int],
+                      dilation: List[int], groups: int, max_out: int, normalize_weight: bool, scale: float,
+                      detach: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, lin after MaxOut, patch norms (N, G, Ho, Wo), MaxOut winner index uint8); the last three
+    are what the backward needs and are not differentiable."""
+    if backend != "cpu":
+        raise ValueError(f"bcos_conv2d_fused: unknown backend {backend!r}")
+    b_val, b_is_tensor = common.b_value(b, b_tensor)
+    w_hat, _ = common.weight_and_norm(weight, normalize_weight)
+    lin = F.conv2d(x, w_hat, bias, stride, padding, dilation, groups)
+    n, filters, ho, wo = lin.shape
+    if b_val == 1 and not b_is_tensor:
+        norm = x.new_empty(0)
+    else:
+        norm = torch.ops.bcos_kernels.patch_norm(x, list(weight.shape[2:]), stride, padding, dilation, groups)
+    out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
+        lin.reshape(n, filters, ho * wo).contiguous(), norm.reshape(n, groups, ho * wo) if norm.numel() else norm,
+        b_val, b_is_tensor, max_out, scale)
+    shape = (n, filters // max_out, ho, wo)
+    # Outputs are NCHW-contiguous whatever the layout of x (the fake impl says the same).
+    return out.view(shape), lin_max.view(shape), norm, winner
+
+
+@bcos_conv2d_fused.register_fake
+def _(x, weight, bias, b_tensor, b, stride, padding, dilation, groups, max_out, normalize_weight, scale, detach,
+      backend):
+    ho, wo = _output_size(x, weight, stride, padding, dilation)
+    shape = (x.shape[0], weight.shape[0] // max_out, ho, wo)
+    out = x.new_empty(shape)
+    has_norm = b_tensor is not None or b != 1
+    norm = x.new_empty((x.shape[0], groups, ho, wo) if has_norm else (0,))
+    winner = x.new_empty(shape if max_out > 1 else (0,), dtype=torch.uint8)
+    return out, x.new_empty(shape), norm, winner
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, b_tensor, b, stride, padding, dilation, groups, max_out, normalize_weight, scale, detach,
+     backend) = inputs
+    _, lin_max, norm, winner = output
+    ctx.mark_non_differentiable(lin_max, norm, winner)
+    ctx.save_for_backward(x, weight, b_tensor, lin_max, norm, winner)
+    ctx.has_bias = bias is not None
+    ctx.args = (b, list(stride), list(padding), list(dilation), groups, max_out, normalize_weight, scale, detach)
+
+
+def _backward(ctx, grad_out, _grad_lin_max, _grad_norm, _grad_winner):
+    x, weight, b_tensor, lin_max, norm, winner = ctx.saved_tensors
+    b, stride, padding, dilation, groups, max_out, normalize_weight, scale, detach = ctx.args
+    need_x, need_w, need_bias, need_b = ctx.needs_input_grad[:4]
+    b_val, b_is_tensor = common.b_value(b, b_tensor)
+    n, out_channels, ho, wo = lin_max.shape
+    grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
+        grad_out.reshape(n, out_channels, ho * wo).contiguous(), lin_max.reshape(n, out_channels, ho * wo),
+        norm.reshape(n, groups, ho * wo) if norm.numel() else norm, winner, b_val, b_is_tensor, max_out, scale,
+        detach, need_x, need_b and b_is_tensor)
+    grad_lin = grad_lin.view(n, out_channels * max_out, ho, wo)
+    w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)
+    grad_x, grad_w_hat, grad_bias = torch.ops.aten.convolution_backward(
+        grad_lin, x, w_hat, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False, [0, 0],
+        groups, [need_x, need_w, need_bias and ctx.has_bias])
+    if need_x and grad_norm.numel():
+        grad_x = grad_x + torch.ops.bcos_kernels.patch_norm_backward(
+            grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups)
+    grad_w = None
+    if need_w:
+        grad_w = common.weight_norm_backward(grad_w_hat, w_hat, w_norm) if normalize_weight else grad_w_hat
+    grad_b_tensor = common.grad_for_b(grad_b, b_tensor) if need_b and b_is_tensor else None
+    return (grad_x if need_x else None, grad_w, grad_bias if need_bias else None, grad_b_tensor,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+bcos_conv2d_fused.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,267 @@
+"""Front door of the CoDA dynamic alignment unit (DAU) convolution.
+
+Math and parameter layout: see ``bcos_kernels/reference/dau.py``. Backend "torch"
+runs the custom op ``bcos_kernels::dau_conv2d``: the low-rank form of DESIGN.md
+section 3 in plain torch ops with a hand-written backward; the per-pixel dynamic
+weights (N, C*k*k, O, Ho, Wo) are never built.
+
+Notation: D = C*k*k, R = r + 1 with a bias (z augmented by a constant 1, the bias
+vector b_o becomes column r of E_o) and R = r without one. With
+``filt`` (O, R, C, k, k) the columns of every [E_o | b_o] as conv filters:
+
+    z   = conv(x, rank_weight)                  (N, r, Ho, Wo)
+    y   = conv(x, filt)                         (N, O*R, Ho, Wo)     the O*r (+O) channel intermediate
+    num_o = sum_q za_q y_{o,q}                  w_o . x_patch
+    q_o   = za^T G_o za                         ||w_o||^2 = z^T G z + 2 h.z + c, G_o = [E_o|b_o]^T [E_o|b_o]
+                                                (clamped at 0 against rounding)
+    out_o = num_o * inv_f(q_o),  inv_f = s / (1 + s^2) (squash) or 1 / s (l2), s = sqrt(q)
+
+z and y come out of one convolution with r + O*R filters.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from bcos_kernels import backends
+from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
+from bcos_kernels.reference.dau import NORMS, bias_to_filters, default_padding, expand_to_filters
+
+__all__ = ["dau_conv2d"]
+
+
+def dau_conv2d(x, rank_weight, expand_weight, expand_bias=None, *, kernel_size, stride=1, padding=None,
+               norm="squash", detach=False, backend=None):
+    """CoDA DAU convolution. x: (N, C, H, W); rank_weight: (r, C, k, k); expand_weight: (C*k*k*O, r, 1, 1);
+    expand_bias: (C*k*k*O,) or None. Returns (N, O, Ho, Wo).
+
+    ``padding=None`` is the original's default (k - 1) // 2. ``norm`` is "squash" or "l2".
+    ``detach=True`` is explanation mode: the dynamic weights (and their norms) are constants for the
+    gradient, which then flows to x only through x_patch in w . x_patch.
+    """
+    check_tensor("x", x, 4)
+    check_tensor("rank_weight", rank_weight, 4)
+    check_tensor("expand_weight", expand_weight, 4)
+    check_like("rank_weight", rank_weight, "x", x)
+    check_like("expand_weight", expand_weight, "x", x)
+    if expand_bias is not None:
+        check_tensor("expand_bias", expand_bias, 1)
+        check_like("expand_bias", expand_bias, "x", x)
+    kernel_size = positive_int("kernel_size", kernel_size)
+    stride = int_pair("stride", stride)
+    padding = int_pair("padding", default_padding(kernel_size) if padding is None else padding, minimum=0)
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(detach, bool):
+        raise TypeError(f"detach must be a bool, got {type(detach).__name__}")
+
+    channels = x.shape[1]
+    rank = rank_weight.shape[0]
+    d = channels * kernel_size * kernel_size
+    if rank_weight.shape[1] != channels:
+        raise ValueError(f"rank_weight expects {rank_weight.shape[1]} input channels but x has {channels}")
+    if tuple(rank_weight.shape[2:]) != (kernel_size, kernel_size):
+        raise ValueError(f"rank_weight has kernel {tuple(rank_weight.shape[2:])} but kernel_size={kernel_size}")
+    if rank < 1:
+        raise ValueError(f"rank_weight must have at least one filter (rank >= 1), got shape {tuple(rank_weight.shape)}")
+    rows = expand_weight.shape[0]
+    if tuple(expand_weight.shape[1:]) != (rank, 1, 1):
+        raise ValueError(f"expand_weight must have shape (C*k*k*O, r, 1, 1) = (*, {rank}, 1, 1), "
+                         f"got {tuple(expand_weight.shape)}")
+    if rows == 0 or rows % d:
+        raise ValueError(f"expand_weight.shape[0] = {rows} must be a positive multiple of "
+                         f"C*k*k = {channels}*{kernel_size}*{kernel_size} = {d} (one row per patch entry and DAU)")
+    if expand_bias is not None and expand_bias.shape[0] != rows:
+        raise ValueError(f"expand_bias has {expand_bias.shape[0]} elements but expand_weight has {rows} rows")
+    for i, name in enumerate(("height", "width")):
+        if x.shape[2 + i] + 2 * padding[i] < kernel_size:
+            raise ValueError(f"x {name} {x.shape[2 + i]} plus padding {padding[i]} is smaller than "
+                             f"kernel_size {kernel_size}")
+
+    name = backends.resolve("dau_conv2d", backend, x.device, implemented={})
+    assert name == "torch", name
+    out, _, _ = dau_conv2d_op(x, rank_weight, expand_weight, expand_bias, kernel_size, list(stride),
+                              list(padding), norm, detach)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# custom op
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _filters(expand_weight: torch.Tensor, expand_bias: Optional[torch.Tensor], channels: int,
+             kernel_size: int) -> torch.Tensor:
+    """[E_o | b_o] as conv filters (O, R, C, k, k)."""
+    filt = expand_to_filters(expand_weight, channels, kernel_size)
+    if expand_bias is not None:
+        filt = torch.cat([filt, bias_to_filters(expand_bias, channels, kernel_size).unsqueeze(1)], 1)
+    return filt
+
+
+def _augment(z: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    if not has_bias:
+        return z
+    return torch.cat([z, z.new_ones(z.shape[0], 1, *z.shape[2:])], 1)
+
+
+def _out_size(x: torch.Tensor, kernel_size: int, stride: List[int], padding: List[int]) -> List[int]:
+    return [(x.shape[2 + i] + 2 * padding[i] - kernel_size) // stride[i] + 1 for i in range(2)]
+
+
+def _scales(s: torch.Tensor, norm: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """inv_f(q) and (d inv_f / d q) / inv_f per pixel, both 0 where s == 0 (an exactly-zero weight)."""
+    live = s > 0
+    s_safe = torch.where(live, s, torch.ones_like(s))
+    q = s_safe * s_safe
+    if norm == "squash":
+        inv = s_safe / (1 + q)
+        ratio = (1 - q) / (2 * q * (1 + q))
+    else:
+        inv = 1 / s_safe
+        ratio = -0.5 / q
+    zero = torch.zeros_like(s)
+    return torch.where(live, inv, zero), torch.where(live, ratio, zero)
+
+
+@torch.library.custom_op("bcos_kernels::dau_conv2d", mutates_args=())
+def dau_conv2d_op(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
+                  expand_bias: Optional[torch.Tensor], kernel_size: int, stride: List[int], padding: List[int],
+                  norm: str, detach: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (N, O, Ho, Wo) in x's dtype, z (N, r, Ho, Wo), s = ||w|| (N, O, Ho, Wo)); z and s are in
+    the compute dtype (fp32 for half inputs), are what the backward needs, and are not differentiable."""
+    cdt = _compute_dtype(x.dtype)
+    xc, a, e = x.to(cdt), rank_weight.to(cdt), expand_weight.to(cdt)
+    b = None if expand_bias is None else expand_bias.to(cdt)
+    n, c = x.shape[:2]
+    rank = a.shape[0]
+    filt = _filters(e, b, c, kernel_size)                                   # (O, R, C, k, k)
+    o, big_r = filt.shape[:2]
+    zy = F.conv2d(xc, torch.cat([a, filt.reshape(o * big_r, c, kernel_size, kernel_size)]), None, stride, padding)
+    ho, wo = zy.shape[-2:]
+    z = zy[:, :rank].contiguous()
+    za = _augment(z, b is not None)
+    num = (zy[:, rank:].view(n, o, big_r, ho, wo) * za.unsqueeze(1)).sum(2)  # w_o . x_patch
+    del zy
+    e3 = filt.reshape(o, big_r, -1)                                         # (O, R, D), row q = column q of [E_o|b_o]
+    gram = e3 @ e3.transpose(1, 2)                                          # (O, R, R)
+    gz = F.conv2d(za, gram.reshape(o * big_r, big_r, 1, 1)).view(n, o, big_r, ho, wo)  # G_o za
+    s = (gz * za.unsqueeze(1)).sum(2).clamp_min(0).sqrt()                   # ||w_o|| = sqrt(za^T G_o za)
+    del gz
+    inv, _ = _scales(s, norm)
+    out = (num * inv).to(x.dtype).contiguous()
+    return out, z, s.contiguous()
+
+
+@dau_conv2d_op.register_fake
+def _(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, norm, detach):
+    cdt = _compute_dtype(x.dtype)
+    ho, wo = _out_size(x, kernel_size, stride, padding)
+    n, c = x.shape[:2]
+    o = expand_weight.shape[0] // (c * kernel_size * kernel_size)
+    return (x.new_empty((n, o, ho, wo)), x.new_empty((n, rank_weight.shape[0], ho, wo), dtype=cdt),
+            x.new_empty((n, o, ho, wo), dtype=cdt))
+
+
+def _setup_context(ctx, inputs, output):
+    x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, norm, detach = inputs
+    out, z, s = output
+    ctx.mark_non_differentiable(z, s)
+    # Saved: the inputs (alive anyway), z (r channels), s (O channels) and the output (O channels, alive anyway
+    # while the next layer uses it). NOT saved: the O*R-channel intermediate y = conv(x, filt); the backward
+    # recomputes it with one convolution. Saving it would cost N*O*(r+1)*Ho*Wo elements per layer -- as much as
+    # or more than the original's per-pixel weights when C*k*k <= r+1 (CoDA-Net CIFAR-10: layer 1 has
+    # C*k*k = 54 vs r+1 = 33, the 1x1 last layer 64 vs 65) -- while recomputing costs one GEMM of the size of
+    # the forward's, i.e. about a third more backward FLOPs.
+    ctx.save_for_backward(x, rank_weight, expand_weight, expand_bias, z, s, out)
+    ctx.args = (kernel_size, list(stride), list(padding), norm, detach)
+
+
+def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, need_x: bool,
+                   need_w: bool):
+    gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, [1, 1], False, [0, 0],
+                                                    1, [need_x, need_w, False])
+    return gx, gw
+
+
+def _backward(ctx, grad_out, _grad_z, _grad_s):
+    x, rank_weight, expand_weight, expand_bias, z, s, out = ctx.saved_tensors
+    kernel_size, stride, padding, norm, detach = ctx.args
+    need_x, need_a, need_e, need_b = ctx.needs_input_grad[:4]
+    grads: List[Optional[torch.Tensor]] = [None] * 9
+    if detach:  # only x, only through x_patch
+        need_a = need_e = need_b = False
+    if not (need_x or need_a or need_e or need_b):
+        return tuple(grads)
+
+    cdt = _compute_dtype(x.dtype)
+    xc, a, e = x.to(cdt), rank_weight.to(cdt), expand_weight.to(cdt)
+    b = None if expand_bias is None else expand_bias.to(cdt)
+    g = grad_out.to(cdt)
+    n, c = x.shape[:2]
+    rank = a.shape[0]
+    filt = _filters(e, b, c, kernel_size)
+    o, big_r = filt.shape[:2]
+    ho, wo = z.shape[-2:]
+    filt2d = filt.reshape(o * big_r, c, kernel_size, kernel_size)
+    za = _augment(z, b is not None)                                        # (N, R, Ho, Wo)
+    inv, ratio = _scales(s, norm)
+    dnum = g * inv                                                          # d loss / d num_o
+    # d num_o / d y_{o,q} = za_q
+    dy = (dnum.unsqueeze(2) * za.unsqueeze(1)).view(n, o * big_r, ho, wo)
+
+    if detach:
+        gx, _ = _conv_backward(dy, xc, filt2d, stride, padding, True, False)
+        grads[0] = gx.to(x.dtype)
+        return tuple(grads)
+
+    dq = g * out.to(cdt) * ratio                                            # d loss / d q_o
+    need_z = need_x or need_a
+    dfilt = None
+    if need_z:
+        # d num / d za: recompute y (not saved, see _setup_context).
+        y = F.conv2d(xc, filt2d, None, stride, padding).view(n, o, big_r, ho, wo)
+        dza = (y * dnum.unsqueeze(2)).sum(1)
+        del y
+    e3 = filt.reshape(o, big_r, -1)                                         # (O, R, D), row q = column q of [E_o|b_o]
+    gram = e3 @ e3.transpose(1, 2)                                          # (O, R, R)
+    if need_z:
+        # d q_o / d za = 2 G_o za
+        gz = F.conv2d(za, gram.reshape(o * big_r, big_r, 1, 1)).view(n, o, big_r, ho, wo)
+        dza = dza + 2 * (gz * dq.unsqueeze(2)).sum(1)
+        del gz
+    if need_e or need_b:
+        # d q_o / d [E_o|b_o] = 2 [E_o|b_o] za za^T, summed over pixels and batch.
+        dqz = (dq.unsqueeze(2) * za.unsqueeze(1)).view(n, o * big_r, ho * wo)
+        m = torch.einsum("nxp,nsp->xs", dqz, za.reshape(n, big_r, ho * wo)).view(o, big_r, big_r)
+        del dqz
+        dfilt = 2 * (m @ e3)                                                # (O, R, D)
+
+    gx = gfilt = None
+    if need_x or need_e or need_b:
+        gx, gfilt = _conv_backward(dy, xc, filt2d, stride, padding, need_x, need_e or need_b)
+    del dy
+    if gfilt is not None:
+        dfilt = gfilt.view(o, big_r, -1) + dfilt
+        d = dfilt.shape[-1]
+        if need_e:
+            grads[2] = dfilt[:, :rank].permute(2, 0, 1).reshape(d * o, rank, 1, 1).to(expand_weight.dtype)
+        if need_b:
+            grads[3] = dfilt[:, rank].t().reshape(d * o).to(expand_bias.dtype)
+    if need_z:
+        gx2, ga = _conv_backward(dza[:, :rank].contiguous(), xc, a, stride, padding, need_x, need_a)
+        if need_x:
+            gx = gx + gx2
+        if need_a:
+            grads[1] = ga.to(rank_weight.dtype)
+    if need_x:
+        grads[0] = gx.to(x.dtype)
+    return tuple(grads)
+
+
+dau_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

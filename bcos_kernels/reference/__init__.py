@@ -1,0 +1,1 @@
+"""Exact pure-PyTorch references of the original code: the specification and the oracle of every test."""

@@ -1,0 +1,735 @@
+// CPU kernels of the B-cos ops (schemas in csrc/ops.cpp).
+//
+//   patch_norm           : channel sum of squares -> box sum -> sqrt
+//   patch_norm_backward  : grad_norm / norm -> transposed box sum -> * x
+//   bcos_scale_forward   : MaxOut + dynamic scale (one pass over lin)
+//   bcos_scale_backward  : gradients w.r.t. lin, norm and b (one pass)
+//
+// All loops run over contiguous inner dimensions so the compiler vectorises
+// them; work is split with at::parallel_for (respects torch.set_num_threads)
+// into units whose partition depends only on the shapes, never on the number
+// of threads, so every result (the grad_b reduction included) is
+// deterministic.  bf16/fp16 compute in float, fp32 in float, fp64 in double.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/bcos_math.h"
+
+namespace bcos_kernels {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using acc_type = typename AccType<scalar_t>::type;
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Minimum number of scalar operations a parallel task should carry, so that
+// tiny problems run inline instead of paying for a parallel region.
+constexpr int64_t kMinTaskWork = 32768;
+
+inline int64_t grain_for(int64_t work_per_unit) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_unit));
+}
+
+void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, name,
+              " must be float32, float64, bfloat16 or float16, got ", dt);
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+}
+
+// ---------------------------------------------------------------------------
+// Patch geometry.
+// ---------------------------------------------------------------------------
+struct Geometry {
+  int64_t N, C, H, W, G, Cg, Ho, Wo;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  // Length of a zero-padded row buffer holding input column w at index w + pw
+  // and every tap j*sw + v*dw of every output column j.
+  int64_t Wpad() const { return std::max(pw + W, (Wo - 1) * sw + (kw - 1) * dw + 1); }
+};
+
+std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* name, int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, name, " must have 2 elements, got ", v.size());
+  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, name, " must be >= ", minimum, ", got ", v);
+  return {v[0], v[1]};
+}
+
+Geometry make_geometry(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "x must have 4 dimensions (N, C, H, W), got shape ", x.sizes());
+  Geometry g{};
+  std::tie(g.kh, g.kw) = pair_arg(kernel_size, "kernel_size", 1);
+  std::tie(g.sh, g.sw) = pair_arg(stride, "stride", 1);
+  std::tie(g.ph, g.pw) = pair_arg(padding, "padding", 0);
+  std::tie(g.dh, g.dw) = pair_arg(dilation, "dilation", 1);
+  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.G = groups;
+  TORCH_CHECK(g.C % groups == 0, "x has ", g.C, " channels, which is not divisible by groups=", groups);
+  g.Cg = g.C / groups;
+  const int64_t span_h = g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1;
+  const int64_t span_w = g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, "the (dilated) kernel ", kernel_size,
+              " is larger than the padded input of x (", g.H, " x ", g.W, ", padding ", padding, ")");
+  g.Ho = span_h / g.sh + 1;
+  g.Wo = span_w / g.sw + 1;
+  return g;
+}
+
+// The layout a (N, C, H, W) tensor is processed in: native NCHW, native
+// channels_last, or anything else made NCHW-contiguous.
+bool use_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// ---------------------------------------------------------------------------
+// patch_norm, pass 1: sq[n, g, h, w] = sum over the channels of group g of x^2.
+// ---------------------------------------------------------------------------
+template <typename scalar_t>
+void sum_squares_nchw(const scalar_t* x, acc_type<scalar_t>* sq, const Geometry& g) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t HW = g.H * g.W;
+  constexpr int64_t kBlock = 2048;
+  const int64_t nblk = div_up(HW, kBlock);
+  at::parallel_for(0, g.N * g.G * nblk, grain_for(g.Cg * kBlock), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t blk = u % nblk;
+      const int64_t ng = u / nblk;  // n * G + group
+      const int64_t n = ng / g.G;
+      const int64_t grp = ng % g.G;
+      const int64_t p0 = blk * kBlock;
+      const int64_t len = std::min(kBlock, HW - p0);
+      acc_t* dst = sq + ng * HW + p0;
+      const scalar_t* src = x + (n * g.C + grp * g.Cg) * HW + p0;
+      for (int64_t p = 0; p < len; ++p) {
+        const acc_t v = static_cast<acc_t>(src[p]);
+        dst[p] = v * v;
+      }
+      int64_t c = 1;
+      for (; c + 3 < g.Cg; c += 4) {
+        const scalar_t* s0 = src + c * HW;
+        const scalar_t* s1 = s0 + HW;
+        const scalar_t* s2 = s1 + HW;
+        const scalar_t* s3 = s2 + HW;
+        for (int64_t p = 0; p < len; ++p) {
+          const acc_t v0 = static_cast<acc_t>(s0[p]);
+          const acc_t v1 = static_cast<acc_t>(s1[p]);
+          const acc_t v2 = static_cast<acc_t>(s2[p]);
+          const acc_t v3 = static_cast<acc_t>(s3[p]);
+          dst[p] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
+        }
+      }
+      for (; c < g.Cg; ++c) {
+        const scalar_t* s0 = src + c * HW;
+        for (int64_t p = 0; p < len; ++p) {
+          const acc_t v0 = static_cast<acc_t>(s0[p]);
+          dst[p] += v0 * v0;
+        }
+      }
+    }
+  });
+}
+
+// Sum of squares of a contiguous run (8 independent lanes so that the loop
+// vectorises without reassociating a single accumulator).
+template <typename scalar_t>
+inline acc_type<scalar_t> run_sum_squares(const scalar_t* src, int64_t len) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kLanes = 8;
+  acc_t lanes[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= len; c += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const acc_t v = static_cast<acc_t>(src[c + k]);
+      lanes[k] += v * v;
+    }
+  }
+  acc_t tail = 0;
+  for (; c < len; ++c) {
+    const acc_t v = static_cast<acc_t>(src[c]);
+    tail += v * v;
+  }
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + tail;
+}
+
+template <typename scalar_t>
+void sum_squares_nhwc(const scalar_t* x, acc_type<scalar_t>* sq, const Geometry& g) {
+  const int64_t HW = g.H * g.W;
+  constexpr int64_t kBlock = 64;  // positions per unit
+  const int64_t nblk = div_up(HW, kBlock);
+  at::parallel_for(0, g.N * nblk, grain_for(g.C * kBlock), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / nblk;
+      const int64_t p0 = (u % nblk) * kBlock;
+      const int64_t p1 = std::min(HW, p0 + kBlock);
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* px = x + (n * HW + p) * g.C;
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          sq[(n * g.G + grp) * HW + p] = run_sum_squares(px + grp * g.Cg, g.Cg);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// patch_norm, pass 2: norm[n, g, i, j] = sqrt(box sum of sq + eps).
+// Column sums over the kh taps of output row i, then row sums over kw taps.
+// ---------------------------------------------------------------------------
+template <typename scalar_t>
+void box_norm(const acc_type<scalar_t>* sq, scalar_t* norm, const Geometry& g) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t HW = g.H * g.W;
+  const int64_t Wpad = g.Wpad();
+  at::parallel_for(0, g.N * g.G * g.Ho, grain_for(g.kh * g.W + g.kw * g.Wo), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> colpad(Wpad);
+    std::vector<acc_t> rowacc(g.Wo);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t i = u % g.Ho;
+      const int64_t ng = u / g.Ho;
+      const acc_t* plane = sq + ng * HW;
+      std::fill(colpad.begin(), colpad.end(), acc_t(0));
+      acc_t* col = colpad.data() + g.pw;
+      for (int64_t a = 0; a < g.kh; ++a) {
+        const int64_t h = i * g.sh - g.ph + a * g.dh;
+        if (h < 0 || h >= g.H) continue;
+        const acc_t* row = plane + h * g.W;
+        for (int64_t w = 0; w < g.W; ++w) col[w] += row[w];
+      }
+      std::fill(rowacc.begin(), rowacc.end(), acc_t(0));
+      acc_t* racc = rowacc.data();
+      for (int64_t v = 0; v < g.kw; ++v) {
+        const acc_t* src = colpad.data() + v * g.dw;
+        if (g.sw == 1) {
+          for (int64_t j = 0; j < g.Wo; ++j) racc[j] += src[j];
+        } else {
+          for (int64_t j = 0; j < g.Wo; ++j) racc[j] += src[j * g.sw];
+        }
+      }
+      scalar_t* dst = norm + u * g.Wo;
+      for (int64_t j = 0; j < g.Wo; ++j) dst[j] = static_cast<scalar_t>(bcos_math::patch_norm_value(racc[j]));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// patch_norm_backward.
+//   q = grad_norm / norm                      (N, G, Ho, Wo)
+//   T[i, w] = sum over taps v of q[i, j] with j*sw - pw + v*dw == w      (N, G, Ho, W)
+//   R[h, w] = sum over taps u of T[i, w] with i*sh - ph + u*dh == h      (N, G, H, W)
+//   grad_x  = x * R[group of the channel]
+// ---------------------------------------------------------------------------
+template <typename scalar_t>
+void scatter_rows(const scalar_t* grad_norm, const scalar_t* norm, acc_type<scalar_t>* T, const Geometry& g) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Wpad = g.Wpad();
+  at::parallel_for(0, g.N * g.G * g.Ho, grain_for(g.kw * g.Wo + g.W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tpad(Wpad);
+    std::vector<acc_t> q(g.Wo);
+    for (int64_t u = begin; u < end; ++u) {
+      const scalar_t* gn = grad_norm + u * g.Wo;
+      const scalar_t* nm = norm + u * g.Wo;
+      for (int64_t j = 0; j < g.Wo; ++j) {
+        q[j] = bcos_math::patch_norm_grad_factor(static_cast<acc_t>(gn[j]), static_cast<acc_t>(nm[j]));
+      }
+      std::fill(tpad.begin(), tpad.end(), acc_t(0));
+      const acc_t* qp = q.data();
+      for (int64_t v = 0; v < g.kw; ++v) {
+        acc_t* dst = tpad.data() + v * g.dw;
+        if (g.sw == 1) {
+          for (int64_t j = 0; j < g.Wo; ++j) dst[j] += qp[j];
+        } else {
+          for (int64_t j = 0; j < g.Wo; ++j) dst[j * g.sw] += qp[j];
+        }
+      }
+      std::copy(tpad.data() + g.pw, tpad.data() + g.pw + g.W, T + u * g.W);
+    }
+  });
+}
+
+template <typename acc_t>
+void scatter_cols(const acc_t* T, acc_t* R, const Geometry& g) {
+  at::parallel_for(0, g.N * g.G * g.H, grain_for(g.kh * g.W), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t h = u % g.H;
+      const int64_t ng = u / g.H;
+      acc_t* dst = R + u * g.W;
+      std::fill(dst, dst + g.W, acc_t(0));
+      for (int64_t a = 0; a < g.kh; ++a) {
+        const int64_t t = h + g.ph - a * g.dh;  // = i * sh for a valid output row i
+        if (t < 0 || t % g.sh != 0) continue;
+        const int64_t i = t / g.sh;
+        if (i >= g.Ho) continue;
+        const acc_t* src = T + (ng * g.Ho + i) * g.W;
+        for (int64_t w = 0; w < g.W; ++w) dst[w] += src[w];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void mul_by_group_nchw(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t* gx, const Geometry& g) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t HW = g.H * g.W;
+  constexpr int64_t kBlock = 4096;
+  const int64_t nblk = div_up(HW, kBlock);
+  at::parallel_for(0, g.N * g.C * nblk, grain_for(kBlock), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t blk = u % nblk;
+      const int64_t nc = u / nblk;
+      const int64_t n = nc / g.C;
+      const int64_t grp = (nc % g.C) / g.Cg;
+      const int64_t p0 = blk * kBlock;
+      const int64_t len = std::min(kBlock, HW - p0);
+      const scalar_t* src = x + nc * HW + p0;
+      const acc_t* r = R + (n * g.G + grp) * HW + p0;
+      scalar_t* dst = gx + nc * HW + p0;
+      for (int64_t p = 0; p < len; ++p) dst[p] = static_cast<scalar_t>(static_cast<acc_t>(src[p]) * r[p]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void mul_by_group_nhwc(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t* gx, const Geometry& g) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t HW = g.H * g.W;
+  constexpr int64_t kBlock = 64;
+  const int64_t nblk = div_up(HW, kBlock);
+  at::parallel_for(0, g.N * nblk, grain_for(g.C * kBlock), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / nblk;
+      const int64_t p0 = (u % nblk) * kBlock;
+      const int64_t p1 = std::min(HW, p0 + kBlock);
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* src = x + (n * HW + p) * g.C;
+        scalar_t* dst = gx + (n * HW + p) * g.C;
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          const acc_t r = R[(n * g.G + grp) * HW + p];
+          const scalar_t* s = src + grp * g.Cg;
+          scalar_t* d = dst + grp * g.Cg;
+          for (int64_t c = 0; c < g.Cg; ++c) d[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * r);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// bcos_scale_forward / backward: shared blocking.  Positions P are cut into
+// blocks of kPosBlock (a unit of parallel work, fixed by the shape) and each
+// block into tiles of kTile held in local arrays.
+// ---------------------------------------------------------------------------
+constexpr int64_t kPosBlock = 2048;
+constexpr int64_t kTile = 256;
+
+template <typename scalar_t, int kMode>
+void scale_forward_kernel(const scalar_t* lin, const scalar_t* norm, scalar_t* out, scalar_t* lin_max,
+                          uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t P, int64_t G, double b,
+                          double scale) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Og = (kMode == bcos_math::kModeOne) ? 1 : O / G;
+  const int64_t nblk = div_up(P, kPosBlock);
+  const acc_t bm1 = static_cast<acc_t>(b - 1.0);
+  const acc_t sc = static_cast<acc_t>(scale);
+  at::parallel_for(0, N * O * nblk, grain_for(kPosBlock * M), [&](int64_t begin, int64_t end) {
+    acc_t lm[kTile];
+    int32_t win[kTile];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t no = u / nblk;  // n * O + o
+      const int64_t n = no / O;
+      const int64_t o = no % O;
+      const int64_t pb0 = (u % nblk) * kPosBlock;
+      const int64_t pb1 = std::min(P, pb0 + kPosBlock);
+      for (int64_t t0 = pb0; t0 < pb1; t0 += kTile) {
+        const int64_t len = std::min(kTile, pb1 - t0);
+        const scalar_t* l0 = lin + no * M * P + t0;
+        for (int64_t p = 0; p < len; ++p) lm[p] = static_cast<acc_t>(l0[p]);
+        if (M > 1) {
+          for (int64_t p = 0; p < len; ++p) win[p] = 0;
+          for (int64_t m = 1; m < M; ++m) {
+            const scalar_t* lmr = l0 + m * P;
+            const int32_t mi = static_cast<int32_t>(m);
+            for (int64_t p = 0; p < len; ++p) {
+              const acc_t v = static_cast<acc_t>(lmr[p]);
+              const bool gt = v > lm[p];  // strict: the first maximum wins
+              lm[p] = gt ? v : lm[p];
+              win[p] = gt ? mi : win[p];
+            }
+          }
+          scalar_t* lmo = lin_max + no * P + t0;
+          uint8_t* wo = winner + no * P + t0;
+          for (int64_t p = 0; p < len; ++p) {
+            lmo[p] = static_cast<scalar_t>(lm[p]);
+            wo[p] = static_cast<uint8_t>(win[p]);
+          }
+        }
+        scalar_t* dst = out + no * P + t0;
+        if constexpr (kMode == bcos_math::kModeOne) {
+          for (int64_t p = 0; p < len; ++p) dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_one(lm[p], sc));
+        } else {
+          const scalar_t* nr = norm + (n * G + o / Og) * P + t0;
+          if constexpr (kMode == bcos_math::kModeTwo) {
+            for (int64_t p = 0; p < len; ++p) {
+              dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_two(lm[p], static_cast<acc_t>(nr[p]), sc));
+            }
+          } else {
+            for (int64_t p = 0; p < len; ++p) {
+              dst[p] = static_cast<scalar_t>(
+                  bcos_math::scale_forward_general(lm[p], static_cast<acc_t>(nr[p]), bm1, sc));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, int kMode, bool kDetach, bool kNeedDn, bool kNeedDb>
+void scale_backward_kernel(const scalar_t* grad_out, const scalar_t* lin_max, const scalar_t* norm,
+                           const uint8_t* winner, scalar_t* grad_lin, scalar_t* grad_norm,
+                           std::vector<double>& partial_db, int64_t N, int64_t O, int64_t M, int64_t P, int64_t G,
+                           double b, double scale) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kReadNorm = kMode != bcos_math::kModeOne;
+  const int64_t Gu = kReadNorm ? G : 1;  // the one mode has no norm: a single group
+  const int64_t Og = O / Gu;
+  const int64_t nblk = div_up(P, kPosBlock);
+  const acc_t bm1 = static_cast<acc_t>(b - 1.0);
+  const acc_t inv_scale = static_cast<acc_t>(1.0 / scale);
+  at::parallel_for(0, N * Gu * nblk, grain_for(kPosBlock * Og * (M + 2)), [&](int64_t begin, int64_t end) {
+    acc_t dl[kTile];
+    acc_t dn[kTile];
+    acc_t db[kTile];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t ng = u / nblk;  // n * Gu + group
+      const int64_t n = ng / Gu;
+      const int64_t grp = ng % Gu;
+      const int64_t pb0 = (u % nblk) * kPosBlock;
+      const int64_t pb1 = std::min(P, pb0 + kPosBlock);
+      double db_sum = 0.0;
+      for (int64_t t0 = pb0; t0 < pb1; t0 += kTile) {
+        const int64_t len = std::min(kTile, pb1 - t0);
+        if constexpr (kNeedDn) std::fill(dn, dn + len, acc_t(0));
+        if constexpr (kNeedDb) std::fill(db, db + len, acc_t(0));
+        const scalar_t* nr = kReadNorm ? norm + ng * P + t0 : nullptr;
+        for (int64_t o = grp * Og; o < (grp + 1) * Og; ++o) {
+          const int64_t no = n * O + o;
+          const scalar_t* go = grad_out + no * P + t0;
+          const scalar_t* lmx = lin_max + no * P + t0;
+          if constexpr (kMode == bcos_math::kModeOne) {
+            for (int64_t p = 0; p < len; ++p) dl[p] = static_cast<acc_t>(go[p]) * inv_scale;
+          } else {
+            for (int64_t p = 0; p < len; ++p) {
+              const acc_t l = static_cast<acc_t>(lmx[p]);
+              const acc_t nv = static_cast<acc_t>(nr[p]);
+              const acc_t gv = static_cast<acc_t>(go[p]);
+              bcos_math::ScaleGrads<acc_t> d;
+              if constexpr (kMode == bcos_math::kModeTwo) {
+                d = bcos_math::scale_grads_two(l, nv, inv_scale, kDetach);
+              } else {
+                d = bcos_math::scale_grads_general(l, nv, bm1, inv_scale, kDetach);
+              }
+              dl[p] = gv * d.dl;
+              if constexpr (kNeedDn) dn[p] += gv * d.dn;
+              if constexpr (kNeedDb) db[p] += gv * d.db;
+            }
+          }
+          if (M == 1) {
+            scalar_t* gl = grad_lin + no * P + t0;
+            for (int64_t p = 0; p < len; ++p) gl[p] = static_cast<scalar_t>(dl[p]);
+          } else {
+            const uint8_t* wn = winner + no * P + t0;
+            for (int64_t m = 0; m < M; ++m) {
+              scalar_t* gl = grad_lin + (no * M + m) * P + t0;
+              const uint8_t mu = static_cast<uint8_t>(m);
+              for (int64_t p = 0; p < len; ++p) gl[p] = static_cast<scalar_t>(wn[p] == mu ? dl[p] : acc_t(0));
+            }
+          }
+        }
+        if constexpr (kNeedDn) {
+          scalar_t* gn = grad_norm + ng * P + t0;
+          for (int64_t p = 0; p < len; ++p) gn[p] = static_cast<scalar_t>(dn[p]);
+        }
+        if constexpr (kNeedDb) {
+          constexpr int kLanes = 16;
+          acc_t lanes[kLanes] = {};
+          int64_t p = 0;
+          for (; p + kLanes <= len; p += kLanes) {
+            for (int k = 0; k < kLanes; ++k) lanes[k] += db[p + k];
+          }
+          double s = 0.0;
+          for (; p < len; ++p) s += static_cast<double>(db[p]);
+          for (int k = 0; k < kLanes; ++k) s += static_cast<double>(lanes[k]);
+          db_sum += s;
+        }
+      }
+      if constexpr (kNeedDb) partial_db[u] = db_sum;
+    }
+  });
+}
+
+}  // namespace
+
+// ===========================================================================
+// Op entry points.
+// ===========================================================================
+at::Tensor patch_norm(const at::Tensor& x_in, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_cpu(x_in, "x");
+  check_float_dtype(x_in, "x");
+  const Geometry g = make_geometry(x_in, kernel_size, stride, padding, dilation, groups);
+  const bool cl = use_channels_last(x_in);
+  const at::Tensor x = cl ? x_in : x_in.contiguous();
+  at::Tensor norm = at::empty({g.N, g.G, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (norm.numel() == 0) return norm;
+  const auto acc_dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor sq = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bcos_patch_norm", [&] {
+    using acc_t = acc_type<scalar_t>;
+    acc_t* sqp = sq.data_ptr<acc_t>();
+    if (g.C == 0) {
+      std::fill(sqp, sqp + sq.numel(), acc_t(0));
+    } else if (cl) {
+      sum_squares_nhwc(x.const_data_ptr<scalar_t>(), sqp, g);
+    } else {
+      sum_squares_nchw(x.const_data_ptr<scalar_t>(), sqp, g);
+    }
+    box_norm(static_cast<const acc_t*>(sqp), norm.data_ptr<scalar_t>(), g);
+  });
+  return norm;
+}
+
+at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor& x_in, const at::Tensor& norm_in,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups) {
+  check_cpu(x_in, "x");
+  check_cpu(grad_norm_in, "grad_norm");
+  check_cpu(norm_in, "norm");
+  check_float_dtype(x_in, "x");
+  const Geometry g = make_geometry(x_in, kernel_size, stride, padding, dilation, groups);
+  const std::vector<int64_t> norm_shape{g.N, g.G, g.Ho, g.Wo};
+  TORCH_CHECK(grad_norm_in.sizes() == at::IntArrayRef(norm_shape), "grad_norm must have shape ", norm_shape,
+              ", got ", grad_norm_in.sizes());
+  TORCH_CHECK(norm_in.sizes() == at::IntArrayRef(norm_shape), "norm must have shape ", norm_shape, ", got ",
+              norm_in.sizes());
+  TORCH_CHECK(grad_norm_in.scalar_type() == x_in.scalar_type(), "grad_norm has dtype ", grad_norm_in.scalar_type(),
+              " but x has dtype ", x_in.scalar_type());
+  TORCH_CHECK(norm_in.scalar_type() == x_in.scalar_type(), "norm has dtype ", norm_in.scalar_type(),
+              " but x has dtype ", x_in.scalar_type());
+  const bool cl = use_channels_last(x_in);
+  const at::Tensor x = cl ? x_in : x_in.contiguous();
+  at::Tensor grad_x =
+      at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  if (grad_x.numel() == 0) return grad_x;
+  const at::Tensor grad_norm = grad_norm_in.contiguous();
+  const at::Tensor norm = norm_in.contiguous();
+  const auto acc_dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor T = at::empty({g.N, g.G, g.Ho, g.W}, x.options().dtype(acc_dt));
+  at::Tensor R = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bcos_patch_norm_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    scatter_rows(grad_norm.const_data_ptr<scalar_t>(), norm.const_data_ptr<scalar_t>(), T.data_ptr<acc_t>(), g);
+    scatter_cols(static_cast<const acc_t*>(T.data_ptr<acc_t>()), R.data_ptr<acc_t>(), g);
+    if (cl) {
+      mul_by_group_nhwc(x.const_data_ptr<scalar_t>(), static_cast<const acc_t*>(R.data_ptr<acc_t>()),
+                        grad_x.data_ptr<scalar_t>(), g);
+    } else {
+      mul_by_group_nchw(x.const_data_ptr<scalar_t>(), static_cast<const acc_t*>(R.data_ptr<acc_t>()),
+                        grad_x.data_ptr<scalar_t>(), g);
+    }
+  });
+  return grad_x;
+}
+
+namespace {
+
+struct ScaleShapes {
+  int64_t N, O, M, P, G;
+};
+
+// Checks shared by forward and backward.  `lin_name`/`lin` is lin (forward)
+// or lin_max (backward, (N, O, P)); `lin_channels_per_out` is M or 1.
+ScaleShapes check_scale_args(const char* lin_name, const at::Tensor& lin, int64_t lin_channels_per_out,
+                             const at::Tensor& norm, int mode, int64_t max_out, double scale) {
+  check_cpu(lin, lin_name);
+  check_float_dtype(lin, lin_name);
+  TORCH_CHECK(lin.dim() == 3, lin_name, " must have 3 dimensions (N, channels, positions), got shape ", lin.sizes());
+  TORCH_CHECK(max_out >= 1 && max_out <= 255, "max_out must be in [1, 255], got ", max_out);
+  TORCH_CHECK(scale != 0.0, "scale must be non-zero");
+  ScaleShapes s{};
+  s.N = lin.size(0);
+  s.P = lin.size(2);
+  s.M = max_out;
+  TORCH_CHECK(lin.size(1) % lin_channels_per_out == 0, lin_name, " has ", lin.size(1),
+              " channels, which is not divisible by max_out=", max_out);
+  s.O = lin.size(1) / lin_channels_per_out;
+  s.G = 1;
+  if (mode != bcos_math::kModeOne) {
+    check_cpu(norm, "norm");
+    TORCH_CHECK(norm.dim() == 3, "norm must have 3 dimensions (N, G, positions), got shape ", norm.sizes());
+    TORCH_CHECK(norm.scalar_type() == lin.scalar_type(), "norm has dtype ", norm.scalar_type(), " but ", lin_name,
+                " has dtype ", lin.scalar_type());
+    TORCH_CHECK(norm.size(0) == s.N && norm.size(2) == s.P, "norm must have shape (", s.N, ", G, ", s.P, "), got ",
+                norm.sizes());
+    s.G = norm.size(1);
+    TORCH_CHECK(s.G >= 1 && s.O % s.G == 0, "norm has ", s.G, " channels (groups), which does not divide the ", s.O,
+                " output channels");
+  }
+  return s;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tensor& lin_in, const at::Tensor& norm_in,
+                                                                  double b, bool b_is_tensor, int64_t max_out,
+                                                                  double scale) {
+  const int mode = bcos_math::scale_mode(b, b_is_tensor);
+  const ScaleShapes s = check_scale_args("lin", lin_in, max_out, norm_in, mode, max_out, scale);
+  const at::Tensor lin = lin_in.contiguous();
+  const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
+  at::Tensor out = at::empty({s.N, s.O, s.P}, lin.options());
+  at::Tensor lin_max, winner;
+  if (s.M > 1) {
+    lin_max = at::empty({s.N, s.O, s.P}, lin.options());
+    winner = at::empty({s.N, s.O, s.P}, lin.options().dtype(at::kByte));
+  } else {
+    // Not returned as `lin` itself: an output may not alias an input of the
+    // op (its schema has no alias annotation).  With max_out == 1 the caller
+    // uses lin as lin_max.
+    lin_max = at::empty({0}, lin.options());
+    winner = at::empty({0}, lin.options().dtype(at::kByte));
+  }
+  if (out.numel() == 0) return {out, lin_max, winner};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lin.scalar_type(), "bcos_scale_forward", [&] {
+    const scalar_t* lp = lin.const_data_ptr<scalar_t>();
+    const scalar_t* np = mode == bcos_math::kModeOne ? nullptr : norm.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* mp = s.M > 1 ? lin_max.data_ptr<scalar_t>() : nullptr;
+    uint8_t* wp = s.M > 1 ? winner.data_ptr<uint8_t>() : nullptr;
+    if (mode == bcos_math::kModeOne) {
+      scale_forward_kernel<scalar_t, bcos_math::kModeOne>(lp, np, op, mp, wp, s.N, s.O, s.M, s.P, s.G, b, scale);
+    } else if (mode == bcos_math::kModeTwo) {
+      scale_forward_kernel<scalar_t, bcos_math::kModeTwo>(lp, np, op, mp, wp, s.N, s.O, s.M, s.P, s.G, b, scale);
+    } else {
+      scale_forward_kernel<scalar_t, bcos_math::kModeGeneral>(lp, np, op, mp, wp, s.N, s.O, s.M, s.P, s.G, b,
+                                                              scale);
+    }
+  });
+  return {out, lin_max, winner};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& lin_max_in, const at::Tensor& norm_in,
+    const at::Tensor& winner_in, double b, bool b_is_tensor, int64_t max_out, double scale, bool detach,
+    bool need_grad_norm, bool need_grad_b) {
+  const int mode = bcos_math::scale_mode(b, b_is_tensor);
+  const ScaleShapes s = check_scale_args("lin_max", lin_max_in, 1, norm_in, mode, max_out, scale);
+  check_cpu(grad_out_in, "grad_out");
+  TORCH_CHECK(grad_out_in.sizes() == lin_max_in.sizes(), "grad_out must have the shape of lin_max ",
+              lin_max_in.sizes(), ", got ", grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == lin_max_in.scalar_type(), "grad_out has dtype ",
+              grad_out_in.scalar_type(), " but lin_max has dtype ", lin_max_in.scalar_type());
+  if (s.M > 1) {
+    check_cpu(winner_in, "winner");
+    TORCH_CHECK(winner_in.scalar_type() == at::kByte, "winner must be uint8, got ", winner_in.scalar_type());
+    TORCH_CHECK(winner_in.sizes() == lin_max_in.sizes(), "winner must have the shape of lin_max ",
+                lin_max_in.sizes(), ", got ", winner_in.sizes());
+  }
+  const bool need_dn = need_grad_norm && !detach && mode != bcos_math::kModeOne;
+  const bool need_db = need_grad_b && mode == bcos_math::kModeGeneral;
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor lin_max = lin_max_in.contiguous();
+  const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
+  const at::Tensor winner = s.M > 1 ? winner_in.contiguous() : winner_in;
+  const auto opts = grad_out.options();
+  const auto b_dtype = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  at::Tensor grad_lin = at::empty({s.N, s.O * s.M, s.P}, opts);
+  at::Tensor grad_norm = need_dn ? at::empty({s.N, s.G, s.P}, opts) : at::empty({0}, opts);
+  at::Tensor grad_b = need_db ? at::empty({}, opts.dtype(b_dtype)) : at::empty({0}, opts.dtype(b_dtype));
+  if (grad_lin.numel() == 0) {
+    grad_norm.zero_();
+    grad_b.zero_();
+    return {grad_lin, grad_norm, grad_b};
+  }
+  const int64_t nunits = s.N * (mode == bcos_math::kModeOne ? 1 : s.G) * div_up(s.P, kPosBlock);
+  std::vector<double> partial_db(need_db ? nunits : 0, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "bcos_scale_backward", [&] {
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* lp = lin_max.const_data_ptr<scalar_t>();
+    const scalar_t* np = mode == bcos_math::kModeOne ? nullptr : norm.const_data_ptr<scalar_t>();
+    const uint8_t* wp = s.M > 1 ? winner.const_data_ptr<uint8_t>() : nullptr;
+    scalar_t* glp = grad_lin.data_ptr<scalar_t>();
+    scalar_t* gnp = need_dn ? grad_norm.data_ptr<scalar_t>() : nullptr;
+    auto run = [&](auto mode_c, auto detach_c, auto dn_c, auto db_c) {
+      scale_backward_kernel<scalar_t, decltype(mode_c)::value, decltype(detach_c)::value, decltype(dn_c)::value,
+                            decltype(db_c)::value>(gp, lp, np, wp, glp, gnp, partial_db, s.N, s.O, s.M, s.P, s.G, b,
+                                                   scale);
+    };
+    using One = std::integral_constant<int, bcos_math::kModeOne>;
+    using Two = std::integral_constant<int, bcos_math::kModeTwo>;
+    using Gen = std::integral_constant<int, bcos_math::kModeGeneral>;
+    using T = std::true_type;
+    using F = std::false_type;
+    if (mode == bcos_math::kModeOne) {
+      run(One{}, F{}, F{}, F{});
+    } else if (mode == bcos_math::kModeTwo) {
+      if (detach) {
+        run(Two{}, T{}, F{}, F{});
+      } else if (need_dn) {
+        run(Two{}, F{}, T{}, F{});
+      } else {
+        run(Two{}, F{}, F{}, F{});
+      }
+    } else if (detach) {
+      if (need_db) {
+        run(Gen{}, T{}, F{}, T{});
+      } else {
+        run(Gen{}, T{}, F{}, F{});
+      }
+    } else if (need_dn) {
+      if (need_db) {
+        run(Gen{}, F{}, T{}, T{});
+      } else {
+        run(Gen{}, F{}, T{}, F{});
+      }
+    } else if (need_db) {
+      run(Gen{}, F{}, F{}, T{});
+    } else {
+      run(Gen{}, F{}, F{}, F{});
+    }
+  });
+  if (need_db) {
+    double total = 0.0;  // ordered combine of the per-unit partial sums
+    for (double v : partial_db) total += v;
+    grad_b.fill_(total);
+  }
+  return {grad_lin, grad_norm, grad_b};
+}
+
+}  // namespace cpu
+}  // namespace bcos_kernels

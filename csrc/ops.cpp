@@ -1,0 +1,101 @@
+// Schemas of the bcos_kernels ops and their CPU registrations.
+//
+// Loading the shared library runs the static registrations below, which
+// makes the ops available as torch.ops.bcos_kernels.*.  Built by setup.py as
+// the Python module bcos_kernels._C (BCOS_PYTHON_MODULE defined: a minimal
+// PyInit__C so that `import bcos_kernels._C` loads it); built by CMake as a
+// plain shared library for torch.ops.load_library.
+//
+// The ops have no autograd kernels: the Python front door
+// (bcos_kernels.ops) wraps them in autograd and supplies fake impls.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace bcos_kernels {
+namespace cpu {
+
+at::Tensor patch_norm(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+at::Tensor patch_norm_backward(const at::Tensor& grad_norm, const at::Tensor& x, const at::Tensor& norm,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tensor& lin, const at::Tensor& norm,
+                                                                  double b, bool b_is_tensor, int64_t max_out,
+                                                                  double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_backward(const at::Tensor& grad_out,
+                                                                   const at::Tensor& lin_max, const at::Tensor& norm,
+                                                                   const at::Tensor& winner, double b,
+                                                                   bool b_is_tensor, int64_t max_out, double scale,
+                                                                   bool detach, bool need_grad_norm,
+                                                                   bool need_grad_b);
+
+}  // namespace cpu
+}  // namespace bcos_kernels
+
+TORCH_LIBRARY(bcos_kernels, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def(
+      "patch_norm(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) "
+      "-> Tensor",
+      tags);
+  m.def(
+      "patch_norm_backward(Tensor grad_norm, Tensor x, Tensor norm, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor",
+      tags);
+  m.def(
+      "bcos_scale_forward(Tensor lin, Tensor norm, float b, bool b_is_tensor, int max_out, float scale) "
+      "-> (Tensor out, Tensor lin_max, Tensor winner)",
+      tags);
+  m.def(
+      "bcos_scale_backward(Tensor grad_out, Tensor lin_max, Tensor norm, Tensor winner, float b, "
+      "bool b_is_tensor, int max_out, float scale, bool detach, bool need_grad_norm, bool need_grad_b) "
+      "-> (Tensor grad_lin, Tensor grad_norm, Tensor grad_b)",
+      tags);
+}
+
+TORCH_LIBRARY_IMPL(bcos_kernels, CPU, m) {
+  m.impl("patch_norm", &bcos_kernels::cpu::patch_norm);
+  m.impl("patch_norm_backward", &bcos_kernels::cpu::patch_norm_backward);
+  m.impl("bcos_scale_forward", &bcos_kernels::cpu::bcos_scale_forward);
+  m.impl("bcos_scale_backward", &bcos_kernels::cpu::bcos_scale_backward);
+}
+
+#if defined(BCOS_PYTHON_MODULE)
+#include <Python.h>
+
+// A module with no functions: importing it only loads this library (and so
+// runs the registrations above).  WITH_CUDA tells Python whether CUDA
+// kernels were compiled in.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",                                                           // m_name
+      "Compiled kernels of bcos_kernels (registers torch.ops.bcos_kernels.*)",  // m_doc
+      -1,                                                             // m_size
+      nullptr,                                                        // m_methods
+      nullptr,                                                        // m_slots
+      nullptr,                                                        // m_traverse
+      nullptr,                                                        // m_clear
+      nullptr,                                                        // m_free
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#if defined(BCOS_WITH_CUDA)
+  PyObject* with_cuda = Py_True;
+#else
+  PyObject* with_cuda = Py_False;
+#endif
+  Py_INCREF(with_cuda);
+  if (PyModule_AddObject(module, "WITH_CUDA", with_cuda) < 0) {
+    Py_DECREF(with_cuda);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+#endif

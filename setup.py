@@ -1,0 +1,63 @@
+"""Build of bcos_kernels and its compiled extension ``bcos_kernels._C``.
+
+    pip install --no-build-isolation -e .
+
+The extension holds the CPU kernels (csrc/cpu/*.cpp) and, when torch was
+built with CUDA and nvcc is found (and BCOS_KERNELS_NO_CUDA is not set), the
+CUDA kernels (csrc/cuda/*.cu, compiled with BCOS_WITH_CUDA defined).
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    # setuptools wants source paths relative to setup.py.
+    return sorted(glob.glob(pattern, root_dir=ROOT))
+
+
+def _use_cuda():
+    if os.environ.get("BCOS_KERNELS_NO_CUDA"):
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    return os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+def _extension():
+    with_cuda = _use_cuda()
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    # -fno-math-errno lets sqrt vectorise; it changes no value.  The C++
+    # standard is left to torch (it adds the one its headers need).
+    cxx_flags = ["-O3", "-fno-math-errno", "-Wall", "-Wextra"]
+    define_macros = [("BCOS_PYTHON_MODULE", None)]
+    # define_macros reach both the C++ and the nvcc command lines.
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros)
+    if with_cuda:
+        sources += _sources("csrc/cuda/*.cu")
+        define_macros.append(("BCOS_WITH_CUDA", None))
+        return CUDAExtension(
+            "bcos_kernels._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            **kwargs,
+        )
+    return CppExtension("bcos_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
+
+
+setup(
+    name="bcos_kernels",
+    version="0.1.0",
+    description="Fused kernels for interpretable vision networks (B-cos, CoDA, LWTA, CSG)",
+    packages=find_packages(include=["bcos_kernels", "bcos_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch"],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

@@ -1,0 +1,235 @@
+"""Class-specific gate: the reference against CSGCNN's original layer, the op against the reference."""
+import ast
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcos_kernels.nn.csg import ClassSpecificGate
+from bcos_kernels.ops.class_specific_gate import class_specific_gate
+from bcos_kernels.reference import csg as ref
+
+MIRROR = Path(os.environ.get("BCOS_KERNELS_MIRRORS", "/work/.mirror")) / "hyliang96+CSGCNN" / "repo"
+ORIGINAL_FILE = "VOCPart/train/resnet_std.py"
+ORIGINAL_CLASS = "LearnableMaskLayer"
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """The original LearnableMaskLayer class, cut out of the git mirror at test time (never stored in this repo)."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"the original CSGCNN code is not available here (no git mirror at {MIRROR}); "
+                    f"set BCOS_KERNELS_MIRRORS to a folder holding hyliang96+CSGCNN/repo to run this")
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed, cannot read the original CSGCNN code from its mirror")
+    text = subprocess.run(["git", "-c", "safe.directory=*", "--git-dir", str(MIRROR), "show", f"HEAD:{ORIGINAL_FILE}"],
+                          check=True, capture_output=True, text=True).stdout
+    node = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == ORIGINAL_CLASS)
+    source = "import torch\nimport torch.nn as nn\n\n" + ast.get_source_segment(text, node) + "\n"
+    path = tmp_path_factory.mktemp("original") / "csg_learnable_mask.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("csg_learnable_mask", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, ORIGINAL_CLASS)
+
+
+def _inputs(shape, K, dtype=torch.float32, seed=0, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    mask = torch.rand(shape[1], K, generator=g, dtype=dtype)
+    labels = torch.randint(0, K, (shape[0],), generator=g)
+    gout = torch.randn(shape, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(), mask.requires_grad_(), labels, gout
+
+
+def _fwd_bwd(fn, x, mask, gout):
+    out = fn(x, mask)
+    gx, gm = torch.autograd.grad(out, (x, mask), gout)
+    return out.detach(), gx, gm
+
+
+SHAPES = [((4, 8, 3, 5), 3), ((1, 16, 2, 2), 6), ((5, 7, 1, 3), 2), ((6, 10), 4), ((1, 3), 1)]
+
+
+# ---------------------------------------------------------------- against the original layer
+
+
+@pytest.mark.parametrize("shape,K", [((4, 8, 3, 5), 3), ((7, 16, 2, 2), 6)])
+def test_module_matches_original(original, shape, K):
+    x, _, labels, gout = _inputs(shape, K)
+    orig = original(feature_dim=shape[1], num_classes=K)
+    ours = ClassSpecificGate(feature_dim=shape[1], num_classes=K)
+    assert ours.state_dict().keys() == orig.state_dict().keys() == {"mask"}
+    assert torch.equal(ours.mask, orig.mask)
+    with torch.no_grad():
+        orig.mask.uniform_(-0.2, 1.0)
+    ours.load_state_dict(orig.state_dict())
+    results = []
+    for layer in (orig, ours):
+        out, reg = layer(x, labels)
+        gx, gm = torch.autograd.grad(out, (x, layer.mask), gout)
+        (greg,) = torch.autograd.grad(reg, layer.mask)
+        results.append((out.detach(), reg.detach(), gx, gm, greg, layer.get_density().detach()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert torch.equal(results[0][0], results[1][0])
+    # eval: the identity, x itself, and the same regulariser
+    orig.eval(), ours.eval()
+    (out_o, reg_o), (out_n, reg_n) = orig(x, labels), ours(x, labels)
+    assert out_o is x and out_n is x
+    assert torch.equal(reg_n, reg_o)
+    assert ours(x, None)[0] is x
+
+
+def test_regulariser_below_budget_and_clip_match_original(original):
+    orig, ours = original(8, 4), ClassSpecificGate(8, 4)
+    with torch.no_grad():
+        orig.mask.fill_(0.1)  # density 0.1 < 0.2: no penalty
+    ours.load_state_dict(orig.state_dict())
+    assert torch.equal(ours.loss_function(), orig.loss_function()) and float(orig.loss_function()) == 0.0
+    with torch.no_grad():
+        orig.mask.copy_(torch.randn(8, 4) + 0.5)
+        orig.mask[3] = torch.tensor([-1.0, 0.5, 2.0, 0.0])
+    ours.load_state_dict(orig.state_dict())
+    storage = ours.mask.data_ptr()
+    orig.clip_lmask()
+    ours.clip_lmask()
+    assert torch.equal(ours.mask, orig.mask)
+    assert ours.mask.data_ptr() == storage  # in place: optimiser state stays attached
+    assert torch.equal(ref.csg_density_loss(ours.mask), orig.loss_function())
+
+
+# ---------------------------------------------------------------- op vs reference
+
+
+@pytest.mark.parametrize("shape,K", SHAPES)
+def test_op_matches_reference(shape, K):
+    x, mask, labels, gout = _inputs(shape, K)
+    r = _fwd_bwd(lambda a, m: ref.class_specific_gate(a, m, labels), x, mask, gout)
+    o = _fwd_bwd(lambda a, m: class_specific_gate(a, m, labels), x, mask, gout)
+    assert torch.equal(o[0], r[0])
+    assert torch.equal(o[1], r[1])
+    torch.testing.assert_close(o[2], r[2], rtol=1e-5, atol=1e-5)
+
+
+def test_dmask_is_per_class_sum_of_g_times_x():
+    x, mask, labels, gout = _inputs((6, 5, 3, 2), 4)
+    _, _, gm = _fwd_bwd(lambda a, m: class_specific_gate(a, m, labels), x, mask, gout)
+    expected = torch.zeros(5, 4)
+    for n in range(6):
+        expected[:, labels[n]] += (gout[n] * x[n].detach()).sum((1, 2))
+    torch.testing.assert_close(gm, expected)
+
+
+def test_channels_last():
+    x, mask, labels, gout = _inputs((3, 8, 4, 5), 3, channels_last=True)
+    r = _fwd_bwd(lambda a, m: ref.class_specific_gate(a, m, labels), x, mask, gout)
+    o = _fwd_bwd(lambda a, m: class_specific_gate(a, m, labels), x, mask, gout)
+    assert o[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(o[0], r[0])
+    torch.testing.assert_close(o[1], r[1])
+    torch.testing.assert_close(o[2], r[2], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_is_identity_without_copy():
+    x, mask, labels, _ = _inputs((2, 4, 3, 3), 2)
+    assert class_specific_gate(x, mask, labels, training=False) is x
+    assert class_specific_gate(x, mask, None, training=False) is x
+    assert ref.class_specific_gate(x, mask, labels, training=False) is x
+
+
+def test_saves_no_full_size_gate():
+    x, mask, labels, _ = _inputs((8, 32, 4, 4), 6)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        class_specific_gate(x, mask, labels)
+    assert sum(saved.values()) == x.numel() * 4 + mask.numel() * 4 + labels.numel() * 8
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ref.class_specific_gate(x, mask, labels)
+    assert sum(saved.values()) >= 2 * x.numel() * 4
+
+
+def test_gradcheck_fp64():
+    for shape, K in (((3, 4, 2, 3), 3), ((4, 5), 2)):
+        x, mask, labels, _ = _inputs(shape, K, dtype=torch.float64)
+        assert torch.autograd.gradcheck(lambda a, m: class_specific_gate(a, m, labels), (x, mask))
+
+
+@pytest.mark.parametrize("case", ["conv", "channels_last", "linear"])
+def test_opcheck(case):
+    shape = (4, 6) if case == "linear" else (3, 6, 2, 3)
+    x, mask, labels, _ = _inputs(shape, 3, channels_last=case == "channels_last")
+    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels))
+
+
+def test_compile_fullgraph_matches_eager():
+    x, _, labels, gout = _inputs((4, 8, 3, 3), 3)
+    layer = ClassSpecificGate(8, 3)
+    with torch.no_grad():
+        layer.mask.uniform_()
+
+    def run(fn):
+        out, reg = fn(x, labels)
+        gx, gm = torch.autograd.grad((out * gout).sum() + reg, (x, layer.mask))
+        return out.detach(), reg.detach(), gx, gm
+
+    eager = run(layer)
+    compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_module_half_input_casts_the_mask():
+    x, _, labels, _ = _inputs((2, 4, 2, 2), 3)
+    layer = ClassSpecificGate(4, 3)
+    out, _ = layer(x.detach().to(torch.bfloat16).requires_grad_(), labels.tolist())
+    assert out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert layer.mask.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _ok():
+    return torch.zeros(2, 4, 3, 3), torch.zeros(4, 3), torch.tensor([0, 2])
+
+
+@pytest.mark.parametrize("change,exc,name", [
+    (lambda x, m, l: (x[0], m, l), ValueError, "x"),
+    (lambda x, m, l: (x.long(), m, l), TypeError, "x"),
+    (lambda x, m, l: (x, m[:3], l), ValueError, "mask"),
+    (lambda x, m, l: (x, m[:, :, None], l), ValueError, "mask"),
+    (lambda x, m, l: (x, m.double(), l), TypeError, "mask"),
+    (lambda x, m, l: (x, m.to("meta"), l), ValueError, "mask"),
+    (lambda x, m, l: (x, m, l.float()), TypeError, "labels"),
+    (lambda x, m, l: (x, m, l.bool()), TypeError, "labels"),
+    (lambda x, m, l: (x, m, [0, 1]), TypeError, "labels"),
+    (lambda x, m, l: (x, m, l[:1]), ValueError, "labels"),
+    (lambda x, m, l: (x, m, l[None]), ValueError, "labels"),
+    (lambda x, m, l: (x, m, torch.tensor([0, 3])), ValueError, "labels"),
+    (lambda x, m, l: (x, m, torch.tensor([-1, 0])), ValueError, "labels"),
+    (lambda x, m, l: (x, m, l.to("meta")), ValueError, "labels"),
+    (lambda x, m, l: (x, m, None), ValueError, "labels"),
+])
+def test_bad_input(change, exc, name):
+    with pytest.raises(exc, match=name):
+        class_specific_gate(*change(*_ok()))
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend"):
+        class_specific_gate(*_ok(), backend="cuda")

@@ -1,0 +1,352 @@
+"""LWTA: the reference against DISCOVER's original code, the op against the reference."""
+import importlib.util
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcos_kernels.nn.lwta import LWTA
+from bcos_kernels.ops.lwta import lwta
+from bcos_kernels.reference import lwta as ref
+
+MIRROR = Path(os.environ.get("BCOS_KERNELS_MIRRORS", "/work/.mirror")) / "konpanousis+DISCOVER" / "repo"
+ORIGINAL_FILE = "models/ResNet/activations.py"
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """DISCOVER's activations.py, read from the git mirror at test time (never stored in this repo)."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"the original DISCOVER code is not available here (no git mirror at {MIRROR}); "
+                    f"set BCOS_KERNELS_MIRRORS to a folder holding konpanousis+DISCOVER/repo to run this")
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed, cannot read the original DISCOVER code from its mirror")
+    text = subprocess.run(["git", "-c", "safe.directory=*", "--git-dir", str(MIRROR), "show", f"HEAD:{ORIGINAL_FILE}"],
+                          check=True, capture_output=True, text=True).stdout
+    path = tmp_path_factory.mktemp("original") / "discover_activations.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("discover_activations", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _feed_rand(monkeypatch, u):
+    """Make torch.rand (the original's noise source) return the uniforms u, reshaped to the asked shape."""
+    def fake_rand(*size, device=None, **kwargs):
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        return u.reshape(shape).to(device)
+    monkeypatch.setattr(torch, "rand", fake_rand)
+
+
+# (shape, U): conv (N, C, H, W) competes along C, the rest along the last dim
+CASES = [
+    ((2, 8, 3, 5), 2), ((2, 8, 3, 5), 4), ((2, 16, 3, 3), 8), ((1, 9, 5, 7), 3), ((3, 6, 1, 1), 2),
+    ((4, 12), 2), ((4, 12), 3), ((1, 8), 8), ((5, 12), 4), ((2, 5, 12), 3), ((1, 3, 8), 4),
+]
+MODES = ["train", "eval", "deterministic"]
+
+
+def _kwargs(mode, temperature=0.7):
+    return dict(temperature=temperature, deterministic=mode == "deterministic", training=mode != "eval")
+
+
+def _inputs(shape, dtype=torch.float32, seed=0, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    u = torch.rand(shape, generator=g, dtype=torch.float32)
+    gout = torch.randn(shape, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(), u, gout
+
+
+def _fwd_bwd(fn, x, gout):
+    out = fn(x)
+    (grad,) = torch.autograd.grad(out, x, gout)
+    return out.detach(), grad
+
+
+# ---------------------------------------------------------------- reference vs the original code
+
+
+@pytest.mark.parametrize("shape,U", CASES[:3] + CASES[5:6] + CASES[9:10])
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_matches_original(original, monkeypatch, shape, U, mode):
+    x, u, gout = _inputs(shape)
+    kw = _kwargs(mode)
+    _feed_rand(monkeypatch, u)
+    out_o, kl = original.lwta_activation(x, U=U, deterministic=kw["deterministic"], training=kw["training"],
+                                         temperature=kw["temperature"], temp_test=1.67, kl_flag=True)
+    (grad_o,) = torch.autograd.grad(out_o, x, gout)
+    assert kl == 0.0
+    monkeypatch.undo()
+    out_r, grad_r = _fwd_bwd(lambda t: ref.lwta(t, U, noise=u, **kw), x, gout)
+    assert torch.equal(out_r, out_o)
+    assert torch.equal(grad_r, grad_o)
+    out_op, grad_op = _fwd_bwd(lambda t: lwta(t, U, noise=u, **kw), x, gout)
+    assert torch.equal(out_op, out_o)
+    torch.testing.assert_close(grad_op, grad_o, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape,U", [((2, 8, 6, 6), 2), ((3, 7, 12), 4)])
+def test_module_matches_original_module_same_seed(original, shape, U, mode):
+    """Same constructor, same torch.manual_seed: the same noise, so the same output (no noise passed)."""
+    x, _, gout = _inputs(shape, seed=1)
+    orig = original.LWTA(U=U, temp=0.9, deterministic=mode == "deterministic")
+    ours = LWTA(U=U, temp=0.9, deterministic=mode == "deterministic")
+    if mode == "eval":
+        orig.eval(), ours.eval()
+    torch.manual_seed(123)
+    out_o, grad_o = _fwd_bwd(orig, x, gout)
+    torch.manual_seed(123)
+    out_n, grad_n = _fwd_bwd(ours, x, gout)
+    assert torch.equal(out_n, out_o)
+    torch.testing.assert_close(grad_n, grad_o, rtol=1e-5, atol=1e-6)
+    assert ours.kl_ == orig.kl_ == 0.0
+
+
+def test_module_defaults_and_relu_match_original(original):
+    orig, ours = original.LWTA(), LWTA()
+    for name in ("inplace", "deterministic", "U", "temp", "temp_test", "kl_flag"):
+        assert getattr(ours, name) == getattr(orig, name), name
+    assert ours.state_dict().keys() == orig.state_dict().keys()
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.equal(LWTA(U=1)(x), original.LWTA(U=1)(x))
+
+
+# ---------------------------------------------------------------- op vs reference
+
+
+@pytest.mark.parametrize("shape,U", CASES)
+@pytest.mark.parametrize("mode", MODES)
+def test_op_matches_reference(shape, U, mode):
+    x, u, gout = _inputs(shape)
+    kw = _kwargs(mode)
+    out_r, grad_r = _fwd_bwd(lambda t: ref.lwta(t, U, noise=u, **kw), x, gout)
+    out_op, grad_op = _fwd_bwd(lambda t: lwta(t, U, noise=u, **kw), x, gout)
+    assert torch.equal(out_op, out_r)
+    torch.testing.assert_close(grad_op, grad_r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_channels_last(mode):
+    x, u, gout = _inputs((2, 8, 5, 3), channels_last=True)
+    kw = _kwargs(mode)
+    out_r, grad_r = _fwd_bwd(lambda t: ref.lwta(t, 4, noise=u, **kw), x, gout)
+    out_op, grad_op = _fwd_bwd(lambda t: lwta(t, 4, noise=u, **kw), x, gout)
+    assert out_op.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out_op, out_r)
+    torch.testing.assert_close(grad_op, grad_r, rtol=1e-5, atol=1e-6)
+    # the noise drawn inside follows x's logical order, not its memory order
+    torch.manual_seed(5)
+    a = lwta(x.detach(), 4)
+    torch.manual_seed(5)
+    b = lwta(x.detach().contiguous(), 4)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape,U", [((2, 8, 3, 5), 4), ((3, 12), 3)])
+def test_straight_through_formula_fp64(shape, U):
+    """d out/d x_i = m_i g_i + (1/T) p_i (v_i - sum_j p_j v_j), v = g x, p = y_soft: autograd of the reference."""
+    T = 0.6
+    x, u, gout = _inputs(shape, dtype=torch.float64)
+    u = u.double()
+    out_r, grad_r = _fwd_bwd(lambda t: ref.lwta(t, U, temperature=T, noise=u), x, gout)
+    dim = ref.competition_dim(x)
+    blocks = lambda t: t.detach().unflatten(dim, (t.shape[dim] // U, U))  # noqa: E731
+    p = ((blocks(x) + ref.gumbel(blocks(u))) / T).softmax(dim + 1)
+    m = (blocks(out_r) != 0).double()
+    v = blocks(gout) * blocks(x)
+    formula = m * blocks(gout) + p * (v - (p * v).sum(dim + 1, keepdim=True)) / T
+    torch.testing.assert_close(formula.flatten(dim, dim + 1), grad_r, rtol=1e-12, atol=1e-12)
+    _, grad_op = _fwd_bwd(lambda t: lwta(t, U, temperature=T, noise=u), x, gout)
+    torch.testing.assert_close(grad_op, grad_r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_computes_in_fp32(dtype):
+    x, u, gout = _inputs((2, 8, 3, 3))
+    xh = x.detach().to(dtype)
+    out = lwta(xh, 4, noise=u)
+    assert out.dtype == dtype
+    assert torch.equal(out, ref.lwta(xh.float(), 4, noise=u).to(dtype))
+
+
+def test_fp64_input_with_fp32_noise_like_the_original():
+    x, u, _ = _inputs((3, 8), dtype=torch.float64)
+    assert torch.equal(lwta(x, 2, noise=u), ref.lwta(x, 2, noise=u))
+
+
+def test_gumbel_noise_is_finite_on_all_of_unit_interval():
+    """Why the original's NaN re-draw can never trigger for u in [0, 1)."""
+    for dtype in (torch.float32, torch.float64):
+        u = torch.tensor([0.0, 1e-30, 0.5, 1.0], dtype=dtype)
+        u[-1] = torch.nextafter(u[-1], torch.tensor(0.0, dtype=dtype))
+        assert torch.isfinite(ref.gumbel(u)).all()
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_winner_frequencies_follow_softmax_of_x_not_of_x_over_T():
+    """With Gumbel noise the winner is distributed as softmax(x), whatever T (T only shapes the gradient)."""
+    logits = torch.tensor([1.0, 0.2, -0.5, 0.7])
+    M = 20000
+    x = logits.repeat(M, 1)
+    expected = logits.softmax(0)
+    tol = 4 * torch.sqrt(expected * (1 - expected) / M)
+    torch.manual_seed(0)
+    for T, training in ((0.5, True), (1.67, True), (4.0, True), (0.5, False)):
+        out = lwta(x, 4, temperature=T, training=training)
+        assert ((out != 0).sum(1) == 1).all()
+        freq = torch.bincount((out != 0).int().argmax(1), minlength=4).double() / M
+        assert ((freq - expected.double()).abs() <= tol).all(), (T, freq, expected)
+        if T == 0.5:  # clearly not softmax(x / T)
+            assert ((freq - (logits / T).softmax(0).double()).abs() > 5 * tol).any()
+
+
+def test_same_seed_reproduces():
+    x = torch.randn(4, 16, 5, 5)
+    torch.manual_seed(7)
+    a = lwta(x, 4)
+    torch.manual_seed(7)
+    b = lwta(x, 4)
+    c = lwta(x, 4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # eval still samples (as the original)
+    torch.manual_seed(7)
+    assert torch.equal(lwta(x, 4, training=False), a)
+
+
+def test_deterministic_keeps_the_argmax():
+    x = torch.randn(3, 12, 4, 4)
+    out = lwta(x, 3, deterministic=True)
+    blocks = x.unflatten(1, (4, 3))
+    expected = blocks * torch.nn.functional.one_hot(blocks.argmax(2), 3).movedim(-1, 2)
+    assert torch.equal(out, expected.flatten(1, 2))
+
+
+# ---------------------------------------------------------------- memory, gradcheck, opcheck, compile
+
+
+def _saved_bytes(fn, x):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(storages.values())
+
+
+def test_saves_x_noise_and_uint8_winner_only():
+    x, u, _ = _inputs((2, 8, 6, 6))
+    ours = _saved_bytes(lambda t: lwta(t, 4, noise=u), x)
+    assert ours == x.numel() * 4 + u.numel() * 4 + x.numel() // 4
+    assert ours < _saved_bytes(lambda t: ref.lwta(t, 4, noise=u), x)
+    assert _saved_bytes(lambda t: lwta(t, 4, deterministic=True), x) == x.numel() * 4 + x.numel() // 4
+
+
+@pytest.mark.parametrize("shape,U", [((1, 6, 3, 2), 3), ((2, 8), 4), ((2, 3, 4), 2)])
+def test_gradcheck_fp64(shape, U):
+    """Deterministic mode has a true gradient; the stochastic straight-through one is checked above."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: lwta(t, U, deterministic=True), (x,))
+
+
+@pytest.mark.parametrize("case", ["conv", "channels_last", "linear3d", "deterministic"])
+def test_opcheck(case):
+    shape = (2, 5, 8) if case == "linear3d" else (2, 8, 3, 3)
+    x, u, _ = _inputs(shape, channels_last=case == "channels_last")
+    noise = None if case == "deterministic" else u
+    torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, 4, 0.8, noise))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_compile_fullgraph_matches_eager(deterministic):
+    x, u, gout = _inputs((2, 8, 3, 5))
+    if deterministic:
+        fn = LWTA(U=4, deterministic=True)
+    else:
+        def fn(t):
+            return lwta(t, 4, temperature=0.8, noise=u)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out_e, grad_e = _fwd_bwd(fn, x, gout)
+    out_c, grad_c = _fwd_bwd(compiled, x, gout)
+    assert torch.equal(out_c, out_e)
+    torch.testing.assert_close(grad_c, grad_e, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(os.environ.get("BCOS_KERNELS_INDUCTOR_TESTS") != "1",
+                    reason="inductor compiles C++ (15-60 s on CPU); set BCOS_KERNELS_INDUCTOR_TESTS=1 to run")
+def test_compile_inductor_matches_eager():
+    x, u, gout = _inputs((2, 8, 3, 5))
+
+    def fn(t):
+        return lwta(t, 4, temperature=0.8, noise=u) + LWTA(U=2, deterministic=True)(t)
+
+    out_e, grad_e = _fwd_bwd(fn, x, gout)
+    out_c, grad_c = _fwd_bwd(torch.compile(fn, fullgraph=True), x, gout)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(grad_c, grad_e)
+
+
+# ---------------------------------------------------------------- module
+
+
+def test_module_eval_uses_temp_test_for_the_gradient():
+    x, _, gout = _inputs((2, 8, 3, 3))
+    m = LWTA(U=4, temp=0.3).eval()
+    torch.manual_seed(3)
+    out, grad = _fwd_bwd(m, x, gout)
+    torch.manual_seed(3)
+    out_r, grad_r = _fwd_bwd(lambda t: ref.lwta(t, 4, temperature=0.3, training=False), x, gout)
+    assert torch.equal(out, out_r)
+    torch.testing.assert_close(grad, grad_r, rtol=1e-5, atol=1e-6)
+    m.train()
+    torch.manual_seed(3)
+    _, grad_train = _fwd_bwd(m, x, gout)
+    assert not torch.allclose(grad_train, grad)
+
+
+def test_module_u1_is_relu_and_repr():
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.equal(LWTA(U=1)(x), torch.relu(x))
+    assert "U=4" in repr(LWTA(U=4))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("make,exc,name", [
+    (lambda: lwta([1.0, 2.0], 2), TypeError, "x"),
+    (lambda: lwta(torch.zeros(8), 2), ValueError, "x"),
+    (lambda: lwta(torch.zeros(1, 2, 2, 2, 2), 2), ValueError, "x"),
+    (lambda: lwta(torch.zeros(2, 8, dtype=torch.int64), 2), TypeError, "x"),
+    (lambda: lwta(torch.zeros(2, 8, 3, 3), 3), ValueError, "competitors"),
+    (lambda: lwta(torch.zeros(2, 9), 2), ValueError, "competitors"),
+    (lambda: lwta(torch.zeros(2, 8), 0), ValueError, "competitors"),
+    (lambda: lwta(torch.zeros(2, 8), 2.0), ValueError, "competitors"),
+    (lambda: lwta(torch.zeros(2, 8), 2, temperature=0.0), ValueError, "temperature"),
+    (lambda: lwta(torch.zeros(2, 8), 2, temperature=-1.0), ValueError, "temperature"),
+    (lambda: lwta(torch.zeros(2, 8), 2, temperature=math.nan), ValueError, "temperature"),
+    (lambda: lwta(torch.zeros(2, 8), 2, temperature="1"), TypeError, "temperature"),
+    (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.rand(2, 4)), ValueError, "noise"),
+    (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.zeros(2, 8, dtype=torch.int32)), TypeError, "noise"),
+    (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.rand(2, 8, dtype=torch.float64)), TypeError, "noise"),
+    (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.rand(2, 8, device="meta")), ValueError, "noise"),
+    (lambda: lwta(torch.zeros(2, 8), 2, backend="triton"), ValueError, "backend"),
+    (lambda: lwta(torch.zeros(2, 8), 2, backend="nope"), ValueError, "backend"),
+])
+def test_bad_input(make, exc, name):
+    with pytest.raises(exc, match=name):
+        make()
