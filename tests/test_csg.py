@@ -93,7 +93,7 @@ def test_regulariser_below_budget_and_clip_match_original(original):
     with torch.no_grad():
         orig.mask.fill_(0.1)  # density 0.1 < 0.2: no penalty
     ours.load_state_dict(orig.state_dict())
-    assert torch.equal(ours.loss_function(), orig.loss_function()) and float(orig.loss_function()) == 0.0
+    assert torch.equal(ours.loss_function(), orig.loss_function()) and float(orig.loss_function().detach()) == 0.0
     with torch.no_grad():
         orig.mask.copy_(torch.randn(8, 4) + 0.5)
         orig.mask[3] = torch.tensor([-1.0, 0.5, 2.0, 0.0])

@@ -76,3 +76,15 @@ def weight_and_norm(weight: torch.Tensor, normalize_weight: bool):
 
 def grad_for_b(grad_b: torch.Tensor, b_tensor: torch.Tensor) -> torch.Tensor:
     return grad_b.to(b_tensor.dtype).reshape(b_tensor.shape)
+
+
+def or_empty(grads, like: torch.Tensor):
+    """Custom ops cannot return None: an empty tensor stands for a gradient that was not asked for."""
+    return tuple(g if g is not None else like.new_empty(0) for g in grads)
+
+
+def fake_grads(needs, x: torch.Tensor, weight: torch.Tensor, b_tensor: Optional[torch.Tensor]):
+    """Shapes of the (x, weight, bias, b) gradients of a fused backward, for its fake impl."""
+    shapes = (x.shape, weight.shape, (weight.shape[0],), b_tensor.shape if b_tensor is not None else (0,))
+    dtypes = (x.dtype, x.dtype, x.dtype, b_tensor.dtype if b_tensor is not None else x.dtype)
+    return tuple(x.new_empty(shape if need else (0,), dtype=dtype) for need, shape, dtype in zip(needs, shapes, dtypes))

@@ -83,12 +83,14 @@ def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         norm = x.new_empty(0)
     else:
         norm = torch.ops.bcos_kernels.patch_norm(x, list(weight.shape[2:]), stride, padding, dilation, groups)
+    lin = lin.reshape(n, filters, ho * wo).contiguous()
     out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
-        lin.reshape(n, filters, ho * wo).contiguous(), norm.reshape(n, groups, ho * wo) if norm.numel() else norm,
-        b_val, b_is_tensor, max_out, scale)
+        lin, norm.reshape(n, groups, ho * wo) if norm.numel() else norm, b_val, b_is_tensor, max_out, scale)
+    if max_out == 1:
+        lin_max = lin  # the kernel does not copy lin when there is no MaxOut
     shape = (n, filters // max_out, ho, wo)
     # Outputs are NCHW-contiguous whatever the layout of x (the fake impl says the same).
-    return out.view(shape), lin_max.view(shape), norm, winner
+    return out.view(shape), lin_max.view(shape), norm, winner.view(shape) if max_out > 1 else winner
 
 
 @bcos_conv2d_fused.register_fake
@@ -110,33 +112,55 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lin_max, norm, winner)
     ctx.save_for_backward(x, weight, b_tensor, lin_max, norm, winner)
     ctx.has_bias = bias is not None
-    ctx.args = (b, list(stride), list(padding), list(dilation), groups, max_out, normalize_weight, scale, detach)
+    ctx.args = (b, list(stride), list(padding), list(dilation), groups, max_out, normalize_weight, scale, detach,
+                backend)
 
 
 def _backward(ctx, grad_out, _grad_lin_max, _grad_norm, _grad_winner):
     x, weight, b_tensor, lin_max, norm, winner = ctx.saved_tensors
-    b, stride, padding, dilation, groups, max_out, normalize_weight, scale, detach = ctx.args
-    need_x, need_w, need_bias, need_b = ctx.needs_input_grad[:4]
+    needs = list(ctx.needs_input_grad[:4])
+    needs[2] = needs[2] and ctx.has_bias
+    needs[3] = needs[3] and b_tensor is not None
+    grads = bcos_conv2d_fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *ctx.args, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 10
+
+
+@torch.library.custom_op("bcos_kernels::bcos_conv2d_fused_backward", mutates_args=())
+def bcos_conv2d_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               b_tensor: Optional[torch.Tensor], lin_max: torch.Tensor, norm: torch.Tensor,
+                               winner: torch.Tensor, b: float, stride: List[int], padding: List[int],
+                               dilation: List[int], groups: int, max_out: int, normalize_weight: bool, scale: float,
+                               detach: bool, backend: str, needs: List[bool]
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False. A custom op of its
+    own so that compiled graphs never look at the value of a tensor b."""
+    need_x, need_w, need_bias, need_b = needs
     b_val, b_is_tensor = common.b_value(b, b_tensor)
     n, out_channels, ho, wo = lin_max.shape
     grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
         grad_out.reshape(n, out_channels, ho * wo).contiguous(), lin_max.reshape(n, out_channels, ho * wo),
-        norm.reshape(n, groups, ho * wo) if norm.numel() else norm, winner, b_val, b_is_tensor, max_out, scale,
-        detach, need_x, need_b and b_is_tensor)
+        norm.reshape(n, groups, ho * wo) if norm.numel() else norm,
+        winner.view(n, out_channels, ho * wo) if max_out > 1 else winner, b_val, b_is_tensor, max_out, scale,
+        detach, need_x, need_b)
     grad_lin = grad_lin.view(n, out_channels * max_out, ho, wo)
     w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)
     grad_x, grad_w_hat, grad_bias = torch.ops.aten.convolution_backward(
-        grad_lin, x, w_hat, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False, [0, 0],
-        groups, [need_x, need_w, need_bias and ctx.has_bias])
+        grad_lin, x, w_hat, [weight.shape[0]], stride, padding, dilation, False, [0, 0], groups,
+        [need_x, need_w, need_bias])
     if need_x and grad_norm.numel():
         grad_x = grad_x + torch.ops.bcos_kernels.patch_norm_backward(
             grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups)
     grad_w = None
     if need_w:
         grad_w = common.weight_norm_backward(grad_w_hat, w_hat, w_norm) if normalize_weight else grad_w_hat
-    grad_b_tensor = common.grad_for_b(grad_b, b_tensor) if need_b and b_is_tensor else None
-    return (grad_x if need_x else None, grad_w, grad_bias if need_bias else None, grad_b_tensor,
-            None, None, None, None, None, None, None, None, None, None)
+    grad_b = common.grad_for_b(grad_b, b_tensor) if need_b else None
+    return common.or_empty((grad_x, grad_w, grad_bias, grad_b), x)
+
+
+@bcos_conv2d_fused_backward.register_fake
+def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, b, stride, padding, dilation, groups, max_out,
+      normalize_weight, scale, detach, backend, needs):
+    return common.fake_grads(needs, x, weight, b_tensor)
 
 
 bcos_conv2d_fused.register_autograd(_backward, setup_context=_setup_context)

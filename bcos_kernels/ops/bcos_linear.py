@@ -4,7 +4,7 @@ backend "torch" runs the reference; the fused backends run the custom op
 ``bcos_kernels::bcos_linear_fused``: one GEMM (ATen) plus one fused pass each
 way for MaxOut, |cos|^(b-1) and scale, with a hand-written backward.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,8 @@ def bcos_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         norm = torch.linalg.vector_norm(rows, dim=-1) + ref.LINEAR_NORM_EPS
     out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
         lin.unsqueeze(-1), norm.view(-1, 1, 1) if norm.numel() else norm, b_val, b_is_tensor, max_out, scale)
+    if max_out == 1:
+        lin_max = lin  # the kernel does not copy lin when there is no MaxOut
     out_features = weight.shape[0] // max_out
     if max_out > 1:
         winner = winner.view(-1, out_features)
@@ -79,23 +81,36 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lin_max, norm, winner)
     ctx.save_for_backward(x, weight, b_tensor, lin_max, norm, winner)
     ctx.has_bias = bias is not None
-    ctx.args = (b, max_out, normalize_weight, scale, detach)
+    ctx.args = (b, max_out, normalize_weight, scale, detach, backend)
 
 
 def _backward(ctx, grad_out, _grad_lin_max, _grad_norm, _grad_winner):
     x, weight, b_tensor, lin_max, norm, winner = ctx.saved_tensors
-    b, max_out, normalize_weight, scale, detach = ctx.args
-    need_x, need_w, need_bias, need_b = ctx.needs_input_grad[:4]
+    needs = list(ctx.needs_input_grad[:4])
+    needs[2] = needs[2] and ctx.has_bias
+    needs[3] = needs[3] and b_tensor is not None
+    grads = bcos_linear_fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *ctx.args, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 6
+
+
+@torch.library.custom_op("bcos_kernels::bcos_linear_fused_backward", mutates_args=())
+def bcos_linear_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               b_tensor: Optional[torch.Tensor], lin_max: torch.Tensor, norm: torch.Tensor,
+                               winner: torch.Tensor, b: float, max_out: int, normalize_weight: bool, scale: float,
+                               detach: bool, backend: str, needs: List[bool]
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False."""
+    need_x, need_w, need_bias, need_b = needs
     b_val, b_is_tensor = common.b_value(b, b_tensor)
     rows, out_features = lin_max.shape
     grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
         grad_out.reshape(rows, out_features, 1).contiguous(), lin_max.unsqueeze(-1),
         norm.view(-1, 1, 1) if norm.numel() else norm, winner.view(rows, out_features, 1) if max_out > 1 else winner,
-        b_val, b_is_tensor, max_out, scale, detach, need_x, need_b and b_is_tensor)
+        b_val, b_is_tensor, max_out, scale, detach, need_x, need_b)
     grad_lin = grad_lin.view(rows, out_features * max_out)
     x_rows = x.reshape(rows, x.shape[-1])
     w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)
-    grad_x = grad_w = grad_bias = grad_b_tensor = None
+    grad_x = grad_w = grad_bias = None
     if need_x:
         grad_x = grad_lin @ w_hat
         if grad_norm.numel():
@@ -106,11 +121,16 @@ def _backward(ctx, grad_out, _grad_lin_max, _grad_norm, _grad_winner):
     if need_w:
         grad_w_hat = grad_lin.t() @ x_rows
         grad_w = common.weight_norm_backward(grad_w_hat, w_hat, w_norm) if normalize_weight else grad_w_hat
-    if need_bias and ctx.has_bias:
+    if need_bias:
         grad_bias = grad_lin.sum(0)
-    if need_b and b_is_tensor:
-        grad_b_tensor = common.grad_for_b(grad_b, b_tensor)
-    return grad_x, grad_w, grad_bias, grad_b_tensor, None, None, None, None, None, None
+    grad_b = common.grad_for_b(grad_b, b_tensor) if need_b else None
+    return common.or_empty((grad_x, grad_w, grad_bias, grad_b), x)
+
+
+@bcos_linear_fused_backward.register_fake
+def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, b, max_out, normalize_weight, scale, detach, backend,
+      needs):
+    return common.fake_grads(needs, x, weight, b_tensor)
 
 
 bcos_linear_fused.register_autograd(_backward, setup_context=_setup_context)

@@ -105,17 +105,28 @@ def _filters(expand_weight: torch.Tensor, expand_bias: Optional[torch.Tensor], c
 
 
 def _augment(z: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """z (P, r) pixel-major -> za (P, R): a column of ones appended when there is a bias."""
     if not has_bias:
-        return z
-    return torch.cat([z, z.new_ones(z.shape[0], 1, *z.shape[2:])], 1)
+        return z.contiguous()
+    return torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
 
 
 def _out_size(x: torch.Tensor, kernel_size: int, stride: List[int], padding: List[int]) -> List[int]:
     return [(x.shape[2 + i] + 2 * padding[i] - kernel_size) // stride[i] + 1 for i in range(2)]
 
 
+def _pixel_major(t: torch.Tensor) -> torch.Tensor:
+    """(N, K, H, W) -> (N*H*W, K); a view for channels_last tensors."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _from_pixel_major(t: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """(N*H*W, K) -> (N, K, H, W) with channels_last strides (a view)."""
+    return t.reshape(n, h, w, t.shape[1]).permute(0, 3, 1, 2)
+
+
 def _scales(s: torch.Tensor, norm: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """inv_f(q) and (d inv_f / d q) / inv_f per pixel, both 0 where s == 0 (an exactly-zero weight)."""
+    """inv_f = 1 / f(s) and (d inv_f / d q) / inv_f with q = s^2, both 0 where s == 0 (an exactly-zero weight)."""
     live = s > 0
     s_safe = torch.where(live, s, torch.ones_like(s))
     q = s_safe * s_safe
@@ -129,33 +140,42 @@ def _scales(s: torch.Tensor, norm: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.where(live, inv, zero), torch.where(live, ratio, zero)
 
 
+# Layout: x goes channels_last, so that the conv outputs are pixel-major (N*Ho*Wo, channels) and every
+# per-pixel contraction over R is a batched mat-vec (bmm) that reads the O*R-channel tensor once, without an
+# elementwise temporary of its size.
+
+
 @torch.library.custom_op("bcos_kernels::dau_conv2d", mutates_args=())
 def dau_conv2d_op(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
                   expand_bias: Optional[torch.Tensor], kernel_size: int, stride: List[int], padding: List[int],
                   norm: str, detach: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (N, O, Ho, Wo) in x's dtype, z (N, r, Ho, Wo), s = ||w|| (N, O, Ho, Wo)); z and s are in
-    the compute dtype (fp32 for half inputs), are what the backward needs, and are not differentiable."""
+    """Returns (out, z, s): out (N, O, Ho, Wo) contiguous in x's dtype; z (N*Ho*Wo, r) and s = ||w||
+    (N*Ho*Wo, O), pixel-major, in the compute dtype (fp32 for half inputs): what the backward needs, not
+    differentiable."""
     cdt = _compute_dtype(x.dtype)
-    xc, a, e = x.to(cdt), rank_weight.to(cdt), expand_weight.to(cdt)
+    xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
+    a, e = rank_weight.to(cdt), expand_weight.to(cdt)
     b = None if expand_bias is None else expand_bias.to(cdt)
     n, c = x.shape[:2]
     rank = a.shape[0]
     filt = _filters(e, b, c, kernel_size)                                   # (O, R, C, k, k)
     o, big_r = filt.shape[:2]
+    # z and y from one convolution with r + O*R filters.
     zy = F.conv2d(xc, torch.cat([a, filt.reshape(o * big_r, c, kernel_size, kernel_size)]), None, stride, padding)
     ho, wo = zy.shape[-2:]
+    zy = _pixel_major(zy)                                                   # (P, r + O*R)
     z = zy[:, :rank].contiguous()
-    za = _augment(z, b is not None)
-    num = (zy[:, rank:].view(n, o, big_r, ho, wo) * za.unsqueeze(1)).sum(2)  # w_o . x_patch
+    za = _augment(z, b is not None)                                         # (P, R)
+    num = torch.bmm(zy[:, rank:].reshape(-1, o, big_r), za.unsqueeze(2)).squeeze(2)  # (P, O): w_o . x_patch
     del zy
     e3 = filt.reshape(o, big_r, -1)                                         # (O, R, D), row q = column q of [E_o|b_o]
-    gram = e3 @ e3.transpose(1, 2)                                          # (O, R, R)
-    gz = F.conv2d(za, gram.reshape(o * big_r, big_r, 1, 1)).view(n, o, big_r, ho, wo)  # G_o za
-    s = (gz * za.unsqueeze(1)).sum(2).clamp_min(0).sqrt()                   # ||w_o|| = sqrt(za^T G_o za)
+    gram = e3 @ e3.transpose(1, 2)                                          # (O, R, R), symmetric
+    gz = (za @ gram.reshape(o * big_r, big_r).t()).reshape(-1, o, big_r)   # (P, O, R): G_o za
+    s = torch.bmm(gz, za.unsqueeze(2)).squeeze(2).clamp_min(0).sqrt()       # (P, O): ||w_o|| = sqrt(za^T G_o za)
     del gz
     inv, _ = _scales(s, norm)
-    out = (num * inv).to(x.dtype).contiguous()
-    return out, z, s.contiguous()
+    out = _from_pixel_major(num * inv, n, ho, wo).to(x.dtype).contiguous()
+    return out, z, s
 
 
 @dau_conv2d_op.register_fake
@@ -164,8 +184,8 @@ def _(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, 
     ho, wo = _out_size(x, kernel_size, stride, padding)
     n, c = x.shape[:2]
     o = expand_weight.shape[0] // (c * kernel_size * kernel_size)
-    return (x.new_empty((n, o, ho, wo)), x.new_empty((n, rank_weight.shape[0], ho, wo), dtype=cdt),
-            x.new_empty((n, o, ho, wo), dtype=cdt))
+    return (x.new_empty((n, o, ho, wo)), x.new_empty((n * ho * wo, rank_weight.shape[0]), dtype=cdt),
+            x.new_empty((n * ho * wo, o), dtype=cdt))
 
 
 def _setup_context(ctx, inputs, output):
@@ -173,11 +193,11 @@ def _setup_context(ctx, inputs, output):
     out, z, s = output
     ctx.mark_non_differentiable(z, s)
     # Saved: the inputs (alive anyway), z (r channels), s (O channels) and the output (O channels, alive anyway
-    # while the next layer uses it). NOT saved: the O*R-channel intermediate y = conv(x, filt); the backward
-    # recomputes it with one convolution. Saving it would cost N*O*(r+1)*Ho*Wo elements per layer -- as much as
-    # or more than the original's per-pixel weights when C*k*k <= r+1 (CoDA-Net CIFAR-10: layer 1 has
-    # C*k*k = 54 vs r+1 = 33, the 1x1 last layer 64 vs 65) -- while recomputing costs one GEMM of the size of
-    # the forward's, i.e. about a third more backward FLOPs.
+    # while the next layer uses it). NOT saved: the O*R-channel intermediate y = conv(x, filt), nor G_o za;
+    # the backward recomputes them (one convolution, one small GEMM). Saving y would cost N*O*(r+1)*Ho*Wo
+    # elements per layer -- as much as or more than the original's per-pixel weights (N*O*C*k*k*Ho*Wo) when
+    # C*k*k is not much larger than r+1 (CoDA-Net CIFAR-10: layer 1 has C*k*k = 54 vs r+1 = 33, the 1x1 last
+    # layer 64 vs 65) -- while recomputing it costs one GEMM of the size of the forward's.
     ctx.save_for_backward(x, rank_weight, expand_weight, expand_bias, z, s, out)
     ctx.args = (kernel_size, list(stride), list(padding), norm, detach)
 
@@ -189,74 +209,78 @@ def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, st
     return gx, gw
 
 
+@torch.autograd.function.once_differentiable  # z, s and out are saved as constants: no double backward
 def _backward(ctx, grad_out, _grad_z, _grad_s):
     x, rank_weight, expand_weight, expand_bias, z, s, out = ctx.saved_tensors
     kernel_size, stride, padding, norm, detach = ctx.args
     need_x, need_a, need_e, need_b = ctx.needs_input_grad[:4]
     grads: List[Optional[torch.Tensor]] = [None] * 9
-    if detach:  # only x, only through x_patch
+    if detach:  # explanation mode: w and ||w|| are constants; the gradient reaches x only through x_patch
         need_a = need_e = need_b = False
     if not (need_x or need_a or need_e or need_b):
         return tuple(grads)
 
     cdt = _compute_dtype(x.dtype)
-    xc, a, e = x.to(cdt), rank_weight.to(cdt), expand_weight.to(cdt)
+    xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
+    a, e = rank_weight.to(cdt), expand_weight.to(cdt)
     b = None if expand_bias is None else expand_bias.to(cdt)
-    g = grad_out.to(cdt)
     n, c = x.shape[:2]
     rank = a.shape[0]
     filt = _filters(e, b, c, kernel_size)
     o, big_r = filt.shape[:2]
-    ho, wo = z.shape[-2:]
+    ho, wo = grad_out.shape[-2:]
     filt2d = filt.reshape(o * big_r, c, kernel_size, kernel_size)
-    za = _augment(z, b is not None)                                        # (N, R, Ho, Wo)
+    za = _augment(z, b is not None)                                         # (P, R)
     inv, ratio = _scales(s, norm)
+    g = _pixel_major(grad_out.to(cdt))                                      # (P, O)
     dnum = g * inv                                                          # d loss / d num_o
-    # d num_o / d y_{o,q} = za_q
-    dy = (dnum.unsqueeze(2) * za.unsqueeze(1)).view(n, o * big_r, ho, wo)
+    # d num_o / d y_{o,q} = za_q: the grad of the O*R-channel conv output.
+    dy = _from_pixel_major((dnum.unsqueeze(2) * za.unsqueeze(1)).reshape(-1, o * big_r), n, ho, wo)
 
     if detach:
         gx, _ = _conv_backward(dy, xc, filt2d, stride, padding, True, False)
         grads[0] = gx.to(x.dtype)
         return tuple(grads)
 
-    dq = g * out.to(cdt) * ratio                                            # d loss / d q_o
+    dq = g * _pixel_major(out.to(cdt)) * ratio                              # d loss / d q_o,  q_o = ||w_o||^2
     need_z = need_x or need_a
-    dfilt = None
-    if need_z:
-        # d num / d za: recompute y (not saved, see _setup_context).
-        y = F.conv2d(xc, filt2d, None, stride, padding).view(n, o, big_r, ho, wo)
-        dza = (y * dnum.unsqueeze(2)).sum(1)
-        del y
-    e3 = filt.reshape(o, big_r, -1)                                         # (O, R, D), row q = column q of [E_o|b_o]
+    e3 = filt.reshape(o, big_r, -1)                                         # (O, R, D)
     gram = e3 @ e3.transpose(1, 2)                                          # (O, R, R)
+    dza = dfilt = None
     if need_z:
+        # d num_o / d za = y_o: recompute y (not saved, see _setup_context).
+        y = _pixel_major(F.conv2d(xc, filt2d, None, stride, padding)).reshape(-1, o, big_r)
+        dza = torch.bmm(dnum.unsqueeze(1), y).squeeze(1)                    # (P, R)
+        del y
         # d q_o / d za = 2 G_o za
-        gz = F.conv2d(za, gram.reshape(o * big_r, big_r, 1, 1)).view(n, o, big_r, ho, wo)
-        dza = dza + 2 * (gz * dq.unsqueeze(2)).sum(1)
+        gz = (za @ gram.reshape(o * big_r, big_r).t()).reshape(-1, o, big_r)
+        dza = dza + 2 * torch.bmm(dq.unsqueeze(1), gz).squeeze(1)
         del gz
     if need_e or need_b:
-        # d q_o / d [E_o|b_o] = 2 [E_o|b_o] za za^T, summed over pixels and batch.
-        dqz = (dq.unsqueeze(2) * za.unsqueeze(1)).view(n, o * big_r, ho * wo)
-        m = torch.einsum("nxp,nsp->xs", dqz, za.reshape(n, big_r, ho * wo)).view(o, big_r, big_r)
+        # d q_o / d [E_o|b_o] = 2 [E_o|b_o] za za^T, summed over pixels: 2 M_o e_o with M_o = sum dq_o za za^T.
+        dqz = (dq.unsqueeze(2) * za.unsqueeze(1)).reshape(-1, o * big_r)    # (P, O*R)
+        m = (dqz.t() @ za).reshape(o, big_r, big_r)
         del dqz
         dfilt = 2 * (m @ e3)                                                # (O, R, D)
 
-    gx = gfilt = None
+    gx = None
     if need_x or need_e or need_b:
         gx, gfilt = _conv_backward(dy, xc, filt2d, stride, padding, need_x, need_e or need_b)
+        if gfilt is not None:
+            assert dfilt is not None
+            dfilt = gfilt.reshape(o, big_r, -1) + dfilt
+            d = dfilt.shape[-1]
+            if need_e:
+                grads[2] = dfilt[:, :rank].permute(2, 0, 1).reshape(d * o, rank, 1, 1).to(expand_weight.dtype)
+            if need_b:
+                grads[3] = dfilt[:, rank].t().reshape(d * o).to(expand_bias.dtype)
     del dy
-    if gfilt is not None:
-        dfilt = gfilt.view(o, big_r, -1) + dfilt
-        d = dfilt.shape[-1]
-        if need_e:
-            grads[2] = dfilt[:, :rank].permute(2, 0, 1).reshape(d * o, rank, 1, 1).to(expand_weight.dtype)
-        if need_b:
-            grads[3] = dfilt[:, rank].t().reshape(d * o).to(expand_bias.dtype)
     if need_z:
-        gx2, ga = _conv_backward(dza[:, :rank].contiguous(), xc, a, stride, padding, need_x, need_a)
+        assert dza is not None
+        dz = _from_pixel_major(dza[:, :rank], n, ho, wo)
+        gx2, ga = _conv_backward(dz, xc, a, stride, padding, need_x, need_a)
         if need_x:
-            gx = gx + gx2
+            gx = gx2 if gx is None else gx + gx2
         if need_a:
             grads[1] = ga.to(rank_weight.dtype)
     if need_x:

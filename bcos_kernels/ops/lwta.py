@@ -112,9 +112,11 @@ def _winner_shape(x: torch.Tensor, competitors: int):
 
 
 def _soft(xb: torch.Tensor, ub: torch.Tensor, temperature: float, axis: int, ct: torch.dtype) -> torch.Tensor:
-    """y_soft = softmax((x + gumbel(u)) / T) over the block, in dtype ct."""
-    a = (xb.to(ct) + ref.gumbel(ub).to(ct)) / temperature
-    return a.softmax(axis)
+    """y_soft = softmax((x + gumbel(u)) / T) over the block, in dtype ct (the reference's steps, in place)."""
+    a = ub + ref.GUMBEL_EPS
+    a.log_().neg_().add_(ref.GUMBEL_EPS).log_().neg_()  # -log(-log(u + eps) + eps), in u's dtype
+    a = a.to(ct)
+    return a.add_(xb).div_(temperature).softmax(axis)
 
 
 @torch.library.custom_op("bcos_kernels::lwta", mutates_args=())
@@ -126,19 +128,17 @@ def lwta_op(x: torch.Tensor, competitors: int, temperature: float,
     """
     ct = _compute_dtype(x, noise)
     xb, axis = _block_view(x, competitors)
-    out = torch.empty_like(x)
+    out = torch.zeros_like(x)
     outb = _block_view(out, competitors)[0]
     if noise is None:
         winner = xb.argmax(axis, keepdim=True)
-        # the original's mask is exactly 1 at the winner here
-        mask = torch.zeros(xb.shape, dtype=ct, device=x.device).scatter_(axis, winner, 1.0)
+        # the original's mask is exactly 1 at the winner: out = x there, 0 elsewhere
+        outb.scatter_(axis, winner, xb.gather(axis, winner))
     else:
         p = _soft(xb, _block_view(noise, competitors)[0], temperature, axis, ct)
-        winner = p.max(axis, keepdim=True)[1]
-        # the original's straight-through mask value: (1 - p) + p at the winner (1 up to rounding), 0 elsewhere
-        p_win = p.gather(axis, winner)
-        mask = torch.zeros_like(p).scatter_(axis, winner, (1.0 - p_win) + p_win)
-    torch.mul(xb.to(ct), mask, out=outb)
+        p_win, winner = p.max(axis, keepdim=True)
+        # the original's straight-through mask value at the winner: (1 - p) + p (1 up to rounding)
+        outb.scatter_(axis, winner, (xb.gather(axis, winner).to(ct) * ((1.0 - p_win) + p_win)).to(x.dtype))
     winner = winner.squeeze(axis).to(torch.uint8, memory_format=torch.contiguous_format)
     return out, winner
 
@@ -162,18 +162,17 @@ def lwta_backward(grad_out: torch.Tensor, x: torch.Tensor, noise: Optional[torch
     """d L / d x from the saved x, u and winner (plain torch ops; see the module docstring)."""
     ct = _compute_dtype(x, noise)
     xb, axis = _block_view(x, competitors)
-    gb = _block_view(grad_out, competitors)[0].to(ct)
+    gb = _block_view(grad_out, competitors)[0].to(ct)  # may be grad_out itself: never modified
     win = winner.unsqueeze(axis).long()
     if noise is None:
-        mask = torch.zeros(xb.shape, dtype=ct, device=x.device).scatter_(axis, win, 1.0)
-        grad = gb * mask
+        grad = torch.zeros_like(gb).scatter_(axis, win, gb.gather(axis, win))
     else:
         p = _soft(xb, _block_view(noise, competitors)[0], temperature, axis, ct)
-        p_win = p.gather(axis, win)
-        mask = torch.zeros_like(p).scatter_(axis, win, (1.0 - p_win) + p_win)
-        v = gb * xb.to(ct)
+        v = gb * xb  # d L / d mask
         dot = (v * p).sum(axis, keepdim=True)
-        grad = gb * mask + p * (v - dot) / temperature
+        grad = v.sub_(dot).mul_(p).div_(temperature)  # softmax backward, through the 1/T
+        p_win = p.gather(axis, win)
+        grad.scatter_add_(axis, win, gb.gather(axis, win) * ((1.0 - p_win) + p_win))  # + m g at the winner
     return grad.flatten(axis - 1, axis).to(x.dtype)
 
 

@@ -1,0 +1,371 @@
+"""CoDA DAU convolution: references vs the real original code, the custom op, the module.
+
+The real original (github moboehle/CoDA-Nets) is read at test time from a local git mirror
+(``$CODA_NETS_MIRROR``, default /work/.mirror/moboehle+CoDA-Nets/repo) into a temporary directory;
+where the mirror is absent (CI) the tests that need it are skipped. Everything else uses
+``dau_conv2d_original`` (checked against the real code where the mirror exists) as the oracle.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bcos_kernels.nn.dau import DAUConv2d
+from bcos_kernels.ops.dau_conv2d import dau_conv2d
+from bcos_kernels.reference.dau import dau_conv2d_lowrank, dau_conv2d_original
+
+MIRROR = os.environ.get("CODA_NETS_MIRROR", "/work/.mirror/moboehle+CoDA-Nets/repo")
+ORIGINAL_FILES = ("modules/__init__.py", "modules/DAUs.py", "modules/coda_conv.py", "modules/norms.py",
+                  "modules/utils.py", "project_utils.py")
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------- the original
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """The original ``modules`` package of CoDA-Nets, imported from files extracted with ``git show``."""
+    if not os.path.isdir(MIRROR):
+        pytest.skip(f"original CoDA-Nets code not available (no git mirror at {MIRROR}; set CODA_NETS_MIRROR)")
+    root = tmp_path_factory.mktemp("coda_original")
+    for path in ORIGINAL_FILES:
+        res = subprocess.run(["git", "--git-dir", MIRROR, "show", f"HEAD:{path}"], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot read {path} from the CoDA-Nets mirror: {res.stderr.strip()}")
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(res.stdout)
+    names = ("modules", "project_utils")
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in names}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(root))
+    try:
+        mods = {name: importlib.import_module(f"modules.{name}") for name in ("DAUs", "coda_conv", "norms")}
+    finally:
+        sys.path.remove(str(root))
+        for k in [k for k in sys.modules if k.split(".")[0] in names]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    return mods
+
+
+def make_original(original, c, o, r, k, stride, padding, norm, bias=True):
+    norm_func = original["norms"].Squashing() if norm == "squash" else original["norms"].L2Norm(return_norm=True)
+    dau = original["DAUs"].DAUWeights(c, o, r, norm_func, kernel_size=k, stride=stride, padding=padding, bias=bias)
+    return original["coda_conv"].CoDAConv2d(dau)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def make_params(c, o, r, k, bias=True, dtype=F64, seed=0):
+    """Parameters initialised like the original (nn.Conv2d defaults), plus a positive input."""
+    g = torch.Generator().manual_seed(seed)
+    d = c * k * k
+    a = (torch.rand(r, c, k, k, generator=g, dtype=dtype) * 2 - 1) / (c * k * k) ** 0.5
+    e = (torch.rand(d * o, r, 1, 1, generator=g, dtype=dtype) * 2 - 1) / r ** 0.5
+    b = (torch.rand(d * o, generator=g, dtype=dtype) * 2 - 1) / r ** 0.5 if bias else None
+    return a, e, b
+
+
+def grads_of(fn, inputs, kw, grad_out=None, seed=1):
+    inputs = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    out = fn(*inputs, **kw)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    live = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(out, live, grad_out.to(out.dtype), allow_unused=True)
+    return out, grads, grad_out
+
+
+def assert_close_to(got, ref, dtype, what):
+    """fp64: tight; fp32: atol = rtol = 1e-4 against the fp64 oracle (DESIGN.md section 4)."""
+    tol = 1e-10 if dtype == F64 else 1e-4
+    if ref is None:
+        assert got is None or not got.any(), what
+        return
+    assert got is not None, what
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+# Shapes: kernel sizes 1/3/5/7, strides 1-3, padding 0 and (k-1)/2, ranks 3 and 7, batch 1 and 2, odd sizes.
+SWEEP = [(k, s, p) for k in (1, 3, 5, 7) for s in (1, 2, 3) for p in sorted({0, (k - 1) // 2})]
+
+
+# ----------------------------------------------------------------------------------- reference vs original
+
+
+@pytest.mark.parametrize("norm", ["squash", "l2"])
+@pytest.mark.parametrize("detach", [False, True])
+def test_reference_matches_real_original(original, norm, detach):
+    for i, (k, s, p) in enumerate([(3, 1, None), (1, 1, 0), (5, 2, 0), (3, 3, 1), (7, 1, 3)]):
+        c, o, r, n = 3, 4, (3, 7)[i % 2], 1 + i % 2
+        torch.manual_seed(i)
+        mod = make_original(original, c, o, r, k, s, p, norm, bias=i != 1).double()
+        mod.explanation_mode(detach)
+        x = torch.rand(n, c, 9, 7, dtype=F64, requires_grad=True)
+        out = mod(x)
+        g = torch.randn_like(out)
+        params = list(mod.parameters())
+        want = torch.autograd.grad(out, [x] + params, g, allow_unused=True)
+        f = mod.weight_mod.weighting_f
+        args = (x, f[0].weight, f[1].weight, f[1].bias)
+        got_out, got, _ = grads_of(dau_conv2d_original, args, dict(kernel_size=k, stride=s, padding=p, norm=norm,
+                                                                   detach=detach), g)
+        torch.testing.assert_close(got_out, out, atol=1e-13, rtol=1e-13)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_state_dict_round_trip_with_original(original):
+    torch.manual_seed(0)
+    orig = make_original(original, 6, 16, 32, 3, 1, None, "squash").double()
+    ours = DAUConv2d(6, 16, 32, kernel_size=3).double()
+    assert set(ours.state_dict()) == set(orig.state_dict()) == {
+        "weight_mod.weighting_f.0.weight", "weight_mod.weighting_f.1.weight", "weight_mod.weighting_f.1.bias"}
+    for key, val in ours.state_dict().items():
+        assert val.shape == orig.state_dict()[key].shape, key
+    ours.load_state_dict(orig.state_dict())
+    x = torch.rand(2, 6, 11, 9, dtype=F64)
+    torch.testing.assert_close(ours(x), orig(x), atol=1e-12, rtol=1e-12)
+    orig2 = make_original(original, 6, 16, 32, 3, 1, None, "squash").double()
+    orig2.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(orig2(x), orig(x), atol=0, rtol=0)
+    # from_original: configuration, parameters and explanation mode
+    orig.explanation_mode(True)
+    conv = DAUConv2d.from_original(orig)
+    assert conv.detach and conv.norm == "squash" and conv.padding == 1
+    torch.testing.assert_close(conv(x), orig(x), atol=1e-12, rtol=1e-12)
+    l2 = make_original(original, 4, 3, 5, 1, 2, 0, "l2", bias=False)
+    conv = DAUConv2d.from_original(l2)
+    assert conv.norm == "l2" and conv.weight_mod.weighting_f[1].bias is None and conv.stride == 2
+    x = torch.rand(1, 4, 7, 5)
+    torch.testing.assert_close(conv(x), l2(x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- low-rank reference and op vs original
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("norm", ["squash", "l2"])
+@pytest.mark.parametrize("detach", [False, True], ids=["train", "detach"])
+def test_lowrank_and_op_match_original(dtype, norm, detach):
+    for i, (k, s, p) in enumerate(SWEEP):
+        c, o, r, n = 2 + i % 3, 3 + i % 2, (3, 7)[i % 2], 1 + i % 2
+        h, w = 2 * k + 3 + i % 2, 2 * k + 1 + 2 * (i % 3)                  # odd (and some even) sizes
+        a, e, b = make_params(c, o, r, k, bias=i % 5 != 4, seed=i)
+        x = torch.rand(n, c, h, w, dtype=F64, generator=torch.Generator().manual_seed(100 + i))
+        kw = dict(kernel_size=k, stride=s, padding=p, norm=norm, detach=detach)
+        ref_out, ref_grads, g = grads_of(dau_conv2d_original, (x, a, e, b), kw)
+        cast = [t.to(dtype) if t is not None else None for t in (x, a, e, b)]
+        for name, fn in (("lowrank", dau_conv2d_lowrank), ("op", dau_conv2d)):
+            out, grads, _ = grads_of(fn, cast, kw, g)
+            what = f"{name} k={k} s={s} p={p} r={r} n={n} {h}x{w}"
+            assert out.dtype == dtype and out.shape == ref_out.shape, what
+            assert_close_to(out, ref_out, dtype, what + " out")
+            for gname, got, want in zip(("x", "rank_weight", "expand_weight", "expand_bias"), grads, ref_grads):
+                assert_close_to(got, want, dtype, f"{what} d{gname}")
+
+
+def test_cifar_layer_shapes_fp32():
+    """Two real CoDA-Net CIFAR-10 layers (batch 2), fp32 vs the fp64 oracle."""
+    for c, o, r, k, s, hw in ((6, 16, 32, 3, 1, 16), (64, 10, 64, 1, 1, 8)):
+        a, e, b = make_params(c, o, r, k)
+        x = torch.rand(2, c, hw, hw, dtype=F64)
+        for norm in ("squash", "l2"):
+            kw = dict(kernel_size=k, stride=s, norm=norm)
+            ref_out, ref_grads, g = grads_of(dau_conv2d_original, (x, a, e, b), kw)
+            out, grads, _ = grads_of(dau_conv2d, [t.float() for t in (x, a, e, b)], kw, g)
+            assert_close_to(out, ref_out, torch.float32, f"{norm} {c}->{o} out")
+            for got, want in zip(grads, ref_grads):
+                assert_close_to(got, want, torch.float32, f"{norm} {c}->{o} grad")
+
+
+@pytest.mark.parametrize("norm", ["squash", "l2"])
+def test_zero_input(norm):
+    a, e, b = make_params(3, 4, 3, 3)
+    x = torch.zeros(2, 3, 5, 5, dtype=F64)
+    kw = dict(kernel_size=3, norm=norm)
+    ref_out, ref_grads, g = grads_of(dau_conv2d_original, (x, a, e, b), kw)
+    for fn in (dau_conv2d_lowrank, dau_conv2d):
+        out, grads, _ = grads_of(fn, (x, a, e, b), kw, g)
+        assert_close_to(out, ref_out, F64, "zero input out")
+        for got, want in zip(grads, ref_grads):
+            assert torch.isfinite(got).all()
+            assert_close_to(got, want, F64, "zero input grad")
+        # Without bias the dynamic weights are exactly 0 (the original divides by zero there):
+        # we give 0 and finite gradients.
+        for detach in (False, True):
+            out, grads, _ = grads_of(fn, (x, a, e, None), dict(kw, detach=detach), g)
+            assert (out == 0).all()
+            assert all(t is None or torch.isfinite(t).all() for t in grads)
+
+
+def test_explanation_mode_is_linear():
+    """detach=True: out = W(x) x with W constant, so sum(x * d out_j / d x) == out_j."""
+    a, e, b = make_params(3, 4, 5, 3)
+    x = torch.rand(1, 3, 7, 7, dtype=F64, requires_grad=True)
+    for norm in ("squash", "l2"):
+        out = dau_conv2d(x, a, e, b, kernel_size=3, norm=norm, detach=True)
+        for j in [(0, 1, 3, 3), (0, 3, 0, 6)]:
+            (gx,) = torch.autograd.grad(out[j], x, retain_graph=True)
+            torch.testing.assert_close((gx * x).sum(), out[j])
+
+
+def test_channels_last_and_module_vs_original_reference():
+    torch.manual_seed(0)
+    m = DAUConv2d(5, 4, 7, kernel_size=3, stride=2).double()
+    x = torch.rand(2, 5, 9, 11, dtype=F64)
+    f = m.weight_mod.weighting_f
+    want = dau_conv2d_original(x, f[0].weight, f[1].weight, f[1].bias, kernel_size=3, stride=2)
+    torch.testing.assert_close(m(x), want)
+    torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)), want)
+    m.explanation_mode()
+    assert m.detach
+    xg = x.clone().requires_grad_(True)
+    m(xg).sum().backward()
+    assert xg.grad is not None and all(p.grad is None for p in m.parameters())
+
+
+def test_saves_no_per_pixel_weights():
+    """Autograd keeps only small tensors (z: r channels; ||w||: O channels; the output) besides the inputs."""
+    c, o, r, k = 16, 8, 6, 3
+    a, e, b = (t.float().requires_grad_(True) for t in make_params(c, o, r, k))
+    x = torch.rand(2, c, 9, 9, requires_grad=True)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, a, e, b)}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = dau_conv2d(x, a, e, b, kernel_size=k)
+    pixels = out.shape[0] * out.shape[2] * out.shape[3]
+    assert sum(saved) <= pixels * (r + 2 * o)
+    assert max(saved) < pixels * o * (r + 1)        # not even the O*R-channel intermediate
+
+
+# ----------------------------------------------------------------------------------- autograd and compile
+
+
+@pytest.mark.parametrize("norm", ["squash", "l2"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(norm, bias):
+    a, e, b = make_params(2, 3, 3, 3, bias=bias)
+    x = torch.rand(1, 2, 5, 4, dtype=F64)
+    inputs = [t.clone().requires_grad_(True) for t in (x, a, e, b) if t is not None]
+
+    def fn(*args):
+        if not bias:
+            args = (*args, None)
+        return dau_conv2d(*args, kernel_size=3, stride=(1, 2), padding=1, norm=norm)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    if norm == "l2" and bias:  # the hand-written backward is once-differentiable, and says so
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("case", ["fp32-bias", "fp64-nobias-channels_last", "fp32-detach-channels_last"])
+def test_opcheck(case):
+    dtype = F64 if "fp64" in case else torch.float32
+    a, e, b = make_params(3, 4, 5, 3, bias="nobias" not in case, dtype=dtype)
+    x = torch.rand(2, 3, 7, 6, dtype=dtype)
+    if "channels_last" in case:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = [t.requires_grad_(True) if t is not None else None for t in (x, a, e, b)]
+    torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default,
+                          (*args, 3, [2, 1], [1, 0], "squash" if dtype == F64 else "l2", "detach" in case))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    m = DAUConv2d(4, 5, 3, kernel_size=3, stride=2).double()
+    x = torch.rand(2, 4, 9, 7, dtype=F64, requires_grad=True)
+
+    def run(mod):
+        out = mod(x)
+        grads = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
+        return out, grads
+
+    want = run(m)
+    got = run(torch.compile(m, fullgraph=True))
+    torch.testing.assert_close(got[0], want[0])
+    for g1, g2 in zip(got[1], want[1]):
+        torch.testing.assert_close(g1, g2)
+
+
+def test_bfloat16_error_within_twice_reference_error():
+    a, e, b = make_params(4, 3, 5, 3)
+    x = torch.rand(2, 4, 8, 8, dtype=F64)
+    kw = dict(kernel_size=3)
+    exact = dau_conv2d_original(x, a, e, b, **kw)
+    low = [t.bfloat16() for t in (x, a, e, b)]
+    ref_err = (dau_conv2d_original(*low, **kw).double() - exact).abs().max()
+    out = dau_conv2d(*low, **kw)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - exact).abs().max() <= 2 * ref_err
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def _good():
+    a, e, b = make_params(3, 4, 2, 3, dtype=torch.float32)
+    return dict(x=torch.rand(1, 3, 6, 6), rank_weight=a, expand_weight=e, expand_bias=b, kernel_size=3)
+
+
+BAD = [
+    ("x", lambda k: k.update(x=torch.rand(3, 6, 6)), ValueError),
+    ("x", lambda k: k.update(x=torch.ones(1, 3, 6, 6, dtype=torch.int64)), TypeError),
+    ("x", lambda k: k.update(x=[[1.0]]), TypeError),
+    ("rank_weight", lambda k: k.update(rank_weight=torch.rand(2, 4, 3, 3)), ValueError),
+    ("rank_weight", lambda k: k.update(rank_weight=torch.rand(2, 3, 1, 1)), ValueError),
+    ("rank_weight", lambda k: k.update(rank_weight=k["rank_weight"].double()), TypeError),
+    ("rank_weight", lambda k: k.update(rank_weight=k["rank_weight"].to("meta")), ValueError),
+    ("expand_weight", lambda k: k.update(expand_weight=torch.rand(27 * 4, 5, 1, 1)), ValueError),
+    ("expand_weight", lambda k: k.update(expand_weight=torch.rand(27 * 4 + 1, 2, 1, 1)), ValueError),
+    ("expand_weight", lambda k: k.update(expand_weight=torch.rand(27 * 4, 2)), ValueError),
+    ("expand_bias", lambda k: k.update(expand_bias=torch.rand(7)), ValueError),
+    ("expand_bias", lambda k: k.update(expand_bias=torch.ones(108, dtype=torch.int32)), TypeError),
+    ("kernel_size", lambda k: k.update(kernel_size=0), ValueError),
+    ("kernel_size", lambda k: k.update(kernel_size=1), ValueError),   # rank_weight is 3x3
+    ("stride", lambda k: k.update(stride=0), ValueError),
+    ("stride", lambda k: k.update(stride=(1, -2)), ValueError),
+    ("padding", lambda k: k.update(padding=-1), ValueError),
+    ("norm", lambda k: k.update(norm="l1"), ValueError),
+    ("detach", lambda k: k.update(detach="yes"), TypeError),
+    ("backend", lambda k: k.update(backend="nonsense"), ValueError),
+    ("backend", lambda k: k.update(backend="cpu"), ValueError),        # no fused DAU backend exists yet
+    ("height", lambda k: k.update(x=torch.rand(1, 3, 1, 6), padding=0), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc", BAD, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD)])
+def test_bad_input(name, mutate, exc):
+    kw = _good()
+    mutate(kw)
+    x, a, e, b = (kw.pop(k) for k in ("x", "rank_weight", "expand_weight", "expand_bias"))
+    with pytest.raises(exc, match=name):
+        dau_conv2d(x, a, e, b, **kw)
+
+
+def test_good_input_and_backends():
+    kw = _good()
+    x, a, e, b = (kw.pop(k) for k in ("x", "rank_weight", "expand_weight", "expand_bias"))
+    want = dau_conv2d_original(x, a, e, b, **kw)
+    for backend in (None, "torch", "auto"):
+        torch.testing.assert_close(dau_conv2d(x, a, e, b, backend=backend, **kw), want)
+    with pytest.raises(ValueError, match="norm"):
+        DAUConv2d(3, 4, 2, norm="squashing")
