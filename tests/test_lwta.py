@@ -286,6 +286,20 @@ def test_compile_fullgraph_matches_eager(deterministic):
     torch.testing.assert_close(grad_c, grad_e, rtol=0, atol=0)
 
 
+def test_compile_module_drawing_its_own_noise():
+    """Under aot_eager the front door's torch.rand is the eager one: the same seed gives the same result.
+    (Inductor replaces torch.rand with its own generator: same distribution, other numbers.)"""
+    x, _, gout = _inputs((2, 8, 3, 5))
+    m = LWTA(U=4, temp=0.8)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(11)
+    out_e, grad_e = _fwd_bwd(m, x, gout)
+    torch.manual_seed(11)
+    out_c, grad_c = _fwd_bwd(compiled, x, gout)
+    assert torch.equal(out_c, out_e)
+    torch.testing.assert_close(grad_c, grad_e, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(os.environ.get("BCOS_KERNELS_INDUCTOR_TESTS") != "1",
                     reason="inductor compiles C++ (15-60 s on CPU); set BCOS_KERNELS_INDUCTOR_TESTS=1 to run")
 def test_compile_inductor_matches_eager():
@@ -336,6 +350,7 @@ def test_module_u1_is_relu_and_repr():
     (lambda: lwta(torch.zeros(2, 9), 2), ValueError, "competitors"),
     (lambda: lwta(torch.zeros(2, 8), 0), ValueError, "competitors"),
     (lambda: lwta(torch.zeros(2, 8), 2.0), ValueError, "competitors"),
+    (lambda: lwta(torch.zeros(2, 512), 512), ValueError, "competitors"),
     (lambda: lwta(torch.zeros(2, 8), 2, temperature=0.0), ValueError, "temperature"),
     (lambda: lwta(torch.zeros(2, 8), 2, temperature=-1.0), ValueError, "temperature"),
     (lambda: lwta(torch.zeros(2, 8), 2, temperature=math.nan), ValueError, "temperature"),

@@ -1,0 +1,117 @@
+"""Timing and memory measurement shared by the benchmark suites.
+
+Time: the median over rounds of one call (perf_counter around the call,
+followed by torch.cuda.synchronize() on the GPU), measured by pytest-benchmark.
+Memory ("peak_mem_mb"):
+  - GPU: torch.cuda.max_memory_allocated() during one forward+backward, minus
+    what was allocated before it (inputs and parameters excluded);
+  - CPU: there is no allocator high-water mark, so we report the memory a
+    training step keeps alive between forward and backward: the bytes of the
+    distinct storages saved for backward (torch.autograd.graph.saved_tensors_hooks)
+    plus the output, excluding the inputs and parameters themselves. That is the
+    quantity that limits the batch size; it is the same for every mode.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
+
+import torch
+
+SMOKE = os.environ.get("BCOS_BENCH_SMOKE") == "1"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Workload:
+    """A forward closure over fixed inputs; ``leaves`` are the tensors that receive gradients."""
+    forward: Callable[[], torch.Tensor]
+    leaves: Sequence[torch.Tensor]
+
+    def backward(self, out: torch.Tensor, grad: torch.Tensor):
+        torch.autograd.grad(out, list(self.leaves), grad)
+
+
+def run_mode(benchmark, work: Workload, mode: str, rounds: int, warmup: int = 1):
+    """Time one mode with pytest-benchmark; returns the median in ms."""
+    out = work.forward()
+    grad = torch.randn_like(out)
+    for _ in range(warmup):
+        work.backward(work.forward(), grad)
+    sync()
+    if mode == "fwd":
+        def target():
+            work.forward()
+            sync()
+        benchmark.pedantic(target, rounds=rounds, iterations=1)
+    elif mode == "bwd":
+        def setup():
+            o = work.forward()
+            sync()
+            return (o,), {}
+
+        def target(o):
+            work.backward(o, grad)
+            sync()
+        benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1)
+    else:
+        def target():
+            work.backward(work.forward(), grad)
+            sync()
+        benchmark.pedantic(target, rounds=rounds, iterations=1)
+    return benchmark.stats.stats.median * 1e3
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.device)
+
+
+def peak_memory_mb(work: Workload, exclude: Sequence[torch.Tensor]) -> float:
+    """See the module docstring."""
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = work.forward()
+        work.backward(out, torch.ones_like(out))
+        del out
+        sync()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    excluded = {_storage_key(t) for t in exclude}
+    saved: dict = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            key = _storage_key(t)
+            if key not in excluded:
+                saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = work.forward()
+    total = sum(saved.values())
+    if _storage_key(out) not in saved:
+        total += out.untyped_storage().nbytes()
+    return total / 2**20
+
+
+@dataclass
+class Record:
+    op: str
+    case: str
+    dtype: str
+    mode: str
+    provider: str
+    median_ms: float
+    peak_mem_mb: float
+    shape: str
+
+
+RECORDS: List[Record] = []

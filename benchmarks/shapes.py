@@ -1,0 +1,34 @@
+"""Layer shapes of the real models the benchmarks run at.
+
+GPU sizes are the real batch sizes; CPU sizes are reduced so the suite finishes
+in minutes on a 2-core machine; SMOKE sizes only prove the suite runs.
+"""
+from harness import DEVICE, SMOKE
+
+GPU = DEVICE.type == "cuda"
+
+# B-cos ResNet-50 convolutions (B-cos v2: b=2, no MaxOut):
+# (name, in, out, kernel, stride, padding, H=W of the input)
+RESNET50_CONVS = [
+    ("layer1 3x3 64->64 @56", 64, 64, 3, 1, 1, 56),
+    ("layer1 1x1 256->64 @56", 256, 64, 1, 1, 0, 56),
+    ("layer2 3x3 128->128 @28", 128, 128, 3, 1, 1, 28),
+    ("layer3 3x3 256->256 s2 @28", 256, 256, 3, 2, 1, 28),
+    ("layer4 3x3 512->512 @7", 512, 512, 3, 1, 1, 7),
+]
+RESNET50_BATCH = 64 if GPU else 8
+
+# B-cos ViT-B/16 linears: (name, in, out); 197 tokens
+VIT_B16_LINEARS = [
+    ("qkv 768->2304", 768, 2304),
+    ("mlp fc1 768->3072", 768, 3072),
+    ("mlp fc2 3072->768", 3072, 768),
+]
+VIT_TOKENS = 197
+VIT_BATCH = 64 if GPU else 2
+
+if SMOKE:
+    RESNET50_CONVS = [("smoke 3x3 8->8 @8", 8, 8, 3, 1, 1, 8)]
+    RESNET50_BATCH = 2
+    VIT_B16_LINEARS = [("smoke 32->48", 32, 48)]
+    VIT_TOKENS, VIT_BATCH = 5, 2
