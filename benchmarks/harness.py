@@ -115,3 +115,47 @@ class Record:
 
 
 RECORDS: List[Record] = []
+
+
+class Fn(torch.nn.Module):
+    """A function as a module (for ops whose original is a function)."""
+
+    def __init__(self, fn, *params: torch.nn.Parameter):
+        super().__init__()
+        self.fn = fn
+        self.params = torch.nn.ParameterList(params)
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+_modules: dict = {}  # (op, case, dtype, provider) -> module: the modes of a case share one (compiled) module
+
+
+def bench(benchmark, op: str, case: str, dtype: torch.dtype, mode: str, provider: str, build, inputs, shape: str,
+          rounds: int, grad_inputs=None):
+    """Time ``build(provider)(*inputs)`` in ``mode`` and record it with its memory.
+
+    ``build`` makes the module once per (op, case, dtype, provider); "original_compiled" compiles it.
+    ``grad_inputs``: the inputs that receive gradients (default: the floating point ones).
+    """
+    key = (op, case, dtype, provider)
+    if key not in _modules:
+        module = build(provider).to(DEVICE)
+        if dtype.is_floating_point:
+            module = module.to(dtype)
+        if provider == "original_compiled":
+            torch._dynamo.reset()
+            module = torch.compile(module)
+        _modules[key] = module
+    module = _modules[key]
+    benchmark.group = f"{op} {case} {str(dtype)[6:]} {mode}"
+    if grad_inputs is None:
+        grad_inputs = [t for t in inputs if t.is_floating_point()]
+    for t in grad_inputs:
+        t.requires_grad_(True)
+    params = [p for p in module.parameters() if p.requires_grad]
+    work = Workload(lambda: module(*inputs), [*grad_inputs, *params])
+    median = run_mode(benchmark, work, mode, rounds)
+    mem = peak_memory_mb(work, [*inputs, *params])
+    RECORDS.append(Record(op, case, str(dtype)[6:], mode, provider, median, mem, shape))

@@ -32,3 +32,25 @@ if SMOKE:
     RESNET50_BATCH = 2
     VIT_B16_LINEARS = [("smoke 32->48", 32, 48)]
     VIT_TOKENS, VIT_BATCH = 5, 2
+
+# LWTA (DISCOVER) activations: (name, shape); U competitors per block
+LWTA_CASES = [
+    ("resnet18 stem [N,64,112,112]", (64, 64, 112, 112), 2),
+    ("resnet18 layer1 [N,64,56,56]", (64, 64, 56, 56), 2),
+    ("resnet18 layer3 [N,256,14,14]", (64, 256, 14, 14), 4),
+    ("deit-s mlp [N,197,1536]", (64, 197, 1536), 8),
+] if GPU else [
+    ("resnet18 layer1 [8,64,56,56]", (8, 64, 56, 56), 2),
+    ("resnet18 layer3 [8,256,14,14]", (8, 256, 14, 14), 4),
+    ("deit-s mlp [4,197,1536]", (4, 197, 1536), 8),
+]
+
+# CSG gate: (name, x shape, classes)
+CSG_CASES = [
+    ("resnet152 layer4 [32,2048,4,4] K=6", (32, 2048, 4, 4), 6),
+    ("[64,512,7,7] K=1000", (64, 512, 7, 7), 1000),
+]
+
+if SMOKE:
+    LWTA_CASES = [("smoke [2,8,4,4]", (2, 8, 4, 4), 2)]
+    CSG_CASES = [("smoke [4,16,2,2] K=3", (4, 16, 2, 2), 3)]

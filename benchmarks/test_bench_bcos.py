@@ -8,7 +8,7 @@ import torch
 
 import bcos_kernels
 from bcos_kernels import nn as bnn
-from harness import DEVICE, MODES, RECORDS, SMOKE, Record, Workload, peak_memory_mb, run_mode
+from harness import DEVICE, MODES, SMOKE, bench
 from shapes import RESNET50_BATCH, RESNET50_CONVS, VIT_B16_LINEARS, VIT_BATCH, VIT_TOKENS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -18,9 +18,6 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 OUR_BACKENDS = bcos_kernels.available_backends(DEVICE)
 PROVIDERS = ["original"] + ([] if SMOKE else ["original_compiled"]) + OUR_BACKENDS + ["plain"]
 ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 7)
-
-_modules = {}  # (op, case, dtype, provider) -> module, so that modes share one (compiled) module
-
 
 def _conv_module(provider, cin, cout, k, s, p):
     if provider == "plain":
@@ -38,23 +35,6 @@ def _linear_module(provider, cin, cout):
     return bnn.BcosLinear(cin, cout, backend=provider)
 
 
-def _bench(benchmark, op, case, dtype, mode, provider, make_module, x, shape):
-    key = (op, case, dtype, provider)
-    if key not in _modules:
-        module = make_module(provider).to(DEVICE, dtype)
-        if provider == "original_compiled":
-            torch._dynamo.reset()
-            module = torch.compile(module)
-        _modules[key] = module
-    module = _modules[key]
-    benchmark.group = f"{op} {case} {str(dtype)[6:]} {mode}"
-    x = x.requires_grad_(True)
-    work = Workload(lambda: module(x), [x, *module.parameters()])
-    median = run_mode(benchmark, work, mode, ROUNDS)
-    mem = peak_memory_mb(work, [x, *module.parameters()])
-    RECORDS.append(Record(op, case, str(dtype)[6:], mode, provider, median, mem, shape))
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
@@ -62,8 +42,8 @@ def _bench(benchmark, op, case, dtype, mode, provider, make_module, x, shape):
 def test_bcos_conv2d(benchmark, case, dtype, provider, mode):
     name, cin, cout, k, s, p, hw = case
     x = torch.randn(RESNET50_BATCH, cin, hw, hw, device=DEVICE, dtype=dtype)
-    _bench(benchmark, "bcos_conv2d", name, dtype, mode, provider, lambda pr: _conv_module(pr, cin, cout, k, s, p), x,
-           f"x={list(x.shape)} k={k} s={s} p={p}")
+    bench(benchmark, "bcos_conv2d", name, dtype, mode, provider, lambda pr: _conv_module(pr, cin, cout, k, s, p), [x],
+          f"x={list(x.shape)} k={k} s={s} p={p}", ROUNDS)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -73,5 +53,5 @@ def test_bcos_conv2d(benchmark, case, dtype, provider, mode):
 def test_bcos_linear(benchmark, case, dtype, provider, mode):
     name, cin, cout = case
     x = torch.randn(VIT_BATCH, VIT_TOKENS, cin, device=DEVICE, dtype=dtype)
-    _bench(benchmark, "bcos_linear", name, dtype, mode, provider, lambda pr: _linear_module(pr, cin, cout), x,
-           f"x={list(x.shape)} out={cout}")
+    bench(benchmark, "bcos_linear", name, dtype, mode, provider, lambda pr: _linear_module(pr, cin, cout), [x],
+          f"x={list(x.shape)} out={cout}", ROUNDS)

@@ -273,7 +273,6 @@ def test_gradcheck(norm, bias):
         return dau_conv2d(*args, kernel_size=3, stride=(1, 2), padding=1, norm=norm)
 
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
-    assert torch.autograd.gradcheck(lambda *t: fn(*t).square().sum(), inputs)
 
 
 def test_double_backward_raises():
@@ -286,7 +285,8 @@ def test_double_backward_raises():
         gx.sum().backward()
 
 
-@pytest.mark.parametrize("case", ["fp32-bias", "fp64-nobias-channels_last", "fp32-detach-channels_last"])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("case", ["fp64-bias-channels_last", "fp32-nobias-detach"])
 def test_opcheck(case):
     dtype = F64 if "fp64" in case else torch.float32
     a, e, b = make_params(3, 4, 5, 3, bias="nobias" not in case, dtype=dtype)
