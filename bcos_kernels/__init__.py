@@ -7,7 +7,8 @@ if backends.cpu_extension() is not None:
     from bcos_kernels.ops import _cpu_fake  # noqa: F401  (fake impls of the C++ ops)
 
 from bcos_kernels import nn, ops  # noqa: E402
-from bcos_kernels.ops import bcos_conv2d, bcos_linear, class_specific_gate, lwta  # noqa: E402
+from bcos_kernels.ops import bcos_conv2d, bcos_linear, class_specific_gate, dau_conv2d, lwta  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["available_backends", "bcos_conv2d", "bcos_linear", "class_specific_gate", "lwta", "nn", "ops"]
+__all__ = ["available_backends", "bcos_conv2d", "bcos_linear", "class_specific_gate", "dau_conv2d", "lwta", "nn",
+           "ops"]

@@ -54,3 +54,22 @@ CSG_CASES = [
 if SMOKE:
     LWTA_CASES = [("smoke [2,8,4,4]", (2, 8, 4, 4), 2)]
     CSG_CASES = [("smoke [4,16,2,2] K=3", (4, 16, 2, 2), 3)]
+
+# CoDA-Net CIFAR-10 9-layer net (6-channel 32x32 input): (name, in, out, kernel, stride, rank, H=W of the input)
+def _coda_cifar10():
+    kernels = [3] * 8 + [1]
+    strides = [1, 1, 2, 1, 1, 2, 1, 1, 1]
+    channels = [16, 16, 32, 32, 32, 64, 64, 64, 10]
+    ranks = [32, 32] + [64] * 7
+    layers, cin, hw = [], 6, 32
+    for i, (k, s, c, r) in enumerate(zip(kernels, strides, channels, ranks)):
+        layers.append((f"cifar10 L{i + 1} {k}x{k} {cin}->{c} r{r} s{s} @{hw}", cin, c, k, s, r, hw))
+        cin, hw = c, (hw + 2 * ((k - 1) // 2) - k) // s + 1
+    return layers
+
+
+CODA_CIFAR10_LAYERS = _coda_cifar10()
+CODA_BATCH = 64 if GPU else 16
+if SMOKE:
+    CODA_CIFAR10_LAYERS = [("smoke 3x3 6->4 r3 @6", 6, 4, 3, 1, 3, 6)]
+    CODA_BATCH = 2

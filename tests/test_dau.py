@@ -1,14 +1,14 @@
 """CoDA DAU convolution: references vs the real original code, the custom op, the module.
 
 The real original (github moboehle/CoDA-Nets) is read at test time from a local git mirror
-(``$CODA_NETS_MIRROR``, default /work/.mirror/moboehle+CoDA-Nets/repo) into a temporary directory;
+(``$CODA_NETS_MIRROR``, default ``$BCOS_KERNELS_MIRRORS/moboehle+CoDA-Nets/repo`` with
+``$BCOS_KERNELS_MIRRORS`` = /work/.mirror as in tests/originals.py) into a temporary directory;
 where the mirror is absent (CI) the tests that need it are skipped. Everything else uses
 ``dau_conv2d_original`` (checked against the real code where the mirror exists) as the oracle.
 """
 from __future__ import annotations
 
 import importlib
-import itertools
 import os
 import subprocess
 import sys
@@ -20,10 +20,20 @@ from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.ops.dau_conv2d import dau_conv2d
 from bcos_kernels.reference.dau import dau_conv2d_lowrank, dau_conv2d_original
 
-MIRROR = os.environ.get("CODA_NETS_MIRROR", "/work/.mirror/moboehle+CoDA-Nets/repo")
+MIRROR = os.environ.get("CODA_NETS_MIRROR") or os.path.join(
+    os.environ.get("BCOS_KERNELS_MIRRORS", "/work/.mirror"), "moboehle+CoDA-Nets", "repo")
 ORIGINAL_FILES = ("modules/__init__.py", "modules/DAUs.py", "modules/coda_conv.py", "modules/norms.py",
                   "modules/utils.py", "project_utils.py")
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: intra-op threads only add synchronisation (badly so on a busy machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------------------------- the original
@@ -191,6 +201,24 @@ def test_cifar_layer_shapes_fp32():
                 assert_close_to(got, want, torch.float32, f"{norm} {c}->{o} grad")
 
 
+def test_batch_chunks_match(monkeypatch):
+    """Eager runs the O*R-channel transients a chunk of the batch at a time: force one image per chunk."""
+    import bcos_kernels.ops.dau_conv2d as op_module
+
+    a, e, b = make_params(3, 4, 5, 3)
+    x = torch.rand(3, 3, 7, 9, dtype=F64)
+    for norm, detach in (("squash", False), ("l2", False), ("squash", True)):
+        kw = dict(kernel_size=3, stride=2, norm=norm, detach=detach)
+        ref_out, ref_grads, g = grads_of(dau_conv2d_original, (x, a, e, b), kw)
+        monkeypatch.setattr(op_module, "CHUNK_ELEMENTS", 1)
+        assert len(op_module._batch_chunks(3, 100)) == 3
+        out, grads, _ = grads_of(dau_conv2d, (x, a, e, b), kw, g)
+        monkeypatch.undo()
+        assert_close_to(out, ref_out, F64, "chunked out")
+        for got, want in zip(grads, ref_grads):
+            assert_close_to(got, want, F64, "chunked grad")
+
+
 @pytest.mark.parametrize("norm", ["squash", "l2"])
 def test_zero_input(norm):
     a, e, b = make_params(3, 4, 3, 3)
@@ -298,6 +326,7 @@ def test_opcheck(case):
                           (*args, 3, [2, 1], [1, 0], "squash" if dtype == F64 else "l2", "detach" in case))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside torch.compile
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
     m = DAUConv2d(4, 5, 3, kernel_size=3, stride=2).double()

@@ -2,7 +2,8 @@
 from bcos_kernels.nn.bcos import (BcosConv2d, BcosConv2dV1, BcosConv2dWithScale, BcosifyConv2d, BcosifyLinear,
                                   BcosLinear, NormedConv2d, NormedLinear)
 from bcos_kernels.nn.csg import ClassSpecificGate
+from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.nn.lwta import LWTA
 
 __all__ = ["BcosConv2d", "BcosConv2dV1", "BcosConv2dWithScale", "BcosLinear", "BcosifyConv2d", "BcosifyLinear",
-           "ClassSpecificGate", "LWTA", "NormedConv2d", "NormedLinear"]
+           "ClassSpecificGate", "DAUConv2d", "LWTA", "NormedConv2d", "NormedLinear"]

@@ -2,6 +2,7 @@
 from bcos_kernels.ops.bcos_conv2d import bcos_conv2d
 from bcos_kernels.ops.bcos_linear import bcos_linear
 from bcos_kernels.ops.class_specific_gate import class_specific_gate
+from bcos_kernels.ops.dau_conv2d import dau_conv2d
 from bcos_kernels.ops.lwta import lwta
 
-__all__ = ["bcos_conv2d", "bcos_linear", "class_specific_gate", "lwta"]
+__all__ = ["bcos_conv2d", "bcos_linear", "class_specific_gate", "dau_conv2d", "lwta"]

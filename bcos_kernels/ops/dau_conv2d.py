@@ -143,6 +143,19 @@ def _scales(s: torch.Tensor, norm: str) -> Tuple[torch.Tensor, torch.Tensor]:
 # Layout: x goes channels_last, so that the conv outputs are pixel-major (N*Ho*Wo, channels) and every
 # per-pixel contraction over R is a batched mat-vec (bmm) that reads the O*R-channel tensor once, without an
 # elementwise temporary of its size.
+#
+# Memory: the O*R-channel tensors (y, G za and the grads built from them) are transient. In eager mode they
+# are built for a chunk of the batch at a time, at most CHUNK_ELEMENTS elements each (always at least one
+# image), and the backward builds one at a time; under torch.compile the traced backward is one chunk.
+
+CHUNK_ELEMENTS = 1 << 22   # 16 MiB of fp32 per O*R-channel transient
+
+
+def _batch_chunks(n: int, per_image: int) -> List[Tuple[int, int]]:
+    if torch.compiler.is_compiling():
+        return [(0, n)]
+    step = max(1, min(n, CHUNK_ELEMENTS // max(per_image, 1)))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 @torch.library.custom_op("bcos_kernels::dau_conv2d", mutates_args=())
@@ -160,19 +173,24 @@ def dau_conv2d_op(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: tor
     rank = a.shape[0]
     filt = _filters(e, b, c, kernel_size)                                   # (O, R, C, k, k)
     o, big_r = filt.shape[:2]
+    ho, wo = _out_size(x, kernel_size, stride, padding)
     # z and y from one convolution with r + O*R filters.
-    zy = F.conv2d(xc, torch.cat([a, filt.reshape(o * big_r, c, kernel_size, kernel_size)]), None, stride, padding)
-    ho, wo = zy.shape[-2:]
-    zy = _pixel_major(zy)                                                   # (P, r + O*R)
-    z = zy[:, :rank].contiguous()
-    za = _augment(z, b is not None)                                         # (P, R)
-    num = torch.bmm(zy[:, rank:].reshape(-1, o, big_r), za.unsqueeze(2)).squeeze(2)  # (P, O): w_o . x_patch
-    del zy
+    w_all = torch.cat([a, filt.reshape(o * big_r, c, kernel_size, kernel_size)])
     e3 = filt.reshape(o, big_r, -1)                                         # (O, R, D), row q = column q of [E_o|b_o]
-    gram = e3 @ e3.transpose(1, 2)                                          # (O, R, R), symmetric
-    gz = (za @ gram.reshape(o * big_r, big_r).t()).reshape(-1, o, big_r)   # (P, O, R): G_o za
-    s = torch.bmm(gz, za.unsqueeze(2)).squeeze(2).clamp_min(0).sqrt()       # (P, O): ||w_o|| = sqrt(za^T G_o za)
-    del gz
+    gram_t = (e3 @ e3.transpose(1, 2)).reshape(o * big_r, big_r).t()        # G_o (O, R, R) is symmetric
+    nums, zs, ss = [], [], []
+    for i0, i1 in _batch_chunks(n, ho * wo * o * big_r):
+        zy = _pixel_major(F.conv2d(xc[i0:i1], w_all, None, stride, padding))  # (p, r + O*R)
+        z = zy[:, :rank].contiguous()
+        za = _augment(z, b is not None)                                     # (p, R)
+        nums.append(torch.bmm(zy[:, rank:].reshape(-1, o, big_r), za.unsqueeze(2)).squeeze(2))  # w_o . x_patch
+        del zy
+        gz = (za @ gram_t).reshape(-1, o, big_r)                            # (p, O, R): G_o za
+        ss.append(torch.bmm(gz, za.unsqueeze(2)).squeeze(2))                # (p, O): ||w_o||^2 = za^T G_o za
+        del gz
+        zs.append(z)
+    num, z, s = (t[0] if len(t) == 1 else torch.cat(t) for t in (nums, zs, ss))
+    s = s.clamp_min(0).sqrt()                                               # (P, O): ||w_o||
     inv, _ = _scales(s, norm)
     out = _from_pixel_major(num * inv, n, ho, wo).to(x.dtype).contiguous()
     return out, z, s
@@ -209,6 +227,10 @@ def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, st
     return gx, gw
 
 
+def _add(acc: Optional[torch.Tensor], t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t if acc is None else acc + t
+
+
 @torch.autograd.function.once_differentiable  # z, s and out are saved as constants: no double backward
 def _backward(ctx, grad_out, _grad_z, _grad_s):
     x, rank_weight, expand_weight, expand_bias, z, s, out = ctx.saved_tensors
@@ -219,6 +241,8 @@ def _backward(ctx, grad_out, _grad_z, _grad_s):
         need_a = need_e = need_b = False
     if not (need_x or need_a or need_e or need_b):
         return tuple(grads)
+    need_z = need_x or need_a          # the paths through z = conv(x, rank_weight)
+    need_f = need_e or need_b          # grads of the filters [E_o | b_o]
 
     cdt = _compute_dtype(x.dtype)
     xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
@@ -229,62 +253,62 @@ def _backward(ctx, grad_out, _grad_z, _grad_s):
     filt = _filters(e, b, c, kernel_size)
     o, big_r = filt.shape[:2]
     ho, wo = grad_out.shape[-2:]
+    hw = ho * wo
     filt2d = filt.reshape(o * big_r, c, kernel_size, kernel_size)
-    za = _augment(z, b is not None)                                         # (P, R)
+    e3 = filt.reshape(o, big_r, -1)                                         # (O, R, D)
+    gram_t = (e3 @ e3.transpose(1, 2)).reshape(o * big_r, big_r).t()
     inv, ratio = _scales(s, norm)
     g = _pixel_major(grad_out.to(cdt))                                      # (P, O)
-    dnum = g * inv                                                          # d loss / d num_o
-    # d num_o / d y_{o,q} = za_q: the grad of the O*R-channel conv output.
-    dy = _from_pixel_major((dnum.unsqueeze(2) * za.unsqueeze(1)).reshape(-1, o * big_r), n, ho, wo)
+    dnum_all = g * inv                                                      # d loss / d num_o
+    dq_all = None if detach else g * _pixel_major(out.to(cdt)) * ratio      # d loss / d q_o,  q_o = ||w_o||^2
+    za_all = _augment(z, b is not None)                                     # (P, R)
 
-    if detach:
-        gx, _ = _conv_backward(dy, xc, filt2d, stride, padding, True, False)
-        grads[0] = gx.to(x.dtype)
-        return tuple(grads)
-
-    dq = g * _pixel_major(out.to(cdt)) * ratio                              # d loss / d q_o,  q_o = ||w_o||^2
-    need_z = need_x or need_a
-    e3 = filt.reshape(o, big_r, -1)                                         # (O, R, D)
-    gram = e3 @ e3.transpose(1, 2)                                          # (O, R, R)
-    dza = dfilt = None
-    if need_z:
-        # d num_o / d za = y_o: recompute y (not saved, see _setup_context).
-        y = _pixel_major(F.conv2d(xc, filt2d, None, stride, padding)).reshape(-1, o, big_r)
-        dza = torch.bmm(dnum.unsqueeze(1), y).squeeze(1)                    # (P, R)
-        del y
-        # d q_o / d za = 2 G_o za
-        gz = (za @ gram.reshape(o * big_r, big_r).t()).reshape(-1, o, big_r)
-        dza = dza + 2 * torch.bmm(dq.unsqueeze(1), gz).squeeze(1)
-        del gz
-    if need_e or need_b:
-        # d q_o / d [E_o|b_o] = 2 [E_o|b_o] za za^T, summed over pixels: 2 M_o e_o with M_o = sum dq_o za za^T.
-        dqz = (dq.unsqueeze(2) * za.unsqueeze(1)).reshape(-1, o * big_r)    # (P, O*R)
-        m = (dqz.t() @ za).reshape(o, big_r, big_r)
-        del dqz
-        dfilt = 2 * (m @ e3)                                                # (O, R, D)
-
-    gx = None
-    if need_x or need_e or need_b:
-        gx, gfilt = _conv_backward(dy, xc, filt2d, stride, padding, need_x, need_e or need_b)
-        if gfilt is not None:
-            assert dfilt is not None
-            dfilt = gfilt.reshape(o, big_r, -1) + dfilt
-            d = dfilt.shape[-1]
-            if need_e:
-                grads[2] = dfilt[:, :rank].permute(2, 0, 1).reshape(d * o, rank, 1, 1).to(expand_weight.dtype)
-            if need_b:
-                grads[3] = dfilt[:, rank].t().reshape(d * o).to(expand_bias.dtype)
-    del dy
-    if need_z:
-        assert dza is not None
-        dz = _from_pixel_major(dza[:, :rank], n, ho, wo)
-        gx2, ga = _conv_backward(dz, xc, a, stride, padding, need_x, need_a)
+    gxs: List[torch.Tensor] = []
+    ga = gfilt = m = None
+    for i0, i1 in _batch_chunks(n, hw * o * big_r):
+        rows = slice(i0 * hw, i1 * hw)
+        xk = xc[i0:i1]
+        za, dnum = za_all[rows], dnum_all[rows]
+        gx = None
+        if dq_all is not None:
+            dq = dq_all[rows]
+            if need_z:
+                # d num_o / d za = y_o: recompute y (not saved, see _setup_context); d q_o / d za = 2 G_o za.
+                y = _pixel_major(F.conv2d(xk, filt2d, None, stride, padding)).reshape(-1, o, big_r)
+                dza = torch.bmm(dnum.unsqueeze(1), y).squeeze(1)            # (p, R)
+                del y
+                gz = (za @ gram_t).reshape(-1, o, big_r)
+                dza = dza + 2 * torch.bmm(dq.unsqueeze(1), gz).squeeze(1)
+                del gz
+                dz = _from_pixel_major(dza[:, :rank], i1 - i0, ho, wo)
+                gx, ga_k = _conv_backward(dz, xk, a, stride, padding, need_x, need_a)
+                ga = _add(ga, ga_k)
+            if need_f:
+                # d q_o / d [E_o|b_o] = 2 [E_o|b_o] za za^T summed over pixels = 2 M_o e_o, M_o = sum dq_o za za^T.
+                dqz = (dq.unsqueeze(2) * za.unsqueeze(1)).reshape(-1, o * big_r)  # (p, O*R)
+                m = _add(m, dqz.t() @ za)
+                del dqz
+        if need_x or need_f:
+            # d num_o / d y_{o,q} = za_q: the grad of the O*R-channel conv output.
+            dy = _from_pixel_major((dnum.unsqueeze(2) * za.unsqueeze(1)).reshape(-1, o * big_r), i1 - i0, ho, wo)
+            gx_k, gf_k = _conv_backward(dy, xk, filt2d, stride, padding, need_x, need_f)
+            del dy
+            gx = _add(gx, gx_k)
+            gfilt = _add(gfilt, gf_k)
         if need_x:
-            gx = gx2 if gx is None else gx + gx2
-        if need_a:
-            grads[1] = ga.to(rank_weight.dtype)
+            gxs.append(gx)
+
+    if need_f:
+        dfilt = torch.baddbmm(gfilt.reshape(o, big_r, -1), m.reshape(o, big_r, big_r), e3, alpha=2)  # (O, R, D)
+        d = dfilt.shape[-1]
+        if need_e:
+            grads[2] = dfilt[:, :rank].permute(2, 0, 1).reshape(d * o, rank, 1, 1).to(expand_weight.dtype)
+        if need_b:
+            grads[3] = dfilt[:, rank].t().reshape(d * o).to(expand_bias.dtype)
+    if need_a:
+        grads[1] = ga.to(rank_weight.dtype)
     if need_x:
-        grads[0] = gx.to(x.dtype)
+        grads[0] = (gxs[0] if len(gxs) == 1 else torch.cat(gxs)).to(x.dtype)
     return tuple(grads)
 
 
