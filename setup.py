@@ -11,7 +11,7 @@ import os
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, include_paths
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,9 +36,19 @@ def _extension():
     # csrc/common/bcos_math.h vectorise; neither changes a value.  The C++
     # standard is left to torch (it adds the one its headers need).
     cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra"]
+    # torch's headers as system headers: their warnings are not ours to fix.
+    cxx_flags += [f"-isystem{path}" for path in include_paths()]
+    link_flags = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is inline: without OpenMP enabled here it runs serially.  The
+        # extension then uses the OpenMP runtime torch has loaded (libgomp.so.1), so
+        # torch.set_num_threads applies to it.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     define_macros = [("BCOS_PYTHON_MODULE", None)]
     # define_macros reach both the C++ and the nvcc command lines.
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros)
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros,
+                  extra_link_args=link_flags)
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
         define_macros.append(("BCOS_WITH_CUDA", None))

@@ -10,6 +10,9 @@ formula evaluated by PyTorch in that dtype (plus one rounding of the output).
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -175,8 +178,10 @@ def test_patch_norm_zero_input_is_finite():
 # ---------------------------------------------------------------------------
 # bcos_scale_forward / bcos_scale_backward.
 # ---------------------------------------------------------------------------
-# (N, O, P, G): batch 1, odd sizes, groups 1/2/4, depthwise (G == O), P above one position block
-SCALE_SHAPES = [(1, 4, 7, 1), (3, 8, 33, 2), (2, 8, 19, 4), (2, 6, 5, 6), (2, 4, 2500, 2)]
+# (N, O, P, G): batch 1, odd sizes, groups 1/2/4, depthwise (G == O), P above one position block,
+# and P == 1 (the linear layers: rows x features x 1), with more channels than one tile
+SCALE_SHAPES = [(1, 4, 7, 1), (3, 8, 33, 2), (2, 8, 19, 4), (2, 6, 5, 6), (2, 4, 2500, 2), (5, 12, 1, 3),
+                (3, 600, 1, 1)]
 B_VALUES = [1.0, 1.5, 2.0, 2.5]
 
 
@@ -307,13 +312,17 @@ def test_results_independent_of_thread_count():
     x = make_x(2, 12, 40, 60, torch.float32, "contiguous")
     lin, norm = scale_inputs(2, 6, 40 * 60, 3, 2, torch.float32)
     grad_out = randn(2, 6, 40 * 60, seed=7)
+    rows, rnorm = scale_inputs(500, 700, 1, 1, 1, torch.float32)  # P == 1
+    rgrad = randn(500, 700, 1, seed=8)
 
     def run():
         nrm = ops.patch_norm(x, [3, 3], [1, 1], [1, 1], [1, 1], 3)
         gx = ops.patch_norm_backward(nrm, x, nrm, [3, 3], [1, 1], [1, 1], [1, 1], 3)
         fwd = ops.bcos_scale_forward(lin, norm, 2.5, True, 2, 1.0)
         bwd = ops.bcos_scale_backward(grad_out, fwd[1], norm, fwd[2], 2.5, True, 2, 1.0, False, True, True)
-        return (nrm, gx) + tuple(fwd) + tuple(bwd)
+        rbwd = ops.bcos_scale_backward(rgrad, rows, rnorm, torch.empty(0, dtype=torch.uint8), 2.5, True, 1, 1.0,
+                                       False, True, True)
+        return (nrm, gx) + tuple(fwd) + tuple(bwd) + tuple(rbwd)
 
     old = torch.get_num_threads()
     try:
@@ -326,6 +335,64 @@ def test_results_independent_of_thread_count():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# The baseline, AVX2 and AVX-512 builds of the kernels agree (each run is a
+# fresh process: BCOS_KERNELS_CPU_ISA is read once; it can only lower the ISA).
+# ---------------------------------------------------------------------------
+_ISA_SCRIPT = r"""
+import sys, torch
+import bcos_kernels
+from bcos_kernels.ops import _cpu_fake
+ops = torch.ops.bcos_kernels
+g = torch.Generator().manual_seed(0)
+out = {}
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(2, 12, 17, 23, generator=g).to(dtype)
+    for cl in (False, True):
+        xx = x.contiguous(memory_format=torch.channels_last) if cl else x
+        nrm = ops.patch_norm(xx, [3, 3], [2, 1], [1, 2], [1, 2], 3)
+        out[f"pn{dtype}{cl}"] = nrm
+        args = ([3, 3], [2, 1], [1, 2], [1, 2], 3)
+        out[f"pnb{dtype}{cl}"] = ops.patch_norm_backward(torch.ones_like(nrm), xx, nrm, *args)
+    lin = torch.randn(2, 12, 2100, generator=g).to(dtype)
+    norm = (torch.rand(2, 2, 2100, generator=g) + 0.5).to(dtype)
+    go = torch.randn(2, 4, 2100, generator=g).to(dtype)
+    rows = torch.randn(300, 900, 1, generator=g).to(dtype)  # P == 1 (linear layers)
+    rnorm = (torch.rand(300, 1, 1, generator=g) + 0.5).to(dtype)
+    rgo = torch.randn(300, 300, 1, generator=g).to(dtype)
+    for b, bt in ((1.0, False), (2.0, False), (2.5, False), (2.0, True)):
+        f = ops.bcos_scale_forward(lin, norm, b, bt, 3, 1.0)
+        out[f"f{dtype}{b}{bt}"] = f
+        out[f"b{dtype}{b}{bt}"] = ops.bcos_scale_backward(go, f[1], norm, f[2], b, bt, 3, 1.0, False, True, True)
+        f = ops.bcos_scale_forward(rows, rnorm, b, bt, 3, 1.0)
+        out[f"fr{dtype}{b}{bt}"] = f
+        out[f"br{dtype}{b}{bt}"] = ops.bcos_scale_backward(rgo, f[1], rnorm, f[2], b, bt, 3, 1.0, False, True, True)
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_isa_builds_agree(tmp_path):
+    results = {}
+    for isa in ("baseline", "avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, BCOS_KERNELS_CPU_ISA=isa)
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env)
+        results[isa] = torch.load(path)
+    ref = results["baseline"]
+    for isa in ("avx2", "avx512"):
+        for key, value in results[isa].items():
+            got = value if isinstance(value, (tuple, list)) else (value,)
+            want = ref[key] if isinstance(ref[key], (tuple, list)) else (ref[key],)
+            for a, b in zip(got, want):
+                if key.startswith(("f", "fr")) and ("2.0False" in key or "1.0False" in key):
+                    assert torch.equal(a, b), key  # b in {1, 2}: no addition, identical bits
+                elif a.dtype == torch.uint8:
+                    assert torch.equal(a, b), key
+                else:
+                    tol = 1e-5 if a.dtype in (torch.float32, torch.float64) else 1e-2
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=key)
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -46,6 +49,129 @@ constexpr int64_t kMinTaskWork = 32768;
 inline int64_t grain_for(int64_t work_per_unit) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_unit));
 }
+
+// ---------------------------------------------------------------------------
+// Parallel loops over work units, with AVX2 and AVX-512 builds of the bodies.
+//
+// parallel_units(n, grain, body) runs body(begin, end) over [0, n) with
+// at::parallel_for (so torch.set_num_threads applies).  The extension is
+// compiled for the baseline ISA; on x86-64 the body (declared with
+// BCOS_UNIT_BODY, i.e. always inlined) is also compiled into wrappers that
+// target AVX2+FMA and AVX-512, and one the CPU supports is picked at run
+// time (see kComputeBound below).  All builds compute the same formulas;
+// they may differ in the last bit where the compiler fuses a multiply-add
+// (never in the b == 1 and b == 2 forwards, which have no addition).
+// ---------------------------------------------------------------------------
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BCOS_HAVE_ISA_CLONES 1
+#define BCOS_UNIT_BODY __attribute__((always_inline))
+#else
+#define BCOS_HAVE_ISA_CLONES 0
+#define BCOS_UNIT_BODY
+#endif
+// Helpers called from unit bodies: always inlined, so they are compiled for
+// the ISA of the body that calls them.
+#if defined(__GNUC__) || defined(__clang__)
+#define BCOS_FORCE_INLINE inline __attribute__((always_inline))
+#define BCOS_NOINLINE __attribute__((noinline))
+#else
+#define BCOS_FORCE_INLINE inline
+#define BCOS_NOINLINE
+#endif
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+#if BCOS_HAVE_ISA_CLONES
+template <typename Fn>
+__attribute__((target("avx2,fma"), noinline)) void run_body_avx2(const Fn& body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
+
+template <typename Fn>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), noinline)) void run_body_avx512(
+    const Fn& body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kBaseline;
+}
+#else
+Isa detect_isa() { return Isa::kBaseline; }
+#endif
+
+// The ISA the kernels run with; BCOS_KERNELS_CPU_ISA=baseline|avx2|avx512
+// lowers it (for tests and comparisons; it is never raised above the CPU's).
+Isa kernel_isa() {
+  static const Isa isa = [] {
+    Isa best = detect_isa();
+    const char* env = std::getenv("BCOS_KERNELS_CPU_ISA");
+    if (env == nullptr) return best;
+    const std::string want(env);
+    Isa asked = best;
+    if (want == "baseline") asked = Isa::kBaseline;
+    if (want == "avx2") asked = Isa::kAvx2;
+    if (want == "avx512") asked = Isa::kAvx512;
+    return static_cast<int>(asked) < static_cast<int>(best) ? asked : best;
+  }();
+  return isa;
+}
+
+template <typename Fn>
+BCOS_NOINLINE void run_body_baseline(const Fn& body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
+
+// kComputeBound: the body is arithmetic-heavy (the general-b power), so it
+// uses AVX-512 where available; memory-bound bodies stop at AVX2, which
+// measured faster for them (Sapphire Rapids: the b == 2 backward ran ~30%
+// slower with 512-bit vectors).
+template <bool kComputeBound = false, typename Fn>
+void parallel_units(int64_t n, int64_t grain, const Fn& body) {
+  const Isa isa = (!kComputeBound && kernel_isa() == Isa::kAvx512) ? Isa::kAvx2 : kernel_isa();
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+#if BCOS_HAVE_ISA_CLONES
+    if (isa == Isa::kAvx512) {
+      run_body_avx512(body, begin, end);
+    } else if (isa == Isa::kAvx2) {
+      run_body_avx2(body, begin, end);
+    } else {
+      run_body_baseline(body, begin, end);
+    }
+#else
+    run_body_baseline(body, begin, end);
+#endif
+  });
+}
+
+// A zero-initialised scratch buffer aligned to 64 bytes, so that full-width
+// vector loads and stores of a local buffer never straddle cache lines.
+template <typename T>
+class ScratchBuffer {
+ public:
+  explicit ScratchBuffer(int64_t n)
+      : n_(static_cast<size_t>(std::max<int64_t>(n, 1))),
+        ptr_(static_cast<T*>(::operator new[](n_ * sizeof(T), std::align_val_t(kAlign)))) {
+    std::fill(ptr_, ptr_ + n_, T(0));
+  }
+  ~ScratchBuffer() { ::operator delete[](ptr_, std::align_val_t(kAlign)); }
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+  T* data() { return ptr_; }
+  T* begin() { return ptr_; }
+  T* end() { return ptr_ + n_; }
+
+ private:
+  static constexpr size_t kAlign = 64;
+  size_t n_;
+  T* ptr_;
+};
 
 void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
@@ -114,7 +240,7 @@ void sum_squares_nchw(const scalar_t* x, acc_type<scalar_t>* sq, const Geometry&
   const int64_t HW = g.H * g.W;
   constexpr int64_t kBlock = 2048;
   const int64_t nblk = div_up(HW, kBlock);
-  at::parallel_for(0, g.N * g.G * nblk, grain_for(g.Cg * kBlock), [&](int64_t begin, int64_t end) {
+  parallel_units(g.N * g.G * nblk, grain_for(g.Cg * kBlock), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t blk = u % nblk;
       const int64_t ng = u / nblk;  // n * G + group
@@ -156,7 +282,7 @@ void sum_squares_nchw(const scalar_t* x, acc_type<scalar_t>* sq, const Geometry&
 // Sum of squares of a contiguous run (8 independent lanes so that the loop
 // vectorises without reassociating a single accumulator).
 template <typename scalar_t>
-inline acc_type<scalar_t> run_sum_squares(const scalar_t* src, int64_t len) {
+BCOS_FORCE_INLINE acc_type<scalar_t> run_sum_squares(const scalar_t* src, int64_t len) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kLanes = 8;
   acc_t lanes[kLanes] = {};
@@ -180,7 +306,7 @@ void sum_squares_nhwc(const scalar_t* x, acc_type<scalar_t>* sq, const Geometry&
   const int64_t HW = g.H * g.W;
   constexpr int64_t kBlock = 64;  // positions per unit
   const int64_t nblk = div_up(HW, kBlock);
-  at::parallel_for(0, g.N * nblk, grain_for(g.C * kBlock), [&](int64_t begin, int64_t end) {
+  parallel_units(g.N * nblk, grain_for(g.C * kBlock), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / nblk;
       const int64_t p0 = (u % nblk) * kBlock;
@@ -204,9 +330,9 @@ void box_norm(const acc_type<scalar_t>* sq, scalar_t* norm, const Geometry& g) {
   using acc_t = acc_type<scalar_t>;
   const int64_t HW = g.H * g.W;
   const int64_t Wpad = g.Wpad();
-  at::parallel_for(0, g.N * g.G * g.Ho, grain_for(g.kh * g.W + g.kw * g.Wo), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> colpad(Wpad);
-    std::vector<acc_t> rowacc(g.Wo);
+  parallel_units(g.N * g.G * g.Ho, grain_for(g.kh * g.W + g.kw * g.Wo), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
+    ScratchBuffer<acc_t> colpad(Wpad);
+    ScratchBuffer<acc_t> rowacc(g.Wo);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t i = u % g.Ho;
       const int64_t ng = u / g.Ho;
@@ -246,14 +372,15 @@ template <typename scalar_t>
 void scatter_rows(const scalar_t* grad_norm, const scalar_t* norm, acc_type<scalar_t>* T, const Geometry& g) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Wpad = g.Wpad();
-  at::parallel_for(0, g.N * g.G * g.Ho, grain_for(g.kw * g.Wo + g.W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tpad(Wpad);
-    std::vector<acc_t> q(g.Wo);
+  parallel_units(g.N * g.G * g.Ho, grain_for(g.kw * g.Wo + g.W), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
+    ScratchBuffer<acc_t> tpad(Wpad);
+    ScratchBuffer<acc_t> q(g.Wo);
     for (int64_t u = begin; u < end; ++u) {
       const scalar_t* gn = grad_norm + u * g.Wo;
       const scalar_t* nm = norm + u * g.Wo;
+      acc_t* qv = q.data();
       for (int64_t j = 0; j < g.Wo; ++j) {
-        q[j] = bcos_math::patch_norm_grad_factor(static_cast<acc_t>(gn[j]), static_cast<acc_t>(nm[j]));
+        qv[j] = bcos_math::patch_norm_grad_factor(static_cast<acc_t>(gn[j]), static_cast<acc_t>(nm[j]));
       }
       std::fill(tpad.begin(), tpad.end(), acc_t(0));
       const acc_t* qp = q.data();
@@ -272,7 +399,7 @@ void scatter_rows(const scalar_t* grad_norm, const scalar_t* norm, acc_type<scal
 
 template <typename acc_t>
 void scatter_cols(const acc_t* T, acc_t* R, const Geometry& g) {
-  at::parallel_for(0, g.N * g.G * g.H, grain_for(g.kh * g.W), [&](int64_t begin, int64_t end) {
+  parallel_units(g.N * g.G * g.H, grain_for(g.kh * g.W), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t h = u % g.H;
       const int64_t ng = u / g.H;
@@ -296,7 +423,7 @@ void mul_by_group_nchw(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t*
   const int64_t HW = g.H * g.W;
   constexpr int64_t kBlock = 4096;
   const int64_t nblk = div_up(HW, kBlock);
-  at::parallel_for(0, g.N * g.C * nblk, grain_for(kBlock), [&](int64_t begin, int64_t end) {
+  parallel_units(g.N * g.C * nblk, grain_for(kBlock), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t blk = u % nblk;
       const int64_t nc = u / nblk;
@@ -318,7 +445,7 @@ void mul_by_group_nhwc(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t*
   const int64_t HW = g.H * g.W;
   constexpr int64_t kBlock = 64;
   const int64_t nblk = div_up(HW, kBlock);
-  at::parallel_for(0, g.N * nblk, grain_for(g.C * kBlock), [&](int64_t begin, int64_t end) {
+  parallel_units(g.N * nblk, grain_for(g.C * kBlock), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / nblk;
       const int64_t p0 = (u % nblk) * kBlock;
@@ -339,24 +466,63 @@ void mul_by_group_nhwc(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t*
 
 // ---------------------------------------------------------------------------
 // bcos_scale_forward / backward: shared blocking.  Positions P are cut into
-// blocks of kPosBlock (a unit of parallel work, fixed by the shape) and each
-// block into tiles of kTile held in local arrays.
+// blocks of kPosBlock (a unit of parallel work, fixed by the shape); the
+// forward walks a block in tiles of kTile held in local arrays.
 // ---------------------------------------------------------------------------
 constexpr int64_t kPosBlock = 2048;
 constexpr int64_t kTile = 256;
+
+// out[p] = dynamic scale of lm[p] (MaxOut already applied) for p < len;
+// norm_at(p) gives the norm of position p (a load, or one broadcast value).
+// x / 1 == x exactly: with scale == 1 the division by the scale is compiled
+// out (a literal 1), otherwise it is kept, in the original order.
+template <int kMode, typename scalar_t, typename acc_t, typename NormAt>
+BCOS_FORCE_INLINE void scale_forward_tile(const acc_t* lm, const NormAt& norm_at, scalar_t* dst, int64_t len,
+                                          acc_t bm1, acc_t scale, bool unit_scale) {
+  auto apply = [&](auto unit) BCOS_UNIT_BODY {
+    const acc_t s = decltype(unit)::value ? acc_t(1) : scale;
+    if constexpr (kMode == bcos_math::kModeOne) {
+      for (int64_t p = 0; p < len; ++p) dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_one(lm[p], s));
+    } else if constexpr (kMode == bcos_math::kModeTwo) {
+      for (int64_t p = 0; p < len; ++p) {
+        dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_two(lm[p], norm_at(p), s));
+      }
+    } else {
+      for (int64_t p = 0; p < len; ++p) {
+        dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_general(lm[p], norm_at(p), bm1, s));
+      }
+    }
+  };
+  if (unit_scale) {
+    apply(std::true_type{});
+  } else {
+    apply(std::false_type{});
+  }
+}
+
+template <typename scalar_t, int kMode>
+void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, scalar_t* out, scalar_t* lin_max,
+                        uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t G, double b, double scale);
 
 template <typename scalar_t, int kMode>
 void scale_forward_kernel(const scalar_t* lin, const scalar_t* norm, scalar_t* out, scalar_t* lin_max,
                           uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t P, int64_t G, double b,
                           double scale) {
+  if (P == 1) {
+    scale_forward_rows<scalar_t, kMode>(lin, norm, out, lin_max, winner, N, O, M, G, b, scale);
+    return;
+  }
   using acc_t = acc_type<scalar_t>;
   const int64_t Og = (kMode == bcos_math::kModeOne) ? 1 : O / G;
   const int64_t nblk = div_up(P, kPosBlock);
   const acc_t bm1 = static_cast<acc_t>(b - 1.0);
   const acc_t sc = static_cast<acc_t>(scale);
-  at::parallel_for(0, N * O * nblk, grain_for(kPosBlock * M), [&](int64_t begin, int64_t end) {
-    acc_t lm[kTile];
-    int32_t win[kTile];
+  const bool unit_scale = scale == 1.0;
+  constexpr bool kComputeBound = kMode == bcos_math::kModeGeneral;
+  const int64_t grain = grain_for(kPosBlock * M);
+  parallel_units<kComputeBound>(N * O * nblk, grain, [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
+    alignas(64) acc_t lm[kTile];
+    alignas(64) int32_t win[kTile];
     for (int64_t u = begin; u < end; ++u) {
       const int64_t no = u / nblk;  // n * O + o
       const int64_t n = no / O;
@@ -388,30 +554,166 @@ void scale_forward_kernel(const scalar_t* lin, const scalar_t* norm, scalar_t* o
         }
         scalar_t* dst = out + no * P + t0;
         if constexpr (kMode == bcos_math::kModeOne) {
-          for (int64_t p = 0; p < len; ++p) dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_one(lm[p], sc));
+          scale_forward_tile<kMode>(lm, [](int64_t) { return acc_t(1); }, dst, len, bm1, sc, unit_scale);
         } else {
           const scalar_t* nr = norm + (n * G + o / Og) * P + t0;
-          if constexpr (kMode == bcos_math::kModeTwo) {
-            for (int64_t p = 0; p < len; ++p) {
-              dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_two(lm[p], static_cast<acc_t>(nr[p]), sc));
-            }
-          } else {
-            for (int64_t p = 0; p < len; ++p) {
-              dst[p] = static_cast<scalar_t>(
-                  bcos_math::scale_forward_general(lm[p], static_cast<acc_t>(nr[p]), bm1, sc));
-            }
-          }
+          auto norm_at = [nr](int64_t p) BCOS_UNIT_BODY { return static_cast<acc_t>(nr[p]); };
+          scale_forward_tile<kMode>(lm, norm_at, dst, len, bm1, sc, unit_scale);
         }
       }
     }
   });
 }
 
+// P == 1 (the linear layers pass lin (rows, O * M, 1)): the output channels
+// are the contiguous dimension, so this version vectorises over them.  A unit
+// is (row, norm group, block of the group's channels); the norm is one value.
+template <typename scalar_t, int kMode>
+void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, scalar_t* out, scalar_t* lin_max,
+                        uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t G, double b, double scale) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Gu = (kMode == bcos_math::kModeOne) ? 1 : G;
+  const int64_t Og = O / Gu;
+  const int64_t nblk = div_up(Og, kPosBlock);
+  const acc_t bm1 = static_cast<acc_t>(b - 1.0);
+  const acc_t sc = static_cast<acc_t>(scale);
+  const bool unit_scale = scale == 1.0;
+  constexpr bool kComputeBound = kMode == bcos_math::kModeGeneral;
+  parallel_units<kComputeBound>(N * Gu * nblk, grain_for(kPosBlock * M), [&](int64_t begin, int64_t end)
+                                    BCOS_UNIT_BODY {
+    alignas(64) acc_t lm[kTile];
+    alignas(64) int32_t win[kTile];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t ng = u / nblk;  // row * Gu + group
+      const int64_t n = ng / Gu;
+      const int64_t grp = ng % Gu;
+      const int64_t o0 = grp * Og + (u % nblk) * kPosBlock;
+      const int64_t o1 = std::min(grp * Og + Og, o0 + kPosBlock);
+      const acc_t nv = (kMode == bcos_math::kModeOne) ? acc_t(1) : static_cast<acc_t>(norm[ng]);
+      for (int64_t t0 = o0; t0 < o1; t0 += kTile) {
+        const int64_t len = std::min(kTile, o1 - t0);
+        const scalar_t* l0 = lin + (n * O + t0) * M;
+        if (M == 1) {
+          for (int64_t i = 0; i < len; ++i) lm[i] = static_cast<acc_t>(l0[i]);
+        } else {
+          for (int64_t i = 0; i < len; ++i) {
+            acc_t best = static_cast<acc_t>(l0[i * M]);
+            int32_t arg = 0;
+            for (int64_t m = 1; m < M; ++m) {
+              const acc_t v = static_cast<acc_t>(l0[i * M + m]);
+              const bool gt = v > best;  // strict: the first maximum wins
+              best = gt ? v : best;
+              arg = gt ? static_cast<int32_t>(m) : arg;
+            }
+            lm[i] = best;
+            win[i] = arg;
+          }
+          scalar_t* lmo = lin_max + n * O + t0;
+          uint8_t* wo = winner + n * O + t0;
+          for (int64_t i = 0; i < len; ++i) {
+            lmo[i] = static_cast<scalar_t>(lm[i]);
+            wo[i] = static_cast<uint8_t>(win[i]);
+          }
+        }
+        auto norm_at = [nv](int64_t) BCOS_UNIT_BODY { return nv; };
+        scale_forward_tile<kMode>(lm, norm_at, out + n * O + t0, len, bm1, sc, unit_scale);
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+BCOS_FORCE_INLINE double lane_sum(const acc_t* v, int64_t len) {
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t p = 0;
+  for (; p + kLanes <= len; p += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += v[p + k];
+  }
+  double s = 0.0;
+  for (; p < len; ++p) s += static_cast<double>(v[p]);
+  for (int k = 0; k < kLanes; ++k) s += static_cast<double>(lanes[k]);
+  return s;
+}
+
+// P == 1 backward (see scale_forward_rows): a unit is (row, norm group) and
+// reduces grad_norm over the group's channels in fixed-order lanes.
+template <typename scalar_t, int kMode, bool kDetach, bool kNeedDn, bool kNeedDb>
+void scale_backward_rows(const scalar_t* grad_out, const scalar_t* lin_max, const scalar_t* norm,
+                         const uint8_t* winner, scalar_t* grad_lin, scalar_t* grad_norm,
+                         std::vector<double>& partial_db, int64_t N, int64_t O, int64_t M, int64_t G, double b,
+                         double scale) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kReadNorm = kMode != bcos_math::kModeOne;
+  const int64_t Gu = kReadNorm ? G : 1;
+  const int64_t Og = O / Gu;
+  const acc_t bm1 = static_cast<acc_t>(b - 1.0);
+  const acc_t inv_scale = static_cast<acc_t>(1.0 / scale);
+  constexpr bool kComputeBound = kMode == bcos_math::kModeGeneral;
+  parallel_units<kComputeBound>(N * Gu, grain_for(Og * (M + 2)), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
+    alignas(64) acc_t dl[kTile];
+    alignas(64) acc_t dn[kTile];
+    alignas(64) acc_t db[kTile];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / Gu;
+      const int64_t grp = u % Gu;
+      const acc_t rn = kReadNorm ? acc_t(1) / static_cast<acc_t>(norm[u]) : acc_t(1);
+      double dn_sum = 0.0;
+      double db_sum = 0.0;
+      for (int64_t t0 = grp * Og; t0 < (grp + 1) * Og; t0 += kTile) {
+        const int64_t len = std::min(kTile, (grp + 1) * Og - t0);
+        const scalar_t* go = grad_out + n * O + t0;
+        const scalar_t* lmx = lin_max + n * O + t0;
+        if constexpr (kMode == bcos_math::kModeOne) {
+          for (int64_t i = 0; i < len; ++i) dl[i] = static_cast<acc_t>(go[i]) * inv_scale;
+        } else {
+          for (int64_t i = 0; i < len; ++i) {
+            const acc_t l = static_cast<acc_t>(lmx[i]);
+            const acc_t gv = static_cast<acc_t>(go[i]);
+            bcos_math::ScaleGrads<acc_t> d;
+            if constexpr (kMode == bcos_math::kModeTwo) {
+              d = bcos_math::scale_grads_two(l, rn, inv_scale, kDetach);
+            } else {
+              d = bcos_math::scale_grads_general(l, rn, bm1, inv_scale, kDetach);
+            }
+            dl[i] = gv * d.dl;
+            if constexpr (kNeedDn) dn[i] = gv * d.dn;
+            if constexpr (kNeedDb) db[i] = gv * d.db;
+          }
+          if constexpr (kNeedDn) dn_sum += lane_sum(dn, len);
+          if constexpr (kNeedDb) db_sum += lane_sum(db, len);
+        }
+        scalar_t* gl = grad_lin + (n * O + t0) * M;
+        if (M == 1) {
+          for (int64_t i = 0; i < len; ++i) gl[i] = static_cast<scalar_t>(dl[i]);
+        } else {
+          const uint8_t* wn = winner + n * O + t0;
+          for (int64_t i = 0; i < len; ++i) {
+            for (int64_t m = 0; m < M; ++m) {
+              gl[i * M + m] = static_cast<scalar_t>(wn[i] == static_cast<uint8_t>(m) ? dl[i] : acc_t(0));
+            }
+          }
+        }
+      }
+      if constexpr (kNeedDn) grad_norm[u] = static_cast<scalar_t>(dn_sum);
+      if constexpr (kNeedDb) partial_db[u] = db_sum;
+    }
+  });
+}
+
+// One unit = (n, norm group, block of positions): every output channel of the
+// group is walked row by row over the whole block (long contiguous streams),
+// grad_norm of the block is accumulated in a local buffer and written once.
 template <typename scalar_t, int kMode, bool kDetach, bool kNeedDn, bool kNeedDb>
 void scale_backward_kernel(const scalar_t* grad_out, const scalar_t* lin_max, const scalar_t* norm,
                            const uint8_t* winner, scalar_t* grad_lin, scalar_t* grad_norm,
                            std::vector<double>& partial_db, int64_t N, int64_t O, int64_t M, int64_t P, int64_t G,
                            double b, double scale) {
+  if (P == 1) {
+    scale_backward_rows<scalar_t, kMode, kDetach, kNeedDn, kNeedDb>(grad_out, lin_max, norm, winner, grad_lin,
+                                                                   grad_norm, partial_db, N, O, M, G, b, scale);
+    return;
+  }
   using acc_t = acc_type<scalar_t>;
   constexpr bool kReadNorm = kMode != bcos_math::kModeOne;
   const int64_t Gu = kReadNorm ? G : 1;  // the one mode has no norm: a single group
@@ -419,72 +721,71 @@ void scale_backward_kernel(const scalar_t* grad_out, const scalar_t* lin_max, co
   const int64_t nblk = div_up(P, kPosBlock);
   const acc_t bm1 = static_cast<acc_t>(b - 1.0);
   const acc_t inv_scale = static_cast<acc_t>(1.0 / scale);
-  at::parallel_for(0, N * Gu * nblk, grain_for(kPosBlock * Og * (M + 2)), [&](int64_t begin, int64_t end) {
-    acc_t dl[kTile];
-    acc_t dn[kTile];
-    acc_t db[kTile];
+  constexpr bool kComputeBound = kMode == bcos_math::kModeGeneral;
+  const int64_t grain = grain_for(kPosBlock * Og * (M + 2));
+  parallel_units<kComputeBound>(N * Gu * nblk, grain, [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
+    ScratchBuffer<acc_t> buffers(4 * kPosBlock);
+    acc_t* dl = buffers.data();
+    acc_t* dn = dl + kPosBlock;
+    acc_t* db = dn + kPosBlock;
+    acc_t* inv_n = db + kPosBlock;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t ng = u / nblk;  // n * Gu + group
       const int64_t n = ng / Gu;
       const int64_t grp = ng % Gu;
-      const int64_t pb0 = (u % nblk) * kPosBlock;
-      const int64_t pb1 = std::min(P, pb0 + kPosBlock);
+      const int64_t p0 = (u % nblk) * kPosBlock;
+      const int64_t len = std::min(kPosBlock, P - p0);
       double db_sum = 0.0;
-      for (int64_t t0 = pb0; t0 < pb1; t0 += kTile) {
-        const int64_t len = std::min(kTile, pb1 - t0);
-        if constexpr (kNeedDn) std::fill(dn, dn + len, acc_t(0));
-        if constexpr (kNeedDb) std::fill(db, db + len, acc_t(0));
-        const scalar_t* nr = kReadNorm ? norm + ng * P + t0 : nullptr;
-        for (int64_t o = grp * Og; o < (grp + 1) * Og; ++o) {
-          const int64_t no = n * O + o;
-          const scalar_t* go = grad_out + no * P + t0;
-          const scalar_t* lmx = lin_max + no * P + t0;
+      if constexpr (kNeedDn) std::fill(dn, dn + len, acc_t(0));
+      if constexpr (kReadNorm) {
+        // 1 / n once per position, shared by the Og channels of the group
+        const scalar_t* nr = norm + ng * P + p0;
+        for (int64_t p = 0; p < len; ++p) inv_n[p] = acc_t(1) / static_cast<acc_t>(nr[p]);
+      }
+      for (int64_t o = grp * Og; o < (grp + 1) * Og; ++o) {
+        const int64_t no = n * O + o;
+        const scalar_t* go = grad_out + no * P + p0;
+        const scalar_t* lmx = lin_max + no * P + p0;
+        // d out / d l times grad_out, into grad_lin directly (M == 1) or into dl
+        // and then routed to the MaxOut winner.
+        auto grads_into = [&](auto* dst) BCOS_UNIT_BODY {
+          using dst_t = std::remove_pointer_t<decltype(dst)>;
           if constexpr (kMode == bcos_math::kModeOne) {
-            for (int64_t p = 0; p < len; ++p) dl[p] = static_cast<acc_t>(go[p]) * inv_scale;
+            for (int64_t p = 0; p < len; ++p) dst[p] = static_cast<dst_t>(static_cast<acc_t>(go[p]) * inv_scale);
           } else {
             for (int64_t p = 0; p < len; ++p) {
               const acc_t l = static_cast<acc_t>(lmx[p]);
-              const acc_t nv = static_cast<acc_t>(nr[p]);
+              const acc_t rn = inv_n[p];
               const acc_t gv = static_cast<acc_t>(go[p]);
               bcos_math::ScaleGrads<acc_t> d;
               if constexpr (kMode == bcos_math::kModeTwo) {
-                d = bcos_math::scale_grads_two(l, nv, inv_scale, kDetach);
+                d = bcos_math::scale_grads_two(l, rn, inv_scale, kDetach);
               } else {
-                d = bcos_math::scale_grads_general(l, nv, bm1, inv_scale, kDetach);
+                d = bcos_math::scale_grads_general(l, rn, bm1, inv_scale, kDetach);
               }
-              dl[p] = gv * d.dl;
+              dst[p] = static_cast<dst_t>(gv * d.dl);
               if constexpr (kNeedDn) dn[p] += gv * d.dn;
-              if constexpr (kNeedDb) db[p] += gv * d.db;
+              if constexpr (kNeedDb) db[p] = gv * d.db;
             }
+            if constexpr (kNeedDb) db_sum += lane_sum(db, len);
           }
-          if (M == 1) {
-            scalar_t* gl = grad_lin + no * P + t0;
-            for (int64_t p = 0; p < len; ++p) gl[p] = static_cast<scalar_t>(dl[p]);
-          } else {
-            const uint8_t* wn = winner + no * P + t0;
-            for (int64_t m = 0; m < M; ++m) {
-              scalar_t* gl = grad_lin + (no * M + m) * P + t0;
-              const uint8_t mu = static_cast<uint8_t>(m);
-              for (int64_t p = 0; p < len; ++p) gl[p] = static_cast<scalar_t>(wn[p] == mu ? dl[p] : acc_t(0));
-            }
+        };
+        if (M == 1) {
+          grads_into(grad_lin + no * P + p0);
+        } else {
+          grads_into(dl);
+          // Every element of grad_lin is written once: dl at the winner, 0 elsewhere.
+          const uint8_t* wn = winner + no * P + p0;
+          for (int64_t m = 0; m < M; ++m) {
+            scalar_t* gl = grad_lin + (no * M + m) * P + p0;
+            const uint8_t mu = static_cast<uint8_t>(m);
+            for (int64_t p = 0; p < len; ++p) gl[p] = static_cast<scalar_t>(wn[p] == mu ? dl[p] : acc_t(0));
           }
         }
-        if constexpr (kNeedDn) {
-          scalar_t* gn = grad_norm + ng * P + t0;
-          for (int64_t p = 0; p < len; ++p) gn[p] = static_cast<scalar_t>(dn[p]);
-        }
-        if constexpr (kNeedDb) {
-          constexpr int kLanes = 16;
-          acc_t lanes[kLanes] = {};
-          int64_t p = 0;
-          for (; p + kLanes <= len; p += kLanes) {
-            for (int k = 0; k < kLanes; ++k) lanes[k] += db[p + k];
-          }
-          double s = 0.0;
-          for (; p < len; ++p) s += static_cast<double>(db[p]);
-          for (int k = 0; k < kLanes; ++k) s += static_cast<double>(lanes[k]);
-          db_sum += s;
-        }
+      }
+      if constexpr (kNeedDn) {
+        scalar_t* gn = grad_norm + ng * P + p0;
+        for (int64_t p = 0; p < len; ++p) gn[p] = static_cast<scalar_t>(dn[p]);
       }
       if constexpr (kNeedDb) partial_db[u] = db_sum;
     }
@@ -541,8 +842,8 @@ at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor&
               " but x has dtype ", x_in.scalar_type());
   const bool cl = use_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
-  at::Tensor grad_x =
-      at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const auto grad_x_format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(grad_x_format));
   if (grad_x.numel() == 0) return grad_x;
   const at::Tensor grad_norm = grad_norm_in.contiguous();
   const at::Tensor norm = norm_in.contiguous();

@@ -97,14 +97,14 @@ void test_zero_inputs() {
           const double outd = bcos_math::scale_forward<double>(mode, 0.0, n, b, 1.0);
           const auto gd = bcos_math::scale_grads<double>(mode, 0.0, n, b, 1.0, detach == 1);
           check(outd == 0.0, "zero input: forward (double)", outd, 0.0, b, 0.0, n);
-          check(std::isfinite(gd.dl) && std::isfinite(gd.dn) && std::isfinite(gd.db), "zero input: grads finite (double)",
-                gd.dl + gd.dn + gd.db, 0.0, b, 0.0, n);
+          check(std::isfinite(gd.dl) && std::isfinite(gd.dn) && std::isfinite(gd.db),
+                "zero input: grads finite (double)", gd.dl + gd.dn + gd.db, 0.0, b, 0.0, n);
           const float nf = static_cast<float>(n);
           const float outf = bcos_math::scale_forward<float>(mode, 0.0f, nf, static_cast<float>(b), 1.0f);
           const auto gf = bcos_math::scale_grads<float>(mode, 0.0f, nf, static_cast<float>(b), 1.0f, detach == 1);
           check(outf == 0.0f, "zero input: forward (float)", outf, 0.0, b, 0.0, n);
-          check(std::isfinite(gf.dl) && std::isfinite(gf.dn) && std::isfinite(gf.db), "zero input: grads finite (float)",
-                static_cast<double>(gf.dl) + gf.dn + gf.db, 0.0, b, 0.0, n);
+          check(std::isfinite(gf.dl) && std::isfinite(gf.dn) && std::isfinite(gf.db),
+                "zero input: grads finite (float)", static_cast<double>(gf.dl) + gf.dn + gf.db, 0.0, b, 0.0, n);
           // At l == 0 the exact values are known: dl = eps^(b-1) (general), 0 (two), dn = db = 0.
           if (mode == bcos_math::kModeGeneral && detach == 0) {
             check_close("zero input: d out/d l", gd.dl, std::pow(1e-6, b - 1.0), 1e-12, 0.0, b, 0.0, n);
