@@ -203,7 +203,8 @@ def test_cifar_layer_shapes_fp32():
 
 def test_batch_chunks_match(monkeypatch):
     """Eager runs the O*R-channel transients a chunk of the batch at a time: force one image per chunk."""
-    import bcos_kernels.ops.dau_conv2d as op_module
+    # the package re-exports the function under the module's name: fetch the module itself
+    op_module = importlib.import_module("bcos_kernels.ops.dau_conv2d")
 
     a, e, b = make_params(3, 4, 5, 3)
     x = torch.rand(3, 3, 7, 9, dtype=F64)
