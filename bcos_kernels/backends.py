@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 

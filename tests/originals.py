@@ -11,6 +11,7 @@
 import importlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -40,12 +41,18 @@ def bcos_module(name: str):
 
 
 def mirror_source(repo: str, path: str) -> str:
-    """Text of `path` in the local git mirror of `repo` (owner+name), or skip."""
+    """Text of `path` in the local git mirror of `repo` (owner+name), or skip with the reason."""
     git_dir = os.path.join(MIRRORS, repo, "repo")
     if not os.path.isdir(git_dir):
-        pytest.skip(f"no local mirror of {repo} at {git_dir}: this comparison runs on developer machines only")
-    return subprocess.run(["git", "--git-dir", git_dir, "show", f"HEAD:{path}"], check=True, capture_output=True,
-                          text=True).stdout
+        pytest.skip(f"no local mirror of {repo} at {git_dir} (set BCOS_KERNELS_MIRRORS to a folder holding "
+                    f"{repo}/repo): this comparison with the original runs on developer machines only")
+    if shutil.which("git") is None:
+        pytest.skip(f"git is not installed, cannot read {repo} from its mirror")
+    result = subprocess.run(["git", "-c", "safe.directory=*", "--git-dir", git_dir, "show", f"HEAD:{path}"],
+                            capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"cannot read {path} from the {repo} mirror: {result.stderr.strip()}")
+    return result.stdout
 
 
 def load_source(name: str, source: str, extra_globals=None):

@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-import bcos_kernels
 from bcos_kernels import nn as bnn
 from bcos_kernels.reference import bcos as ref
 from originals import bcos_module, load_source, mirror_source

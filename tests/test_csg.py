@@ -1,19 +1,15 @@
 """Class-specific gate: the reference against CSGCNN's original layer, the op against the reference."""
 import ast
 import importlib.util
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from originals import mirror_source
 
 from bcos_kernels.nn.csg import ClassSpecificGate
 from bcos_kernels.ops.class_specific_gate import class_specific_gate
 from bcos_kernels.reference import csg as ref
 
-MIRROR = Path(os.environ.get("BCOS_KERNELS_MIRRORS", "/work/.mirror")) / "hyliang96+CSGCNN" / "repo"
 ORIGINAL_FILE = "VOCPart/train/resnet_std.py"
 ORIGINAL_CLASS = "LearnableMaskLayer"
 
@@ -21,13 +17,7 @@ ORIGINAL_CLASS = "LearnableMaskLayer"
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     """The original LearnableMaskLayer class, cut out of the git mirror at test time (never stored in this repo)."""
-    if not MIRROR.is_dir():
-        pytest.skip(f"the original CSGCNN code is not available here (no git mirror at {MIRROR}); "
-                    f"set BCOS_KERNELS_MIRRORS to a folder holding hyliang96+CSGCNN/repo to run this")
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed, cannot read the original CSGCNN code from its mirror")
-    text = subprocess.run(["git", "-c", "safe.directory=*", "--git-dir", str(MIRROR), "show", f"HEAD:{ORIGINAL_FILE}"],
-                          check=True, capture_output=True, text=True).stdout
+    text = mirror_source("hyliang96+CSGCNN", ORIGINAL_FILE)
     node = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == ORIGINAL_CLASS)
     source = "import torch\nimport torch.nn as nn\n\n" + ast.get_source_segment(text, node) + "\n"
     path = tmp_path_factory.mktemp("original") / "csg_learnable_mask.py"

@@ -1,27 +1,23 @@
 """CoDA DAU convolution: references vs the real original code, the custom op, the module.
 
 The real original (github moboehle/CoDA-Nets) is read at test time from a local git mirror
-(``$CODA_NETS_MIRROR``, default ``$BCOS_KERNELS_MIRRORS/moboehle+CoDA-Nets/repo`` with
-``$BCOS_KERNELS_MIRRORS`` = /work/.mirror as in tests/originals.py) into a temporary directory;
+(``$BCOS_KERNELS_MIRRORS/moboehle+CoDA-Nets/repo``, see tests/originals.py) into a temporary directory;
 where the mirror is absent (CI) the tests that need it are skipped. Everything else uses
 ``dau_conv2d_original`` (checked against the real code where the mirror exists) as the oracle.
 """
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from originals import mirror_source
 
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.ops.dau_conv2d import dau_conv2d
 from bcos_kernels.reference.dau import dau_conv2d_lowrank, dau_conv2d_original
 
-MIRROR = os.environ.get("CODA_NETS_MIRROR") or os.path.join(
-    os.environ.get("BCOS_KERNELS_MIRRORS", "/work/.mirror"), "moboehle+CoDA-Nets", "repo")
 ORIGINAL_FILES = ("modules/__init__.py", "modules/DAUs.py", "modules/coda_conv.py", "modules/norms.py",
                   "modules/utils.py", "project_utils.py")
 F64 = torch.float64
@@ -42,15 +38,10 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     """The original ``modules`` package of CoDA-Nets, imported from files extracted with ``git show``."""
-    if not os.path.isdir(MIRROR):
-        pytest.skip(f"original CoDA-Nets code not available (no git mirror at {MIRROR}; set CODA_NETS_MIRROR)")
     root = tmp_path_factory.mktemp("coda_original")
     for path in ORIGINAL_FILES:
-        res = subprocess.run(["git", "--git-dir", MIRROR, "show", f"HEAD:{path}"], capture_output=True, text=True)
-        if res.returncode != 0:
-            pytest.skip(f"cannot read {path} from the CoDA-Nets mirror: {res.stderr.strip()}")
         (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(res.stdout)
+        (root / path).write_text(mirror_source("moboehle+CoDA-Nets", path))
     names = ("modules", "project_utils")
     saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in names}
     for k in saved:

@@ -2,31 +2,22 @@
 import importlib.util
 import math
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from originals import mirror_source
 
 from bcos_kernels.nn.lwta import LWTA
 from bcos_kernels.ops.lwta import lwta
 from bcos_kernels.reference import lwta as ref
 
-MIRROR = Path(os.environ.get("BCOS_KERNELS_MIRRORS", "/work/.mirror")) / "konpanousis+DISCOVER" / "repo"
 ORIGINAL_FILE = "models/ResNet/activations.py"
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     """DISCOVER's activations.py, read from the git mirror at test time (never stored in this repo)."""
-    if not MIRROR.is_dir():
-        pytest.skip(f"the original DISCOVER code is not available here (no git mirror at {MIRROR}); "
-                    f"set BCOS_KERNELS_MIRRORS to a folder holding konpanousis+DISCOVER/repo to run this")
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed, cannot read the original DISCOVER code from its mirror")
-    text = subprocess.run(["git", "-c", "safe.directory=*", "--git-dir", str(MIRROR), "show", f"HEAD:{ORIGINAL_FILE}"],
-                          check=True, capture_output=True, text=True).stdout
+    text = mirror_source("konpanousis+DISCOVER", ORIGINAL_FILE)
     path = tmp_path_factory.mktemp("original") / "discover_activations.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location("discover_activations", path)

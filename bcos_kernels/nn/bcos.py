@@ -13,7 +13,6 @@ Each forward is one call of the fused op; ``backend`` picks the implementation
 import math
 from typing import Optional, Tuple, Union
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
