@@ -18,6 +18,15 @@ import torch
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "BCOS_KERNELS_BACKEND"
 
+# The fused backends each op has (besides "torch", which every op has).
+OP_BACKENDS = {
+    "bcos_conv2d": ("cpu",),
+    "bcos_linear": ("cpu",),
+    "dau_conv2d": (),
+    "lwta": (),
+    "class_specific_gate": (),
+}
+
 # For each device type, the order in which "auto" tries the fused backends.
 # "torch" (the reference) is always the last resort.
 AUTO_ORDER = {
@@ -75,12 +84,14 @@ def device_reason(backend: str, device: torch.device) -> Optional[str]:
     raise AssertionError(backend)
 
 
-def available_backends(device: Optional[torch.device | str] = None) -> list:
-    """Backends usable on ``device`` (default: CUDA if present, else CPU) in this process."""
+def available_backends(device: Optional[torch.device | str] = None, op: Optional[str] = None) -> list:
+    """Backends usable on ``device`` (default: CUDA if present, else CPU) in this process; with ``op``, only
+    those that implement that op."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    return [b for b in BACKENDS if device_reason(b, device) is None]
+    names = BACKENDS if op is None else ("torch",) + OP_BACKENDS[op]
+    return [b for b in names if device_reason(b, device) is None]
 
 
 _warned: set = set()

@@ -15,8 +15,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from originals import bcos_module  # noqa: E402
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
-OUR_BACKENDS = bcos_kernels.available_backends(DEVICE)
-PROVIDERS = ["original"] + ([] if SMOKE else ["original_compiled"]) + OUR_BACKENDS + ["plain"]
+BASELINES = ["original"] + ([] if SMOKE else ["original_compiled"])
+CONV_PROVIDERS = BASELINES + bcos_kernels.available_backends(DEVICE, "bcos_conv2d") + ["plain"]
+LINEAR_PROVIDERS = BASELINES + bcos_kernels.available_backends(DEVICE, "bcos_linear") + ["plain"]
 ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 7)
 
 def _conv_module(provider, cin, cout, k, s, p):
@@ -36,7 +37,7 @@ def _linear_module(provider, cin, cout):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", CONV_PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", RESNET50_CONVS, ids=lambda c: c[0])
 def test_bcos_conv2d(benchmark, case, dtype, provider, mode):
@@ -47,7 +48,7 @@ def test_bcos_conv2d(benchmark, case, dtype, provider, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", LINEAR_PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", VIT_B16_LINEARS, ids=lambda c: c[0])
 def test_bcos_linear(benchmark, case, dtype, provider, mode):

@@ -10,9 +10,9 @@ from bcos_kernels.reference import dau as dau_ref
 from harness import DEVICE, MODES, SMOKE, Fn, bench
 from shapes import CODA_BATCH, CODA_CIFAR10_LAYERS
 
-PROVIDERS = ["reference"] + bcos_kernels.available_backends(DEVICE)
+PROVIDERS = ["reference"] + bcos_kernels.available_backends(DEVICE, "dau_conv2d")
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
-ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 5)
+ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 3)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -10,13 +10,12 @@ from bcos_kernels.reference import lwta as lwta_ref
 from harness import DEVICE, MODES, SMOKE, Fn, bench
 from shapes import CSG_CASES, LWTA_CASES
 
-PROVIDERS = ["reference"] + bcos_kernels.available_backends(DEVICE)
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 7)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", ["reference"] + bcos_kernels.available_backends(DEVICE, "lwta"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", LWTA_CASES, ids=lambda c: c[0])
 def test_lwta(benchmark, case, dtype, provider, mode):
@@ -32,7 +31,7 @@ def test_lwta(benchmark, case, dtype, provider, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", ["reference"] + bcos_kernels.available_backends(DEVICE, "class_specific_gate"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", CSG_CASES, ids=lambda c: c[0])
 def test_class_specific_gate(benchmark, case, dtype, provider, mode):

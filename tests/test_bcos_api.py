@@ -139,3 +139,25 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     (gx,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, gx_eager, atol=1e-5, rtol=1e-5)
+
+
+def test_op_backends_table_matches_the_front_doors():
+    """backends.OP_BACKENDS (what benchmarks and available_backends(op=...) read) is what each op accepts."""
+    calls = {
+        "bcos_conv2d": lambda be: bcos_kernels.bcos_conv2d(X, W, backend=be),
+        "bcos_linear": lambda be: bcos_kernels.bcos_linear(torch.randn(3, 4), torch.randn(5, 4), backend=be),
+        "dau_conv2d": lambda be: bcos_kernels.dau_conv2d(X, torch.randn(3, 4, 3, 3), torch.randn(4 * 9 * 2, 3, 1, 1),
+                                                         kernel_size=3, backend=be),
+        "lwta": lambda be: bcos_kernels.lwta(X, 2, backend=be),
+        "class_specific_gate": lambda be: bcos_kernels.class_specific_gate(X, torch.rand(4, 3), torch.tensor([0, 2]),
+                                                                           backend=be),
+    }
+    assert set(calls) == set(backends.OP_BACKENDS)
+    for op, call in calls.items():
+        for name in backends.BACKENDS[1:]:
+            if name in backends.OP_BACKENDS[op]:
+                continue
+            with pytest.raises(ValueError, match="does not implement this op"):
+                call(name)
+        for name in bcos_kernels.available_backends("cpu", op):
+            call(name)

@@ -364,54 +364,53 @@ void box_norm(const acc_type<scalar_t>* sq, scalar_t* norm, const Geometry& g) {
 // ---------------------------------------------------------------------------
 // patch_norm_backward.
 //   q = grad_norm / norm                      (N, G, Ho, Wo)
-//   T[i, w] = sum over taps v of q[i, j] with j*sw - pw + v*dw == w      (N, G, Ho, W)
+//   T[i, w] = sum over taps v of q[i, j] with j*sw - pw + v*dw == w      (Ho, W per plane)
 //   R[h, w] = sum over taps u of T[i, w] with i*sh - ph + u*dh == h      (N, G, H, W)
 //   grad_x  = x * R[group of the channel]
 // ---------------------------------------------------------------------------
+// One unit per (n, g) plane (one parallel region for both passes; the
+// planes are small next to the C-channel pass that follows).
 template <typename scalar_t>
-void scatter_rows(const scalar_t* grad_norm, const scalar_t* norm, acc_type<scalar_t>* T, const Geometry& g) {
+void scatter_planes(const scalar_t* grad_norm, const scalar_t* norm, acc_type<scalar_t>* R, const Geometry& g) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Wpad = g.Wpad();
-  parallel_units(g.N * g.G * g.Ho, grain_for(g.kw * g.Wo + g.W), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
+  const int64_t work = g.Ho * (g.kw * g.Wo + g.W) + g.H * g.kh * g.W;
+  parallel_units(g.N * g.G, grain_for(work), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
     ScratchBuffer<acc_t> tpad(Wpad);
     ScratchBuffer<acc_t> q(g.Wo);
-    for (int64_t u = begin; u < end; ++u) {
-      const scalar_t* gn = grad_norm + u * g.Wo;
-      const scalar_t* nm = norm + u * g.Wo;
-      acc_t* qv = q.data();
-      for (int64_t j = 0; j < g.Wo; ++j) {
-        qv[j] = bcos_math::patch_norm_grad_factor(static_cast<acc_t>(gn[j]), static_cast<acc_t>(nm[j]));
-      }
-      std::fill(tpad.begin(), tpad.end(), acc_t(0));
-      const acc_t* qp = q.data();
-      for (int64_t v = 0; v < g.kw; ++v) {
-        acc_t* dst = tpad.data() + v * g.dw;
-        if (g.sw == 1) {
-          for (int64_t j = 0; j < g.Wo; ++j) dst[j] += qp[j];
-        } else {
-          for (int64_t j = 0; j < g.Wo; ++j) dst[j * g.sw] += qp[j];
+    ScratchBuffer<acc_t> T(g.Ho * g.W);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      // rows: T[i, :] from q[i, :]
+      for (int64_t i = 0; i < g.Ho; ++i) {
+        const scalar_t* gn = grad_norm + (ng * g.Ho + i) * g.Wo;
+        const scalar_t* nm = norm + (ng * g.Ho + i) * g.Wo;
+        acc_t* qv = q.data();
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          qv[j] = bcos_math::patch_norm_grad_factor(static_cast<acc_t>(gn[j]), static_cast<acc_t>(nm[j]));
         }
+        std::fill(tpad.begin(), tpad.end(), acc_t(0));
+        for (int64_t v = 0; v < g.kw; ++v) {
+          acc_t* dst = tpad.data() + v * g.dw;
+          if (g.sw == 1) {
+            for (int64_t j = 0; j < g.Wo; ++j) dst[j] += qv[j];
+          } else {
+            for (int64_t j = 0; j < g.Wo; ++j) dst[j * g.sw] += qv[j];
+          }
+        }
+        std::copy(tpad.data() + g.pw, tpad.data() + g.pw + g.W, T.data() + i * g.W);
       }
-      std::copy(tpad.data() + g.pw, tpad.data() + g.pw + g.W, T + u * g.W);
-    }
-  });
-}
-
-template <typename acc_t>
-void scatter_cols(const acc_t* T, acc_t* R, const Geometry& g) {
-  parallel_units(g.N * g.G * g.H, grain_for(g.kh * g.W), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t h = u % g.H;
-      const int64_t ng = u / g.H;
-      acc_t* dst = R + u * g.W;
-      std::fill(dst, dst + g.W, acc_t(0));
-      for (int64_t a = 0; a < g.kh; ++a) {
-        const int64_t t = h + g.ph - a * g.dh;  // = i * sh for a valid output row i
-        if (t < 0 || t % g.sh != 0) continue;
-        const int64_t i = t / g.sh;
-        if (i >= g.Ho) continue;
-        const acc_t* src = T + (ng * g.Ho + i) * g.W;
-        for (int64_t w = 0; w < g.W; ++w) dst[w] += src[w];
+      // columns: R[h, :] = sum of the T rows whose windows contain row h
+      for (int64_t h = 0; h < g.H; ++h) {
+        acc_t* dst = R + (ng * g.H + h) * g.W;
+        std::fill(dst, dst + g.W, acc_t(0));
+        for (int64_t a = 0; a < g.kh; ++a) {
+          const int64_t t = h + g.ph - a * g.dh;  // = i * sh for a valid output row i
+          if (t < 0 || t % g.sh != 0) continue;
+          const int64_t i = t / g.sh;
+          if (i >= g.Ho) continue;
+          const acc_t* src = T.data() + i * g.W;
+          for (int64_t w = 0; w < g.W; ++w) dst[w] += src[w];
+        }
       }
     }
   });
@@ -848,12 +847,10 @@ at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor&
   const at::Tensor grad_norm = grad_norm_in.contiguous();
   const at::Tensor norm = norm_in.contiguous();
   const auto acc_dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor T = at::empty({g.N, g.G, g.Ho, g.W}, x.options().dtype(acc_dt));
   at::Tensor R = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bcos_patch_norm_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    scatter_rows(grad_norm.const_data_ptr<scalar_t>(), norm.const_data_ptr<scalar_t>(), T.data_ptr<acc_t>(), g);
-    scatter_cols(static_cast<const acc_t*>(T.data_ptr<acc_t>()), R.data_ptr<acc_t>(), g);
+    scatter_planes(grad_norm.const_data_ptr<scalar_t>(), norm.const_data_ptr<scalar_t>(), R.data_ptr<acc_t>(), g);
     if (cl) {
       mul_by_group_nhwc(x.const_data_ptr<scalar_t>(), static_cast<const acc_t*>(R.data_ptr<acc_t>()),
                         grad_x.data_ptr<scalar_t>(), g);
