@@ -20,6 +20,10 @@ from typing import Callable, List, Sequence
 import torch
 
 SMOKE = os.environ.get("BCOS_BENCH_SMOKE") == "1"
+# BCOS_BENCH_THREADS=n pins torch's intra-op threads (on small shared VMs, 2-thread parallel regions showed
+# 8-16 ms scheduling jitter that swamps the kernels; the committed CPU results say which count they used).
+if os.environ.get("BCOS_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["BCOS_BENCH_THREADS"]))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
