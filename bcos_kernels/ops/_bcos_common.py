@@ -93,3 +93,28 @@ def fake_grads(needs, x: torch.Tensor, weight: torch.Tensor, b_tensor: Optional[
     shapes = (x.shape, weight.shape, (weight.shape[0],), b_tensor.shape if b_tensor is not None else (0,))
     dtypes = (x.dtype, x.dtype, x.dtype, b_tensor.dtype if b_tensor is not None else x.dtype)
     return tuple(x.new_empty(shape if need else (0,), dtype=dtype) for need, shape, dtype in zip(needs, shapes, dtypes))
+
+
+# The fused conv and linear ops share one autograd wiring: inputs (x, weight, bias, b_tensor, *options) and
+# outputs (out, lin_max, norm, winner); their backward ops take (grad_out, x, weight, b_tensor, lin_max, norm,
+# winner, *options, needs) and return the (x, weight, bias, b_tensor) gradients.
+
+def setup_fused_context(ctx, inputs, output):
+    x, weight, bias, b_tensor = inputs[:4]
+    _, lin_max, norm, winner = output
+    ctx.mark_non_differentiable(lin_max, norm, winner)
+    ctx.save_for_backward(x, weight, b_tensor, lin_max, norm, winner)
+    ctx.has_bias = bias is not None
+    ctx.options = tuple(inputs[4:])
+
+
+def fused_backward(backward_op):
+    """The autograd backward of a fused op whose backward custom op is ``backward_op``."""
+    def backward(ctx, grad_out, _grad_lin_max, _grad_norm, _grad_winner):
+        x, weight, b_tensor, lin_max, norm, winner = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:4])
+        needs[2] = needs[2] and ctx.has_bias
+        needs[3] = needs[3] and b_tensor is not None
+        grads = backward_op(grad_out, x, weight, b_tensor, lin_max, norm, winner, *ctx.options, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * len(ctx.options)
+    return backward

@@ -75,24 +75,6 @@ def _(x, weight, bias, b_tensor, b, max_out, normalize_weight, scale, detach, ba
     return x.new_empty(*x.shape[:-1], out_features), x.new_empty(rows, out_features), norm, winner
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, b_tensor, b, max_out, normalize_weight, scale, detach, backend = inputs
-    _, lin_max, norm, winner = output
-    ctx.mark_non_differentiable(lin_max, norm, winner)
-    ctx.save_for_backward(x, weight, b_tensor, lin_max, norm, winner)
-    ctx.has_bias = bias is not None
-    ctx.args = (b, max_out, normalize_weight, scale, detach, backend)
-
-
-def _backward(ctx, grad_out, _grad_lin_max, _grad_norm, _grad_winner):
-    x, weight, b_tensor, lin_max, norm, winner = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:4])
-    needs[2] = needs[2] and ctx.has_bias
-    needs[3] = needs[3] and b_tensor is not None
-    grads = bcos_linear_fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *ctx.args, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 6
-
-
 @torch.library.custom_op("bcos_kernels::bcos_linear_fused_backward", mutates_args=())
 def bcos_linear_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                b_tensor: Optional[torch.Tensor], lin_max: torch.Tensor, norm: torch.Tensor,
@@ -133,4 +115,5 @@ def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, b, max_out, normaliz
     return common.fake_grads(needs, x, weight, b_tensor)
 
 
-bcos_linear_fused.register_autograd(_backward, setup_context=_setup_context)
+bcos_linear_fused.register_autograd(common.fused_backward(bcos_linear_fused_backward),
+                                   setup_context=common.setup_fused_context)
