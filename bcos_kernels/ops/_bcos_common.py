@@ -11,6 +11,7 @@ from bcos_kernels.ops._checks import positive_int
 # dtypes each fused backend computes in
 FUSED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
 
 
@@ -49,7 +50,14 @@ def fused_support(backend: str, x: torch.Tensor):
     dtypes = FUSED_DTYPES.get(backend, ())
     if x.dtype not in dtypes:
         return f"dtype {x.dtype} is not supported by backend {backend!r} (supported: {list(dtypes)})"
+    if backend == "triton" and x.device.type == "cpu" and x.dtype != torch.float32:
+        return f"the Triton interpreter (CPU) computes in float32 only, got {x.dtype}"
     return None
+
+
+def fused_backends(x: torch.Tensor):
+    """The ``implemented`` table of backends.resolve for the B-cos ops."""
+    return {name: (lambda name=name: fused_support(name, x)) for name in FUSED_DTYPES}
 
 
 def b_value(b: float, b_tensor: Optional[torch.Tensor]) -> Tuple[float, bool]:

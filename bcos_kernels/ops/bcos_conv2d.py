@@ -52,7 +52,7 @@ def bcos_conv2d(x, weight, bias=None, *, b=2.0, stride=1, padding=0, dilation=1,
             raise ValueError(f"x {name} {x.shape[2 + i]} plus padding is smaller than the kernel span {span}")
     b_float, b_tensor = common.check_b(b, x)
     scale = common.check_scale(scale)
-    name = backends.resolve("bcos_conv2d", backend, x.device, {"cpu": lambda: common.fused_support("cpu", x)})
+    name = backends.resolve("bcos_conv2d", backend, x.device, common.fused_backends(x))
     if name == "torch":
         return ref.bcos_conv2d(x, weight, bias, b=b, stride=stride, padding=padding, dilation=dilation, groups=groups,
                                max_out=max_out, normalize_weight=normalize_weight, scale=scale, detach=bool(detach))
@@ -73,6 +73,10 @@ def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       detach: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lin after MaxOut, patch norms (N, G, Ho, Wo), MaxOut winner index uint8); the last three
     are what the backward needs and are not differentiable."""
+    if backend == "triton":
+        from bcos_kernels.triton import bcos as kernels
+        geo = kernels.conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
+        return kernels.forward(x, weight, bias, b_tensor, b, geo, normalize_weight, scale, kernels.NORM_CONV)
     if backend != "cpu":
         raise ValueError(f"bcos_conv2d_fused: unknown backend {backend!r}")
     b_val, b_is_tensor = common.b_value(b, b_tensor)
@@ -115,6 +119,12 @@ def bcos_conv2d_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
     """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False. A custom op of its
     own so that compiled graphs never look at the value of a tensor b."""
     need_x, need_w, need_bias, need_b = needs
+    if backend == "triton":
+        from bcos_kernels.triton import bcos as kernels
+        geo = kernels.conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
+        grads = kernels.backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, b, geo, normalize_weight,
+                                 scale, detach, needs, kernels.NORM_CONV)
+        return common.or_empty(grads[:3] + (common.grad_for_b(grads[3], b_tensor) if need_b else None,), x)
     b_val, b_is_tensor = common.b_value(b, b_tensor)
     n, out_channels, ho, wo = lin_max.shape
     grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(

@@ -31,7 +31,7 @@ def bcos_linear(x, weight, bias=None, *, b=2.0, max_out=1, normalize_weight=True
     common.check_max_out(max_out, weight.shape[0], "rows in weight")
     b_float, b_tensor = common.check_b(b, x)
     scale = common.check_scale(scale)
-    name = backends.resolve("bcos_linear", backend, x.device, {"cpu": lambda: common.fused_support("cpu", x)})
+    name = backends.resolve("bcos_linear", backend, x.device, common.fused_backends(x))
     if name == "torch":
         return ref.bcos_linear(x, weight, bias, b=b, max_out=max_out, normalize_weight=normalize_weight, scale=scale,
                                detach=bool(detach))
@@ -45,6 +45,15 @@ def bcos_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       b_tensor: Optional[torch.Tensor], b: float, max_out: int, normalize_weight: bool, scale: float,
                       detach: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lin after MaxOut (R, O), ||x|| + 1e-12 (R,), winner uint8); R = rows of x."""
+    if backend == "triton":
+        from bcos_kernels.triton import bcos as kernels
+        rows = x.reshape(-1, x.shape[-1])
+        geo = kernels.linear_geometry(rows.shape[0], rows.shape[1], weight.shape[0], max_out)
+        out, lin_max, norm, winner = kernels.forward(rows, weight, bias, b_tensor, b, geo, normalize_weight, scale,
+                                                     kernels.NORM_LINEAR)
+        out_features = geo.outputs
+        return (out.view(*x.shape[:-1], out_features), lin_max.view(-1, out_features), norm.view(-1),
+                winner.view(-1, out_features) if max_out > 1 else winner)
     if backend != "cpu":
         raise ValueError(f"bcos_linear_fused: unknown backend {backend!r}")
     b_val, b_is_tensor = common.b_value(b, b_tensor)
@@ -83,6 +92,17 @@ def bcos_linear_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False."""
     need_x, need_w, need_bias, need_b = needs
+    if backend == "triton":
+        from bcos_kernels.triton import bcos as kernels
+        x_rows = x.reshape(-1, x.shape[-1])
+        geo = kernels.linear_geometry(x_rows.shape[0], x_rows.shape[1], weight.shape[0], max_out)
+        shape4 = (geo.n, geo.outputs, 1, 1)
+        grad_x, grad_w, grad_bias, grad_b = kernels.backward(
+            grad_out.reshape(shape4), x_rows, weight, b_tensor, lin_max.view(shape4),
+            norm.view(geo.n, 1, 1, 1) if norm.numel() else norm, winner.view(shape4) if max_out > 1 else winner,
+            b, geo, normalize_weight, scale, detach, needs, kernels.NORM_LINEAR)
+        grad_x = grad_x.reshape(x.shape) if need_x else None
+        return common.or_empty((grad_x, grad_w, grad_bias, common.grad_for_b(grad_b, b_tensor) if need_b else None), x)
     b_val, b_is_tensor = common.b_value(b, b_tensor)
     rows, out_features = lin_max.shape
     grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(

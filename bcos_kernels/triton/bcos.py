@@ -1,0 +1,654 @@
+"""Backend "triton" of the B-cos conv2d and linear ops: fully fused kernels.
+
+A B-cos linear layer is a 1x1 convolution of a (rows, features, 1, 1) image, so
+both ops run the same three kernels, described by one ``Geometry``:
+
+forward   one implicit-GEMM convolution per (pixel tile, filter tile, group).
+          The K loop walks the patch as k = tap * C_g + c (taps outer, channels
+          inner: contiguous channels_last loads, and depthwise or 3-channel
+          layers still fill a K tile). The same input tile that feeds ``tl.dot``
+          also feeds the patch's sum of squares, so the norm costs no extra
+          read. The epilogue applies 1/||w||, bias, MaxOut, |cos|^(b-1) and
+          1/scale and writes out, lin (after MaxOut), the norm and the MaxOut
+          winner.
+grad_lin  one elementwise pass over (pixel, output) that turns grad_out into
+          grad of lin (MaxOut routing to the winner), the patch-norm term
+          q = sum_o g * d out/d n / n per (pixel, group), and per-tile partial
+          sums for the bias and b gradients (reduced deterministically in torch).
+grad_x    transposed implicit GEMM (grad_lin x w_hat) whose epilogue adds
+          x * (window sum of q): d n / d x = x / n over every patch x is in.
+grad_w    implicit GEMM grad_lin^T x patches, split over K into fp32 partials
+          that torch sums (deterministic; no atomics).
+
+Saved for backward (see ops/_bcos_common.setup_fused_context): x, weight, lin
+after MaxOut, the norm per (pixel, group) and a uint8 winner -- the least that
+lets backward skip the forward GEMM: out = lin * s(lin, n) is recomputed in
+registers from lin and n, so out itself is not kept.
+
+Numerics: fp32 accumulation, int64 offsets, the epsilons of the original
+(1e-6 inside the conv norm's sqrt, 1e-12 added to the linear norm, 1e-6 added
+to |cos| before the power). fp32 GEMMs follow torch's TF32 switches
+(cudnn.allow_tf32 for convs, cuda.matmul.allow_tf32 for linears), like the
+reference they are compared to.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Dynamic-scale modes, as csrc/common/bcos_math.h: b == 1, b == 2 (python numbers), anything else.
+MODE_ONE, MODE_TWO, MODE_GENERAL = 0, 1, 2
+NORM_CONV, NORM_LINEAR = 0, 1
+CONV_NORM_EPS = 1e-6
+LINEAR_NORM_EPS = 1e-12
+COS_EPS = 1e-6
+LN2 = math.log(2.0)
+
+
+def scale_mode(b: float, b_is_tensor: bool) -> int:
+    if not b_is_tensor and b == 1:
+        return MODE_ONE
+    if not b_is_tensor and b == 2:
+        return MODE_TWO
+    return MODE_GENERAL
+
+
+class Geometry(NamedTuple):
+    """A conv (or a linear as a 1x1 conv of 1x1 images) with everything the kernels index by."""
+    n: int
+    channels: int
+    height: int
+    width: int
+    filters: int  # O * max_out
+    kh: int
+    kw: int
+    out_h: int
+    out_w: int
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    max_out: int
+
+    @property
+    def channels_per_group(self) -> int:
+        return self.channels // self.groups
+
+    @property
+    def filters_per_group(self) -> int:
+        return self.filters // self.groups
+
+    @property
+    def outputs(self) -> int:
+        return self.filters // self.max_out
+
+    @property
+    def outputs_per_group(self) -> int:
+        return self.outputs // self.groups
+
+    @property
+    def out_pixels(self) -> int:
+        return self.out_h * self.out_w
+
+
+def conv_geometry(x, weight, stride, padding, dilation, groups, max_out) -> Geometry:
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return Geometry(n, c, h, w, weight.shape[0], kh, kw, out_h, out_w, tuple(stride), tuple(padding),
+                    tuple(dilation), groups, max_out)
+
+
+def linear_geometry(rows: int, features: int, filters: int, max_out: int) -> Geometry:
+    return Geometry(rows, features, 1, 1, filters, 1, 1, 1, 1, (1, 1), (0, 0), (1, 1), 1, max_out)
+
+
+def _strides4(t: torch.Tensor):
+    """Strides of a 4-d view (a 2-d tensor is (rows, features, 1, 1))."""
+    s = t.stride()
+    return tuple(s) if t.dim() == 4 else (s[0], s[1], 0, 0)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _input_precision(dtype: torch.dtype, linear: bool) -> str:
+    if dtype != torch.float32:
+        return "tf32"  # ignored by tl.dot for half inputs
+    allowed = torch.backends.cuda.matmul.allow_tf32 if linear else torch.backends.cudnn.allow_tf32
+    return "tf32" if allowed else "ieee"
+
+
+def _pow2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared math (the Triton twin of csrc/common/bcos_math.h)
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _norm_from_sum_sq(sum_sq, NORM_KIND: tl.constexpr):
+    if NORM_KIND == 0:  # conv: sqrt(sum of squares + 1e-6)
+        return tl.sqrt(sum_sq + 1e-6)
+    else:  # linear: ||x|| + 1e-12
+        return tl.sqrt(sum_sq) + 1e-12
+
+
+@triton.jit
+def _scale_forward(lin, norm, bm1, inv_scale, MODE: tl.constexpr):
+    """out = lin * |cos|^(b-1) / scale, cos = lin / norm (operation order of the original)."""
+    if MODE == 0:
+        out = lin * inv_scale
+    elif MODE == 1:
+        out = ((tl.abs(lin) / norm) * lin) * inv_scale
+    else:
+        t = tl.abs(lin / norm) + 1e-6
+        out = (tl.exp2(bm1 * tl.log2(t)) * lin) * inv_scale
+    return out
+
+
+@triton.jit
+def _scale_grads(lin, inv_norm, bm1, inv_scale, MODE: tl.constexpr, DETACH: tl.constexpr):
+    """(d out/d lin, d out/d norm, d out/d b); the derivatives of csrc/common/bcos_math.h."""
+    if MODE == 0:
+        d_lin = tl.zeros_like(lin) + inv_scale
+        d_norm = tl.zeros_like(lin)
+        d_b = tl.zeros_like(lin)
+    elif MODE == 1:
+        c = tl.abs(lin) * inv_norm
+        if DETACH:
+            d_lin = c * inv_scale
+            d_norm = tl.zeros_like(lin)
+        else:
+            d_lin = 2.0 * c * inv_scale
+            d_norm = -(c * (lin * inv_norm)) * inv_scale  # -l|l|/n^2 without forming n^2
+        d_b = tl.zeros_like(lin)
+    else:
+        c = tl.abs(lin) * inv_norm
+        t = c + 1e-6
+        log2_t = tl.log2(t)
+        s = tl.exp2(bm1 * log2_t)
+        c_over_t = c / t
+        if DETACH:
+            d_lin = s * inv_scale
+            d_norm = tl.zeros_like(lin)
+        else:
+            d_lin = s * (1.0 + bm1 * c_over_t) * inv_scale
+            d_norm = -(bm1 * s * c_over_t) * (lin * inv_norm) * inv_scale
+        d_b = lin * s * (log2_t * 0.6931471805599453) * inv_scale
+    return d_lin, d_norm, d_b
+
+
+@triton.jit
+def _load_b_minus_1(b, b_ptr, B_FROM_PTR: tl.constexpr):
+    # A learnable b is read on the device: no host synchronisation per call.
+    if B_FROM_PTR:
+        return tl.load(b_ptr).to(tl.float32) - 1.0
+    else:
+        return b - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bcos_forward_kernel(
+    x_ptr, w_ptr, inv_wnorm_ptr, bias_ptr, b_ptr,
+    out_ptr, lin_ptr, norm_ptr, winner_ptr,
+    b, inv_scale,
+    N, C, H, W, HO, WO, CG, FG, OG,
+    sxn, sxc, sxh, sxw, swf, swc, swh, sww,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+    MODE: tl.constexpr, NORM_KIND: tl.constexpr, B_FROM_PTR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_NORM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    BLOCK_F: tl.constexpr = BLOCK_O * MP  # filter columns: (output o, MaxOut unit m), m fastest
+    pid_p = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    group = tl.program_id(2)
+
+    # Output pixels of this tile, flattened over (n, ho, wo).
+    pix = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_ok = pix < N * HO * WO
+    n_idx = pix // (HO * WO)
+    rem = pix % (HO * WO)
+    h_base = (rem // WO) * SH - PH
+    w_base = (rem % WO) * SW - PW
+    x_rows = x_ptr + n_idx * sxn + (group * CG).to(tl.int64) * sxc
+
+    # Filter columns of this tile: output o (within the group) and MaxOut unit m -> filter (g*OG + o)*M + m.
+    col = tl.arange(0, BLOCK_F)
+    o_local = pid_o * BLOCK_O + col // MP
+    unit = col % MP
+    col_ok = (o_local < OG) & (unit < M)
+    filt = (group * OG + o_local).to(tl.int64) * M + unit
+    w_cols = w_ptr + filt * swf
+
+    acc = tl.zeros((BLOCK_P, BLOCK_F), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    K_TOTAL = CG * KH * KW
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K_TOTAL
+        tap = k // CG
+        c = k % CG
+        kh = tap // KW
+        kw = tap % KW
+        h_in = h_base[:, None] + (kh * DH)[None, :]
+        w_in = w_base[:, None] + (kw * DW)[None, :]
+        a_mask = pix_ok[:, None] & k_ok[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+        a = tl.load(x_rows[:, None] + c.to(tl.int64)[None, :] * sxc + h_in.to(tl.int64) * sxh
+                    + w_in.to(tl.int64) * sxw, mask=a_mask, other=0.0)
+        wt = tl.load(w_cols[None, :] + (c.to(tl.int64) * swc + kh.to(tl.int64) * swh + kw.to(tl.int64) * sww)[:, None],
+                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+        a32 = a.to(tl.float32)
+        sum_sq += tl.sum(a32 * a32, axis=1)
+
+    # Epilogue: weight normalisation, bias, MaxOut.
+    inv_wnorm = tl.load(inv_wnorm_ptr + filt, mask=col_ok, other=1.0)
+    lin = acc * inv_wnorm[None, :]
+    if HAS_BIAS:
+        lin += tl.load(bias_ptr + filt, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if MP > 1:
+        lin = tl.where(col_ok[None, :], lin, float("-inf"))
+        lin3 = tl.reshape(lin, (BLOCK_P, BLOCK_O, MP))
+        lin_max = tl.max(lin3, axis=2)
+        winner = tl.argmax(lin3, axis=2, tie_break_left=True)
+    else:
+        lin_max = lin
+
+    norm = _norm_from_sum_sq(sum_sq, NORM_KIND)
+    bm1 = _load_b_minus_1(b, b_ptr, B_FROM_PTR)
+    out = _scale_forward(lin_max, norm[:, None], bm1, inv_scale, MODE)
+
+    # Stores, NCHW-contiguous (N, O, HO, WO); the norm once per (pixel, group).
+    o_col = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o_col < OG
+    o_global = (group * OG + o_col).to(tl.int64)
+    O = OG * tl.num_programs(2)
+    dst = (n_idx * O * HO * WO + rem)[:, None] + (o_global * HO * WO)[None, :]
+    ok = pix_ok[:, None] & o_ok[None, :]
+    tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(lin_ptr + dst, lin_max.to(lin_ptr.dtype.element_ty), mask=ok)
+    if MP > 1:
+        tl.store(winner_ptr + dst, winner.to(tl.uint8), mask=ok)
+    if STORE_NORM:
+        if pid_o == 0:  # every filter tile of the group computed the same norm
+            G = tl.num_programs(2)
+            tl.store(norm_ptr + (n_idx * G + group) * HO * WO + rem, norm.to(norm_ptr.dtype.element_ty),
+                     mask=pix_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward: grad of lin, the patch-norm term, bias and b partial sums
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bcos_grad_lin_kernel(
+    grad_out_ptr, lin_ptr, norm_ptr, winner_ptr, b_ptr,
+    grad_lin_ptr, q_ptr, bias_part_ptr, b_part_ptr,
+    b, inv_scale, N, PIX, OG, G,
+    M: tl.constexpr, MODE: tl.constexpr, DETACH: tl.constexpr, B_FROM_PTR: tl.constexpr,
+    NEED_Q: tl.constexpr, NEED_BIAS: tl.constexpr, NEED_B: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    # One program: BLOCK_P pixels of one image and one group, all the group's outputs in BLOCK_O slices.
+    pid_p = tl.program_id(0)
+    n_idx = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2)
+    pix = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_ok = pix < PIX
+    O = OG * G
+    F = O * M
+    bm1 = _load_b_minus_1(b, b_ptr, B_FROM_PTR)
+    if MODE != 0:
+        norm = tl.load(norm_ptr + (n_idx * G + group) * PIX + pix, mask=pix_ok, other=1.0).to(tl.float32)
+        inv_norm = 1.0 / norm
+    else:
+        inv_norm = tl.zeros((BLOCK_P,), dtype=tl.float32) + 1.0
+    q = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    b_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    part_row = (n_idx * tl.num_programs(0) + pid_p) * F
+    for o0 in range(0, OG, BLOCK_O):
+        o_col = o0 + tl.arange(0, BLOCK_O)
+        o_ok = o_col < OG
+        o_global = (group * OG + o_col).to(tl.int64)
+        ok = pix_ok[:, None] & o_ok[None, :]
+        src = n_idx * O * PIX + o_global[None, :] * PIX + pix[:, None]
+        g = tl.load(grad_out_ptr + src, mask=ok, other=0.0).to(tl.float32)
+        lin = tl.load(lin_ptr + src, mask=ok, other=0.0).to(tl.float32)
+        d_lin, d_norm, d_b = _scale_grads(lin, inv_norm[:, None], bm1, inv_scale, MODE, DETACH)
+        grad_lin = g * d_lin
+        if NEED_Q:
+            q += tl.sum(g * d_norm, axis=1)
+        if NEED_B:
+            b_acc += tl.sum(g * d_b, axis=1)
+        # grad_lin goes to the winning MaxOut unit; the others get 0.
+        if M > 1:
+            winner = tl.load(winner_ptr + src, mask=ok, other=0).to(tl.int32)
+        for m in tl.static_range(M):
+            if M > 1:
+                val = tl.where(winner == m, grad_lin, 0.0)
+            else:
+                val = grad_lin
+            filt = o_global * M + m
+            tl.store(grad_lin_ptr + n_idx * F * PIX + filt[None, :] * PIX + pix[:, None],
+                     val.to(grad_lin_ptr.dtype.element_ty), mask=ok)
+            if NEED_BIAS:
+                tl.store(bias_part_ptr + part_row + filt, tl.sum(val, axis=0), mask=o_ok)
+    if NEED_Q:
+        # d n / d x = x / n: the input-gradient kernel multiplies x by the window sum of q = (dL/dn) / n.
+        tl.store(q_ptr + (n_idx * G + group) * PIX + pix, q * inv_norm, mask=pix_ok)
+    if NEED_B:
+        tl.store(b_part_ptr + (n_idx * tl.num_programs(0) + pid_p) * G + group, tl.sum(b_acc, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward: input gradient (transposed implicit GEMM + patch-norm term)
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bcos_grad_input_kernel(
+    grad_lin_ptr, w_ptr, inv_wnorm_ptr, x_ptr, q_ptr, grad_x_ptr,
+    N, C, H, W, HO, WO, CG, FG,
+    sxn, sxc, sxh, sxw, swf, swc, swh, sww, sgn, sgc, sgh, sgw,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_Q: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    group = tl.program_id(2)
+    G = tl.num_programs(2)
+    F = FG * G
+
+    # Input pixels of this tile, flattened over (n, h, w).
+    pix = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_ok = pix < N * H * W
+    n_idx = pix // (H * W)
+    rem = pix % (H * W)
+    h_idx = rem // W
+    w_idx = rem % W
+    c_local = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_local < CG
+    c_global = (group * CG + c_local).to(tl.int64)
+
+    # grad_x[n, c, h, w] = sum over (f, tap) of grad_lin[n, f, ho, wo] * w_hat[f, c, tap], where
+    # (ho, wo) * stride = (h, w) + padding - tap * dilation. K walks (tap, f) as k = tap * FG + f.
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    g_rows = grad_lin_ptr + n_idx * F * HO * WO
+    K_TOTAL = FG * KH * KW
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K_TOTAL
+        tap = k // FG
+        f = (group * FG + k % FG).to(tl.int64)
+        kh = tap // KW
+        kw = tap % KW
+        h_num = h_idx[:, None] + PH - (kh * DH)[None, :]
+        w_num = w_idx[:, None] + PW - (kw * DW)[None, :]
+        # Clamp before dividing so that negative numerators never reach // and %.
+        h_pos = tl.maximum(h_num, 0)
+        w_pos = tl.maximum(w_num, 0)
+        ho = h_pos // SH
+        wo = w_pos // SW
+        a_mask = (pix_ok[:, None] & k_ok[None, :] & (h_num >= 0) & (w_num >= 0) & (h_pos % SH == 0)
+                  & (w_pos % SW == 0) & (ho < HO) & (wo < WO))
+        a = tl.load(g_rows[:, None] + (f * HO * WO)[None, :] + ho * WO + wo, mask=a_mask, other=0.0)
+        wt = tl.load(w_ptr + (f * swf + kh.to(tl.int64) * swh + kw.to(tl.int64) * sww)[:, None]
+                     + (c_local.to(tl.int64) * swc)[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        inv_wnorm = tl.load(inv_wnorm_ptr + f, mask=k_ok, other=0.0)
+        wt = (wt.to(tl.float32) * inv_wnorm[:, None]).to(a.dtype)
+        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+
+    x_off = n_idx[:, None] * sxn + c_global[None, :] * sxc + (h_idx * sxh + w_idx * sxw)[:, None]
+    ok = pix_ok[:, None] & c_ok[None, :]
+    if HAS_Q:
+        # The patch-norm term: x times the sum of q over every output pixel whose patch contains (h, w).
+        q_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        q_rows = q_ptr + (n_idx * G + group) * HO * WO
+        for tap in range(KH * KW):
+            h_num = h_idx + PH - (tap // KW) * DH
+            w_num = w_idx + PW - (tap % KW) * DW
+            h_pos = tl.maximum(h_num, 0)
+            w_pos = tl.maximum(w_num, 0)
+            ho = h_pos // SH
+            wo = w_pos // SW
+            valid = (pix_ok & (h_num >= 0) & (w_num >= 0) & (h_pos % SH == 0) & (w_pos % SW == 0)
+                     & (ho < HO) & (wo < WO))
+            q_sum += tl.load(q_rows + ho * WO + wo, mask=valid, other=0.0)
+        xv = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(tl.float32)
+        acc += xv * q_sum[:, None]
+    g_off = n_idx[:, None] * sgn + c_global[None, :] * sgc + (h_idx * sgh + w_idx * sgw)[:, None]
+    tl.store(grad_x_ptr + g_off, acc.to(grad_x_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward: weight gradient (implicit GEMM over all output pixels, split over K)
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bcos_grad_weight_kernel(
+    grad_lin_ptr, x_ptr, part_ptr,
+    N, C, H, W, HO, WO, CG, FG, K_PER_SPLIT,
+    sxn, sxc, sxh, sxw,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # part[split, f, j] = sum over output pixels k in this split of grad_lin[k, f] * patch[k, j],
+    # j = tap * CG + c (the same patch order as the forward's K loop).
+    pid_f = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_gs = tl.program_id(2)
+    n_splits = tl.num_programs(2) // (C // CG)
+    group = pid_gs // n_splits
+    split = pid_gs % n_splits
+    F = FG * (C // CG)
+    J = CG * KH * KW
+
+    f_local = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = f_local < FG
+    f = (group * FG + f_local).to(tl.int64)
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < J
+    tap = j // CG
+    c = (group * CG + j % CG).to(tl.int64)
+    kh = tap // KW
+    kw = tap % KW
+
+    acc = tl.zeros((BLOCK_F, BLOCK_J), dtype=tl.float32)
+    PIX = HO * WO
+    K_TOTAL = N * PIX
+    k_start = split.to(tl.int64) * K_PER_SPLIT
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        k = k_start + k0 + tl.arange(0, BLOCK_K)
+        k_ok = (k < K_TOTAL) & (k0 + tl.arange(0, BLOCK_K) < K_PER_SPLIT)
+        n_idx = k // PIX
+        rem = k % PIX
+        a = tl.load(grad_lin_ptr + (n_idx * F * PIX + rem)[None, :] + (f * PIX)[:, None],
+                    mask=f_ok[:, None] & k_ok[None, :], other=0.0)
+        h_in = ((rem // WO) * SH - PH)[:, None] + (kh * DH)[None, :]
+        w_in = ((rem % WO) * SW - PW)[:, None] + (kw * DW)[None, :]
+        b_mask = k_ok[:, None] & j_ok[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+        patch = tl.load(x_ptr + (n_idx * sxn)[:, None] + (c * sxc)[None, :] + h_in * sxh + w_in * sxw,
+                        mask=b_mask, other=0.0)
+        acc = tl.dot(a, patch, acc, input_precision=PRECISION)
+    dst = part_ptr + (split.to(tl.int64) * F + f)[:, None] * J + j[None, :]
+    tl.store(dst, acc, mask=f_ok[:, None] & j_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _inv_weight_norm(weight: torch.Tensor, normalize_weight: bool) -> torch.Tensor:
+    if not normalize_weight:
+        return torch.ones(weight.shape[0], device=weight.device, dtype=torch.float32)
+    dims = tuple(range(1, weight.dim()))
+    return torch.linalg.vector_norm(weight.float(), dim=dims).reciprocal()
+
+
+def _b_args(b: float, b_tensor: Optional[torch.Tensor], like: torch.Tensor):
+    """(b as float, pointer argument, B_FROM_PTR)."""
+    if b_tensor is not None:
+        return 0.0, b_tensor.detach().reshape(1), True
+    return float(b), like, False  # the pointer is never read
+
+
+def _forward_config(geo: Geometry, dtype: torch.dtype, interpreting: bool):
+    mp = triton.next_power_of_2(geo.max_out)
+    if interpreting:  # small tiles: many tiles, masks and K steps on tiny test shapes
+        return dict(BLOCK_P=16, BLOCK_O=max(1, 16 // mp), BLOCK_K=16, num_warps=4, num_stages=1)
+    k_total = geo.channels_per_group * geo.kh * geo.kw
+    block_k = 64 if dtype != torch.float32 and k_total >= 64 else 32
+    block_f = _pow2(geo.outputs_per_group * mp, 16, 128)
+    block_p = 128 if geo.n * geo.out_pixels >= 4096 else 64
+    num_warps = 8 if block_p * block_f >= 128 * 128 else 4
+    return dict(BLOCK_P=block_p, BLOCK_O=max(1, block_f // mp), BLOCK_K=block_k, num_warps=num_warps,
+                num_stages=3)
+
+
+def forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor], b_tensor: Optional[torch.Tensor],
+            b: float, geo: Geometry, normalize_weight: bool, scale: float, norm_kind: int):
+    """Runs the fused forward. x4/weight4 are 4-d (or 2-d for a linear: rows x features, read as 1x1 images).
+
+    Returns (out, lin_max, norm, winner) with out and lin_max (N, O, HO, WO) contiguous, norm (N, G, HO, WO)
+    (empty for b == 1), winner uint8 (N, O, HO, WO) (empty without MaxOut)."""
+    mode = scale_mode(b, b_tensor is not None)
+    shape = (geo.n, geo.outputs, geo.out_h, geo.out_w)
+    out = x4.new_empty(shape)
+    lin_max = x4.new_empty(shape)
+    norm = x4.new_empty((geo.n, geo.groups, geo.out_h, geo.out_w) if mode != MODE_ONE else (0,))
+    winner = x4.new_empty(shape if geo.max_out > 1 else (0,), dtype=torch.uint8)
+    if out.numel() == 0:
+        return out, lin_max, norm.zero_(), winner
+    inv_wnorm = _inv_weight_norm(weight4, normalize_weight)
+    b_float, b_ptr, b_from_ptr = _b_args(b, b_tensor, inv_wnorm)
+    cfg = _forward_config(geo, x4.dtype, _interpreting(x4))
+    grid = (triton.cdiv(geo.n * geo.out_pixels, cfg["BLOCK_P"]), triton.cdiv(geo.outputs_per_group, cfg["BLOCK_O"]),
+            geo.groups)
+    _bcos_forward_kernel[grid](
+        x4, weight4, inv_wnorm, bias if bias is not None else inv_wnorm, b_ptr,
+        out, lin_max, norm if norm.numel() else out, winner if winner.numel() else out,
+        b_float, 1.0 / scale,
+        geo.n, geo.channels, geo.height, geo.width, geo.out_h, geo.out_w, geo.channels_per_group,
+        geo.filters_per_group, geo.outputs_per_group,
+        *_strides4(x4), *_strides4(weight4),
+        SH=geo.stride[0], SW=geo.stride[1], PH=geo.padding[0], PW=geo.padding[1], DH=geo.dilation[0],
+        DW=geo.dilation[1], KH=geo.kh, KW=geo.kw, M=geo.max_out, MP=triton.next_power_of_2(geo.max_out),
+        MODE=mode, NORM_KIND=norm_kind, B_FROM_PTR=b_from_ptr, HAS_BIAS=bias is not None,
+        STORE_NORM=mode != MODE_ONE, PRECISION=_input_precision(x4.dtype, norm_kind == NORM_LINEAR), **cfg)
+    return out, lin_max, norm, winner
+
+
+def backward(grad_out: torch.Tensor, x4: torch.Tensor, weight4: torch.Tensor, b_tensor: Optional[torch.Tensor],
+             lin_max: torch.Tensor, norm: torch.Tensor, winner: torch.Tensor, b: float, geo: Geometry,
+             normalize_weight: bool, scale: float, detach: bool, needs, norm_kind: int):
+    """Gradients (x, weight, bias, b) of the fused forward, None where not needed. grad_out: (N, O, HO, WO)."""
+    need_x, need_w, need_bias, need_b = needs
+    mode = scale_mode(b, b_tensor is not None)
+    interpreting = _interpreting(x4)
+    linear = norm_kind == NORM_LINEAR
+    precision = _input_precision(x4.dtype, linear)
+    pix = geo.out_pixels
+    grad_out = grad_out.contiguous()
+    inv_wnorm = _inv_weight_norm(weight4, normalize_weight)
+    b_float, b_ptr, b_from_ptr = _b_args(b, b_tensor, inv_wnorm)
+
+    # 1. grad of lin (before MaxOut), q = (dL/dn) / n, bias and b partial sums.
+    need_q = need_x and mode != MODE_ONE and not detach
+    need_b = need_b and mode == MODE_GENERAL
+    block_p = 16 if interpreting else _pow2(pix, 16, 128)
+    block_o = 16 if interpreting else _pow2(geo.outputs_per_group, 16, 64)
+    p_tiles = triton.cdiv(pix, block_p)
+    grad_lin = x4.new_empty((geo.n, geo.filters, geo.out_h, geo.out_w))
+    q = torch.empty((geo.n, geo.groups, pix) if need_q else (0,), device=x4.device, dtype=torch.float32)
+    bias_part = torch.empty((geo.n * p_tiles, geo.filters) if need_bias else (0,), device=x4.device,
+                            dtype=torch.float32)
+    b_part = torch.empty((geo.n * p_tiles * geo.groups,) if need_b else (0,), device=x4.device, dtype=torch.float32)
+    if grad_lin.numel():
+        _bcos_grad_lin_kernel[(p_tiles, geo.n, geo.groups)](
+            grad_out, lin_max, norm if norm.numel() else lin_max, winner if winner.numel() else lin_max, b_ptr,
+            grad_lin, q if need_q else grad_lin, bias_part if need_bias else grad_lin, b_part if need_b else grad_lin,
+            b_float, 1.0 / scale, geo.n, pix, geo.outputs_per_group, geo.groups,
+            M=geo.max_out, MODE=mode, DETACH=detach, B_FROM_PTR=b_from_ptr, NEED_Q=need_q, NEED_BIAS=need_bias,
+            NEED_B=need_b, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=4)
+    else:
+        q.zero_(), bias_part.zero_(), b_part.zero_()
+
+    grad_x = grad_w = grad_bias = grad_b = None
+    if need_x:
+        # Same memory format as x (channels_last stays channels_last).
+        grad_x = torch.empty_like(x4)
+        if grad_x.numel():
+            if interpreting:
+                cfg = dict(BLOCK_P=16, BLOCK_C=16, BLOCK_K=16, num_warps=4, num_stages=1)
+            else:
+                cfg = dict(BLOCK_P=128 if geo.n * geo.height * geo.width >= 4096 else 64,
+                           BLOCK_C=_pow2(geo.channels_per_group, 16, 128),
+                           BLOCK_K=64 if x4.dtype != torch.float32 else 32, num_warps=8, num_stages=3)
+            grid = (triton.cdiv(geo.n * geo.height * geo.width, cfg["BLOCK_P"]),
+                    triton.cdiv(geo.channels_per_group, cfg["BLOCK_C"]), geo.groups)
+            _bcos_grad_input_kernel[grid](
+                grad_lin, weight4, inv_wnorm, x4, q if need_q else grad_lin, grad_x,
+                geo.n, geo.channels, geo.height, geo.width, geo.out_h, geo.out_w, geo.channels_per_group,
+                geo.filters_per_group, *_strides4(x4), *_strides4(weight4), *_strides4(grad_x),
+                SH=geo.stride[0], SW=geo.stride[1], PH=geo.padding[0], PW=geo.padding[1], DH=geo.dilation[0],
+                DW=geo.dilation[1], KH=geo.kh, KW=geo.kw, HAS_Q=need_q, PRECISION=precision, **cfg)
+    if need_w:
+        grad_w_hat = _grad_weight(grad_lin, x4, geo, interpreting, precision).to(weight4.dtype)
+        if normalize_weight:
+            from bcos_kernels.ops._bcos_common import weight_norm_backward, weight_and_norm
+            w_hat, w_norm = weight_and_norm(weight4, True)
+            grad_w = weight_norm_backward(grad_w_hat.view(weight4.shape), w_hat, w_norm)
+        else:
+            grad_w = grad_w_hat.view(weight4.shape)
+    if need_bias:
+        grad_bias = bias_part.sum(0).to(x4.dtype)
+    if need_b:
+        grad_b = b_part.sum()
+    return grad_x, grad_w, grad_bias, grad_b
+
+
+def _grad_weight(grad_lin: torch.Tensor, x4: torch.Tensor, geo: Geometry, interpreting: bool,
+                 precision: str) -> torch.Tensor:
+    """grad of w_hat (before the weight-normalisation backward), fp32, shaped like the weight."""
+    cg, fg = geo.channels_per_group, geo.filters_per_group
+    j_total = cg * geo.kh * geo.kw
+    k_total = geo.n * geo.out_pixels
+    if interpreting:
+        cfg = dict(BLOCK_F=16, BLOCK_J=16, BLOCK_K=16, num_warps=4, num_stages=1)
+        target_programs = 2  # exercise the split-K reduction on tiny shapes
+    else:
+        cfg = dict(BLOCK_F=_pow2(fg, 16, 128), BLOCK_J=_pow2(j_total, 16, 128),
+                   BLOCK_K=64 if x4.dtype != torch.float32 else 32, num_warps=8, num_stages=3)
+        target_programs = 4 * torch.cuda.get_device_properties(x4.device).multi_processor_count
+    tiles = triton.cdiv(fg, cfg["BLOCK_F"]) * triton.cdiv(j_total, cfg["BLOCK_J"]) * geo.groups
+    splits = max(1, min(triton.cdiv(target_programs, tiles), triton.cdiv(k_total, 4 * cfg["BLOCK_K"]),
+                        65535 // geo.groups))
+    k_per_split = triton.cdiv(triton.cdiv(k_total, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = triton.cdiv(k_total, k_per_split)
+    part = torch.empty((splits, geo.filters, j_total), device=x4.device, dtype=torch.float32)
+    if k_total == 0:
+        return x4.new_zeros(geo.filters, cg, geo.kh, geo.kw, dtype=torch.float32)
+    grid = (triton.cdiv(fg, cfg["BLOCK_F"]), triton.cdiv(j_total, cfg["BLOCK_J"]), geo.groups * splits)
+    _bcos_grad_weight_kernel[grid](
+        grad_lin, x4, part, geo.n, geo.channels, geo.height, geo.width, geo.out_h, geo.out_w, cg, fg, k_per_split,
+        *_strides4(x4),
+        SH=geo.stride[0], SW=geo.stride[1], PH=geo.padding[0], PW=geo.padding[1], DH=geo.dilation[0],
+        DW=geo.dilation[1], KH=geo.kh, KW=geo.kw, PRECISION=precision, **cfg)
+    # (F, tap, c) -> (F, c, kh, kw)
+    summed = part.sum(0) if splits > 1 else part[0]
+    return summed.view(geo.filters, geo.kh, geo.kw, cg).permute(0, 3, 1, 2).contiguous()
