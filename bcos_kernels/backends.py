@@ -9,6 +9,7 @@ per (op, reason).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import warnings
 from typing import Callable, Dict, Optional
@@ -20,11 +21,11 @@ ENV_VAR = "BCOS_KERNELS_BACKEND"
 
 # The fused backends each op has (besides "torch", which every op has).
 OP_BACKENDS = {
-    "bcos_conv2d": ("cpu",),
-    "bcos_linear": ("cpu",),
-    "dau_conv2d": (),
-    "lwta": (),
-    "class_specific_gate": (),
+    "bcos_conv2d": ("cpu", "triton"),
+    "bcos_linear": ("cpu", "triton"),
+    "dau_conv2d": ("triton",),
+    "lwta": ("triton",),
+    "class_specific_gate": ("triton",),
 }
 
 # For each device type, the order in which "auto" tries the fused backends.
@@ -49,13 +50,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once, without importing triton (a plain constant also keeps torch.compile from tracing a cache).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def device_reason(backend: str, device: torch.device) -> Optional[str]:

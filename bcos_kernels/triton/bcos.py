@@ -510,7 +510,7 @@ def _b_args(b: float, b_tensor: Optional[torch.Tensor], like: torch.Tensor):
 def _forward_config(geo: Geometry, dtype: torch.dtype, interpreting: bool):
     mp = triton.next_power_of_2(geo.max_out)
     if interpreting:  # small tiles: many tiles, masks and K steps on tiny test shapes
-        return dict(BLOCK_P=16, BLOCK_O=max(1, 16 // mp), BLOCK_K=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_P=32, BLOCK_O=max(1, 16 // mp), BLOCK_K=16, num_warps=4, num_stages=1)
     k_total = geo.channels_per_group * geo.kh * geo.kw
     block_k = 64 if dtype != torch.float32 and k_total >= 64 else 32
     block_f = _pow2(geo.outputs_per_group * mp, 16, 128)
@@ -594,7 +594,7 @@ def backward(grad_out: torch.Tensor, x4: torch.Tensor, weight4: torch.Tensor, b_
         grad_x = torch.empty_like(x4)
         if grad_x.numel():
             if interpreting:
-                cfg = dict(BLOCK_P=16, BLOCK_C=16, BLOCK_K=16, num_warps=4, num_stages=1)
+                cfg = dict(BLOCK_P=32, BLOCK_C=16, BLOCK_K=16, num_warps=4, num_stages=1)
             else:
                 cfg = dict(BLOCK_P=128 if geo.n * geo.height * geo.width >= 4096 else 64,
                            BLOCK_C=_pow2(geo.channels_per_group, 16, 128),
