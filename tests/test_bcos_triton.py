@@ -97,6 +97,33 @@ def test_conv_channels_last_input(b):
            lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **kw), tensors, b)
 
 
+# Wide enough (channels and filters per group >= the interpreter's 16-wide K tiles) for the tap-by-tap loops
+# of all three GEMM kernels, with partial channel tiles: (in, out, k, stride, padding, dilation, groups, max_out,
+# bias, N, H, W).
+WIDE_SHAPES = [(20, 18, 3, 2, 1, 1, 1, 2, False, 2, 7, 6), (34, 34, 3, 1, 1, 1, 2, 1, True, 1, 5, 6)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=str)
+def test_conv_wide_layers(shape, channels_last):
+    tensors, kw = _conv_tensors(shape, channels_last=channels_last)
+    _check(lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend="triton", **kw),
+           lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **kw), tensors, B_VALUES[-1])
+
+
+def test_channels_last_in_channels_last_out():
+    """A channels_last network stays channels_last: outputs and the input gradient keep the layout."""
+    x = torch.randn(2, 6, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(8, 6, 3, 3, device=DEVICE)
+    out = bcos_kernels.bcos_conv2d(x, w, padding=1, max_out=2, backend="triton")
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    out.sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    plain = bcos_kernels.bcos_conv2d(x.detach().contiguous(), w, padding=1, max_out=2, backend="triton")
+    assert plain.is_contiguous()
+    torch.testing.assert_close(out, plain)
+
+
 def test_conv_non_contiguous_weight_and_first_layer_shape():
     """A 7x7 stride-2 first layer on 3 channels (K tiles span several taps) with a transposed-storage weight."""
     x = torch.randn(1, 3, 12, 11, dtype=torch.float64)
@@ -204,6 +231,9 @@ def test_opcheck():
     torch.library.opcheck(bcos_conv2d_fused, (x, w, None, None, 2.0, [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False,
                                               "triton"))
     torch.library.opcheck(bcos_conv2d_fused, (x, w, bias, b, float("nan"), [2, 1], [0, 1], [1, 2], 2, 1, False, 0.5,
+                                              False, "triton"))
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(bcos_conv2d_fused, (x_cl, w, None, b, float("nan"), [1, 1], [1, 1], [1, 1], 2, 1, True, 1.0,
                                               False, "triton"))
     xl = torch.randn(2, 3, 5, device=DEVICE, requires_grad=True)
     wl = torch.randn(8, 5, device=DEVICE, requires_grad=True)

@@ -60,6 +60,15 @@ def fused_backends(x: torch.Tensor):
     return {name: (lambda name=name: fused_support(name, x)) for name in FUSED_DTYPES}
 
 
+def output_memory_format(x: torch.Tensor, backend: str) -> torch.memory_format:
+    """Layout of the conv outputs (out, lin, winner): the Triton kernels write channels_last for a
+    channels_last x (a channels_last network stays channels_last); the CPU path writes NCHW."""
+    if backend == "triton" and x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def b_value(b: float, b_tensor: Optional[torch.Tensor]) -> Tuple[float, bool]:
     """(b as a float, whether it came from a tensor) for the kernels."""
     if b_tensor is None:

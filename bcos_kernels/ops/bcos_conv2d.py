@@ -76,7 +76,8 @@ def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if backend == "triton":
         from bcos_kernels.triton import bcos as kernels
         geo = kernels.conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
-        return kernels.forward(x, weight, bias, b_tensor, b, geo, normalize_weight, scale, kernels.NORM_CONV)
+        return kernels.forward(x, weight, bias, b_tensor, b, geo, normalize_weight, scale, kernels.NORM_CONV,
+                               common.output_memory_format(x, backend))
     if backend != "cpu":
         raise ValueError(f"bcos_conv2d_fused: unknown backend {backend!r}")
     b_val, b_is_tensor = common.b_value(b, b_tensor)
@@ -93,7 +94,7 @@ def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if max_out == 1:
         lin_max = lin  # the kernel does not copy lin when there is no MaxOut
     shape = (n, filters // max_out, ho, wo)
-    # Outputs are NCHW-contiguous whatever the layout of x (the fake impl says the same).
+    # Outputs are NCHW-contiguous whatever the layout of x (see common.output_memory_format).
     return out.view(shape), lin_max.view(shape), norm, winner.view(shape) if max_out > 1 else winner
 
 
@@ -102,11 +103,11 @@ def _(x, weight, bias, b_tensor, b, stride, padding, dilation, groups, max_out, 
       backend):
     ho, wo = _output_size(x, weight, stride, padding, dilation)
     shape = (x.shape[0], weight.shape[0] // max_out, ho, wo)
-    out = x.new_empty(shape)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=common.output_memory_format(x, backend))
     has_norm = b_tensor is not None or b != 1
     norm = x.new_empty((x.shape[0], groups, ho, wo) if has_norm else (0,))
-    winner = x.new_empty(shape if max_out > 1 else (0,), dtype=torch.uint8)
-    return out, x.new_empty(shape), norm, winner
+    winner = torch.empty_like(out, dtype=torch.uint8) if max_out > 1 else x.new_empty(0, dtype=torch.uint8)
+    return out, torch.empty_like(out), norm, winner
 
 
 @torch.library.custom_op("bcos_kernels::bcos_conv2d_fused_backward", mutates_args=())

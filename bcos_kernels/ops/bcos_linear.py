@@ -50,7 +50,7 @@ def bcos_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         rows = x.reshape(-1, x.shape[-1])
         geo = kernels.linear_geometry(rows.shape[0], rows.shape[1], weight.shape[0], max_out)
         out, lin_max, norm, winner = kernels.forward(rows, weight, bias, b_tensor, b, geo, normalize_weight, scale,
-                                                     kernels.NORM_LINEAR)
+                                                     kernels.NORM_LINEAR, torch.contiguous_format)
         out_features = geo.outputs
         return (out.view(*x.shape[:-1], out_features), lin_max.view(-1, out_features), norm.view(-1),
                 winner.view(-1, out_features) if max_out > 1 else winner)

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bcos_kernels.ops._bcos_common import weight_and_norm, weight_norm_backward
+
 # Dynamic-scale modes, as csrc/common/bcos_math.h: b == 1, b == 2 (python numbers), anything else.
 MODE_ONE, MODE_TWO, MODE_GENERAL = 0, 1, 2
 NORM_CONV, NORM_LINEAR = 0, 1
@@ -204,12 +206,12 @@ def _bcos_forward_kernel(
     x_ptr, w_ptr, inv_wnorm_ptr, bias_ptr, b_ptr,
     out_ptr, lin_ptr, norm_ptr, winner_ptr,
     b, inv_scale,
-    N, C, H, W, HO, WO, CG, FG, OG,
-    sxn, sxc, sxh, sxw, swf, swc, swh, sww,
+    N, H, W, HO, WO, CG, OG,
+    sxn, sxc, sxh, sxw, swf, swc, swh, sww, son, soc, soh, sow,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
     MODE: tl.constexpr, NORM_KIND: tl.constexpr, B_FROM_PTR: tl.constexpr, HAS_BIAS: tl.constexpr,
-    STORE_NORM: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_NORM: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     BLOCK_F: tl.constexpr = BLOCK_O * MP  # filter columns: (output o, MaxOut unit m), m fastest
@@ -222,8 +224,10 @@ def _bcos_forward_kernel(
     pix_ok = pix < N * HO * WO
     n_idx = pix // (HO * WO)
     rem = pix % (HO * WO)
-    h_base = (rem // WO) * SH - PH
-    w_base = (rem % WO) * SW - PW
+    ho = rem // WO
+    wo = rem % WO
+    h_base = ho * SH - PH
+    w_base = wo * SW - PW
     x_rows = x_ptr + n_idx * sxn + (group * CG).to(tl.int64) * sxc
 
     # Filter columns of this tile: output o (within the group) and MaxOut unit m -> filter (g*OG + o)*M + m.
@@ -236,24 +240,47 @@ def _bcos_forward_kernel(
 
     acc = tl.zeros((BLOCK_P, BLOCK_F), dtype=tl.float32)
     sum_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    K_TOTAL = CG * KH * KW
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K_TOTAL
-        tap = k // CG
-        c = k % CG
-        kh = tap // KW
-        kw = tap % KW
-        h_in = h_base[:, None] + (kh * DH)[None, :]
-        w_in = w_base[:, None] + (kw * DW)[None, :]
-        a_mask = pix_ok[:, None] & k_ok[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
-        a = tl.load(x_rows[:, None] + c.to(tl.int64)[None, :] * sxc + h_in.to(tl.int64) * sxh
-                    + w_in.to(tl.int64) * sxw, mask=a_mask, other=0.0)
-        wt = tl.load(w_cols[None, :] + (c.to(tl.int64) * swc + kh.to(tl.int64) * swh + kw.to(tl.int64) * sww)[:, None],
-                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
-        a32 = a.to(tl.float32)
-        sum_sq += tl.sum(a32 * a32, axis=1)
+    if FLAT_K:
+        # Few channels per group (first layer, depthwise): one K tile spans several taps, k = tap * CG + c.
+        K_TOTAL = CG * KH * KW
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K_TOTAL
+            tap = k // CG
+            c = (k % CG).to(tl.int64)
+            kh = tap // KW
+            kw = tap % KW
+            h_in = h_base[:, None] + (kh * DH)[None, :]
+            w_in = w_base[:, None] + (kw * DW)[None, :]
+            a_mask = pix_ok[:, None] & k_ok[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+            a = tl.load(x_rows[:, None] + c[None, :] * sxc + h_in * sxh + w_in * sxw, mask=a_mask, other=0.0)
+            wt = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
+                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+            a32 = a.to(tl.float32)
+            sum_sq += tl.sum(a32 * a32, axis=1)
+    else:
+        # Taps outer, channels inner: per tap the pixel offsets and bounds are computed once, and the channel
+        # loads are contiguous for channels_last input.
+        c_range = tl.arange(0, BLOCK_K)
+        for tap in range(KH * KW):
+            kh = tap // KW
+            kw = tap % KW
+            h_in = h_base + kh * DH
+            w_in = w_base + kw * DW
+            row_ok = pix_ok & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+            a_rows = x_rows + h_in * sxh + w_in * sxw
+            w_tap = w_cols + kh * swh + kw * sww
+            for c0 in range(0, CG, BLOCK_K):
+                c = c0 + c_range
+                c_ok = c < CG
+                c64 = c.to(tl.int64)
+                a = tl.load(a_rows[:, None] + c64[None, :] * sxc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                wt = tl.load(w_tap[None, :] + (c64 * swc)[:, None], mask=c_ok[:, None] & col_ok[None, :],
+                             other=0.0)
+                acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+                a32 = a.to(tl.float32)
+                sum_sq += tl.sum(a32 * a32, axis=1)
 
     # Epilogue: weight normalisation, bias, MaxOut.
     inv_wnorm = tl.load(inv_wnorm_ptr + filt, mask=col_ok, other=1.0)
@@ -272,19 +299,18 @@ def _bcos_forward_kernel(
     bm1 = _load_b_minus_1(b, b_ptr, B_FROM_PTR)
     out = _scale_forward(lin_max, norm[:, None], bm1, inv_scale, MODE)
 
-    # Stores, NCHW-contiguous (N, O, HO, WO); the norm once per (pixel, group).
+    # out, lin and winner share one layout (N, O, HO, WO) with strides (son, soc, soh, sow).
     o_col = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o_col < OG
     o_global = (group * OG + o_col).to(tl.int64)
-    O = OG * tl.num_programs(2)
-    dst = (n_idx * O * HO * WO + rem)[:, None] + (o_global * HO * WO)[None, :]
+    dst = (n_idx * son + ho * soh + wo * sow)[:, None] + (o_global * soc)[None, :]
     ok = pix_ok[:, None] & o_ok[None, :]
     tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(lin_ptr + dst, lin_max.to(lin_ptr.dtype.element_ty), mask=ok)
     if MP > 1:
         tl.store(winner_ptr + dst, winner.to(tl.uint8), mask=ok)
     if STORE_NORM:
-        if pid_o == 0:  # every filter tile of the group computed the same norm
+        if pid_o == 0:  # every filter tile of the group computed the same norm; (N, G, HO, WO) contiguous
             G = tl.num_programs(2)
             tl.store(norm_ptr + (n_idx * G + group) * HO * WO + rem, norm.to(norm_ptr.dtype.element_ty),
                      mask=pix_ok)
@@ -298,19 +324,24 @@ def _bcos_forward_kernel(
 def _bcos_grad_lin_kernel(
     grad_out_ptr, lin_ptr, norm_ptr, winner_ptr, b_ptr,
     grad_lin_ptr, q_ptr, bias_part_ptr, b_part_ptr,
-    b, inv_scale, N, PIX, OG, G,
+    b, inv_scale, PIX, WO, OG, G,
+    sgn, sgc, sgh, sgw, sln, slc, slh, slw, sdn, sdc, sdh, sdw,
     M: tl.constexpr, MODE: tl.constexpr, DETACH: tl.constexpr, B_FROM_PTR: tl.constexpr,
     NEED_Q: tl.constexpr, NEED_BIAS: tl.constexpr, NEED_B: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     # One program: BLOCK_P pixels of one image and one group, all the group's outputs in BLOCK_O slices.
+    # grad_out: strides sg*; lin and winner: sl*; grad_lin (N, O*M, HO, WO): sd*.
     pid_p = tl.program_id(0)
     n_idx = tl.program_id(1).to(tl.int64)
     group = tl.program_id(2)
     pix = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pix_ok = pix < PIX
-    O = OG * G
-    F = O * M
+    ho = pix // WO
+    wo = pix % WO
+    g_rows = grad_out_ptr + n_idx * sgn + ho * sgh + wo * sgw
+    l_rows = n_idx * sln + ho * slh + wo * slw
+    d_rows = grad_lin_ptr + n_idx * sdn + ho * sdh + wo * sdw
     bm1 = _load_b_minus_1(b, b_ptr, B_FROM_PTR)
     if MODE != 0:
         norm = tl.load(norm_ptr + (n_idx * G + group) * PIX + pix, mask=pix_ok, other=1.0).to(tl.float32)
@@ -319,15 +350,14 @@ def _bcos_grad_lin_kernel(
         inv_norm = tl.zeros((BLOCK_P,), dtype=tl.float32) + 1.0
     q = tl.zeros((BLOCK_P,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    part_row = (n_idx * tl.num_programs(0) + pid_p) * F
+    part_row = (n_idx * tl.num_programs(0) + pid_p) * (OG * G * M)
     for o0 in range(0, OG, BLOCK_O):
         o_col = o0 + tl.arange(0, BLOCK_O)
         o_ok = o_col < OG
         o_global = (group * OG + o_col).to(tl.int64)
         ok = pix_ok[:, None] & o_ok[None, :]
-        src = n_idx * O * PIX + o_global[None, :] * PIX + pix[:, None]
-        g = tl.load(grad_out_ptr + src, mask=ok, other=0.0).to(tl.float32)
-        lin = tl.load(lin_ptr + src, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_rows[:, None] + (o_global * sgc)[None, :], mask=ok, other=0.0).to(tl.float32)
+        lin = tl.load(lin_ptr + l_rows[:, None] + (o_global * slc)[None, :], mask=ok, other=0.0).to(tl.float32)
         d_lin, d_norm, d_b = _scale_grads(lin, inv_norm[:, None], bm1, inv_scale, MODE, DETACH)
         grad_lin = g * d_lin
         if NEED_Q:
@@ -336,15 +366,14 @@ def _bcos_grad_lin_kernel(
             b_acc += tl.sum(g * d_b, axis=1)
         # grad_lin goes to the winning MaxOut unit; the others get 0.
         if M > 1:
-            winner = tl.load(winner_ptr + src, mask=ok, other=0).to(tl.int32)
+            winner = tl.load(winner_ptr + l_rows[:, None] + (o_global * slc)[None, :], mask=ok, other=0).to(tl.int32)
         for m in tl.static_range(M):
             if M > 1:
                 val = tl.where(winner == m, grad_lin, 0.0)
             else:
                 val = grad_lin
             filt = o_global * M + m
-            tl.store(grad_lin_ptr + n_idx * F * PIX + filt[None, :] * PIX + pix[:, None],
-                     val.to(grad_lin_ptr.dtype.element_ty), mask=ok)
+            tl.store(d_rows[:, None] + (filt * sdc)[None, :], val.to(grad_lin_ptr.dtype.element_ty), mask=ok)
             if NEED_BIAS:
                 tl.store(bias_part_ptr + part_row + filt, tl.sum(val, axis=0), mask=o_ok)
     if NEED_Q:
@@ -359,19 +388,37 @@ def _bcos_grad_lin_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _output_pixel(h_idx, w_idx, kh, kw, HO, WO,
+                  SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
+                  DW: tl.constexpr):
+    """The output pixel (ho, wo) whose tap (kh, kw) reads input pixel (h, w), and whether it exists:
+    ho * stride = h + padding - kh * dilation."""
+    h_num = h_idx + PH - kh * DH
+    w_num = w_idx + PW - kw * DW
+    # Clamp before dividing so that negative numerators never reach // and %.
+    h_pos = tl.maximum(h_num, 0)
+    w_pos = tl.maximum(w_num, 0)
+    ho = h_pos // SH
+    wo = w_pos // SW
+    ok = (h_num >= 0) & (w_num >= 0) & (h_pos % SH == 0) & (w_pos % SW == 0) & (ho < HO) & (wo < WO)
+    return ho, wo, ok
+
+
+@triton.jit
 def _bcos_grad_input_kernel(
     grad_lin_ptr, w_ptr, inv_wnorm_ptr, x_ptr, q_ptr, grad_x_ptr,
-    N, C, H, W, HO, WO, CG, FG,
-    sxn, sxc, sxh, sxw, swf, swc, swh, sww, sgn, sgc, sgh, sgw,
+    N, H, W, HO, WO, CG, FG,
+    sdn, sdc, sdh, sdw, swf, swc, swh, sww, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_Q: tl.constexpr, PRECISION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_Q: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # grad_x[n, c, h, w] = sum over (f, tap) of grad_lin[n, f, ho, wo] * w_hat[f, c, tap] (+ the norm term).
+    # grad_lin strides sd*, weight sw*, x sx*, grad_x sg*.
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     group = tl.program_id(2)
     G = tl.num_programs(2)
-    F = FG * G
 
     # Input pixels of this tile, flattened over (n, h, w).
     pix = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -383,54 +430,59 @@ def _bcos_grad_input_kernel(
     c_local = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c_local < CG
     c_global = (group * CG + c_local).to(tl.int64)
+    g_rows = grad_lin_ptr + n_idx * sdn
+    w_chans = w_ptr + c_local.to(tl.int64) * swc
 
-    # grad_x[n, c, h, w] = sum over (f, tap) of grad_lin[n, f, ho, wo] * w_hat[f, c, tap], where
-    # (ho, wo) * stride = (h, w) + padding - tap * dilation. K walks (tap, f) as k = tap * FG + f.
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    g_rows = grad_lin_ptr + n_idx * F * HO * WO
-    K_TOTAL = FG * KH * KW
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K_TOTAL
-        tap = k // FG
-        f = (group * FG + k % FG).to(tl.int64)
-        kh = tap // KW
-        kw = tap % KW
-        h_num = h_idx[:, None] + PH - (kh * DH)[None, :]
-        w_num = w_idx[:, None] + PW - (kw * DW)[None, :]
-        # Clamp before dividing so that negative numerators never reach // and %.
-        h_pos = tl.maximum(h_num, 0)
-        w_pos = tl.maximum(w_num, 0)
-        ho = h_pos // SH
-        wo = w_pos // SW
-        a_mask = (pix_ok[:, None] & k_ok[None, :] & (h_num >= 0) & (w_num >= 0) & (h_pos % SH == 0)
-                  & (w_pos % SW == 0) & (ho < HO) & (wo < WO))
-        a = tl.load(g_rows[:, None] + (f * HO * WO)[None, :] + ho * WO + wo, mask=a_mask, other=0.0)
-        wt = tl.load(w_ptr + (f * swf + kh.to(tl.int64) * swh + kw.to(tl.int64) * sww)[:, None]
-                     + (c_local.to(tl.int64) * swc)[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        inv_wnorm = tl.load(inv_wnorm_ptr + f, mask=k_ok, other=0.0)
-        wt = (wt.to(tl.float32) * inv_wnorm[:, None]).to(a.dtype)
-        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+    if FLAT_K:
+        # Few filters per group (depthwise): K walks (tap, f) as k = tap * FG + f.
+        K_TOTAL = FG * KH * KW
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K_TOTAL
+            tap = k // FG
+            f = (group * FG + k % FG).to(tl.int64)
+            kh = tap // KW
+            kw = tap % KW
+            ho, wo, a_ok = _output_pixel(h_idx[:, None], w_idx[:, None], kh[None, :], kw[None, :], HO, WO,
+                                         SH, SW, PH, PW, DH, DW)
+            a = tl.load(g_rows[:, None] + (f * sdc)[None, :] + ho * sdh + wo * sdw,
+                        mask=pix_ok[:, None] & k_ok[None, :] & a_ok, other=0.0)
+            wt = tl.load(w_chans[None, :] + (f * swf + kh * swh + kw * sww)[:, None],
+                         mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            inv_wnorm = tl.load(inv_wnorm_ptr + f, mask=k_ok, other=0.0)
+            wt = (wt.to(tl.float32) * inv_wnorm[:, None]).to(a.dtype)
+            acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+    else:
+        f_range = tl.arange(0, BLOCK_K)
+        for tap in range(KH * KW):
+            kh = tap // KW
+            kw = tap % KW
+            ho, wo, row_ok = _output_pixel(h_idx, w_idx, kh, kw, HO, WO, SH, SW, PH, PW, DH, DW)
+            row_ok = row_ok & pix_ok
+            a_rows = g_rows + ho * sdh + wo * sdw
+            w_tap = w_chans + kh * swh + kw * sww
+            for f0 in range(0, FG, BLOCK_K):
+                f_local = f0 + f_range
+                f_ok = f_local < FG
+                f = (group * FG + f_local).to(tl.int64)
+                a = tl.load(a_rows[:, None] + (f * sdc)[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
+                wt = tl.load(w_tap[None, :] + (f * swf)[:, None], mask=f_ok[:, None] & c_ok[None, :], other=0.0)
+                inv_wnorm = tl.load(inv_wnorm_ptr + f, mask=f_ok, other=0.0)
+                wt = (wt.to(tl.float32) * inv_wnorm[:, None]).to(a.dtype)
+                acc = tl.dot(a, wt, acc, input_precision=PRECISION)
 
-    x_off = n_idx[:, None] * sxn + c_global[None, :] * sxc + (h_idx * sxh + w_idx * sxw)[:, None]
     ok = pix_ok[:, None] & c_ok[None, :]
     if HAS_Q:
         # The patch-norm term: x times the sum of q over every output pixel whose patch contains (h, w).
         q_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
         q_rows = q_ptr + (n_idx * G + group) * HO * WO
         for tap in range(KH * KW):
-            h_num = h_idx + PH - (tap // KW) * DH
-            w_num = w_idx + PW - (tap % KW) * DW
-            h_pos = tl.maximum(h_num, 0)
-            w_pos = tl.maximum(w_num, 0)
-            ho = h_pos // SH
-            wo = w_pos // SW
-            valid = (pix_ok & (h_num >= 0) & (w_num >= 0) & (h_pos % SH == 0) & (w_pos % SW == 0)
-                     & (ho < HO) & (wo < WO))
-            q_sum += tl.load(q_rows + ho * WO + wo, mask=valid, other=0.0)
-        xv = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(tl.float32)
-        acc += xv * q_sum[:, None]
-    g_off = n_idx[:, None] * sgn + c_global[None, :] * sgc + (h_idx * sgh + w_idx * sgw)[:, None]
+            ho, wo, valid = _output_pixel(h_idx, w_idx, tap // KW, tap % KW, HO, WO, SH, SW, PH, PW, DH, DW)
+            q_sum += tl.load(q_rows + ho * WO + wo, mask=valid & pix_ok, other=0.0)
+        x_off = (n_idx * sxn + h_idx * sxh + w_idx * sxw)[:, None] + (c_global * sxc)[None, :]
+        acc += tl.load(x_ptr + x_off, mask=ok, other=0.0).to(tl.float32) * q_sum[:, None]
+    g_off = (n_idx * sgn + h_idx * sgh + w_idx * sgw)[:, None] + (c_global * sgc)[None, :]
     tl.store(grad_x_ptr + g_off, acc.to(grad_x_ptr.dtype.element_ty), mask=ok)
 
 
@@ -441,30 +493,37 @@ def _bcos_grad_input_kernel(
 @triton.jit
 def _bcos_grad_weight_kernel(
     grad_lin_ptr, x_ptr, part_ptr,
-    N, C, H, W, HO, WO, CG, FG, K_PER_SPLIT,
-    sxn, sxc, sxh, sxw,
+    N, H, W, HO, WO, CG, FG, K_PER_SPLIT, N_SPLITS,
+    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT_J: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # part[split, f, j] = sum over output pixels k in this split of grad_lin[k, f] * patch[k, j],
-    # j = tap * CG + c (the same patch order as the forward's K loop).
+    # part[split, f, j] = sum over the output pixels k of this split of grad_lin[k, f] * patch[k, j],
+    # j = tap * CG + c (the forward's patch order). grad_lin strides sd*, x sx*.
     pid_f = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_gs = tl.program_id(2)
-    n_splits = tl.num_programs(2) // (C // CG)
-    group = pid_gs // n_splits
-    split = pid_gs % n_splits
-    F = FG * (C // CG)
+    group = pid_gs // N_SPLITS
+    split = pid_gs % N_SPLITS
+    F = FG * (tl.num_programs(2) // N_SPLITS)
     J = CG * KH * KW
 
     f_local = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f_local < FG
     f = (group * FG + f_local).to(tl.int64)
-    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = j < J
-    tap = j // CG
-    c = (group * CG + j % CG).to(tl.int64)
+    if FLAT_J:  # a column tile spans several taps
+        j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+        j_ok = j < J
+        tap = j // CG
+        c_local = j % CG
+    else:  # a column tile is one tap and a slice of its channels
+        c_tiles = (CG + BLOCK_J - 1) // BLOCK_J
+        tap = pid_j // c_tiles
+        c_local = (pid_j % c_tiles) * BLOCK_J + tl.arange(0, BLOCK_J)
+        j_ok = c_local < CG
+        j = tap * CG + c_local
+    c = (group * CG + c_local).to(tl.int64)
     kh = tap // KW
     kw = tap % KW
 
@@ -472,18 +531,30 @@ def _bcos_grad_weight_kernel(
     PIX = HO * WO
     K_TOTAL = N * PIX
     k_start = split.to(tl.int64) * K_PER_SPLIT
+    k_range = tl.arange(0, BLOCK_K)
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_start + k0 + tl.arange(0, BLOCK_K)
-        k_ok = (k < K_TOTAL) & (k0 + tl.arange(0, BLOCK_K) < K_PER_SPLIT)
+        k = k_start + k0 + k_range
+        k_ok = (k < K_TOTAL) & (k0 + k_range < K_PER_SPLIT)
         n_idx = k // PIX
         rem = k % PIX
-        a = tl.load(grad_lin_ptr + (n_idx * F * PIX + rem)[None, :] + (f * PIX)[:, None],
+        ho = rem // WO
+        wo = rem % WO
+        a = tl.load(grad_lin_ptr + (n_idx * sdn + ho * sdh + wo * sdw)[None, :] + (f * sdc)[:, None],
                     mask=f_ok[:, None] & k_ok[None, :], other=0.0)
-        h_in = ((rem // WO) * SH - PH)[:, None] + (kh * DH)[None, :]
-        w_in = ((rem % WO) * SW - PW)[:, None] + (kw * DW)[None, :]
-        b_mask = k_ok[:, None] & j_ok[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
-        patch = tl.load(x_ptr + (n_idx * sxn)[:, None] + (c * sxc)[None, :] + h_in * sxh + w_in * sxw,
-                        mask=b_mask, other=0.0)
+        h_base = ho * SH - PH
+        w_base = wo * SW - PW
+        if FLAT_J:
+            h_in = h_base[:, None] + (kh * DH)[None, :]
+            w_in = w_base[:, None] + (kw * DW)[None, :]
+            b_mask = k_ok[:, None] & j_ok[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+            patch = tl.load(x_ptr + (n_idx * sxn)[:, None] + (c * sxc)[None, :] + h_in * sxh + w_in * sxw,
+                            mask=b_mask, other=0.0)
+        else:
+            h_in = h_base + kh * DH
+            w_in = w_base + kw * DW
+            row_ok = k_ok & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+            patch = tl.load(x_ptr + (n_idx * sxn + h_in * sxh + w_in * sxw)[:, None] + (c * sxc)[None, :],
+                            mask=row_ok[:, None] & j_ok[None, :], other=0.0)
         acc = tl.dot(a, patch, acc, input_precision=PRECISION)
     dst = part_ptr + (split.to(tl.int64) * F + f)[:, None] * J + j[None, :]
     tl.store(dst, acc, mask=f_ok[:, None] & j_ok[None, :])
@@ -507,12 +578,16 @@ def _b_args(b: float, b_tensor: Optional[torch.Tensor], like: torch.Tensor):
     return float(b), like, False  # the pointer is never read
 
 
+def _geometry_args(geo: Geometry):
+    return dict(SH=geo.stride[0], SW=geo.stride[1], PH=geo.padding[0], PW=geo.padding[1], DH=geo.dilation[0],
+                DW=geo.dilation[1], KH=geo.kh, KW=geo.kw)
+
+
 def _forward_config(geo: Geometry, dtype: torch.dtype, interpreting: bool):
     mp = triton.next_power_of_2(geo.max_out)
-    if interpreting:  # small tiles: many tiles, masks and K steps on tiny test shapes
+    if interpreting:  # small tiles: several tiles, masks and K steps even on tiny test shapes
         return dict(BLOCK_P=32, BLOCK_O=max(1, 16 // mp), BLOCK_K=16, num_warps=4, num_stages=1)
-    k_total = geo.channels_per_group * geo.kh * geo.kw
-    block_k = 64 if dtype != torch.float32 and k_total >= 64 else 32
+    block_k = 64 if dtype != torch.float32 and geo.channels_per_group >= 64 else 32
     block_f = _pow2(geo.outputs_per_group * mp, 16, 128)
     block_p = 128 if geo.n * geo.out_pixels >= 4096 else 64
     num_warps = 8 if block_p * block_f >= 128 * 128 else 4
@@ -521,17 +596,17 @@ def _forward_config(geo: Geometry, dtype: torch.dtype, interpreting: bool):
 
 
 def forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor], b_tensor: Optional[torch.Tensor],
-            b: float, geo: Geometry, normalize_weight: bool, scale: float, norm_kind: int):
+            b: float, geo: Geometry, normalize_weight: bool, scale: float, norm_kind: int, memory_format):
     """Runs the fused forward. x4/weight4 are 4-d (or 2-d for a linear: rows x features, read as 1x1 images).
 
-    Returns (out, lin_max, norm, winner) with out and lin_max (N, O, HO, WO) contiguous, norm (N, G, HO, WO)
-    (empty for b == 1), winner uint8 (N, O, HO, WO) (empty without MaxOut)."""
+    Returns (out, lin_max, norm, winner): out, lin_max and winner (uint8; empty without MaxOut) are
+    (N, O, HO, WO) in ``memory_format``; norm is (N, G, HO, WO) contiguous (empty for b == 1)."""
     mode = scale_mode(b, b_tensor is not None)
     shape = (geo.n, geo.outputs, geo.out_h, geo.out_w)
-    out = x4.new_empty(shape)
-    lin_max = x4.new_empty(shape)
+    out = torch.empty(shape, dtype=x4.dtype, device=x4.device, memory_format=memory_format)
+    lin_max = torch.empty_like(out)
     norm = x4.new_empty((geo.n, geo.groups, geo.out_h, geo.out_w) if mode != MODE_ONE else (0,))
-    winner = x4.new_empty(shape if geo.max_out > 1 else (0,), dtype=torch.uint8)
+    winner = torch.empty_like(out, dtype=torch.uint8) if geo.max_out > 1 else x4.new_empty(0, dtype=torch.uint8)
     if out.numel() == 0:
         return out, lin_max, norm.zero_(), winner
     inv_wnorm = _inv_weight_norm(weight4, normalize_weight)
@@ -540,81 +615,68 @@ def forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor
     grid = (triton.cdiv(geo.n * geo.out_pixels, cfg["BLOCK_P"]), triton.cdiv(geo.outputs_per_group, cfg["BLOCK_O"]),
             geo.groups)
     _bcos_forward_kernel[grid](
-        x4, weight4, inv_wnorm, bias if bias is not None else inv_wnorm, b_ptr,
+        x4, weight4, inv_wnorm, bias.contiguous() if bias is not None else inv_wnorm, b_ptr,
         out, lin_max, norm if norm.numel() else out, winner if winner.numel() else out,
         b_float, 1.0 / scale,
-        geo.n, geo.channels, geo.height, geo.width, geo.out_h, geo.out_w, geo.channels_per_group,
-        geo.filters_per_group, geo.outputs_per_group,
-        *_strides4(x4), *_strides4(weight4),
-        SH=geo.stride[0], SW=geo.stride[1], PH=geo.padding[0], PW=geo.padding[1], DH=geo.dilation[0],
-        DW=geo.dilation[1], KH=geo.kh, KW=geo.kw, M=geo.max_out, MP=triton.next_power_of_2(geo.max_out),
-        MODE=mode, NORM_KIND=norm_kind, B_FROM_PTR=b_from_ptr, HAS_BIAS=bias is not None,
-        STORE_NORM=mode != MODE_ONE, PRECISION=_input_precision(x4.dtype, norm_kind == NORM_LINEAR), **cfg)
+        geo.n, geo.height, geo.width, geo.out_h, geo.out_w, geo.channels_per_group, geo.outputs_per_group,
+        *_strides4(x4), *_strides4(weight4), *out.stride(),
+        M=geo.max_out, MP=triton.next_power_of_2(geo.max_out), MODE=mode, NORM_KIND=norm_kind,
+        B_FROM_PTR=b_from_ptr, HAS_BIAS=bias is not None, STORE_NORM=mode != MODE_ONE,
+        FLAT_K=geo.channels_per_group < cfg["BLOCK_K"], PRECISION=_input_precision(x4.dtype, norm_kind == NORM_LINEAR),
+        **_geometry_args(geo), **cfg)
     return out, lin_max, norm, winner
 
 
 def backward(grad_out: torch.Tensor, x4: torch.Tensor, weight4: torch.Tensor, b_tensor: Optional[torch.Tensor],
              lin_max: torch.Tensor, norm: torch.Tensor, winner: torch.Tensor, b: float, geo: Geometry,
              normalize_weight: bool, scale: float, detach: bool, needs, norm_kind: int):
-    """Gradients (x, weight, bias, b) of the fused forward, None where not needed. grad_out: (N, O, HO, WO)."""
+    """Gradients (x, weight, bias, b) of the fused forward, None where not needed. grad_out, lin_max, winner:
+    (N, O, HO, WO), any strides (winner: those of lin_max)."""
     need_x, need_w, need_bias, need_b = needs
     mode = scale_mode(b, b_tensor is not None)
     interpreting = _interpreting(x4)
-    linear = norm_kind == NORM_LINEAR
-    precision = _input_precision(x4.dtype, linear)
+    precision = _input_precision(x4.dtype, norm_kind == NORM_LINEAR)
     pix = geo.out_pixels
-    grad_out = grad_out.contiguous()
     inv_wnorm = _inv_weight_norm(weight4, normalize_weight)
     b_float, b_ptr, b_from_ptr = _b_args(b, b_tensor, inv_wnorm)
 
-    # 1. grad of lin (before MaxOut), q = (dL/dn) / n, bias and b partial sums.
+    # 1. grad of lin (before MaxOut, in lin's layout), q = (dL/dn) / n, bias and b partial sums.
     need_q = need_x and mode != MODE_ONE and not detach
     need_b = need_b and mode == MODE_GENERAL
     block_p = 16 if interpreting else _pow2(pix, 16, 128)
     block_o = 16 if interpreting else _pow2(geo.outputs_per_group, 16, 64)
     p_tiles = triton.cdiv(pix, block_p)
-    grad_lin = x4.new_empty((geo.n, geo.filters, geo.out_h, geo.out_w))
-    q = torch.empty((geo.n, geo.groups, pix) if need_q else (0,), device=x4.device, dtype=torch.float32)
-    bias_part = torch.empty((geo.n * p_tiles, geo.filters) if need_bias else (0,), device=x4.device,
-                            dtype=torch.float32)
-    b_part = torch.empty((geo.n * p_tiles * geo.groups,) if need_b else (0,), device=x4.device, dtype=torch.float32)
+    channels_last = lin_max.dim() == 4 and not lin_max.is_contiguous() and \
+        lin_max.is_contiguous(memory_format=torch.channels_last)
+    grad_lin = torch.empty((geo.n, geo.filters, geo.out_h, geo.out_w), dtype=x4.dtype, device=x4.device,
+                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    f32 = dict(device=x4.device, dtype=torch.float32)
+    q = torch.empty((geo.n, geo.groups, pix) if need_q else (0,), **f32)
+    bias_part = torch.zeros((geo.n * p_tiles, geo.filters) if need_bias else (0,), **f32)
+    b_part = torch.zeros((geo.n * p_tiles * geo.groups,) if need_b else (0,), **f32)
     if grad_lin.numel():
         _bcos_grad_lin_kernel[(p_tiles, geo.n, geo.groups)](
             grad_out, lin_max, norm if norm.numel() else lin_max, winner if winner.numel() else lin_max, b_ptr,
             grad_lin, q if need_q else grad_lin, bias_part if need_bias else grad_lin, b_part if need_b else grad_lin,
-            b_float, 1.0 / scale, geo.n, pix, geo.outputs_per_group, geo.groups,
+            b_float, 1.0 / scale, pix, geo.out_w, geo.outputs_per_group, geo.groups,
+            *_strides4(grad_out), *_strides4(lin_max), *grad_lin.stride(),
             M=geo.max_out, MODE=mode, DETACH=detach, B_FROM_PTR=b_from_ptr, NEED_Q=need_q, NEED_BIAS=need_bias,
             NEED_B=need_b, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=4)
-    else:
-        q.zero_(), bias_part.zero_(), b_part.zero_()
+    elif need_q:
+        q.zero_()
 
     grad_x = grad_w = grad_bias = grad_b = None
     if need_x:
-        # Same memory format as x (channels_last stays channels_last).
-        grad_x = torch.empty_like(x4)
+        grad_x = torch.empty_like(x4)  # x's memory format
         if grad_x.numel():
-            if interpreting:
-                cfg = dict(BLOCK_P=32, BLOCK_C=16, BLOCK_K=16, num_warps=4, num_stages=1)
-            else:
-                cfg = dict(BLOCK_P=128 if geo.n * geo.height * geo.width >= 4096 else 64,
-                           BLOCK_C=_pow2(geo.channels_per_group, 16, 128),
-                           BLOCK_K=64 if x4.dtype != torch.float32 else 32, num_warps=8, num_stages=3)
-            grid = (triton.cdiv(geo.n * geo.height * geo.width, cfg["BLOCK_P"]),
-                    triton.cdiv(geo.channels_per_group, cfg["BLOCK_C"]), geo.groups)
-            _bcos_grad_input_kernel[grid](
-                grad_lin, weight4, inv_wnorm, x4, q if need_q else grad_lin, grad_x,
-                geo.n, geo.channels, geo.height, geo.width, geo.out_h, geo.out_w, geo.channels_per_group,
-                geo.filters_per_group, *_strides4(x4), *_strides4(weight4), *_strides4(grad_x),
-                SH=geo.stride[0], SW=geo.stride[1], PH=geo.padding[0], PW=geo.padding[1], DH=geo.dilation[0],
-                DW=geo.dilation[1], KH=geo.kh, KW=geo.kw, HAS_Q=need_q, PRECISION=precision, **cfg)
+            _grad_input(grad_lin, weight4, inv_wnorm, x4, q if need_q else None, grad_x, geo, interpreting, precision)
     if need_w:
-        grad_w_hat = _grad_weight(grad_lin, x4, geo, interpreting, precision).to(weight4.dtype)
+        grad_w_hat = _grad_weight(grad_lin, x4, geo, interpreting, precision).to(weight4.dtype).view(weight4.shape)
         if normalize_weight:
-            from bcos_kernels.ops._bcos_common import weight_norm_backward, weight_and_norm
             w_hat, w_norm = weight_and_norm(weight4, True)
-            grad_w = weight_norm_backward(grad_w_hat.view(weight4.shape), w_hat, w_norm)
+            grad_w = weight_norm_backward(grad_w_hat, w_hat, w_norm)
         else:
-            grad_w = grad_w_hat.view(weight4.shape)
+            grad_w = grad_w_hat
     if need_bias:
         grad_bias = bias_part.sum(0).to(x4.dtype)
     if need_b:
@@ -622,33 +684,51 @@ def backward(grad_out: torch.Tensor, x4: torch.Tensor, weight4: torch.Tensor, b_
     return grad_x, grad_w, grad_bias, grad_b
 
 
+def _grad_input(grad_lin, weight4, inv_wnorm, x4, q, grad_x, geo: Geometry, interpreting: bool, precision: str):
+    if interpreting:
+        cfg = dict(BLOCK_P=32, BLOCK_C=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(BLOCK_P=128 if geo.n * geo.height * geo.width >= 4096 else 64,
+                   BLOCK_C=_pow2(geo.channels_per_group, 16, 128),
+                   BLOCK_K=64 if x4.dtype != torch.float32 and geo.filters_per_group >= 64 else 32,
+                   num_warps=8, num_stages=3)
+    grid = (triton.cdiv(geo.n * geo.height * geo.width, cfg["BLOCK_P"]),
+            triton.cdiv(geo.channels_per_group, cfg["BLOCK_C"]), geo.groups)
+    _bcos_grad_input_kernel[grid](
+        grad_lin, weight4, inv_wnorm, x4, q if q is not None else grad_lin, grad_x,
+        geo.n, geo.height, geo.width, geo.out_h, geo.out_w, geo.channels_per_group, geo.filters_per_group,
+        *grad_lin.stride(), *_strides4(weight4), *_strides4(x4), *_strides4(grad_x),
+        HAS_Q=q is not None, FLAT_K=geo.filters_per_group < cfg["BLOCK_K"], PRECISION=precision,
+        **_geometry_args(geo), **cfg)
+
+
 def _grad_weight(grad_lin: torch.Tensor, x4: torch.Tensor, geo: Geometry, interpreting: bool,
                  precision: str) -> torch.Tensor:
-    """grad of w_hat (before the weight-normalisation backward), fp32, shaped like the weight."""
+    """Gradient of w_hat (before the weight-normalisation backward), fp32, (F, C/G, KH, KW) contiguous."""
     cg, fg = geo.channels_per_group, geo.filters_per_group
-    j_total = cg * geo.kh * geo.kw
+    taps = geo.kh * geo.kw
     k_total = geo.n * geo.out_pixels
+    if k_total == 0:
+        return torch.zeros((geo.filters, cg, geo.kh, geo.kw), device=x4.device, dtype=torch.float32)
     if interpreting:
         cfg = dict(BLOCK_F=16, BLOCK_J=16, BLOCK_K=16, num_warps=4, num_stages=1)
-        target_programs = 2  # exercise the split-K reduction on tiny shapes
+        target_programs = 2  # still exercises the split-K reduction on tiny shapes
     else:
-        cfg = dict(BLOCK_F=_pow2(fg, 16, 128), BLOCK_J=_pow2(j_total, 16, 128),
+        cfg = dict(BLOCK_F=_pow2(fg, 16, 128), BLOCK_J=_pow2(cg if cg >= 16 else cg * taps, 16, 128),
                    BLOCK_K=64 if x4.dtype != torch.float32 else 32, num_warps=8, num_stages=3)
         target_programs = 4 * torch.cuda.get_device_properties(x4.device).multi_processor_count
-    tiles = triton.cdiv(fg, cfg["BLOCK_F"]) * triton.cdiv(j_total, cfg["BLOCK_J"]) * geo.groups
+    flat_j = cg < cfg["BLOCK_J"]
+    j_tiles = triton.cdiv(cg * taps, cfg["BLOCK_J"]) if flat_j else taps * triton.cdiv(cg, cfg["BLOCK_J"])
+    tiles = triton.cdiv(fg, cfg["BLOCK_F"]) * j_tiles * geo.groups
     splits = max(1, min(triton.cdiv(target_programs, tiles), triton.cdiv(k_total, 4 * cfg["BLOCK_K"]),
                         65535 // geo.groups))
     k_per_split = triton.cdiv(triton.cdiv(k_total, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     splits = triton.cdiv(k_total, k_per_split)
-    part = torch.empty((splits, geo.filters, j_total), device=x4.device, dtype=torch.float32)
-    if k_total == 0:
-        return x4.new_zeros(geo.filters, cg, geo.kh, geo.kw, dtype=torch.float32)
-    grid = (triton.cdiv(fg, cfg["BLOCK_F"]), triton.cdiv(j_total, cfg["BLOCK_J"]), geo.groups * splits)
+    part = torch.empty((splits, geo.filters, cg * taps), device=x4.device, dtype=torch.float32)
+    grid = (triton.cdiv(fg, cfg["BLOCK_F"]), j_tiles, geo.groups * splits)
     _bcos_grad_weight_kernel[grid](
-        grad_lin, x4, part, geo.n, geo.channels, geo.height, geo.width, geo.out_h, geo.out_w, cg, fg, k_per_split,
-        *_strides4(x4),
-        SH=geo.stride[0], SW=geo.stride[1], PH=geo.padding[0], PW=geo.padding[1], DH=geo.dilation[0],
-        DW=geo.dilation[1], KH=geo.kh, KW=geo.kw, PRECISION=precision, **cfg)
-    # (F, tap, c) -> (F, c, kh, kw)
+        grad_lin, x4, part, geo.n, geo.height, geo.width, geo.out_h, geo.out_w, cg, fg, k_per_split, splits,
+        *grad_lin.stride(), *_strides4(x4), FLAT_J=flat_j, PRECISION=precision, **_geometry_args(geo), **cfg)
     summed = part.sum(0) if splits > 1 else part[0]
+    # (F, tap, c) -> (F, c, kh, kw)
     return summed.view(geo.filters, geo.kh, geo.kw, cg).permute(0, 3, 1, 2).contiguous()
