@@ -11,13 +11,20 @@ gate the original builds (and keeps for backward), and computes
 
 as a one-hot matmul (deterministic on every device), accumulated in fp32 or wider.
 
+Backend "triton" (:mod:`bcos_kernels.triton.class_specific_gate`) runs the
+same custom op with one gather-multiply kernel forward; its backward (the
+custom op ``bcos_kernels::class_specific_gate_backward``) makes one pass over
+(grad_out, x) for grad_x and per-sample partial sums, then a segmented sum by
+label over the label-sorted batch: deterministic, no atomics. fp32/fp16/bf16
+(fp32 only under the Triton interpreter); a channels_last x is read in place.
+
 Unlike the original (whose gate is fp32 whatever x is), mask must have x's
 dtype and the output has it too; :class:`bcos_kernels.nn.ClassSpecificGate`
 casts its fp32 parameter to x's dtype (autocast) on the way in.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -65,11 +72,34 @@ def class_specific_gate(x: torch.Tensor, mask: torch.Tensor, labels: Optional[to
                              "(the original ResNet skips the gate when it gets no labels)")
     else:
         labels = _check_labels(labels, x, mask.shape[1])
-    name = backends.resolve("class_specific_gate", backend, x.device, implemented={})
-    assert name == "torch", name
+    name = backends.resolve("class_specific_gate", backend, x.device,
+                            implemented={"triton": lambda: _triton_support(x)})
     if not training:
         return x
-    return class_specific_gate_op(x, mask, labels)
+    return class_specific_gate_op(x, mask, labels, name)
+
+
+# dtypes the "triton" backend computes (fp32 only under the interpreter: it has no bf16 arithmetic)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_support(x: torch.Tensor) -> Optional[str]:
+    """Why backend "triton" cannot run this call (None if it can)."""
+    if x.dtype not in TRITON_DTYPES:
+        return f"dtype {x.dtype} is not supported by backend 'triton' (supported: {list(TRITON_DTYPES)})"
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        return f"the Triton interpreter (CPU tensors) runs float32 only, got {x.dtype}"
+    return None
+
+
+def _nhwc(x: torch.Tensor) -> bool:
+    """Whether backend "triton" reads x as channels_last (4-D, channels_last- but not plain-contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"bcos_kernels::class_specific_gate: unknown backend {backend!r} (torch, triton)")
 
 
 # ---------------------------------------------------------------------------
@@ -83,24 +113,56 @@ def _gathered(mask: torch.Tensor, labels: torch.Tensor, ndim: int) -> torch.Tens
 
 
 @torch.library.custom_op("bcos_kernels::class_specific_gate", mutates_args=())
-def class_specific_gate_op(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def class_specific_gate_op(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                           backend: str = "torch") -> torch.Tensor:
     """x * mask[:, labels] broadcast per sample (training mode)."""
+    _check_backend(backend)
+    if backend == "triton":
+        from bcos_kernels.triton import class_specific_gate as kernels  # imported on first use
+        return kernels.gate_forward(x, mask, labels, _nhwc(x))
     out = torch.empty_like(x)
     torch.mul(x, _gathered(mask, labels, x.dim()), out=out)
     return out
 
 
 @class_specific_gate_op.register_fake
-def _(x, mask, labels):
+def _(x, mask, labels, backend="torch"):
+    _check_backend(backend)
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("bcos_kernels::class_specific_gate_backward", mutates_args=())
+def class_specific_gate_backward_op(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                                    labels: torch.Tensor, num_classes: int, nhwc: bool, need_x: bool,
+                                    need_mask: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_mask) of a fused backend; an empty tensor for a gradient not asked for. grad_x is
+    channels_last if ``nhwc`` else contiguous; grad_mask (C, num_classes) contiguous; both in grad_out's dtype.
+    x is needed for grad_mask, mask for grad_x."""
+    if backend != "triton":
+        raise ValueError(f"bcos_kernels::class_specific_gate_backward: unknown backend {backend!r} (triton)")
+    from bcos_kernels.triton import class_specific_gate as kernels
+    grad_x, grad_mask = kernels.gate_backward(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask)
+    empty = grad_out.new_empty(0)
+    return grad_x if grad_x is not None else empty, grad_mask if grad_mask is not None else empty
+
+
+@class_specific_gate_backward_op.register_fake
+def _(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask, backend):
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    grad_x = torch.empty(grad_out.shape if need_x else (0,), dtype=grad_out.dtype, device=grad_out.device,
+                         memory_format=fmt if need_x else torch.contiguous_format)
+    grad_mask = grad_out.new_empty((grad_out.shape[1], num_classes) if need_mask else (0,))
+    return grad_x, grad_mask
+
+
 def _setup_context(ctx, inputs, output):
-    x, mask, labels = inputs
+    x, mask, labels, backend = inputs
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, mask if ctx.needs_input_grad[0] else None,
                           labels)
     ctx.mask_shape = mask.shape
     ctx.mask_dtype = mask.dtype
+    ctx.backend = backend
+    ctx.nhwc = _nhwc(x)
 
 
 def class_specific_gate_backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor],
@@ -122,8 +184,15 @@ def class_specific_gate_backward(grad_out: torch.Tensor, x: Optional[torch.Tenso
 def _backward(ctx, grad_out):
     x, mask, labels = ctx.saved_tensors
     need_x, need_mask = ctx.needs_input_grad[:2]
-    grad_x, grad_mask = class_specific_gate_backward(grad_out, x, mask, labels, ctx.mask_shape, need_x, need_mask)
-    return grad_x, grad_mask, None
+    if ctx.backend == "torch":
+        grad_x, grad_mask = class_specific_gate_backward(grad_out, x, mask, labels, ctx.mask_shape, need_x,
+                                                         need_mask)
+    else:
+        grad_x, grad_mask = class_specific_gate_backward_op(grad_out, x, mask, labels, ctx.mask_shape[1], ctx.nhwc,
+                                                            need_x, need_mask, ctx.backend)
+        grad_x = grad_x if need_x else None
+        grad_mask = grad_mask if need_mask else None
+    return grad_x, grad_mask, None, None
 
 
 class_specific_gate_op.register_autograd(_backward, setup_context=_setup_context)

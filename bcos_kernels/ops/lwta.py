@@ -1,12 +1,17 @@
 """Front door of DISCOVER's stochastic local winner-takes-all (LWTA).
 
-Semantics: :mod:`bcos_kernels.reference.lwta`. Backend "torch" runs the
-custom op ``bcos_kernels::lwta`` below: plain torch ops, a fake impl, and a
-hand-written backward that keeps x, the uniforms u and a uint8 winner index per
-block for backward, recomputing y_soft from x and u (the original keeps x, the
-fp32 mask, the fp32 y_soft and an int64 index per block: 4x the bytes of an
-fp32 x at U=2, against 2.1x here; with the seed-based re-draw of the fused
-kernels it will be x + the winner index).
+Semantics: :mod:`bcos_kernels.reference.lwta`. Both backends run the custom
+op ``bcos_kernels::lwta`` below (a fake impl, a hand-written backward):
+
+* "torch": plain torch ops; keeps x, the uniforms u and a uint8 winner index
+  per block for backward, recomputing y_soft from x and u (the original keeps
+  x, the fp32 mask, the fp32 y_soft and an int64 index per block: 4x the bytes
+  of an fp32 x at U=2, against 2.1x here).
+* "triton" (:mod:`bcos_kernels.triton.lwta`): one kernel per tile of blocks
+  each way. Without ``noise`` it draws u in the kernel (Philox) from a seed
+  and re-draws the same u in backward, so it keeps only x, the seed and the
+  uint8 winner (1.06x the bytes of an fp32 x at U=4; deterministic mode: the
+  winner alone). Its backward is the custom op ``bcos_kernels::lwta_backward``.
 
 Straight-through gradient (stochastic mode), with p = y_soft, v = g * x, g the
 incoming gradient, m the forward mask (1 at the winner, 0 elsewhere):
@@ -16,12 +21,20 @@ incoming gradient, m the forward mask (1 at the winner, 0 elsewhere):
 Deterministic mode: d L / d x_i = m_i g_i.
 
 Noise: with ``noise=None`` and the stochastic mode (training or not -- the
-original samples at test time too), u is drawn here in the front door with
-``torch.rand(x.shape)`` in fp32, in x's logical (row-major) order: the same
-numbers the original draws under the same ``torch.manual_seed`` (with the
-default dtype fp32), whatever x's memory format. An explicit ``noise`` must
-hold uniforms in [0, 1) (not checked: that would synchronise), have x's shape
-and device, and dtype fp32 or x's dtype.
+original samples at test time too), backend "torch" draws u here in the front
+door with ``torch.rand(x.shape)`` in fp32, in x's logical (row-major) order:
+the same numbers the original draws under the same ``torch.manual_seed`` (with
+the default dtype fp32), whatever x's memory format. Backend "triton" instead
+draws one seed here, ``torch.randint(0, 2**63 - 1, (1,))`` on x's device (so
+``torch.manual_seed`` controls it), and passes it to the op as a 1-element
+int64 *tensor*: torch.compile then keeps it a graph value (a Python int
+argument would be baked into the graph as a constant, giving every call the
+same noise). The kernel's u of an element is Philox(seed, its logical
+row-major index): the same for a channels_last x and its contiguous copy, but
+other numbers than the "torch" backend's (same distribution). An explicit
+``noise`` must hold uniforms in [0, 1) (not checked: that would synchronise),
+have x's shape and device, and dtype fp32 or x's dtype; both backends then
+compute the same thing.
 
 Ties: the winner is the first maximum of y_soft (deterministic: of x), as
 the original's ``max``/``argmax``. Non-finite x is not supported (the
@@ -30,7 +43,16 @@ gives NaN or 0). ``competitors`` is at most 256 (uint8 winner index).
 
 Precision: the Gumbel transform runs in the noise's dtype, the rest in
 promote(x, noise) but at least fp32; the output has x's dtype (the original
-returns fp32 for a half x, because its mask is fp32).
+returns fp32 for a half x, because its mask is fp32). Backend "triton" takes
+fp32/fp16/bf16 x (fp32 only under the Triton interpreter) and computes in
+fp32; its exp/log are the device's, so y_soft may differ from the reference's
+in the last bits: the winners agree (up to exact near-ties), the output at the
+winner x * ((1 - p) + p) may differ by one ulp where that factor is not exactly 1
+(never at U = 2, where p >= 1/2), the gradient is within rounding.
+
+Layouts: backend "triton" reads a contiguous or a 4-D channels_last x in
+place and copies any other; out has x's strides (``empty_like``) and the
+winner tensor is channels_last when x is (both backends).
 """
 from __future__ import annotations
 
@@ -44,6 +66,11 @@ from bcos_kernels.reference import lwta as ref
 
 TEST_TEMPERATURE = ref.TEST_TEMPERATURE
 
+# dtypes the "triton" backend computes (fp32 only under the interpreter: it has no bf16 arithmetic)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Seeds are drawn uniformly in [0, SEED_HIGH): any 64-bit Philox key is as good as another.
+SEED_HIGH = 2**63 - 1
+
 
 def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -52,6 +79,15 @@ def _check_temperature(temperature) -> float:
     if not (t > 0 and t != float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return t
+
+
+def _triton_support(x: torch.Tensor) -> Optional[str]:
+    """Why backend "triton" cannot run this call (None if it can)."""
+    if x.dtype not in TRITON_DTYPES:
+        return f"dtype {x.dtype} is not supported by backend 'triton' (supported: {list(TRITON_DTYPES)})"
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        return f"the Triton interpreter (CPU tensors) runs float32 only, got {x.dtype}"
+    return None
 
 
 def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_TEMPERATURE,
@@ -63,7 +99,8 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
     last dim). ``training=False`` uses the original's test temperature 1.67
     instead of ``temperature`` (and still samples). ``deterministic`` keeps the
     plain argmax (no noise, no temperature). ``noise``: uniforms u to use
-    instead of drawing them (ignored in deterministic mode).
+    instead of drawing them (ignored in deterministic mode). ``backend``:
+    "torch", "triton", "auto" or None (the ``BCOS_KERNELS_BACKEND`` env var, else auto).
     """
     check_tensor("x", x, (2, 3, 4))
     positive_int("competitors", competitors)
@@ -83,21 +120,34 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
             raise ValueError(f"noise is on {noise.device} but x is on {x.device}; they must be on the same device")
         if noise.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"noise must have dtype float32 or x's dtype {x.dtype}, got {noise.dtype}")
-    name = backends.resolve("lwta", backend, x.device, implemented={})
-    assert name == "torch", name
+    name = backends.resolve("lwta", backend, x.device, implemented={"triton": lambda: _triton_support(x)})
+    seed = None
     if deterministic:
         noise = None
     else:
         if noise is None:
-            noise = torch.rand(x.shape, device=x.device, dtype=torch.float32)
+            if name == "triton":
+                seed = torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=x.device)
+            else:
+                noise = torch.rand(x.shape, device=x.device, dtype=torch.float32)
         if not training:
             temperature = TEST_TEMPERATURE
-    out, _ = lwta_op(x, competitors, temperature, noise)
+    out, _ = lwta_op(x, competitors, temperature, noise, seed, name)
     return out
 
 
 # ---------------------------------------------------------------------------
-# backend "torch": the custom op
+# the custom op (backend "torch" in plain torch ops, backend "triton" in bcos_kernels/triton/lwta.py)
+
+
+def _nhwc(x: torch.Tensor) -> bool:
+    """Whether x is read as channels_last: a 4-D x that is channels_last- but not plain-contiguous. The winner
+    tensor then is channels_last too (every backend and the fake impl follow this rule)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _memory_format(nhwc: bool) -> torch.memory_format:
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def _compute_dtype(x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.dtype:
@@ -126,13 +176,25 @@ def _soft(xb: torch.Tensor, ub: torch.Tensor, temperature: float, axis: int, ct:
     return a.add_(xb).div_(temperature).softmax(axis)
 
 
-@torch.library.custom_op("bcos_kernels::lwta", mutates_args=())
-def lwta_op(x: torch.Tensor, competitors: int, temperature: float,
-            noise: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, winner): winner is the uint8 index of the winning unit of each block.
+def _check_backend(backend: str, seed: Optional[torch.Tensor]) -> None:
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"bcos_kernels::lwta: unknown backend {backend!r} (torch, triton)")
+    if seed is not None and backend != "triton":
+        raise ValueError("bcos_kernels::lwta: a seed needs backend 'triton' (backend 'torch' takes noise)")
 
-    noise None: deterministic (argmax of x); else the stochastic LWTA with uniforms ``noise``.
+
+@torch.library.custom_op("bcos_kernels::lwta", mutates_args=())
+def lwta_op(x: torch.Tensor, competitors: int, temperature: float, noise: Optional[torch.Tensor],
+            seed: Optional[torch.Tensor] = None, backend: str = "torch") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, winner): winner is the uint8 index of the winning unit of each block (channels_last if x is).
+
+    noise given: the stochastic LWTA with uniforms ``noise``; else seed given (backend "triton", a 1-element
+    int64 tensor): uniforms drawn in the kernel from it; neither: deterministic (argmax of x).
     """
+    _check_backend(backend, seed)
+    if backend == "triton":
+        from bcos_kernels.triton import lwta as kernels  # imported on first use: see bcos_kernels/triton
+        return kernels.lwta_forward(x, competitors, temperature, noise, seed, _nhwc(x))
     ct = _compute_dtype(x, noise)
     xb, axis = _block_view(x, competitors)
     out = torch.zeros_like(x)
@@ -146,22 +208,48 @@ def lwta_op(x: torch.Tensor, competitors: int, temperature: float,
         p_win, winner = p.max(axis, keepdim=True)
         # the original's straight-through mask value at the winner: (1 - p) + p (1 up to rounding)
         outb.scatter_(axis, winner, (xb.gather(axis, winner).to(ct) * ((1.0 - p_win) + p_win)).to(x.dtype))
-    winner = winner.squeeze(axis).to(torch.uint8, memory_format=torch.contiguous_format)
+    winner = winner.squeeze(axis).to(torch.uint8).contiguous(memory_format=_memory_format(_nhwc(x)))
     return out, winner
 
 
 @lwta_op.register_fake
-def _(x, competitors, temperature, noise):
-    return torch.empty_like(x), x.new_empty(_winner_shape(x, competitors), dtype=torch.uint8)
+def _(x, competitors, temperature, noise, seed=None, backend="torch"):
+    _check_backend(backend, seed)
+    winner = torch.empty(_winner_shape(x, competitors), dtype=torch.uint8, device=x.device,
+                         memory_format=_memory_format(_nhwc(x)))
+    return torch.empty_like(x), winner
+
+
+@torch.library.custom_op("bcos_kernels::lwta_backward", mutates_args=())
+def lwta_backward_op(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                     seed: Optional[torch.Tensor], winner: torch.Tensor, competitors: int, temperature: float,
+                     nhwc: bool, backend: str) -> torch.Tensor:
+    """d L / d x of a fused backend's forward (channels_last if ``nhwc`` else contiguous). x is None in
+    deterministic mode (neither noise nor seed): the winner is all that gradient needs."""
+    if backend != "triton":
+        raise ValueError(f"bcos_kernels::lwta_backward: unknown backend {backend!r} (triton)")
+    from bcos_kernels.triton import lwta as kernels
+    return kernels.lwta_backward(grad_out, x, noise, seed, winner, competitors, temperature, nhwc)
+
+
+@lwta_backward_op.register_fake
+def _(grad_out, x, noise, seed, winner, competitors, temperature, nhwc, backend):
+    return torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device,
+                       memory_format=_memory_format(nhwc))
 
 
 def _setup_context(ctx, inputs, output):
-    x, competitors, temperature, noise = inputs
+    x, competitors, temperature, noise, seed, backend = inputs
     _, winner = output
     ctx.mark_non_differentiable(winner)
-    ctx.save_for_backward(x, noise, winner)
+    stochastic = noise is not None or seed is not None
+    # backend "torch" recomputes from x in every mode; the fused backward needs x only to recompute y_soft
+    keep_x = x if backend == "torch" or stochastic else None
+    ctx.save_for_backward(keep_x, noise, seed, winner)
     ctx.competitors = competitors
     ctx.temperature = temperature
+    ctx.backend = backend
+    ctx.nhwc = _nhwc(x)
 
 
 def lwta_backward(grad_out: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor], winner: torch.Tensor,
@@ -184,11 +272,15 @@ def lwta_backward(grad_out: torch.Tensor, x: torch.Tensor, noise: Optional[torch
 
 
 def _backward(ctx, grad_out, _grad_winner):
-    x, noise, winner = ctx.saved_tensors
+    x, noise, seed, winner = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = lwta_backward(grad_out, x, noise, winner, ctx.competitors, ctx.temperature)
-    return grad_x, None, None, None
+        if ctx.backend == "torch":
+            grad_x = lwta_backward(grad_out, x, noise, winner, ctx.competitors, ctx.temperature)
+        else:
+            grad_x = lwta_backward_op(grad_out, x, noise, seed, winner, ctx.competitors, ctx.temperature,
+                                      ctx.nhwc, ctx.backend)
+    return grad_x, None, None, None, None, None
 
 
 lwta_op.register_autograd(_backward, setup_context=_setup_context)
