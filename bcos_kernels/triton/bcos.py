@@ -127,6 +127,11 @@ def _input_precision(dtype: torch.dtype, linear: bool) -> str:
     return "tf32" if allowed else "ieee"
 
 
+def _multiprocessors(device: torch.device) -> int:
+    # meta tensors (scripts/check_triton_compile.py) plan for an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def _pow2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
 
@@ -716,7 +721,7 @@ def _grad_weight(grad_lin: torch.Tensor, x4: torch.Tensor, geo: Geometry, interp
     else:
         cfg = dict(BLOCK_F=_pow2(fg, 16, 128), BLOCK_J=_pow2(cg if cg >= 16 else cg * taps, 16, 128),
                    BLOCK_K=64 if x4.dtype != torch.float32 else 32, num_warps=8, num_stages=3)
-        target_programs = 4 * torch.cuda.get_device_properties(x4.device).multi_processor_count
+        target_programs = 4 * _multiprocessors(x4.device)
     flat_j = cg < cfg["BLOCK_J"]
     j_tiles = triton.cdiv(cg * taps, cfg["BLOCK_J"]) if flat_j else taps * triton.cdiv(cg, cfg["BLOCK_J"])
     tiles = triton.cdiv(fg, cfg["BLOCK_F"]) * j_tiles * geo.groups

@@ -1,0 +1,159 @@
+"""Compile every Triton kernel of bcos_kernels for real GPUs (sm_80, sm_90), without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) proves the kernels compute the right thing, but it runs tl.dot and friends
+in numpy and accepts code that the GPU compiler rejects (dot tiles under 16, type mismatches, layouts). This
+script runs the real launchers on *meta* tensors (shapes and strides, no data), intercepts each kernel launch,
+and hands the kernel with its actual argument types and compile-time constants to triton.compile for each
+target: the whole GPU pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with ptxas) runs on the CPU. It also
+checks that the shared memory each compiled kernel asks for fits the target.
+
+    python scripts/check_triton_compile.py          # CI set (sm_90); exit status 1 if anything fails
+    python scripts/check_triton_compile.py --full   # sm_80 and sm_90, fp16 too, more layers and modes
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, not interpreted ones
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+# (name, target, max shared memory per block in bytes)
+TARGETS = [("sm_80", GPUTarget("cuda", 80, 32), 166912), ("sm_90", GPUTarget("cuda", 90, 32), 232448)]
+TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+              torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TYPE_NAMES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type kernel argument {value!r}")
+
+
+class CompileOnly:
+    """Replaces JITFunction.run: compiles for every target instead of launching."""
+
+    def __init__(self):
+        self.seen = {}
+        self.failures = []
+
+    def run(self, fn: JITFunction, args, kwargs):
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        names = fn.arg_names
+        values = dict(zip(names, args))
+        values.update(kwargs)
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise TypeError(f"{fn.__name__}: missing arguments {missing}")
+        constexpr_idx = {p.num for p in fn.params if p.is_constexpr}
+        signature, constexprs = {}, {}
+        for i, name in enumerate(names):
+            if i in constexpr_idx:
+                signature[name] = "constexpr"
+                constexprs[(i,)] = values[name]
+            else:
+                signature[name] = _arg_type(values[name])
+        key = (fn.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())),
+               tuple(sorted(options.items())))
+        if key in self.seen:
+            return
+        for target_name, target, max_shared in TARGETS:
+            label = f"{fn.__name__} [{target_name}] " + ", ".join(
+                f"{names[i[0]]}={v}" for i, v in constexprs.items())
+            start = time.time()
+            try:
+                compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=target,
+                                          options=dict(options))
+            except Exception as error:  # noqa: BLE001 (report every failure, then fail)
+                self.failures.append(f"{label}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+                print("FAIL", label, flush=True)
+                continue
+            shared = compiled.metadata.shared
+            if shared > max_shared:
+                self.failures.append(f"{label}: needs {shared} bytes of shared memory, {target_name} has "
+                                     f"{max_shared}")
+            self.seen[key] = (label, shared, time.time() - start)
+            print(f"ok   {label}  (shared {shared} B, {time.time() - start:.1f}s)", flush=True)
+
+
+def _bcos_cases(full: bool):
+    """Launch the B-cos kernels (forward and backward) on meta tensors for representative layers: both K-loop
+    forms of each GEMM kernel, MaxOut (2 and 3), every scale mode, fp32 and bf16 (and fp16 with --full)."""
+    from bcos_kernels.triton import bcos as kernels
+
+    meta = dict(device="meta")
+    # (C, O, k, stride, padding, groups, max_out, N, H, channels_last)
+    convs = [(64, 64, 3, 1, 1, 1, 1, 8, 56, True),  # ResNet 3x3, tap-by-tap loops
+             (3, 64, 7, 2, 3, 1, 1, 2, 224, False),  # first layer: flat K
+             (96, 96, 7, 1, 3, 96, 3, 2, 28, True)]  # depthwise with MaxOut 3: flat K and flat J everywhere
+    modes = [(2.0, False, False), (float("nan"), True, True)]  # (b, learnable b, detach)
+    if full:
+        convs += [(256, 64, 1, 1, 0, 1, 1, 8, 56, False), (128, 128, 3, 2, 1, 1, 2, 8, 28, True),
+                  (64, 64, 3, 1, 1, 1, 3, 2, 14, False)]
+        modes += [(1.0, False, False), (2.5, False, True)]
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if full else ())
+    for dtype in dtypes:
+        for c, o, k, s, p, g, m, n, h, channels_last in convs:
+            x = torch.empty(n, c, h, h, dtype=dtype, **meta)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            w = torch.empty(o * m, c // g, k, k, dtype=dtype, **meta)
+            bias = torch.empty(o * m, dtype=dtype, **meta)
+            geo = kernels.conv_geometry(x, w, (s, s), (p, p), (1, 1), g, m)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            for b, learnable, detach in modes:
+                b_tensor = torch.empty(1, **meta) if learnable else None
+                out, lin, norm, winner = kernels.forward(x, w, bias, b_tensor, b, geo, True, 1.0, kernels.NORM_CONV,
+                                                         fmt)
+                kernels.backward(torch.empty_like(out), x, w, b_tensor, lin, norm, winner, b, geo, True, 1.0, detach,
+                                 [True, True, True, learnable], kernels.NORM_CONV)
+        # ViT-B/16 linears (the second with MaxOut 2)
+        for d, f, m in ((768, 2304, 1), (3072, 768, 2)):
+            x = torch.empty(64 * 197, d, dtype=dtype, **meta)
+            w = torch.empty(f * m, d, dtype=dtype, **meta)
+            geo = kernels.linear_geometry(x.shape[0], d, f * m, m)
+            out, lin, norm, winner = kernels.forward(x, w, None, None, 2.0, geo, True, 1.0, kernels.NORM_LINEAR,
+                                                     torch.contiguous_format)
+            kernels.backward(torch.empty_like(out), x, w, None, lin, norm, winner, 2.0, geo, True, 1.0, False,
+                             [True, True, False, False], kernels.NORM_LINEAR)
+
+
+CASES = [_bcos_cases]
+
+
+def main() -> int:
+    full = "--full" in sys.argv[1:]
+    if not full:
+        del TARGETS[0]  # CI: sm_90 only; --full adds sm_80, fp16 and more layers and modes
+    compiler = CompileOnly()
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: compiler.run(self, args, kwargs)
+    start = time.time()
+    for case in CASES:
+        case(full)
+    print(f"\n{len(compiler.seen)} kernel variants compiled for {', '.join(t[0] for t in TARGETS)} "
+          f"in {time.time() - start:.0f}s")
+    if compiler.failures:
+        print(f"{len(compiler.failures)} FAILURES:")
+        for failure in compiler.failures:
+            print("  " + failure)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
