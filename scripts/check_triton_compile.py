@@ -133,7 +133,35 @@ def _bcos_cases(full: bool):
                              [True, True, False, False], kernels.NORM_LINEAR)
 
 
-CASES = [_bcos_cases]
+def _lwta_csg_cases(full: bool):
+    """LWTA (seeded, explicit noise, deterministic; NCHW, channels_last, [..., D]) and the class-specific gate."""
+    from bcos_kernels.triton import class_specific_gate as gate
+    from bcos_kernels.triton import lwta
+
+    meta = dict(device="meta")
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if full else ())
+    for dtype in dtypes:
+        for shape, nhwc in (((8, 64, 56, 56), False), ((8, 64, 56, 56), True), ((8, 197, 1536), False)):
+            x = torch.empty(shape, dtype=dtype, **meta)
+            if nhwc:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for competitors in ((2, 4, 3) if full else (2, 3)):
+                seed = torch.empty(1, dtype=torch.int64, **meta)
+                noise = torch.empty(shape, dtype=torch.float32, **meta)
+                for noise_arg, seed_arg in ((None, seed), (noise, None), (None, None)):
+                    out, winner = lwta.lwta_forward(x, competitors, 1.0, noise_arg, seed_arg, nhwc)
+                    lwta.lwta_backward(torch.empty_like(out), x, noise_arg, seed_arg, winner, competitors, 1.0, nhwc)
+        for shape, nhwc in (((32, 2048, 4, 4), True), ((64, 512, 7, 7), False), ((16, 512), False)):
+            x = torch.empty(shape, dtype=dtype, **meta)
+            if nhwc:
+                x = x.contiguous(memory_format=torch.channels_last)
+            mask = torch.empty(shape[1], 1000, dtype=dtype, **meta)
+            labels = torch.empty(shape[0], dtype=torch.int64, **meta)
+            out = gate.gate_forward(x, mask, labels, nhwc)
+            gate.gate_backward(torch.empty_like(out), x, mask, labels, 1000, nhwc, True, True)
+
+
+CASES = [_bcos_cases, _lwta_csg_cases]
 
 
 def main() -> int:
