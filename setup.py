@@ -2,9 +2,13 @@
 
     pip install --no-build-isolation -e .
 
-The extension holds the CPU kernels (csrc/cpu/*.cpp) and, when torch was
-built with CUDA and nvcc is found (and BCOS_KERNELS_NO_CUDA is not set), the
-CUDA kernels (csrc/cuda/*.cu, compiled with BCOS_WITH_CUDA defined).
+The extension holds the CPU kernels (csrc/cpu/*.cpp), the schemas of every
+op (csrc/ops.cpp, csrc/cuda_schemas.cpp) and, when torch was built with CUDA
+and nvcc is found (and BCOS_KERNELS_NO_CUDA is not set), the CUDA kernels
+(csrc/cuda/*.cu) and their torch glue (csrc/cuda/*.cpp), compiled with
+BCOS_WITH_CUDA defined (GPU architectures: TORCH_CUDA_ARCH_LIST, as torch
+decides).  scripts/check_cuda.sh checks the CUDA sources on machines without
+CUDA torch.
 """
 import glob
 import os
@@ -31,7 +35,7 @@ def _use_cuda():
 
 def _extension():
     with_cuda = _use_cuda()
-    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    sources = ["csrc/ops.cpp", "csrc/cuda_schemas.cpp"] + _sources("csrc/cpu/*.cpp")
     # -fno-math-errno and -fno-trapping-math let sqrt and the branch-free selects of
     # csrc/common/bcos_math.h vectorise; neither changes a value.  The C++
     # standard is left to torch (it adds the one its headers need).
@@ -50,12 +54,16 @@ def _extension():
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros,
                   extra_link_args=link_flags)
     if with_cuda:
-        sources += _sources("csrc/cuda/*.cu")
+        # kernels (plain CUDA) and the glue that registers them (C++ with torch's CUDA headers)
+        sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         define_macros.append(("BCOS_WITH_CUDA", None))
+        # No --use_fast_math: the kernels rely on IEEE division and the accurate libm functions
+        # (the same results as the CPU kernels up to fused multiply-adds).
+        nvcc_flags = ["-O3", "-lineinfo"]
         return CUDAExtension(
             "bcos_kernels._C",
             sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             **kwargs,
         )
     return CppExtension("bcos_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)

@@ -13,6 +13,10 @@ CPU kernels exactly (csrc/cpu/bcos_cpu.cpp), including the layout rules:
 - bcos_scale_backward: grad_lin (N, O * max_out, P); grad_norm (N, G, P) or
   empty (0,); grad_b 0-dim float32 (float64 for float64 input) or empty (0,).
 
+The ops with only a CUDA kernel (csrc/cuda_schemas.cpp) get fakes too, at the
+end of this file: bcos_conv_scale_forward, dau_combine_forward/backward,
+lwta_block_forward/backward, lwta_uniform, csg_gate_forward/backward.
+
 Importing this module loads the extension (ImportError when it is not built)
 and registers the fakes once.
 """
@@ -90,3 +94,96 @@ def _bcos_scale_backward_fake(grad_out, lin_max, norm, winner, b, b_is_tensor, m
     else:
         grad_b = grad_out.new_empty((0,), dtype=b_dtype)
     return grad_lin, grad_norm, grad_b
+
+
+# ---------------------------------------------------------------------------
+# Ops with only a CUDA kernel (schemas in csrc/cuda_schemas.cpp, kernels in
+# csrc/cuda/).  Their fakes are registered where the op exists (an extension
+# built before these schemas were added lacks them), so that torch.compile can
+# trace calls to them on any machine.
+# ---------------------------------------------------------------------------
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.bcos_kernels, name)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the CUDA kernels: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dense_format(x) -> torch.memory_format:
+    """channels_last for a 4-D x that is channels_last-contiguous but not NCHW-contiguous, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+if _has_op("bcos_conv_scale_forward"):
+    @torch.library.register_fake("bcos_kernels::bcos_conv_scale_forward")
+    def _bcos_conv_scale_forward_fake(lin, x, kernel_size, stride, padding, dilation, groups, b, b_is_tensor,
+                                      max_out, scale):
+        """bcos_scale_forward's outputs plus the norms (N, G, Ho, Wo) contiguous; (0,) in mode one (b == 1)."""
+        out, lin_max, winner = _bcos_scale_forward_fake(lin, None, b, b_is_tensor, max_out, scale)
+        if _scale_mode(b, b_is_tensor) == "one":
+            return out, lin_max, winner, x.new_empty((0,))
+        return out, lin_max, winner, _patch_norm_fake(x, kernel_size, stride, padding, dilation, groups)
+
+
+if _has_op("dau_combine_forward"):
+    @torch.library.register_fake("bcos_kernels::dau_combine_forward")
+    def _dau_combine_forward_fake(y, z, gram, norm):
+        """out (P, O) in y's dtype and s = ||w|| (P, O) in the accumulation dtype, both contiguous."""
+        torch._check(z.dim() == 2 and gram.dim() == 3, lambda: "z must be (P, r) and gram (O, R, R)")
+        shape = (z.shape[0], gram.shape[0])
+        return y.new_empty(shape), y.new_empty(shape, dtype=_acc_dtype(y.dtype))
+
+    @torch.library.register_fake("bcos_kernels::dau_combine_backward")
+    def _dau_combine_backward_fake(grad_out, y, z, s, gram, norm, detach, need_dz, need_dy, need_m):
+        """dz (P, r) and dy (P, O * R) in y's dtype, m (O, R, R) in the accumulation dtype; (0,) when not needed."""
+        npix, rank = z.shape
+        o, big_r = gram.shape[0], gram.shape[1]
+        dz = y.new_empty((npix, rank) if need_dz else (0,))
+        dy = y.new_empty((npix, o * big_r) if need_dy else (0,))
+        m = y.new_empty((o, big_r, big_r) if need_m else (0,), dtype=_acc_dtype(y.dtype))
+        return dz, dy, m
+
+
+def _lwta_winner_shape(x, competitors):
+    dim = 1 if x.dim() == 4 else x.dim() - 1
+    shape = list(x.shape)
+    shape[dim] //= competitors
+    return shape
+
+
+if _has_op("lwta_block_forward"):
+    @torch.library.register_fake("bcos_kernels::lwta_block_forward")
+    def _lwta_block_forward_fake(x, competitors, temperature, deterministic, noise, seed, offset):
+        """out: x's shape and dtype, contiguous; winner: uint8 with the competition dim divided by competitors."""
+        torch._check(2 <= x.dim() <= 4, lambda: f"x must have 2, 3 or 4 dimensions, got shape {tuple(x.shape)}")
+        return x.new_empty(x.shape), x.new_empty(_lwta_winner_shape(x, competitors), dtype=torch.uint8)
+
+    @torch.library.register_fake("bcos_kernels::lwta_block_backward")
+    def _lwta_block_backward_fake(grad_out, x, winner, competitors, temperature, deterministic, noise, seed, offset):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("bcos_kernels::lwta_uniform")
+    def _lwta_uniform_fake(x, seed, offset):
+        return x.new_empty(x.shape, dtype=torch.float32)
+
+
+if _has_op("csg_gate_forward"):
+    @torch.library.register_fake("bcos_kernels::csg_gate_forward")
+    def _csg_gate_forward_fake(x, mask, labels):
+        """x's shape and dtype; channels_last when x is (and is not NCHW-contiguous), else contiguous."""
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_dense_format(x))
+
+    @torch.library.register_fake("bcos_kernels::csg_gate_backward")
+    def _csg_gate_backward_fake(grad_out, x, mask, labels, num_classes, need_x, need_mask):
+        """grad_x in grad_out's layout rule (as csg_gate_forward), grad_mask (C, num_classes); (0,) when not needed."""
+        if need_x:
+            grad_x = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device,
+                                 memory_format=_dense_format(grad_out))
+        else:
+            grad_x = grad_out.new_empty((0,))
+        grad_mask = grad_out.new_empty((grad_out.shape[1], num_classes) if need_mask else (0,))
+        return grad_x, grad_mask

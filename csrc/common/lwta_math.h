@@ -1,0 +1,180 @@
+// Per-block math of DISCOVER's local winner-takes-all (LWTA), shared by the
+// CUDA kernels and the host tests.  Semantics: bcos_kernels/reference/lwta.py
+// and the docstring of bcos_kernels/ops/lwta.py.
+//
+// A block holds U competing units.  The functions below see a block through
+// small functors (logit(k), x(k), ...) so that a kernel can feed them from
+// registers (U known at compile time) or recompute each value on demand
+// (any U), and a host test can feed them from plain arrays.
+//
+//   stochastic:    l_k = (x_k + g_k) / T,  g_k = gumbel(u_k)
+//                  p   = softmax(l) over the block, winner = first argmax of p
+//                  out_k = k == winner ? x_k * ((1 - p_k) + p_k) : 0
+//                  grad_k = ((v_k - sum_j p_j v_j) * p_k) / T + (k == winner) * g'_k * ((1 - p_k) + p_k)
+//                           with g' the incoming gradient and v = g' * x
+//   deterministic: winner = first argmax of x, out_k = k == winner ? x_k : 0, grad_k = (k == winner) * g'_k
+//
+// The expression (1 - p) + p is the value at the winner of the original's
+// straight-through mask (y_hard - y_soft).detach() + y_soft; it is 1 up to
+// rounding and is kept so that results follow the original.
+#ifndef BCOS_KERNELS_COMMON_LWTA_MATH_H_
+#define BCOS_KERNELS_COMMON_LWTA_MATH_H_
+
+#ifndef BCOS_HD
+#if defined(__CUDACC__)
+#define BCOS_HD __host__ __device__
+#else
+#define BCOS_HD
+#endif
+#endif
+
+#include <cmath>
+
+namespace bcos_math {
+
+// The epsilon of the original's Gumbel transform (ResNet code).
+constexpr double kGumbelEps = 1e-5;
+
+// Correctly rounded-ish libm log/exp (not the polynomial of bcos_math.h):
+// the reference uses torch.log / softmax, and the Gumbel transform is
+// sensitive near u = 1.
+BCOS_HD inline float log_std(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::logf(x);
+#else
+  return std::log(x);
+#endif
+}
+BCOS_HD inline double log_std(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::log(x);
+#else
+  return std::log(x);
+#endif
+}
+BCOS_HD inline float exp_std(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+BCOS_HD inline double exp_std(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+// Gumbel noise -log(-log(u + eps) + eps), one operation at a time in the
+// arithmetic type T of u; `round` rounds an intermediate to the storage type
+// of the noise (identity for float and double, a round trip through half for
+// fp16/bf16 noise), because torch rounds to the tensor's dtype after every
+// operation.  For u in [0, 1) every intermediate stays finite.
+template <typename T, typename Round>
+BCOS_HD inline T gumbel_from_uniform(T u, const Round& round) {
+  const T eps = static_cast<T>(kGumbelEps);
+  T a = round(u + eps);
+  a = round(log_std(a));
+  a = round(eps - a);  // (-a) + eps: negation is exact, so this is the same sum
+  a = round(log_std(a));
+  return -a;
+}
+
+template <typename T>
+struct IdentityRound {
+  BCOS_HD T operator()(T v) const { return v; }
+};
+
+template <typename T>
+BCOS_HD inline T gumbel_from_uniform(T u) {
+  return gumbel_from_uniform(u, IdentityRound<T>{});
+}
+
+// Softmax statistics of a block: max of the logits and sum of exp(l - max).
+template <typename T>
+struct SoftmaxStats {
+  T max;
+  T sum;
+};
+
+template <typename T, typename Logit>
+BCOS_HD inline SoftmaxStats<T> softmax_stats(int units, const Logit& logit) {
+  T mx = logit(0);
+  for (int k = 1; k < units; ++k) {
+    const T v = logit(k);
+    mx = v > mx ? v : mx;
+  }
+  T sum = static_cast<T>(0);
+  for (int k = 0; k < units; ++k) sum += exp_std(logit(k) - mx);
+  return SoftmaxStats<T>{mx, sum};
+}
+
+template <typename T>
+BCOS_HD inline T softmax_prob(T logit, const SoftmaxStats<T>& st) {
+  return exp_std(logit - st.max) / st.sum;
+}
+
+template <typename T>
+struct LwtaChoice {
+  int winner;
+  T p_win;  // the softmax probability of the winner (stochastic mode)
+};
+
+// Stochastic forward: winner = first maximum of p (strict >, as torch.max).
+template <typename T, typename Logit>
+BCOS_HD inline LwtaChoice<T> lwta_soft_choice(int units, const Logit& logit) {
+  const SoftmaxStats<T> st = softmax_stats<T>(units, logit);
+  T best = softmax_prob(logit(0), st);
+  int win = 0;
+  for (int k = 1; k < units; ++k) {
+    const T p = softmax_prob(logit(k), st);
+    if (p > best) {
+      best = p;
+      win = k;
+    }
+  }
+  return LwtaChoice<T>{win, best};
+}
+
+// Deterministic forward: first maximum of x.
+template <typename T, typename X>
+BCOS_HD inline int lwta_hard_choice(int units, const X& x) {
+  T best = x(0);
+  int win = 0;
+  for (int k = 1; k < units; ++k) {
+    const T v = x(k);
+    if (v > best) {
+      best = v;
+      win = k;
+    }
+  }
+  return win;
+}
+
+// The forward value at the winner (stochastic mode).
+template <typename T>
+BCOS_HD inline T lwta_winner_value(T x_win, T p_win) {
+  return x_win * ((static_cast<T>(1) - p_win) + p_win);
+}
+
+// Stochastic backward of one block: store(k, grad_k) for every unit.
+// logit(k): l_k; v(k): g'_k * x_k; up(k): g'_k; `winner` from the forward.
+template <typename T, typename Logit, typename V, typename Up, typename Store>
+BCOS_HD inline void lwta_soft_backward(int units, int winner, T temperature, const Logit& logit, const V& v,
+                                       const Up& up, const Store& store) {
+  const SoftmaxStats<T> st = softmax_stats<T>(units, logit);
+  T dot = static_cast<T>(0);
+  for (int k = 0; k < units; ++k) dot += v(k) * softmax_prob(logit(k), st);
+  for (int k = 0; k < units; ++k) {
+    const T p = softmax_prob(logit(k), st);
+    T grad = ((v(k) - dot) * p) / temperature;
+    if (k == winner) grad += up(k) * ((static_cast<T>(1) - p) + p);
+    store(k, grad);
+  }
+}
+
+}  // namespace bcos_math
+
+#endif  // BCOS_KERNELS_COMMON_LWTA_MATH_H_

@@ -1,0 +1,604 @@
+// CUDA registrations of the bcos_kernels ops: argument checks, output
+// allocation and a call of the plain-CUDA launcher (csrc/cuda/kernels.h) on
+// the current stream of the tensors' device.  Compiled only when torch has
+// CUDA (setup.py); schemas: csrc/ops.cpp and csrc/cuda_schemas.cpp.
+//
+// The checks and output conventions mirror the CPU ops (csrc/cpu/bcos_cpu.cpp)
+// so that both backends accept and return the same things.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common/bcos_math.h"
+#include "common/dau_math.h"
+#include "cuda/kernels.h"
+
+namespace bcos_kernels {
+namespace cuda_ops {
+namespace {
+
+namespace kc = bcos_kernels::cuda;
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+kc::DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return kc::DType::kFloat32;
+    case at::kDouble:
+      return kc::DType::kFloat64;
+    case at::kBFloat16:
+      return kc::DType::kBFloat16;
+    case at::kHalf:
+      return kc::DType::kFloat16;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, name, " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+  return kc::DType::kFloat32;  // not reached
+}
+
+// The accumulation dtype of the kernels for storage dtype st.
+at::ScalarType acc_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has dtype ", ref.scalar_type());
+}
+
+cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+// ---------------------------------------------------------------------------
+// B-cos.
+// ---------------------------------------------------------------------------
+std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* name, int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, name, " must have 2 elements, got ", v.size());
+  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, name, " must be >= ", minimum, ", got ", v);
+  return {v[0], v[1]};
+}
+
+kc::PatchGeometry make_geometry(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "x must have 4 dimensions (N, C, H, W), got shape ", x.sizes());
+  kc::PatchGeometry g{};
+  std::tie(g.kh, g.kw) = pair_arg(kernel_size, "kernel_size", 1);
+  std::tie(g.sh, g.sw) = pair_arg(stride, "stride", 1);
+  std::tie(g.ph, g.pw) = pair_arg(padding, "padding", 0);
+  std::tie(g.dh, g.dw) = pair_arg(dilation, "dilation", 1);
+  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.G = groups;
+  TORCH_CHECK(g.C % groups == 0, "x has ", g.C, " channels, which is not divisible by groups=", groups);
+  g.Cg = g.C / groups;
+  const int64_t span_h = g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1;
+  const int64_t span_w = g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, "the (dilated) kernel ", kernel_size,
+              " is larger than the padded input of x (", g.H, " x ", g.W, ", padding ", padding, ")");
+  g.Ho = span_h / g.sh + 1;
+  g.Wo = span_w / g.sw + 1;
+  return g;
+}
+
+kc::Strides4 strides4(const at::Tensor& t) { return kc::Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// NHWC memory (channels_last but not NCHW-contiguous): the kernels then walk
+// channels fastest, and patch_norm_backward returns channels_last, as on CPU.
+bool use_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor patch_norm(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_cuda(x, "x");
+  const kc::DType dt = dtype_of(x, "x");
+  const kc::PatchGeometry g = make_geometry(x, kernel_size, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor norm = at::empty({g.N, g.G, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (norm.numel() == 0) return norm;
+  at::Tensor sq = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dtype(x.scalar_type())));
+  C10_CUDA_CHECK(kc::patch_norm(dt, x.const_data_ptr(), strides4(x), use_channels_last(x), g, sq.data_ptr(),
+                                norm.data_ptr(), current_stream(x)));
+  return norm;
+}
+
+at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor& x, const at::Tensor& norm_in,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups) {
+  check_cuda(x, "x");
+  check_same_device(grad_norm_in, "grad_norm", x, "x");
+  check_same_device(norm_in, "norm", x, "x");
+  const kc::DType dt = dtype_of(x, "x");
+  const kc::PatchGeometry g = make_geometry(x, kernel_size, stride, padding, dilation, groups);
+  const std::vector<int64_t> norm_shape{g.N, g.G, g.Ho, g.Wo};
+  TORCH_CHECK(grad_norm_in.sizes() == at::IntArrayRef(norm_shape), "grad_norm must have shape ", norm_shape,
+              ", got ", grad_norm_in.sizes());
+  TORCH_CHECK(norm_in.sizes() == at::IntArrayRef(norm_shape), "norm must have shape ", norm_shape, ", got ",
+              norm_in.sizes());
+  check_same_dtype(grad_norm_in, "grad_norm", x, "x");
+  check_same_dtype(norm_in, "norm", x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool cl = use_channels_last(x);
+  at::Tensor grad_x = at::empty(
+      x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  if (grad_x.numel() == 0) return grad_x;
+  const at::Tensor grad_norm = grad_norm_in.contiguous();
+  const at::Tensor norm = norm_in.contiguous();
+  at::Tensor r = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dtype(x.scalar_type())));
+  C10_CUDA_CHECK(kc::patch_norm_backward(dt, grad_norm.const_data_ptr(), norm.const_data_ptr(), x.const_data_ptr(),
+                                         strides4(x), grad_x.data_ptr(), strides4(grad_x), cl, g, r.data_ptr(),
+                                         current_stream(x)));
+  return grad_x;
+}
+
+// Checks shared by the scale ops (as the CPU's check_scale_args).  `lin_name`
+// is lin (forward, (N, O * M, P)) or lin_max (backward, (N, O, P));
+// lin_channels_per_out is M or 1.
+kc::ScaleProblem check_scale_args(const char* lin_name, const at::Tensor& lin, int64_t lin_channels_per_out,
+                                  const at::Tensor& norm, int mode, int64_t max_out, double b, double scale) {
+  check_cuda(lin, lin_name);
+  dtype_of(lin, lin_name);
+  TORCH_CHECK(lin.dim() == 3, lin_name, " must have 3 dimensions (N, channels, positions), got shape ", lin.sizes());
+  TORCH_CHECK(max_out >= 1 && max_out <= 255, "max_out must be in [1, 255], got ", max_out);
+  TORCH_CHECK(scale != 0.0, "scale must be non-zero");
+  kc::ScaleProblem s{};
+  s.N = lin.size(0);
+  s.P = lin.size(2);
+  s.M = max_out;
+  TORCH_CHECK(lin.size(1) % lin_channels_per_out == 0, lin_name, " has ", lin.size(1),
+              " channels, which is not divisible by max_out=", max_out);
+  s.O = lin.size(1) / lin_channels_per_out;
+  s.G = 1;
+  s.mode = mode;
+  s.b = b;
+  s.scale = scale;
+  if (mode != bcos_math::kModeOne) {
+    check_same_device(norm, "norm", lin, lin_name);
+    TORCH_CHECK(norm.dim() == 3, "norm must have 3 dimensions (N, G, positions), got shape ", norm.sizes());
+    check_same_dtype(norm, "norm", lin, lin_name);
+    TORCH_CHECK(norm.size(0) == s.N && norm.size(2) == s.P, "norm must have shape (", s.N, ", G, ", s.P, "), got ",
+                norm.sizes());
+    s.G = norm.size(1);
+    TORCH_CHECK(s.G >= 1 && s.O % s.G == 0, "norm has ", s.G, " channels (groups), which does not divide the ", s.O,
+                " output channels");
+  }
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tensor& lin_in, const at::Tensor& norm_in,
+                                                                  double b, bool b_is_tensor, int64_t max_out,
+                                                                  double scale) {
+  const int mode = bcos_math::scale_mode(b, b_is_tensor);
+  const kc::ScaleProblem s = check_scale_args("lin", lin_in, max_out, norm_in, mode, max_out, b, scale);
+  const c10::cuda::CUDAGuard guard(lin_in.device());
+  const at::Tensor lin = lin_in.contiguous();
+  const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
+  at::Tensor out = at::empty({s.N, s.O, s.P}, lin.options());
+  at::Tensor lin_max, winner;
+  if (s.M > 1) {
+    lin_max = at::empty({s.N, s.O, s.P}, lin.options());
+    winner = at::empty({s.N, s.O, s.P}, lin.options().dtype(at::kByte));
+  } else {
+    // an output may not alias an input: with max_out == 1 the caller uses lin as lin_max
+    lin_max = at::empty({0}, lin.options());
+    winner = at::empty({0}, lin.options().dtype(at::kByte));
+  }
+  if (out.numel() == 0) return {out, lin_max, winner};
+  C10_CUDA_CHECK(kc::bcos_scale_forward(dtype_of(lin, "lin"), lin.const_data_ptr(),
+                                        mode == bcos_math::kModeOne ? nullptr : norm.const_data_ptr(),
+                                        out.data_ptr(), s.M > 1 ? lin_max.data_ptr() : nullptr,
+                                        s.M > 1 ? winner.data_ptr<uint8_t>() : nullptr, s, current_stream(lin)));
+  return {out, lin_max, winner};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bcos_conv_scale_forward(
+    const at::Tensor& lin_in, const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double b, bool b_is_tensor, int64_t max_out,
+    double scale) {
+  const int mode = bcos_math::scale_mode(b, b_is_tensor);
+  check_cuda(x, "x");
+  check_same_device(lin_in, "lin", x, "x");
+  check_same_dtype(lin_in, "lin", x, "x");
+  const kc::PatchGeometry g = make_geometry(x, kernel_size, stride, padding, dilation, groups);
+  TORCH_CHECK(lin_in.dim() == 3 && lin_in.size(0) == g.N && lin_in.size(2) == g.Ho * g.Wo,
+              "lin must have shape (", g.N, ", out_channels * max_out, ", g.Ho * g.Wo, ") for this x and geometry, got ",
+              lin_in.sizes());
+  if (mode == bcos_math::kModeOne) {
+    // b == 1 needs no norm: the plain scale pass, and an empty norm (as the fused Python path)
+    auto [out, lin_max, winner] = bcos_scale_forward(lin_in, at::Tensor(), b, b_is_tensor, max_out, scale);
+    return {out, lin_max, winner, at::empty({0}, x.options())};
+  }
+  TORCH_CHECK(max_out >= 1 && max_out <= 255, "max_out must be in [1, 255], got ", max_out);
+  TORCH_CHECK(scale != 0.0, "scale must be non-zero");
+  TORCH_CHECK(lin_in.size(1) % max_out == 0, "lin has ", lin_in.size(1),
+              " channels, which is not divisible by max_out=", max_out);
+  kc::ScaleProblem s{};
+  s.N = g.N;
+  s.O = lin_in.size(1) / max_out;
+  s.M = max_out;
+  s.P = g.Ho * g.Wo;
+  s.G = g.G;
+  s.mode = mode;
+  s.b = b;
+  s.scale = scale;
+  TORCH_CHECK(s.O % s.G == 0, "groups=", s.G, " does not divide the ", s.O, " output channels");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor lin = lin_in.contiguous();
+  at::Tensor norm = at::empty({g.N, g.G, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty({s.N, s.O, s.P}, lin.options());
+  at::Tensor lin_max = at::empty(s.M > 1 ? std::vector<int64_t>{s.N, s.O, s.P} : std::vector<int64_t>{0}, lin.options());
+  at::Tensor winner = at::empty(s.M > 1 ? std::vector<int64_t>{s.N, s.O, s.P} : std::vector<int64_t>{0},
+                                lin.options().dtype(at::kByte));
+  if (norm.numel() == 0) return {out, lin_max, winner, norm};
+  at::Tensor sq = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dtype(x.scalar_type())));
+  C10_CUDA_CHECK(kc::bcos_conv_scale_forward(
+      dtype_of(x, "x"), lin.const_data_ptr(), x.const_data_ptr(), strides4(x), use_channels_last(x), g,
+      sq.data_ptr(), norm.data_ptr(), out.data_ptr(), s.M > 1 ? lin_max.data_ptr() : nullptr,
+      s.M > 1 ? winner.data_ptr<uint8_t>() : nullptr, s, current_stream(x)));
+  return {out, lin_max, winner, norm};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& lin_max_in, const at::Tensor& norm_in,
+    const at::Tensor& winner_in, double b, bool b_is_tensor, int64_t max_out, double scale, bool detach,
+    bool need_grad_norm, bool need_grad_b) {
+  const int mode = bcos_math::scale_mode(b, b_is_tensor);
+  const kc::ScaleProblem s = check_scale_args("lin_max", lin_max_in, 1, norm_in, mode, max_out, b, scale);
+  check_same_device(grad_out_in, "grad_out", lin_max_in, "lin_max");
+  TORCH_CHECK(grad_out_in.sizes() == lin_max_in.sizes(), "grad_out must have the shape of lin_max ",
+              lin_max_in.sizes(), ", got ", grad_out_in.sizes());
+  check_same_dtype(grad_out_in, "grad_out", lin_max_in, "lin_max");
+  if (s.M > 1) {
+    check_same_device(winner_in, "winner", lin_max_in, "lin_max");
+    TORCH_CHECK(winner_in.scalar_type() == at::kByte, "winner must be uint8, got ", winner_in.scalar_type());
+    TORCH_CHECK(winner_in.sizes() == lin_max_in.sizes(), "winner must have the shape of lin_max ",
+                lin_max_in.sizes(), ", got ", winner_in.sizes());
+  }
+  const bool need_dn = need_grad_norm && !detach && mode != bcos_math::kModeOne;
+  const bool need_db = need_grad_b && mode == bcos_math::kModeGeneral;
+  const c10::cuda::CUDAGuard guard(lin_max_in.device());
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor lin_max = lin_max_in.contiguous();
+  const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
+  const at::Tensor winner = s.M > 1 ? winner_in.contiguous() : winner_in;
+  const auto opts = grad_out.options();
+  const auto b_dtype = acc_dtype(grad_out.scalar_type());
+
+  at::Tensor grad_lin = at::empty({s.N, s.O * s.M, s.P}, opts);
+  at::Tensor grad_norm = need_dn ? at::empty({s.N, s.G, s.P}, opts) : at::empty({0}, opts);
+  at::Tensor grad_b = need_db ? at::empty({}, opts.dtype(b_dtype)) : at::empty({0}, opts.dtype(b_dtype));
+  if (grad_lin.numel() == 0) {
+    grad_norm.zero_();
+    grad_b.zero_();
+    return {grad_lin, grad_norm, grad_b};
+  }
+  at::Tensor partials = need_db ? at::empty({kc::bcos_scale_backward_partials(s)}, opts.dtype(at::kDouble))
+                                : at::empty({0}, opts.dtype(at::kDouble));
+  C10_CUDA_CHECK(kc::bcos_scale_backward(
+      dtype_of(grad_out, "grad_out"), grad_out.const_data_ptr(), lin_max.const_data_ptr(),
+      mode == bcos_math::kModeOne ? nullptr : norm.const_data_ptr(),
+      s.M > 1 ? winner.const_data_ptr<uint8_t>() : nullptr, grad_lin.data_ptr(),
+      need_dn ? grad_norm.data_ptr() : nullptr, need_db ? grad_b.data_ptr() : nullptr,
+      need_db ? partials.data_ptr<double>() : nullptr, s, detach, current_stream(grad_out)));
+  return {grad_lin, grad_norm, grad_b};
+}
+
+// ---------------------------------------------------------------------------
+// DAU epilogue.
+// ---------------------------------------------------------------------------
+int dau_norm_kind(std::string_view norm) {
+  if (norm == "squash") return bcos_math::kDauSquash;
+  if (norm == "l2") return bcos_math::kDauL2;
+  TORCH_CHECK(false, "norm must be \"squash\" or \"l2\", got \"", std::string(norm), "\"");
+  return bcos_math::kDauSquash;  // not reached
+}
+
+kc::Matrix matrix(const at::Tensor& t) { return kc::Matrix{t.const_data_ptr(), t.stride(0), t.stride(1)}; }
+
+void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape (", rows, ", ", cols,
+              "), got ", t.sizes());
+}
+
+// Checks of y, z, gram shared by forward and backward; returns the problem.
+kc::DauProblem check_dau_args(const at::Tensor& y, const at::Tensor& z, const at::Tensor& gram,
+                              std::string_view norm) {
+  check_cuda(y, "y");
+  check_same_device(z, "z", y, "y");
+  check_same_device(gram, "gram", y, "y");
+  dtype_of(y, "y");
+  check_same_dtype(z, "z", y, "y");
+  TORCH_CHECK(gram.scalar_type() == acc_dtype(y.scalar_type()), "gram must have dtype ",
+              acc_dtype(y.scalar_type()), " (the accumulation dtype of y's ", y.scalar_type(), "), got ",
+              gram.scalar_type());
+  TORCH_CHECK(z.dim() == 2, "z must have 2 dimensions (pixels, rank), got shape ", z.sizes());
+  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2), "gram must have shape (O, R, R), got ", gram.sizes());
+  kc::DauProblem d{};
+  d.P = z.size(0);
+  d.O = gram.size(0);
+  TORCH_CHECK(z.size(1) >= 1 && z.size(1) < kc::kDauMaxRank, "z must have between 1 and ", kc::kDauMaxRank - 1,
+              " columns (the rank), got ", z.size(1));
+  d.r = static_cast<int>(z.size(1));
+  TORCH_CHECK(gram.size(1) == d.r || gram.size(1) == d.r + 1, "gram must be (O, R, R) with R = rank (", d.r,
+              ", no bias) or rank + 1 (", d.r + 1, ", with bias), got ", gram.sizes());
+  d.R = static_cast<int>(gram.size(1));
+  d.norm = dau_norm_kind(norm);
+  check_matrix(y, "y", d.P, d.O * d.R);
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor> dau_combine_forward(const at::Tensor& y, const at::Tensor& z,
+                                                       const at::Tensor& gram_in, std::string_view norm) {
+  const kc::DauProblem d = check_dau_args(y, z, gram_in, norm);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::Tensor gram = gram_in.contiguous();
+  at::Tensor out = at::empty({d.P, d.O}, y.options());
+  at::Tensor s = at::empty({d.P, d.O}, y.options().dtype(acc_dtype(y.scalar_type())));
+  if (out.numel() == 0) return {out, s};
+  C10_CUDA_CHECK(kc::dau_forward(dtype_of(y, "y"), matrix(y), matrix(z), gram.const_data_ptr(), d, out.data_ptr(),
+                                 s.data_ptr(), current_stream(y)));
+  return {out, s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dau_combine_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                                                                    const at::Tensor& z, const at::Tensor& s,
+                                                                    const at::Tensor& gram_in, std::string_view norm,
+                                                                    bool detach, bool need_dz, bool need_dy,
+                                                                    bool need_m) {
+  const kc::DauProblem d = check_dau_args(y, z, gram_in, norm);
+  check_same_device(grad_out, "grad_out", y, "y");
+  check_same_device(s, "s", y, "y");
+  check_same_dtype(grad_out, "grad_out", y, "y");
+  check_matrix(grad_out, "grad_out", d.P, d.O);
+  check_matrix(s, "s", d.P, d.O);
+  TORCH_CHECK(s.scalar_type() == acc_dtype(y.scalar_type()), "s must have dtype ", acc_dtype(y.scalar_type()),
+              " (as dau_combine_forward returns it), got ", s.scalar_type());
+  TORCH_CHECK(!(detach && (need_dz || need_m)),
+              "detach=True: z and the filters get no gradient through the norms; need_dz and need_m must be False");
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::Tensor gram = gram_in.contiguous();
+  const auto acc_opts = y.options().dtype(acc_dtype(y.scalar_type()));
+  at::Tensor dz = need_dz ? at::empty({d.P, d.r}, y.options()) : at::empty({0}, y.options());
+  at::Tensor dy = need_dy ? at::empty({d.P, d.O * d.R}, y.options()) : at::empty({0}, y.options());
+  at::Tensor m = need_m ? at::empty({d.O, d.R, d.R}, acc_opts) : at::empty({0}, acc_opts);
+  if (!(need_dz || need_dy || need_m)) return {dz, dy, m};
+  at::Tensor workspace = at::empty({kc::dau_backward_workspace_elems(d, need_m)}, acc_opts);
+  C10_CUDA_CHECK(kc::dau_backward(dtype_of(y, "y"), matrix(grad_out), matrix(y), matrix(z), matrix(s),
+                                  gram.const_data_ptr(), d, detach, need_dz ? dz.data_ptr() : nullptr,
+                                  need_dy ? dy.data_ptr() : nullptr, need_m ? m.data_ptr() : nullptr,
+                                  workspace.data_ptr(), current_stream(y)));
+  return {dz, dy, m};
+}
+
+// ---------------------------------------------------------------------------
+// LWTA.
+// ---------------------------------------------------------------------------
+
+// x viewed as (outer, C, inner): C is dim 1 of a 4-D x, the last dim otherwise.
+kc::LwtaProblem lwta_problem(const at::Tensor& x, int64_t competitors, double temperature, bool deterministic,
+                             int64_t seed, int64_t offset) {
+  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, "x must have 2, 3 or 4 dimensions, got shape ", x.sizes());
+  TORCH_CHECK(competitors >= 1 && competitors <= 256, "competitors must be in [1, 256], got ", competitors);
+  TORCH_CHECK(deterministic || temperature > 0.0, "temperature must be > 0, got ", temperature);
+  const int64_t dim = x.dim() == 4 ? 1 : x.dim() - 1;
+  kc::LwtaProblem p{};
+  p.C = x.size(dim);
+  TORCH_CHECK(p.C % competitors == 0, "competitors=", competitors, " must divide the channel dim of x (dim ", dim,
+              ", size ", p.C, ")");
+  p.outer = 1;
+  for (int64_t i = 0; i < dim; ++i) p.outer *= x.size(i);
+  p.inner = 1;
+  for (int64_t i = dim + 1; i < x.dim(); ++i) p.inner *= x.size(i);
+  p.U = static_cast<int>(competitors);
+  p.temperature = temperature;
+  p.deterministic = deterministic;
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+  return p;
+}
+
+std::vector<int64_t> winner_shape(const at::Tensor& x, int64_t competitors) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[x.dim() == 4 ? 1 : x.dim() - 1] /= competitors;
+  return shape;
+}
+
+// The noise to read (contiguous, x's shape) or an undefined tensor (draw it).
+at::Tensor lwta_noise(const std::optional<at::Tensor>& noise, const at::Tensor& x, bool deterministic) {
+  if (deterministic || !noise.has_value() || !noise->defined()) return at::Tensor();
+  check_same_device(*noise, "noise", x, "x");
+  TORCH_CHECK(noise->sizes() == x.sizes(), "noise must have the shape of x ", x.sizes(), ", got ", noise->sizes());
+  TORCH_CHECK(noise->scalar_type() == at::kFloat || noise->scalar_type() == x.scalar_type(),
+              "noise must have dtype float32 or x's dtype ", x.scalar_type(), ", got ", noise->scalar_type());
+  return noise->contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> lwta_block_forward(const at::Tensor& x_in, int64_t competitors, double temperature,
+                                                bool deterministic, const std::optional<at::Tensor>& noise_in,
+                                                int64_t seed, int64_t offset) {
+  check_cuda(x_in, "x");
+  const kc::DType dt = dtype_of(x_in, "x");
+  const kc::LwtaProblem p = lwta_problem(x_in, competitors, temperature, deterministic, seed, offset);
+  const at::Tensor noise = lwta_noise(noise_in, x_in, deterministic);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor winner = at::empty(winner_shape(x, competitors), x.options().dtype(at::kByte));
+  if (out.numel() == 0) return {out, winner};
+  C10_CUDA_CHECK(kc::lwta_forward(dt, x.const_data_ptr(), noise.defined() ? noise.const_data_ptr() : nullptr,
+                                  noise.defined() ? dtype_of(noise, "noise") : kc::DType::kFloat32, p,
+                                  out.data_ptr(), winner.data_ptr<uint8_t>(), current_stream(x)));
+  return {out, winner};
+}
+
+at::Tensor lwta_block_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& winner_in,
+                         int64_t competitors, double temperature, bool deterministic,
+                         const std::optional<at::Tensor>& noise_in, int64_t seed, int64_t offset) {
+  check_cuda(x_in, "x");
+  const kc::DType dt = dtype_of(x_in, "x");
+  check_same_device(grad_out_in, "grad_out", x_in, "x");
+  check_same_device(winner_in, "winner", x_in, "x");
+  check_same_dtype(grad_out_in, "grad_out", x_in, "x");
+  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "grad_out must have the shape of x ", x_in.sizes(), ", got ",
+              grad_out_in.sizes());
+  const kc::LwtaProblem p = lwta_problem(x_in, competitors, temperature, deterministic, seed, offset);
+  TORCH_CHECK(winner_in.scalar_type() == at::kByte, "winner must be uint8, got ", winner_in.scalar_type());
+  TORCH_CHECK(winner_in.sizes() == at::IntArrayRef(winner_shape(x_in, competitors)), "winner must have shape ",
+              winner_shape(x_in, competitors), ", got ", winner_in.sizes());
+  const at::Tensor noise = lwta_noise(noise_in, x_in, deterministic);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor winner = winner_in.contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  if (grad_x.numel() == 0) return grad_x;
+  C10_CUDA_CHECK(kc::lwta_backward(dt, grad_out.const_data_ptr(), x.const_data_ptr(),
+                                   winner.const_data_ptr<uint8_t>(),
+                                   noise.defined() ? noise.const_data_ptr() : nullptr,
+                                   noise.defined() ? dtype_of(noise, "noise") : kc::DType::kFloat32, p,
+                                   grad_x.data_ptr(), current_stream(x)));
+  return grad_x;
+}
+
+at::Tensor lwta_uniform(const at::Tensor& x, int64_t seed, int64_t offset) {
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor u = at::empty(x.sizes(), x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  C10_CUDA_CHECK(kc::lwta_uniform(u.data_ptr<float>(), u.numel(), static_cast<uint64_t>(seed),
+                                  static_cast<uint64_t>(offset), current_stream(x)));
+  return u;
+}
+
+// ---------------------------------------------------------------------------
+// Class-specific gate.
+// ---------------------------------------------------------------------------
+
+// x (N, C) or (N, C, H, W): the layout the kernels walk (NCHW or NHWC) and
+// the tensor they read (x itself when it is dense in one of them).
+struct CsgLayout {
+  kc::CsgProblem p;
+  at::MemoryFormat format;
+};
+
+CsgLayout csg_layout(const at::Tensor& x, int64_t num_classes) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 4, "x must have shape (N, C) or (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(num_classes >= 1, "the mask must have at least one class column, got ", num_classes);
+  CsgLayout l{};
+  l.p.N = x.size(0);
+  l.p.C = x.size(1);
+  l.p.HW = x.dim() == 4 ? x.size(2) * x.size(3) : 1;
+  l.p.K = num_classes;
+  l.p.channels_last = x.dim() == 4 && use_channels_last(x);
+  l.format = l.p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return l;
+}
+
+void check_labels(const at::Tensor& labels, const at::Tensor& x) {
+  check_same_device(labels, "labels", x, "x");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "labels must have shape (", x.size(0), "), got ",
+              labels.sizes());
+}
+
+void check_mask(const at::Tensor& mask, const at::Tensor& x) {
+  check_same_device(mask, "mask", x, "x");
+  check_same_dtype(mask, "mask", x, "x");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(1), "mask must have shape (", x.size(1),
+              ", num_classes), got ", mask.sizes());
+}
+
+at::Tensor csg_gate_forward(const at::Tensor& x_in, const at::Tensor& mask_in, const at::Tensor& labels_in) {
+  check_cuda(x_in, "x");
+  const kc::DType dt = dtype_of(x_in, "x");
+  check_mask(mask_in, x_in);
+  check_labels(labels_in, x_in);
+  const CsgLayout l = csg_layout(x_in, mask_in.size(1));
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(l.format);
+  const at::Tensor mask = mask_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(l.format));
+  if (out.numel() == 0) return out;
+  C10_CUDA_CHECK(kc::csg_forward(dt, x.const_data_ptr(), mask.const_data_ptr(), labels.const_data_ptr<int64_t>(),
+                                 l.p, out.data_ptr(), current_stream(x)));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> csg_gate_backward(const at::Tensor& grad_out_in,
+                                                     const std::optional<at::Tensor>& x_in,
+                                                     const std::optional<at::Tensor>& mask_in,
+                                                     const at::Tensor& labels_in, int64_t num_classes, bool need_x,
+                                                     bool need_mask) {
+  check_cuda(grad_out_in, "grad_out");
+  const kc::DType dt = dtype_of(grad_out_in, "grad_out");
+  check_labels(labels_in, grad_out_in);
+  const CsgLayout l = csg_layout(grad_out_in, num_classes);
+  const c10::cuda::CUDAGuard guard(grad_out_in.device());
+  const at::Tensor grad_out = grad_out_in.contiguous(l.format);
+  at::Tensor x, mask;
+  if (need_x) {
+    TORCH_CHECK(mask_in.has_value() && mask_in->defined(), "need_x=True requires mask");
+    check_mask(*mask_in, grad_out_in);
+    TORCH_CHECK(mask_in->size(1) == num_classes, "mask has ", mask_in->size(1), " class columns but num_classes=",
+                num_classes);
+    mask = mask_in->contiguous();
+  }
+  if (need_mask) {
+    TORCH_CHECK(x_in.has_value() && x_in->defined(), "need_mask=True requires x");
+    check_same_device(*x_in, "x", grad_out_in, "grad_out");
+    check_same_dtype(*x_in, "x", grad_out_in, "grad_out");
+    TORCH_CHECK(x_in->sizes() == grad_out_in.sizes(), "x must have the shape of grad_out ", grad_out_in.sizes(),
+                ", got ", x_in->sizes());
+    x = x_in->contiguous(l.format);  // the layout grad_out is read in
+  }
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor grad_x = need_x ? at::empty(grad_out.sizes(), grad_out.options().memory_format(l.format))
+                             : at::empty({0}, grad_out.options());
+  at::Tensor grad_mask = need_mask ? at::empty({l.p.C, l.p.K}, grad_out.options()) : at::empty({0}, grad_out.options());
+  if (!need_x && !need_mask) return {grad_x, grad_mask};
+  at::Tensor per_sample = need_mask ? at::empty({l.p.N, l.p.C}, grad_out.options().dtype(acc_dtype(grad_out.scalar_type())))
+                                    : at::empty({0}, grad_out.options());
+  C10_CUDA_CHECK(kc::csg_backward(dt, grad_out.const_data_ptr(), need_mask ? x.const_data_ptr() : nullptr,
+                                  need_x ? mask.const_data_ptr() : nullptr, labels.const_data_ptr<int64_t>(), l.p,
+                                  need_x ? grad_x.data_ptr() : nullptr, need_mask ? grad_mask.data_ptr() : nullptr,
+                                  need_mask ? per_sample.data_ptr() : nullptr, current_stream(grad_out)));
+  return {grad_x, grad_mask};
+}
+
+}  // namespace
+}  // namespace cuda_ops
+}  // namespace bcos_kernels
+
+TORCH_LIBRARY_IMPL(bcos_kernels, CUDA, m) {
+  namespace ops = bcos_kernels::cuda_ops;
+  m.impl("patch_norm", &ops::patch_norm);
+  m.impl("patch_norm_backward", &ops::patch_norm_backward);
+  m.impl("bcos_scale_forward", &ops::bcos_scale_forward);
+  m.impl("bcos_scale_backward", &ops::bcos_scale_backward);
+  m.impl("bcos_conv_scale_forward", &ops::bcos_conv_scale_forward);
+  m.impl("dau_combine_forward", &ops::dau_combine_forward);
+  m.impl("dau_combine_backward", &ops::dau_combine_backward);
+  m.impl("lwta_block_forward", &ops::lwta_block_forward);
+  m.impl("lwta_block_backward", &ops::lwta_block_backward);
+  m.impl("lwta_uniform", &ops::lwta_uniform);
+  m.impl("csg_gate_forward", &ops::csg_gate_forward);
+  m.impl("csg_gate_backward", &ops::csg_gate_backward);
+}
