@@ -21,8 +21,8 @@ ENV_VAR = "BCOS_KERNELS_BACKEND"
 
 # The fused backends each op has (besides "torch", which every op has).
 OP_BACKENDS = {
-    "bcos_conv2d": ("cpu", "triton"),
-    "bcos_linear": ("cpu", "triton"),
+    "bcos_conv2d": ("cpu", "triton", "cuda"),
+    "bcos_linear": ("cpu", "triton", "cuda"),
     "dau_conv2d": ("triton",),
     "lwta": ("triton",),
     "class_specific_gate": ("triton",),

@@ -12,6 +12,7 @@ from bcos_kernels.ops._checks import positive_int
 FUSED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 
 

@@ -78,19 +78,25 @@ def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         geo = kernels.conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
         return kernels.forward(x, weight, bias, b_tensor, b, geo, normalize_weight, scale, kernels.NORM_CONV,
                                common.output_memory_format(x, backend))
-    if backend != "cpu":
+    if backend not in ("cpu", "cuda"):
         raise ValueError(f"bcos_conv2d_fused: unknown backend {backend!r}")
+    # "cpu" and "cuda": the ATen convolution (oneDNN / cuDNN) and the extension's fused passes for the rest.
     b_val, b_is_tensor = common.b_value(b, b_tensor)
     w_hat, _ = common.weight_and_norm(weight, normalize_weight)
     lin = F.conv2d(x, w_hat, bias, stride, padding, dilation, groups)
     n, filters, ho, wo = lin.shape
-    if b_val == 1 and not b_is_tensor:
-        norm = x.new_empty(0)
-    else:
-        norm = torch.ops.bcos_kernels.patch_norm(x, list(weight.shape[2:]), stride, padding, dilation, groups)
     lin = lin.reshape(n, filters, ho * wo).contiguous()
-    out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
-        lin, norm.reshape(n, groups, ho * wo) if norm.numel() else norm, b_val, b_is_tensor, max_out, scale)
+    if backend == "cuda":
+        # one CUDA pass computes the patch norms and the scale together
+        out, lin_max, winner, norm = torch.ops.bcos_kernels.bcos_conv_scale_forward(
+            lin, x, list(weight.shape[2:]), stride, padding, dilation, groups, b_val, b_is_tensor, max_out, scale)
+    else:
+        if b_val == 1 and not b_is_tensor:
+            norm = x.new_empty(0)
+        else:
+            norm = torch.ops.bcos_kernels.patch_norm(x, list(weight.shape[2:]), stride, padding, dilation, groups)
+        out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
+            lin, norm.reshape(n, groups, ho * wo) if norm.numel() else norm, b_val, b_is_tensor, max_out, scale)
     if max_out == 1:
         lin_max = lin  # the kernel does not copy lin when there is no MaxOut
     shape = (n, filters // max_out, ho, wo)

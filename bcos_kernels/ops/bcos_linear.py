@@ -54,7 +54,7 @@ def bcos_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         out_features = geo.outputs
         return (out.view(*x.shape[:-1], out_features), lin_max.view(-1, out_features), norm.view(-1),
                 winner.view(-1, out_features) if max_out > 1 else winner)
-    if backend != "cpu":
+    if backend not in ("cpu", "cuda"):  # both: the ATen GEMM and the extension's fused scale pass
         raise ValueError(f"bcos_linear_fused: unknown backend {backend!r}")
     b_val, b_is_tensor = common.b_value(b, b_tensor)
     w_hat, _ = common.weight_and_norm(weight, normalize_weight)
