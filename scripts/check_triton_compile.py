@@ -161,7 +161,32 @@ def _lwta_csg_cases(full: bool):
             gate.gate_backward(torch.empty_like(out), x, mask, labels, 1000, nhwc, True, True)
 
 
-CASES = [_bcos_cases, _lwta_csg_cases]
+def _dau_cases(full: bool):
+    """DAU forward and backward (training and explanation mode) on CoDA-Net CIFAR-10 / ImageNet-like layers."""
+    from bcos_kernels.triton import dau
+
+    meta = dict(device="meta")
+    # (C, O, rank, k, stride, N, H, bias)
+    layers = [(16, 32, 32, 3, 2, 64, 32, True), (64, 10, 448, 1, 1, 64, 8, False)]
+    if full:
+        layers += [(3, 64, 64, 7, 2, 8, 112, True)]
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if full else ())
+    for dtype in dtypes:
+        for c, o, rank, k, stride, n, h, has_bias in layers:
+            x = torch.empty(n, c, h, h, dtype=dtype, **meta)
+            a = torch.empty(rank, c, k, k, dtype=dtype, **meta)
+            e = torch.empty(c * k * k * o, rank, 1, 1, dtype=dtype, **meta)
+            bias = torch.empty(c * k * k * o, dtype=dtype, **meta) if has_bias else None
+            for norm in ("squash", "l2"):
+                out, z, s = dau.dau_forward(x, a, e, bias, k, [stride, stride], [(k - 1) // 2] * 2, norm)
+                pixels = z.shape[0]
+                dnum = torch.empty(pixels, o, dtype=torch.float32, **meta)
+                for dq in (torch.empty_like(dnum), None):
+                    needs = [True, dq is not None, dq is not None, dq is not None and has_bias]
+                    dau.dau_backward(x, a, e, bias, z, dnum, dq, k, [stride, stride], [(k - 1) // 2] * 2, needs)
+
+
+CASES = [_bcos_cases, _lwta_csg_cases, _dau_cases]
 
 
 def main() -> int:

@@ -320,6 +320,7 @@ def test_opcheck(case):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside torch.compile
 def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()  # a fresh compile, not a dynamic-shape recompile of an earlier test's graph
     torch.manual_seed(0)
     m = DAUConv2d(4, 5, 3, kernel_size=3, stride=2).double()
     x = torch.rand(2, 4, 9, 7, dtype=F64, requires_grad=True)

@@ -3,7 +3,10 @@
 Math and parameter layout: see ``bcos_kernels/reference/dau.py``. Backend "torch"
 runs the custom op ``bcos_kernels::dau_conv2d``: the low-rank form of DESIGN.md
 section 3 in plain torch ops with a hand-written backward; the per-pixel dynamic
-weights (N, C*k*k, O, Ho, Wo) are never built.
+weights (N, C*k*k, O, Ho, Wo) are never built. Backend "triton" runs the same op
+with ``backend="triton"``: fused kernels (``bcos_kernels/triton/dau.py``, imported only
+when it runs) that do not build the O*R-channel intermediate either; its backward is
+the custom op ``bcos_kernels::dau_conv2d_backward`` (opaque to torch.compile).
 
 Notation: D = C*k*k, R = r + 1 with a bias (z augmented by a constant 1, the bias
 vector b_o becomes column r of E_o) and R = r without one. With
@@ -80,11 +83,28 @@ def dau_conv2d(x, rank_weight, expand_weight, expand_bias=None, *, kernel_size, 
             raise ValueError(f"x {name} {x.shape[2 + i]} plus padding {padding[i]} is smaller than "
                              f"kernel_size {kernel_size}")
 
-    name = backends.resolve("dau_conv2d", backend, x.device, implemented={})
-    assert name == "torch", name
+    name = backends.resolve("dau_conv2d", backend, x.device,
+                            implemented={"triton": lambda: _triton_reason(x, kernel_size, stride, padding)})
     out, _, _ = dau_conv2d_op(x, rank_weight, expand_weight, expand_bias, kernel_size, list(stride),
-                              list(padding), norm, detach)
+                              list(padding), norm, detach, name)
     return out
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_reason(x: torch.Tensor, kernel_size: int, stride, padding) -> Optional[str]:
+    """Why backend "triton" cannot run this call (None if it can); the device is checked by backends."""
+    if x.dtype not in TRITON_DTYPES:
+        return f"dtype {x.dtype} is not supported (float16, bfloat16, float32)"
+    if x.device.type != "cuda" and x.dtype != torch.float32:
+        # the interpreter has no bf16 arithmetic; fp16 is left to the GPU as well
+        return f"the Triton interpreter (CPU tensors) runs float32 only, got {x.dtype}"
+    # The kernels index pixels in int32 (memory offsets are int64).
+    ho, wo = _out_size(x, kernel_size, list(stride), list(padding))
+    if max(x.shape[0] * ho * wo, x.shape[0] * x.shape[2] * x.shape[3]) >= 2 ** 31:
+        return "more than 2**31 - 1 pixels (N*H*W) in one call"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,10 +181,17 @@ def _batch_chunks(n: int, per_image: int) -> List[Tuple[int, int]]:
 @torch.library.custom_op("bcos_kernels::dau_conv2d", mutates_args=())
 def dau_conv2d_op(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
                   expand_bias: Optional[torch.Tensor], kernel_size: int, stride: List[int], padding: List[int],
-                  norm: str, detach: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  norm: str, detach: bool, backend: str = "torch") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, z, s): out (N, O, Ho, Wo) contiguous in x's dtype; z (N*Ho*Wo, r) and s = ||w||
     (N*Ho*Wo, O), pixel-major, in the compute dtype (fp32 for half inputs): what the backward needs, not
-    differentiable."""
+    differentiable. ``backend``: "torch" (the torch ops below) or "triton" (fused kernels)."""
+    if backend == "triton":
+        from bcos_kernels.triton import dau as triton_dau   # lazily: importing bcos_kernels never imports triton
+
+        return triton_dau.dau_forward(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding,
+                                      norm)
+    if backend != "torch":
+        raise ValueError(f"dau_conv2d_op: unknown backend {backend!r}")
     cdt = _compute_dtype(x.dtype)
     xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
     a, e = rank_weight.to(cdt), expand_weight.to(cdt)
@@ -197,7 +224,7 @@ def dau_conv2d_op(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: tor
 
 
 @dau_conv2d_op.register_fake
-def _(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, norm, detach):
+def _(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, norm, detach, backend="torch"):
     cdt = _compute_dtype(x.dtype)
     ho, wo = _out_size(x, kernel_size, stride, padding)
     n, c = x.shape[:2]
@@ -207,7 +234,7 @@ def _(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, norm, detach = inputs
+    x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, norm, detach, backend = inputs
     out, z, s = output
     ctx.mark_non_differentiable(z, s)
     # Saved: the inputs (alive anyway), z (r channels), s (O channels) and the output (O channels, alive anyway
@@ -217,7 +244,7 @@ def _setup_context(ctx, inputs, output):
     # C*k*k is not much larger than r+1 (CoDA-Net CIFAR-10: layer 1 has C*k*k = 54 vs r+1 = 33, the 1x1 last
     # layer 64 vs 65) -- while recomputing it costs one GEMM of the size of the forward's.
     ctx.save_for_backward(x, rank_weight, expand_weight, expand_bias, z, s, out)
-    ctx.args = (kernel_size, list(stride), list(padding), norm, detach)
+    ctx.args = (kernel_size, list(stride), list(padding), norm, detach, backend)
 
 
 def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, need_x: bool,
@@ -234,12 +261,18 @@ def _add(acc: Optional[torch.Tensor], t: Optional[torch.Tensor]) -> Optional[tor
 @torch.autograd.function.once_differentiable  # z, s and out are saved as constants: no double backward
 def _backward(ctx, grad_out, _grad_z, _grad_s):
     x, rank_weight, expand_weight, expand_bias, z, s, out = ctx.saved_tensors
-    kernel_size, stride, padding, norm, detach = ctx.args
+    kernel_size, stride, padding, norm, detach, backend = ctx.args
     need_x, need_a, need_e, need_b = ctx.needs_input_grad[:4]
-    grads: List[Optional[torch.Tensor]] = [None] * 9
+    grads: List[Optional[torch.Tensor]] = [None] * 10
     if detach:  # explanation mode: w and ||w|| are constants; the gradient reaches x only through x_patch
         need_a = need_e = need_b = False
     if not (need_x or need_a or need_e or need_b):
+        return tuple(grads)
+    if backend != "torch":
+        needs = [need_x, need_a, need_e, need_b]
+        fused = dau_conv2d_backward_op(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, kernel_size,
+                                       stride, padding, norm, detach, backend, needs)
+        grads[:4] = [g if need else None for g, need in zip(fused, needs)]
         return tuple(grads)
     need_z = need_x or need_a          # the paths through z = conv(x, rank_weight)
     need_f = need_e or need_b          # grads of the filters [E_o | b_o]
@@ -313,3 +346,33 @@ def _backward(ctx, grad_out, _grad_z, _grad_s):
 
 
 dau_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("bcos_kernels::dau_conv2d_backward", mutates_args=())
+def dau_conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, rank_weight: torch.Tensor,
+                           expand_weight: torch.Tensor, expand_bias: Optional[torch.Tensor], z: torch.Tensor,
+                           s: torch.Tensor, out: torch.Tensor, kernel_size: int, stride: List[int],
+                           padding: List[int], norm: str, detach: bool, backend: str, needs: List[bool]
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for (x, rank_weight, expand_weight, expand_bias) of a fused backend's forward; an empty tensor
+    where ``needs`` is False. A custom op of its own so that compiled graphs keep the kernels opaque."""
+    if backend != "triton":
+        raise ValueError(f"dau_conv2d_backward: unknown backend {backend!r}")
+    from bcos_kernels.triton import dau as triton_dau
+
+    # d loss / d num_o and d loss / d ||w_o||^2 per pixel: O channels each, fp32.
+    inv, ratio = _scales(s, norm)
+    g = _pixel_major(grad_out.float())
+    dnum = g * inv
+    dq = None if detach else g * _pixel_major(out.float()) * ratio
+    grads = triton_dau.dau_backward(x, rank_weight, expand_weight, expand_bias, z, dnum, dq, kernel_size, stride,
+                                    padding, list(needs))
+    return tuple(x.new_empty(0) if t is None else t for t in grads)
+
+
+@dau_conv2d_backward_op.register_fake
+def _(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, kernel_size, stride, padding, norm, detach,
+      backend, needs):
+    like = (x, rank_weight, expand_weight, expand_bias)
+    return tuple(torch.empty_like(t) if need and t is not None and not (detach and i > 0) else x.new_empty(0)
+                 for i, (t, need) in enumerate(zip(like, needs)))
