@@ -23,9 +23,9 @@ ENV_VAR = "BCOS_KERNELS_BACKEND"
 OP_BACKENDS = {
     "bcos_conv2d": ("cpu", "triton", "cuda"),
     "bcos_linear": ("cpu", "triton", "cuda"),
-    "dau_conv2d": ("triton",),
-    "lwta": ("triton",),
-    "class_specific_gate": ("triton",),
+    "dau_conv2d": ("triton", "cuda"),
+    "lwta": ("triton", "cuda"),
+    "class_specific_gate": ("triton", "cuda"),
 }
 
 # For each device type, the order in which "auto" tries the fused backends.

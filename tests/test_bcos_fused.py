@@ -197,3 +197,20 @@ def test_opcheck_linear():
     b = torch.tensor(1.9, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(bcos_linear_fused, (x, w, None, None, 2.0, 2, True, 1.0, False, "cpu"))
     torch.library.opcheck(bcos_linear_fused, (x, w, None, b, float("nan"), 1, False, 3.0, True, "cpu"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_conv_backward(channels_last):
+    """The backward op's fake impl promises grad x in x's layout (channels_last stays channels_last)."""
+    if "cpu" not in FUSED:
+        pytest.skip("cpu extension not built")
+    from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused, bcos_conv2d_fused_backward
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    b = torch.tensor(1.9, dtype=torch.float64)
+    options = [float("nan"), [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False, "cpu"]
+    out, lin_max, norm, winner = bcos_conv2d_fused(x, w, None, b, *options)
+    torch.library.opcheck(bcos_conv2d_fused_backward,
+                          (torch.randn_like(out), x, w, b, lin_max, norm, winner, *options, [True, True, False, True]))

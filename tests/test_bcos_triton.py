@@ -235,6 +235,13 @@ def test_opcheck():
     x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     torch.library.opcheck(bcos_conv2d_fused, (x_cl, w, None, b, float("nan"), [1, 1], [1, 1], [1, 1], 2, 1, True, 1.0,
                                               False, "triton"))
+    # the backward op on its own: grad x and grad weight keep the layouts of x and the weight
+    from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused_backward
+    options = [float("nan"), [1, 1], [1, 1], [1, 1], 2, 1, True, 1.0, False, "triton"]
+    xd, wd = x_cl.detach(), w.detach().contiguous(memory_format=torch.channels_last)
+    out, lin_max, norm, winner = bcos_conv2d_fused(xd, wd, None, b.detach(), *options)
+    torch.library.opcheck(bcos_conv2d_fused_backward, (torch.randn_like(out), xd, wd, b.detach(), lin_max, norm,
+                                                       winner, *options, [True, True, False, True]))
     xl = torch.randn(2, 3, 5, device=DEVICE, requires_grad=True)
     wl = torch.randn(8, 5, device=DEVICE, requires_grad=True)
     torch.library.opcheck(bcos_linear_fused, (xl, wl, None, b, float("nan"), 2, True, 3.0, True, "triton"))

@@ -61,13 +61,18 @@ def fused_backends(x: torch.Tensor):
     return {name: (lambda name=name: fused_support(name, x)) for name in FUSED_DTYPES}
 
 
-def output_memory_format(x: torch.Tensor, backend: str) -> torch.memory_format:
-    """Layout of the conv outputs (out, lin, winner): the Triton kernels write channels_last for a
-    channels_last x (a channels_last network stays channels_last); the CPU path writes NCHW."""
-    if backend == "triton" and x.dim() == 4 and not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last):
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d channels_last (and not also NCHW-contiguous) x, else NCHW. The gradients of
+    x and of the weight have the layout of x and of the weight on every backend (the fake impls say so)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def output_memory_format(x: torch.Tensor, backend: str) -> torch.memory_format:
+    """Layout of the conv outputs (out, lin, winner): the Triton kernels write channels_last for a
+    channels_last x (a channels_last network stays channels_last); the ATen-GEMM paths write NCHW."""
+    return memory_format_of(x) if backend == "triton" else torch.contiguous_format
 
 
 def b_value(b: float, b_tensor: Optional[torch.Tensor]) -> Tuple[float, bool]:
@@ -106,11 +111,18 @@ def or_empty(grads, like: torch.Tensor):
     return tuple(g if g is not None else like.new_empty(0) for g in grads)
 
 
-def fake_grads(needs, x: torch.Tensor, weight: torch.Tensor, b_tensor: Optional[torch.Tensor]):
-    """Shapes of the (x, weight, bias, b) gradients of a fused backward, for its fake impl."""
+def fake_grads(needs, x: torch.Tensor, weight: torch.Tensor, b_tensor: Optional[torch.Tensor],
+               x_format: torch.memory_format = torch.contiguous_format):
+    """Shapes of the (x, weight, bias, b) gradients of a fused backward, for its fake impl; grad x in
+    ``x_format``."""
     shapes = (x.shape, weight.shape, (weight.shape[0],), b_tensor.shape if b_tensor is not None else (0,))
     dtypes = (x.dtype, x.dtype, x.dtype, b_tensor.dtype if b_tensor is not None else x.dtype)
-    return tuple(x.new_empty(shape if need else (0,), dtype=dtype) for need, shape, dtype in zip(needs, shapes, dtypes))
+    grads = [x.new_empty(shape if need else (0,), dtype=dtype) for need, shape, dtype in zip(needs, shapes, dtypes)]
+    if needs[0]:
+        grads[0] = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=x_format)
+    if needs[1]:
+        grads[1] = torch.empty(weight.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(weight))
+    return tuple(grads)
 
 
 # The fused conv and linear ops share one autograd wiring: inputs (x, weight, bias, b_tensor, *options) and

@@ -131,7 +131,10 @@ def bcos_conv2d_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
         geo = kernels.conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
         grads = kernels.backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, b, geo, normalize_weight,
                                  scale, detach, needs, kernels.NORM_CONV)
-        return common.or_empty(grads[:3] + (common.grad_for_b(grads[3], b_tensor) if need_b else None,), x)
+        grad_x = grads[0].contiguous(memory_format=common.memory_format_of(x)) if need_x else None
+        grad_w = grads[1].contiguous(memory_format=common.memory_format_of(weight)) if need_w else None
+        return common.or_empty((grad_x, grad_w, grads[2], common.grad_for_b(grads[3], b_tensor) if need_b else None),
+                               x)
     b_val, b_is_tensor = common.b_value(b, b_tensor)
     n, out_channels, ho, wo = lin_max.shape
     grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
@@ -147,9 +150,13 @@ def bcos_conv2d_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
     if need_x and grad_norm.numel():
         grad_x = grad_x + torch.ops.bcos_kernels.patch_norm_backward(
             grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups)
+    # The layouts the fake promises (copies only where convolution_backward chose another: it follows x's).
+    if need_x:
+        grad_x = grad_x.contiguous(memory_format=common.memory_format_of(x))
     grad_w = None
     if need_w:
         grad_w = common.weight_norm_backward(grad_w_hat, w_hat, w_norm) if normalize_weight else grad_w_hat
+        grad_w = grad_w.contiguous(memory_format=common.memory_format_of(weight))
     grad_b = common.grad_for_b(grad_b, b_tensor) if need_b else None
     return common.or_empty((grad_x, grad_w, grad_bias, grad_b), x)
 
@@ -157,7 +164,7 @@ def bcos_conv2d_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
 @bcos_conv2d_fused_backward.register_fake
 def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, b, stride, padding, dilation, groups, max_out,
       normalize_weight, scale, detach, backend, needs):
-    return common.fake_grads(needs, x, weight, b_tensor)
+    return common.fake_grads(needs, x, weight, b_tensor, common.memory_format_of(x))
 
 
 bcos_conv2d_fused.register_autograd(common.fused_backward(bcos_conv2d_fused_backward),

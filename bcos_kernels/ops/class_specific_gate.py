@@ -18,6 +18,14 @@ custom op ``bcos_kernels::class_specific_gate_backward``) makes one pass over
 label over the label-sorted batch: deterministic, no atomics. fp32/fp16/bf16
 (fp32 only under the Triton interpreter); a channels_last x is read in place.
 
+Backend "cuda" (the extension's ``bcos_kernels::csg_gate_forward`` /
+``csg_gate_backward``, csrc/cuda/csg_cuda.cu) runs the same two custom ops:
+one gather-multiply kernel forward; backward one pass for grad_x and per-sample
+sums, then a segmented sum by label, deterministic, no atomics. fp32/fp64/
+fp16/bf16; a contiguous or channels_last x is read in place (any other layout
+is copied, and out copied back into x's strides); the backward reads grad_out
+in x's layout (a copy when it comes in the other).
+
 Unlike the original (whose gate is fp32 whatever x is), mask must have x's
 dtype and the output has it too; :class:`bcos_kernels.nn.ClassSpecificGate`
 casts its fp32 parameter to x's dtype (autocast) on the way in.
@@ -73,7 +81,7 @@ def class_specific_gate(x: torch.Tensor, mask: torch.Tensor, labels: Optional[to
     else:
         labels = _check_labels(labels, x, mask.shape[1])
     name = backends.resolve("class_specific_gate", backend, x.device,
-                            implemented={"triton": lambda: _triton_support(x)})
+                            implemented={"triton": lambda: _triton_support(x), "cuda": lambda: _cuda_support(x)})
     if not training:
         return x
     return class_specific_gate_op(x, mask, labels, name)
@@ -92,18 +100,63 @@ def _triton_support(x: torch.Tensor) -> Optional[str]:
     return None
 
 
+# dtypes the "cuda" kernels take
+CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _cuda_support(x: torch.Tensor) -> Optional[str]:
+    """Why backend "cuda" cannot run this call (None if it can); the device is checked by backends."""
+    if x.dtype not in CUDA_DTYPES:
+        return f"dtype {x.dtype} is not supported by backend 'cuda' (supported: {list(CUDA_DTYPES)})"
+    return None
+
+
 def _nhwc(x: torch.Tensor) -> bool:
-    """Whether backend "triton" reads x as channels_last (4-D, channels_last- but not plain-contiguous)."""
+    """Whether the fused backends read x as channels_last (4-D, channels_last- but not plain-contiguous)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"bcos_kernels::class_specific_gate: unknown backend {backend!r} (torch, triton)")
+    if backend not in ("torch", "triton", "cuda"):
+        raise ValueError(f"bcos_kernels::class_specific_gate: unknown backend {backend!r} (torch, triton, cuda)")
+
+
+def _check_cuda_call(op: str, x: torch.Tensor) -> None:
+    """The custom ops take backend "cuda" for CUDA tensors only (the front door says so before this; a direct
+    call on other tensors would otherwise end in torch's "no kernel for CPU" error)."""
+    reason = backends.device_reason("cuda", x.device)
+    if reason is not None:
+        raise ValueError(f"{op}: unknown backend 'cuda' here: {reason}")
+
+
+# backend "cuda": the extension's ops (csrc/cuda/csg_cuda.cu) read a contiguous or a channels_last x in place and
+# write their output in that layout.
+
+
+def _cuda_forward(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    out = torch.ops.bcos_kernels.csg_gate_forward(x, mask, labels)
+    if not (x.is_contiguous() or _nhwc(x)):
+        # the kernel read a contiguous copy of x and wrote a contiguous out; the op returns x's strides (the fake
+        # impl's empty_like)
+        out = torch.empty_like(x).copy_(out)
+    return out
+
+
+def _cuda_backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                   labels: torch.Tensor, num_classes: int, nhwc: bool, need_x: bool, need_mask: bool):
+    # The kernels walk grad_out's layout and write grad_x in it: give them grad_out in the layout the fake
+    # promises (x's), a copy only when it comes in the other one; x is read in that layout too (the extension
+    # copies it if it differs).
+    if grad_out.dim() == 4:
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    grad_x, grad_mask = torch.ops.bcos_kernels.csg_gate_backward(grad_out, x if need_mask else None,
+                                                                 mask if need_x else None, labels, num_classes,
+                                                                 need_x, need_mask)
+    return grad_x, grad_mask
 
 
 # ---------------------------------------------------------------------------
-# backend "torch": the custom op
+# the custom op (backend "torch" in plain torch ops below)
 
 
 def _gathered(mask: torch.Tensor, labels: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -120,6 +173,9 @@ def class_specific_gate_op(x: torch.Tensor, mask: torch.Tensor, labels: torch.Te
     if backend == "triton":
         from bcos_kernels.triton import class_specific_gate as kernels  # imported on first use
         return kernels.gate_forward(x, mask, labels, _nhwc(x))
+    if backend == "cuda":
+        _check_cuda_call("bcos_kernels::class_specific_gate", x)
+        return _cuda_forward(x, mask, labels)
     out = torch.empty_like(x)
     torch.mul(x, _gathered(mask, labels, x.dim()), out=out)
     return out
@@ -138,8 +194,11 @@ def class_specific_gate_backward_op(grad_out: torch.Tensor, x: Optional[torch.Te
     """(grad_x, grad_mask) of a fused backend; an empty tensor for a gradient not asked for. grad_x is
     channels_last if ``nhwc`` else contiguous; grad_mask (C, num_classes) contiguous; both in grad_out's dtype.
     x is needed for grad_mask, mask for grad_x."""
+    if backend == "cuda":
+        _check_cuda_call("bcos_kernels::class_specific_gate_backward", grad_out)
+        return _cuda_backward(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask)
     if backend != "triton":
-        raise ValueError(f"bcos_kernels::class_specific_gate_backward: unknown backend {backend!r} (triton)")
+        raise ValueError(f"bcos_kernels::class_specific_gate_backward: unknown backend {backend!r} (triton, cuda)")
     from bcos_kernels.triton import class_specific_gate as kernels
     grad_x, grad_mask = kernels.gate_backward(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask)
     empty = grad_out.new_empty(0)

@@ -6,7 +6,12 @@ section 3 in plain torch ops with a hand-written backward; the per-pixel dynamic
 weights (N, C*k*k, O, Ho, Wo) are never built. Backend "triton" runs the same op
 with ``backend="triton"``: fused kernels (``bcos_kernels/triton/dau.py``, imported only
 when it runs) that do not build the O*R-channel intermediate either; its backward is
-the custom op ``bcos_kernels::dau_conv2d_backward`` (opaque to torch.compile).
+the custom op ``bcos_kernels::dau_conv2d_backward`` (opaque to torch.compile). Backend
+"cuda" runs the same two custom ops: cuDNN computes z and y (one convolution, in x's
+dtype), and the CUDA epilogues of the C++ extension (``bcos_kernels::dau_combine_forward``
+/ ``dau_combine_backward``, csrc/cuda/dau_cuda.cu) combine them per pixel; the O*R-channel
+y is built (it is the GEMM's output) but only for a chunk of the batch at a time, and the
+backward recomputes it instead of saving it (see "backend cuda" below).
 
 Notation: D = C*k*k, R = r + 1 with a bias (z augmented by a constant 1, the bias
 vector b_o becomes column r of E_o) and R = r without one. With
@@ -84,7 +89,8 @@ def dau_conv2d(x, rank_weight, expand_weight, expand_bias=None, *, kernel_size, 
                              f"kernel_size {kernel_size}")
 
     name = backends.resolve("dau_conv2d", backend, x.device,
-                            implemented={"triton": lambda: _triton_reason(x, kernel_size, stride, padding)})
+                            implemented={"triton": lambda: _triton_reason(x, kernel_size, stride, padding),
+                                         "cuda": lambda: _cuda_reason(x, rank)})
     out, _, _ = dau_conv2d_op(x, rank_weight, expand_weight, expand_bias, kernel_size, list(stride),
                               list(padding), norm, detach, name)
     return out
@@ -105,6 +111,29 @@ def _triton_reason(x: torch.Tensor, kernel_size: int, stride, padding) -> Option
     if max(x.shape[0] * ho * wo, x.shape[0] * x.shape[2] * x.shape[3]) >= 2 ** 31:
         return "more than 2**31 - 1 pixels (N*H*W) in one call"
     return None
+
+
+# Backend "cuda": every float dtype the kernels take; the rank is bounded by their shared-memory tiles, which
+# hold R = rank (+ 1 with a bias) <= 512 entries per pixel (kDauMaxRank in csrc/cuda/kernels.h).
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CUDA_MAX_RANK = 511
+
+
+def _cuda_reason(x: torch.Tensor, rank: int) -> Optional[str]:
+    """Why backend "cuda" cannot run this call (None if it can); the device is checked by backends."""
+    if x.dtype not in CUDA_DTYPES:
+        return f"dtype {x.dtype} is not supported (float16, bfloat16, float32, float64)"
+    if rank > CUDA_MAX_RANK:
+        return f"rank {rank} is larger than {CUDA_MAX_RANK} (the CUDA kernels' per-pixel tiles hold rank + 1 entries)"
+    return None
+
+
+def _check_cuda_call(op: str, x: torch.Tensor) -> None:
+    """The custom ops take backend "cuda" for CUDA tensors only (the front door says so before this; a direct
+    call of the op on other tensors would otherwise end in torch's "no kernel for CPU" error)."""
+    reason = backends.device_reason("cuda", x.device)
+    if reason is not None:
+        raise ValueError(f"{op}: unknown backend 'cuda' here: {reason}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,10 +200,13 @@ def _scales(s: torch.Tensor, norm: str) -> Tuple[torch.Tensor, torch.Tensor]:
 CHUNK_ELEMENTS = 1 << 22   # 16 MiB of fp32 per O*R-channel transient
 
 
-def _batch_chunks(n: int, per_image: int) -> List[Tuple[int, int]]:
+def _batch_chunks(n: int, per_image: int, budget: Optional[int] = None) -> List[Tuple[int, int]]:
+    """[i0, i1) ranges of the batch with at most ``budget`` (default CHUNK_ELEMENTS, read at call time)
+    elements per O*R-channel transient, at least one image each."""
     if torch.compiler.is_compiling():
         return [(0, n)]
-    step = max(1, min(n, CHUNK_ELEMENTS // max(per_image, 1)))
+    budget = CHUNK_ELEMENTS if budget is None else budget
+    step = max(1, min(n, budget // max(per_image, 1)))
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
@@ -184,12 +216,16 @@ def dau_conv2d_op(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: tor
                   norm: str, detach: bool, backend: str = "torch") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, z, s): out (N, O, Ho, Wo) contiguous in x's dtype; z (N*Ho*Wo, r) and s = ||w||
     (N*Ho*Wo, O), pixel-major, in the compute dtype (fp32 for half inputs): what the backward needs, not
-    differentiable. ``backend``: "torch" (the torch ops below) or "triton" (fused kernels)."""
+    differentiable. ``backend``: "torch" (the torch ops below), "triton" (fused kernels) or "cuda" (cuDNN and the
+    extension's CUDA epilogue)."""
     if backend == "triton":
         from bcos_kernels.triton import dau as triton_dau   # lazily: importing bcos_kernels never imports triton
 
         return triton_dau.dau_forward(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding,
                                       norm)
+    if backend == "cuda":
+        _check_cuda_call("bcos_kernels::dau_conv2d", x)
+        return _cuda_forward(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, norm)
     if backend != "torch":
         raise ValueError(f"dau_conv2d_op: unknown backend {backend!r}")
     cdt = _compute_dtype(x.dtype)
@@ -356,6 +392,11 @@ def dau_conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, rank_weight:
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for (x, rank_weight, expand_weight, expand_bias) of a fused backend's forward; an empty tensor
     where ``needs`` is False. A custom op of its own so that compiled graphs keep the kernels opaque."""
+    if backend == "cuda":
+        _check_cuda_call("bcos_kernels::dau_conv2d_backward", x)
+        grads = _cuda_backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, kernel_size, stride,
+                               padding, norm, detach, list(needs))
+        return tuple(x.new_empty(0) if t is None else t for t in grads)
     if backend != "triton":
         raise ValueError(f"dau_conv2d_backward: unknown backend {backend!r}")
     from bcos_kernels.triton import dau as triton_dau
@@ -376,3 +417,145 @@ def _(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, kernel_si
     like = (x, rank_weight, expand_weight, expand_bias)
     return tuple(torch.empty_like(t) if need and t is not None and not (detach and i > 0) else x.new_empty(0)
                  for i, (t, need) in enumerate(zip(like, needs)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backend "cuda": cuDNN convolutions in x's dtype around the extension's epilogues (csrc/cuda/dau_cuda.cu).
+#
+# Forward, per chunk of the batch: zy = conv(x, [A; filt]) pixel-major (x goes channels_last, so the conv output
+# is a (pixels, r + O*R) matrix view); dau_combine_forward(zy[:, r:], zy[:, :r], G) -> (out, s) reads both column
+# ranges in place. Copies: x to channels_last (when it is not), z out of zy (r columns: saved for backward, and it
+# must not keep the O*R-channel zy alive), out from pixel-major (P, O) into NCHW (the op's output is NCHW-contiguous
+# for every backend).
+#
+# Backward, per chunk: y = conv(x, filt) recomputed (as backend "torch"; saving it would cost more memory than
+# the original's per-pixel weights on small-C*k*k layers), dau_combine_backward -> (dz, dy, M), then the two
+# convolution backwards; the filter gradient is gfilt + 2 M_o e_o. Copies: grad_out to pixel-major (O channels;
+# a view when it is channels_last), z back to x's dtype (half inputs only: r columns), and the gradients into
+# the layouts of their inputs (the fake impl says empty_like) where cuDNN returned another one.
+#
+# The O*R-channel transients (zy / y, dy) are built for CUDA_CHUNK_ELEMENTS elements of the batch at a time (at
+# least one image): larger than backend "torch"'s chunks, since a GPU GEMM needs many pixels to fill the device.
+
+CUDA_CHUNK_ELEMENTS = 1 << 25   # 128 MiB of fp32 per O*R-channel transient
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the CUDA kernels (and of their gram, s and M): fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cuda_tables(expand_weight: torch.Tensor, expand_bias: Optional[torch.Tensor], channels: int, kernel_size: int):
+    """(filt2d (O*R, C, k, k) in the weights' dtype: the filters of y; e3 (O, R, D) and gram G_o = e3_o e3_o^T
+    (O, R, R), both in the accumulation dtype, from the same (rounded) weights the convolution uses)."""
+    filt = _filters(expand_weight, expand_bias, channels, kernel_size)
+    o, big_r = filt.shape[:2]
+    e3 = filt.reshape(o, big_r, -1).to(_acc_dtype(filt.dtype))
+    return filt.reshape(o * big_r, channels, kernel_size, kernel_size), e3, torch.bmm(e3, e3.transpose(1, 2))
+
+
+def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t (shape and dtype of ``like``) with the strides of ``torch.empty_like(like)``, as the fake impls promise;
+    a copy only when cuDNN returned another layout (e.g. a channels_last gradient for an NCHW input)."""
+    if t.is_contiguous() and like.is_contiguous():
+        return t
+    if t.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last) \
+            and t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    out = torch.empty_like(like)
+    out.copy_(t)
+    return out
+
+
+def _cuda_forward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
+                  expand_bias: Optional[torch.Tensor], kernel_size: int, stride: List[int], padding: List[int],
+                  norm: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, c = x.shape[:2]
+    rank = rank_weight.shape[0]
+    filt2d, _, gram = _cuda_tables(expand_weight, expand_bias, c, kernel_size)
+    o, big_r = gram.shape[:2]
+    ho, wo = _out_size(x, kernel_size, stride, padding)
+    hw = ho * wo
+    cdt = _compute_dtype(x.dtype)
+    w_all = torch.cat([rank_weight, filt2d])                                # z and y from one convolution
+    xc = x.contiguous(memory_format=torch.channels_last)
+    out = x.new_empty((n, o, ho, wo))
+    z = x.new_empty((n * hw, rank), dtype=cdt)
+    ss = []
+    for i0, i1 in _batch_chunks(n, hw * o * big_r, CUDA_CHUNK_ELEMENTS):
+        zy = _pixel_major(F.conv2d(xc[i0:i1], w_all, None, stride, padding))  # (p, r + O*R)
+        out_k, s_k = torch.ops.bcos_kernels.dau_combine_forward(zy[:, rank:], zy[:, :rank], gram, norm)
+        z[i0 * hw:i1 * hw] = zy[:, :rank]
+        del zy
+        out[i0:i1] = _from_pixel_major(out_k, i1 - i0, ho, wo)
+        ss.append(s_k)
+    if len(ss) == 1:
+        s = ss[0]
+    else:
+        s = torch.cat(ss) if ss else x.new_empty((0, o), dtype=cdt)
+    return out, z, s
+
+
+def _cuda_backward(grad_out: torch.Tensor, x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
+                   expand_bias: Optional[torch.Tensor], z: torch.Tensor, s: torch.Tensor, kernel_size: int,
+                   stride: List[int], padding: List[int], norm: str, detach: bool,
+                   needs: List[bool]) -> List[Optional[torch.Tensor]]:
+    need_x, need_a, need_e, need_b = needs
+    need_b = need_b and expand_bias is not None
+    if detach:  # explanation mode: the dynamic weights are constants; only x gets a gradient (through x_patch)
+        need_a = need_e = need_b = False
+    need_z = (need_x or need_a) and not detach   # the path through z = conv(x, A): d num/d z and d ||w||^2/d z
+    need_f = need_e or need_b                    # grads of the filters [E_o | b_o]
+    need_y = need_x or need_f                    # the path through y = conv(x, filt): d num/d y
+    grads: List[Optional[torch.Tensor]] = [None] * 4
+    like = (x, rank_weight, expand_weight, expand_bias)
+    n, c = x.shape[:2]
+    if n == 0:
+        return [torch.zeros_like(t) if need else None for t, need in zip(like, (need_x, need_a, need_e, need_b))]
+    if not (need_z or need_y):
+        return grads
+    rank = rank_weight.shape[0]
+    filt2d, e3, gram = _cuda_tables(expand_weight, expand_bias, c, kernel_size)
+    o, big_r = gram.shape[:2]
+    ho, wo = grad_out.shape[-2:]
+    hw = ho * wo
+    xc = x.contiguous(memory_format=torch.channels_last)
+    g = _pixel_major(grad_out.to(x.dtype))          # (P, O)
+    zx = z.to(x.dtype)                              # exact: the forward rounded z from this dtype
+    gxs: List[torch.Tensor] = []
+    ga = gfilt = m = None
+    for i0, i1 in _batch_chunks(n, hw * o * big_r, CUDA_CHUNK_ELEMENTS):
+        rows = slice(i0 * hw, i1 * hw)
+        xk = xc[i0:i1]
+        y = _pixel_major(F.conv2d(xk, filt2d, None, stride, padding))    # recomputed (see _setup_context)
+        dz, dy, m_k = torch.ops.bcos_kernels.dau_combine_backward(g[rows], y, zx[rows], s[rows], gram, norm, detach,
+                                                                  need_z, need_y, need_f)
+        del y
+        gx = None
+        if need_z:
+            gx, ga_k = _conv_backward(_from_pixel_major(dz, i1 - i0, ho, wo), xk, rank_weight, stride, padding,
+                                      need_x, need_a)
+            ga = _add(ga, ga_k)
+        if need_y:
+            gx_k, gf_k = _conv_backward(_from_pixel_major(dy, i1 - i0, ho, wo), xk, filt2d, stride, padding,
+                                        need_x, need_f)
+            del dy
+            gx = _add(gx, gx_k)
+            gfilt = _add(gfilt, gf_k)
+        if need_f:
+            m = _add(m, m_k)
+        if need_x:
+            gxs.append(gx)
+    if need_f:
+        # d ||w_o||^2 / d [E_o|b_o] = 2 M_o e_o, added to the gradient through y
+        dfilt = torch.baddbmm(gfilt.reshape(o, big_r, -1).to(e3.dtype), m, e3, alpha=2)   # (O, R, D)
+        d = dfilt.shape[-1]
+        if need_e:
+            grads[2] = dfilt[:, :rank].permute(2, 0, 1).reshape(d * o, rank, 1, 1).to(expand_weight.dtype)
+        if need_b:
+            grads[3] = dfilt[:, rank].t().reshape(d * o).to(expand_bias.dtype)
+    if need_a:
+        grads[1] = ga
+    if need_x:
+        grads[0] = gxs[0] if len(gxs) == 1 else torch.cat(gxs)
+    return [None if t is None else _in_layout_of(t, ref) for t, ref in zip(grads, like)]

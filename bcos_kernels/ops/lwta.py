@@ -12,6 +12,10 @@ op ``bcos_kernels::lwta`` below (a fake impl, a hand-written backward):
   and re-draws the same u in backward, so it keeps only x, the seed and the
   uint8 winner (1.06x the bytes of an fp32 x at U=4; deterministic mode: the
   winner alone). Its backward is the custom op ``bcos_kernels::lwta_backward``.
+* "cuda" (the extension's ``bcos_kernels::lwta_block_forward`` /
+  ``lwta_block_backward``, csrc/cuda/lwta_cuda.cu): one thread per block each
+  way, the same custom ops and the same saved tensors as "triton" (the seed
+  is an int64 tensor of one element either way).
 
 Straight-through gradient (stochastic mode), with p = y_soft, v = g * x, g the
 incoming gradient, m the forward mask (1 at the winner, 0 elsewhere):
@@ -33,8 +37,26 @@ same noise). The kernel's u of an element is Philox(seed, its logical
 row-major index): the same for a channels_last x and its contiguous copy, but
 other numbers than the "torch" backend's (same distribution). An explicit
 ``noise`` must hold uniforms in [0, 1) (not checked: that would synchronise),
-have x's shape and device, and dtype fp32 or x's dtype; both backends then
-compute the same thing.
+have x's shape and device, and dtype fp32 or x's dtype; every backend then
+computes the same thing.
+
+Backend "cuda" draws its seed the same way but on the CPU generator
+(``torch.randint(0, 2**63 - 1, (1,))``, a CPU tensor; ``torch.manual_seed``
+seeds it too, ``torch.cuda.manual_seed`` alone does not): the kernels take the
+seed as a host integer, so the op reads the tensor with ``.item()`` inside its
+(opaque) impl, and a CPU tensor makes that read free -- a CUDA seed tensor
+would cost a device-to-host synchronisation per call, forward and backward (a
+seed tensor on the GPU passed to the op directly still works, at that cost).
+Under torch.compile the draw stays a graph op, so every call gets a new seed.
+(A CPU tensor in the graph keeps CUDA graphs, mode="reduce-overhead", from
+capturing it: inductor then runs that graph without them.) The kernels'
+uniform of an element is its own Philox4x32-10 stream (csrc/common/philox.h:
+key = seed, counter = (index / 4, offset = 0)), numbers different from
+both other backends'; ``index`` is the row-major index in the tensor the kernel
+reads, which for a channels_last x is the (N*H*W, C) view of its memory (read
+in place, see Layouts): a channels_last x and its contiguous copy get
+different draws from one seed. :func:`cuda_uniforms` returns the uniforms a
+seed gives for an x; passed as ``noise`` they reproduce the seeded call.
 
 Ties: the winner is the first maximum of y_soft (deterministic: of x), as
 the original's ``max``/``argmax``. Non-finite x is not supported (the
@@ -50,9 +72,16 @@ in the last bits: the winners agree (up to exact near-ties), the output at the
 winner x * ((1 - p) + p) may differ by one ulp where that factor is not exactly 1
 (never at U = 2, where p >= 1/2), the gradient is within rounding.
 
-Layouts: backend "triton" reads a contiguous or a 4-D channels_last x in
-place and copies any other; out has x's strides (``empty_like``) and the
-winner tensor is channels_last when x is (both backends).
+Backend "cuda" takes fp32/fp64/fp16/bf16 x and computes in fp32 (fp64 for fp64).
+
+Layouts: backends "triton" and "cuda" read a contiguous or a 4-D
+channels_last x in place and copy any other; out has x's strides
+(``empty_like``) and the winner tensor is channels_last when x is (every
+backend). "cuda" runs a channels_last x as the (N*H*W, C) matrix its memory
+is (blocks along the last dim; out and the winner come back as channels_last
+views, no copy); for any other non-contiguous x the kernel reads a contiguous
+copy and out is copied once more into x's strides. Its backward takes
+grad_out in x's layout (a copy when it comes in another).
 """
 from __future__ import annotations
 
@@ -68,6 +97,8 @@ TEST_TEMPERATURE = ref.TEST_TEMPERATURE
 
 # dtypes the "triton" backend computes (fp32 only under the interpreter: it has no bf16 arithmetic)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# dtypes the "cuda" kernels take
+CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Seeds are drawn uniformly in [0, SEED_HIGH): any 64-bit Philox key is as good as another.
 SEED_HIGH = 2**63 - 1
 
@@ -90,6 +121,13 @@ def _triton_support(x: torch.Tensor) -> Optional[str]:
     return None
 
 
+def _cuda_support(x: torch.Tensor) -> Optional[str]:
+    """Why backend "cuda" cannot run this call (None if it can); the device is checked by backends."""
+    if x.dtype not in CUDA_DTYPES:
+        return f"dtype {x.dtype} is not supported by backend 'cuda' (supported: {list(CUDA_DTYPES)})"
+    return None
+
+
 def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_TEMPERATURE,
          deterministic: bool = False, training: bool = True, noise: Optional[torch.Tensor] = None,
          backend: Optional[str] = None) -> torch.Tensor:
@@ -100,7 +138,7 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
     instead of ``temperature`` (and still samples). ``deterministic`` keeps the
     plain argmax (no noise, no temperature). ``noise``: uniforms u to use
     instead of drawing them (ignored in deterministic mode). ``backend``:
-    "torch", "triton", "auto" or None (the ``BCOS_KERNELS_BACKEND`` env var, else auto).
+    "torch", "triton", "cuda", "auto" or None (the ``BCOS_KERNELS_BACKEND`` env var, else auto).
     """
     check_tensor("x", x, (2, 3, 4))
     positive_int("competitors", competitors)
@@ -120,7 +158,8 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
             raise ValueError(f"noise is on {noise.device} but x is on {x.device}; they must be on the same device")
         if noise.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"noise must have dtype float32 or x's dtype {x.dtype}, got {noise.dtype}")
-    name = backends.resolve("lwta", backend, x.device, implemented={"triton": lambda: _triton_support(x)})
+    name = backends.resolve("lwta", backend, x.device, implemented={"triton": lambda: _triton_support(x),
+                                                                     "cuda": lambda: _cuda_support(x)})
     seed = None
     if deterministic:
         noise = None
@@ -128,6 +167,8 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
         if noise is None:
             if name == "triton":
                 seed = torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=x.device)
+            elif name == "cuda":
+                seed = draw_cuda_seed()
             else:
                 noise = torch.rand(x.shape, device=x.device, dtype=torch.float32)
         if not training:
@@ -136,8 +177,15 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
     return out
 
 
+def draw_cuda_seed() -> torch.Tensor:
+    """The seed of a backend "cuda" call: a 1-element int64 tensor on the CPU, from torch's default generator
+    (see the module docstring for why the CPU)."""
+    return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64)
+
+
 # ---------------------------------------------------------------------------
-# the custom op (backend "torch" in plain torch ops, backend "triton" in bcos_kernels/triton/lwta.py)
+# the custom op (backend "torch" in plain torch ops, backend "triton" in bcos_kernels/triton/lwta.py,
+# backend "cuda" in the extension: csrc/cuda/lwta_cuda.cu)
 
 
 def _nhwc(x: torch.Tensor) -> bool:
@@ -177,10 +225,83 @@ def _soft(xb: torch.Tensor, ub: torch.Tensor, temperature: float, axis: int, ct:
 
 
 def _check_backend(backend: str, seed: Optional[torch.Tensor]) -> None:
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"bcos_kernels::lwta: unknown backend {backend!r} (torch, triton)")
-    if seed is not None and backend != "triton":
-        raise ValueError("bcos_kernels::lwta: a seed needs backend 'triton' (backend 'torch' takes noise)")
+    if backend not in ("torch", "triton", "cuda"):
+        raise ValueError(f"bcos_kernels::lwta: unknown backend {backend!r} (torch, triton, cuda)")
+    if seed is not None and backend == "torch":
+        raise ValueError("bcos_kernels::lwta: a seed needs backend 'triton' or 'cuda' (backend 'torch' takes noise)")
+
+
+def _check_cuda_call(op: str, x: torch.Tensor) -> None:
+    """The custom ops take backend "cuda" for CUDA tensors only (the front door says so before this; a direct
+    call on other tensors would otherwise end in torch's "no kernel for CPU" error)."""
+    reason = backends.device_reason("cuda", x.device)
+    if reason is not None:
+        raise ValueError(f"{op}: unknown backend 'cuda' here: {reason}")
+
+
+# Backend "cuda": the kernels read x as (outer, C, inner) in contiguous memory, blocks along C. A channels_last
+# (N, C, H, W) x is given to them as its memory, the (N*H*W, C) matrix (blocks along the last dim, inner = 1):
+# no copy in, and out / winner / grad_x come back as channels_last views of the kernels' contiguous outputs.
+
+
+def _cuda_view(t: Optional[torch.Tensor], nhwc: bool) -> Optional[torch.Tensor]:
+    """What the CUDA kernels are given for x-shaped t (or the winner): t itself, or with ``nhwc`` its
+    (N*H*W, channels) matrix (a view for a channels_last t, else a copy into that layout)."""
+    if t is None or not nhwc:
+        return t
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _cuda_unview(t: torch.Tensor, shape, nhwc: bool) -> torch.Tensor:
+    """The inverse of _cuda_view for a kernel output (``shape``: its logical 4-D shape when ``nhwc``)."""
+    if not nhwc:
+        return t
+    n, c, h, w = shape
+    return t.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _seed_value(seed: Optional[torch.Tensor]) -> int:
+    """The kernels' seed argument. .item() on the CPU tensor the front door draws is a host read; a CUDA seed
+    tensor (only from a direct call of the op) synchronises with the device here."""
+    return 0 if seed is None else int(seed.reshape(()).item())
+
+
+def cuda_uniforms(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """The uniforms backend "cuda" draws for x (a CUDA tensor) from ``seed`` (as :func:`draw_cuda_seed` gives
+    it): fp32, x's shape (and, for a channels_last x, layout). For tests and debugging: passing them as ``noise``
+    reproduces the seeded call exactly."""
+    nhwc = _nhwc(x)
+    u = torch.ops.bcos_kernels.lwta_uniform(_cuda_view(x, nhwc), _seed_value(seed), 0)
+    return _cuda_unview(u, x.shape, nhwc)
+
+
+def _cuda_forward(x: torch.Tensor, competitors: int, temperature: float, noise: Optional[torch.Tensor],
+                  seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    nhwc = _nhwc(x)
+    deterministic = noise is None and seed is None
+    out, winner = torch.ops.bcos_kernels.lwta_block_forward(
+        _cuda_view(x, nhwc), competitors, temperature, deterministic, _cuda_view(noise, nhwc),
+        0 if noise is not None else _seed_value(seed), 0)   # noise wins over a seed, as in backend "triton"
+    if nhwc:
+        return _cuda_unview(out, x.shape, True), _cuda_unview(winner, _winner_shape(x, competitors), True)
+    if not x.is_contiguous():
+        # the kernel read a contiguous copy of x; out must have x's strides (empty_like: see the fake impl)
+        out = torch.empty_like(x).copy_(out)
+    return out, winner
+
+
+def _cuda_backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                   seed: Optional[torch.Tensor], winner: torch.Tensor, competitors: int, temperature: float,
+                   nhwc: bool) -> torch.Tensor:
+    deterministic = noise is None and seed is None
+    fmt = _memory_format(nhwc)
+    g = _cuda_view(grad_out.contiguous(memory_format=fmt) if grad_out.dim() == 4 else grad_out, nhwc)
+    # x is not saved in deterministic mode, nor read by the kernel then: grad_out stands in for it
+    xv = g if x is None else _cuda_view(x, nhwc)
+    grad = torch.ops.bcos_kernels.lwta_block_backward(
+        g, xv, _cuda_view(winner, nhwc), competitors, temperature, deterministic, _cuda_view(noise, nhwc),
+        0 if noise is not None else _seed_value(seed), 0)
+    return _cuda_unview(grad, grad_out.shape, nhwc)
 
 
 @torch.library.custom_op("bcos_kernels::lwta", mutates_args=())
@@ -195,6 +316,9 @@ def lwta_op(x: torch.Tensor, competitors: int, temperature: float, noise: Option
     if backend == "triton":
         from bcos_kernels.triton import lwta as kernels  # imported on first use: see bcos_kernels/triton
         return kernels.lwta_forward(x, competitors, temperature, noise, seed, _nhwc(x))
+    if backend == "cuda":
+        _check_cuda_call("bcos_kernels::lwta", x)
+        return _cuda_forward(x, competitors, temperature, noise, seed)
     ct = _compute_dtype(x, noise)
     xb, axis = _block_view(x, competitors)
     out = torch.zeros_like(x)
@@ -226,8 +350,11 @@ def lwta_backward_op(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: O
                      nhwc: bool, backend: str) -> torch.Tensor:
     """d L / d x of a fused backend's forward (channels_last if ``nhwc`` else contiguous). x is None in
     deterministic mode (neither noise nor seed): the winner is all that gradient needs."""
+    if backend == "cuda":
+        _check_cuda_call("bcos_kernels::lwta_backward", grad_out)
+        return _cuda_backward(grad_out, x, noise, seed, winner, competitors, temperature, nhwc)
     if backend != "triton":
-        raise ValueError(f"bcos_kernels::lwta_backward: unknown backend {backend!r} (triton)")
+        raise ValueError(f"bcos_kernels::lwta_backward: unknown backend {backend!r} (triton, cuda)")
     from bcos_kernels.triton import lwta as kernels
     return kernels.lwta_backward(grad_out, x, noise, seed, winner, competitors, temperature, nhwc)
 
