@@ -207,6 +207,13 @@ def _load_b_minus_1(b, b_ptr, B_FROM_PTR: tl.constexpr):
 # ---------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _pixel_tile(pid, N, H, W, BLOCK: tl.constexpr):
+    """Tile ``pid`` of the flattened (n, h, w) pixel grid: (in range, n, h, w), int64."""
+    pix = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return pix < N * H * W, pix // (H * W), (pix // W) % H, pix % W
+
+
+@triton.jit
 def _bcos_forward_kernel(
     x_ptr, w_ptr, inv_wnorm_ptr, bias_ptr, b_ptr,
     out_ptr, lin_ptr, norm_ptr, winner_ptr,
@@ -224,13 +231,7 @@ def _bcos_forward_kernel(
     pid_o = tl.program_id(1)
     group = tl.program_id(2)
 
-    # Output pixels of this tile, flattened over (n, ho, wo).
-    pix = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = pix < N * HO * WO
-    n_idx = pix // (HO * WO)
-    rem = pix % (HO * WO)
-    ho = rem // WO
-    wo = rem % WO
+    pix_ok, n_idx, ho, wo = _pixel_tile(pid_p, N, HO, WO, BLOCK_P)
     h_base = ho * SH - PH
     w_base = wo * SW - PW
     x_rows = x_ptr + n_idx * sxn + (group * CG).to(tl.int64) * sxc
@@ -317,7 +318,7 @@ def _bcos_forward_kernel(
     if STORE_NORM:
         if pid_o == 0:  # every filter tile of the group computed the same norm; (N, G, HO, WO) contiguous
             G = tl.num_programs(2)
-            tl.store(norm_ptr + (n_idx * G + group) * HO * WO + rem, norm.to(norm_ptr.dtype.element_ty),
+            tl.store(norm_ptr + ((n_idx * G + group) * HO + ho) * WO + wo, norm.to(norm_ptr.dtype.element_ty),
                      mask=pix_ok)
 
 
@@ -425,13 +426,7 @@ def _bcos_grad_input_kernel(
     group = tl.program_id(2)
     G = tl.num_programs(2)
 
-    # Input pixels of this tile, flattened over (n, h, w).
-    pix = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = pix < N * H * W
-    n_idx = pix // (H * W)
-    rem = pix % (H * W)
-    h_idx = rem // W
-    w_idx = rem % W
+    pix_ok, n_idx, h_idx, w_idx = _pixel_tile(pid_p, N, H, W, BLOCK_P)  # input pixels
     c_local = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c_local < CG
     c_global = (group * CG + c_local).to(tl.int64)
