@@ -5,6 +5,7 @@ import torch
 
 import bcos_kernels
 from bcos_kernels.reference import bcos as ref
+from helpers import assert_zero_output_and_finite_grads
 
 # The fused backends that run on CPU tensors natively; "triton" (the interpreter here) has its own file,
 # tests/test_bcos_triton.py, with cases small enough for the interpreter.
@@ -113,13 +114,7 @@ def test_zero_inputs_give_zero_output_and_finite_grads(backend):
         (lambda x, w, b: bcos_kernels.bcos_linear(x, w, b=b, backend=backend), torch.zeros(3, 6), torch.randn(4, 6)),
     ]:
         for b in (1.5, 2, 3, torch.tensor(2.2, requires_grad=True)):
-            xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            out = fn(xr, wr, b)
-            out.sum().backward()
-            assert torch.all(out == 0)
-            assert torch.isfinite(xr.grad).all() and torch.isfinite(wr.grad).all()
-            if isinstance(b, torch.Tensor):
-                assert torch.isfinite(b.grad).all()
+            assert_zero_output_and_finite_grads(fn, x.clone().requires_grad_(True), w.clone().requires_grad_(True), b)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -167,17 +162,23 @@ def test_bf16_within_twice_the_reference_error(backend, b):
         assert ours <= 2 * theirs + 1e-3, (make.__name__, ours, theirs)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck_conv(channels_last):
-    if "cpu" not in FUSED:
-        pytest.skip("cpu extension not built")
-    from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused
+def _opcheck_conv_tensors(channels_last):
+    """fp64 (x, weight, bias, b) for the opchecks of the conv ops."""
     x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
     bias = torch.randn(6, dtype=torch.float64)
     b = torch.tensor(1.9, dtype=torch.float64)
+    return x, w, bias, b
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_conv(channels_last):
+    if "cpu" not in FUSED:
+        pytest.skip("cpu extension not built")
+    from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused
+    x, w, bias, b = _opcheck_conv_tensors(channels_last)
     cases = [
         (x, w, None, None, 2.0, [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False, "cpu"),
         (x, w, bias, b, float("nan"), [2, 1], [0, 1], [1, 2], 2, 1, False, 0.5, False, "cpu"),
@@ -205,11 +206,7 @@ def test_opcheck_conv_backward(channels_last):
     if "cpu" not in FUSED:
         pytest.skip("cpu extension not built")
     from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused, bcos_conv2d_fused_backward
-    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
-    b = torch.tensor(1.9, dtype=torch.float64)
+    x, w, _, b = _opcheck_conv_tensors(channels_last)
     options = [float("nan"), [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False, "cpu"]
     out, lin_max, norm, winner = bcos_conv2d_fused(x, w, None, b, *options)
     torch.library.opcheck(bcos_conv2d_fused_backward,

@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import assert_csg_compile_matches_eager
 from originals import mirror_source
 
 from bcos_kernels.nn.csg import ClassSpecificGate
@@ -170,16 +171,7 @@ def test_compile_fullgraph_matches_eager():
     layer = ClassSpecificGate(8, 3)
     with torch.no_grad():
         layer.mask.uniform_()
-
-    def run(fn):
-        out, reg = fn(x, labels)
-        gx, gm = torch.autograd.grad((out * gout).sum() + reg, (x, layer.mask))
-        return out.detach(), reg.detach(), gx, gm
-
-    eager = run(layer)
-    compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert_csg_compile_matches_eager(layer, x, labels, gout)
 
 
 def test_module_half_input_casts_the_mask():

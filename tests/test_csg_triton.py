@@ -3,6 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1): tiny shapes,
 fp32. With a GPU they run on it, and the fp16/bf16 tests run too.
 """
+import functools
 import warnings
 
 import pytest
@@ -14,24 +15,11 @@ from bcos_kernels import backends  # noqa: E402
 from bcos_kernels.nn.csg import ClassSpecificGate  # noqa: E402
 from bcos_kernels.ops.class_specific_gate import class_specific_gate  # noqa: E402
 from bcos_kernels.reference import csg as ref  # noqa: E402
+from helpers import assert_csg_compile_matches_eager, csg_inputs, on_gpu, triton_module_marks  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if backends.device_reason("triton", DEVICE) is not None:
-    pytestmark = pytest.mark.skip(reason=backends.device_reason("triton", DEVICE))
-on_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="fp16/bf16 kernels need a GPU (the interpreter runs fp32)")
-
-
-def _inputs(shape, K, dtype=torch.float32, seed=0, layout="nchw", labels=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dtype)
-    mask = torch.rand(shape[1], K, generator=g).to(dtype)
-    if labels is None:
-        labels = torch.randint(0, K, (shape[0],), generator=g)
-    gout = torch.randn(shape, generator=g).to(dtype)
-    x, mask, labels, gout = (t.to(DEVICE) for t in (x, mask, torch.as_tensor(labels), gout))
-    if layout == "nhwc":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.requires_grad_(), mask.requires_grad_(), labels, gout
+pytestmark = triton_module_marks(DEVICE)
+_inputs = functools.partial(csg_inputs, DEVICE)
 
 
 def _fwd_bwd(fn, x, mask, gout):
@@ -159,16 +147,7 @@ def test_compile_fullgraph_matches_eager():
     layer = ClassSpecificGate(8, 3, backend="triton").to(DEVICE)
     with torch.no_grad():
         layer.mask.uniform_()
-
-    def run(fn):
-        out, reg = fn(x, labels)
-        gx, gm = torch.autograd.grad((out * gout).sum() + reg, (x, layer.mask))
-        return out.detach(), reg.detach(), gx, gm
-
-    eager = run(layer)
-    compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert_csg_compile_matches_eager(layer, x, labels, gout)
 
 
 @on_gpu

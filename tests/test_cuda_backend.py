@@ -41,6 +41,12 @@ from bcos_kernels.reference import bcos as bcos_ref
 from bcos_kernels.reference import csg as csg_ref
 from bcos_kernels.reference import lwta as lwta_ref
 from bcos_kernels.reference.dau import dau_conv2d_original
+from helpers import assert_lwta_matches_reference_given_noise, assert_lwta_noise_grad_and_x_layouts
+from helpers import assert_lwta_output_matches as _assert_lwta_output_matches
+from helpers import csg_inputs as _csg_inputs
+from helpers import fwd_bwd as _fwd_bwd
+from helpers import lwta_inputs as _lwta_inputs
+from helpers import make_dau_case as _dau_case
 
 # the modules themselves: bcos_kernels.ops re-exports the functions under the modules' names
 dau_ops = importlib.import_module("bcos_kernels.ops.dau_conv2d")
@@ -564,17 +570,6 @@ def test_bcos_opcheck(dev, layout):
 # ---------------------------------------------------------------------------------------------------------------
 # DAU (CoDA).
 # ---------------------------------------------------------------------------------------------------------------
-def _dau_case(c, o, r, k, n, h, w, bias=True, seed=0, zero_x=False):
-    """fp64 (x, rank_weight, expand_weight, expand_bias) initialised like the original's nn.Conv2d layers."""
-    g = torch.Generator().manual_seed(seed)
-    d = c * k * k
-    a = (torch.rand(r, c, k, k, generator=g, dtype=F64) * 2 - 1) / d ** 0.5
-    e = (torch.rand(d * o, r, 1, 1, generator=g, dtype=F64) * 2 - 1) / r ** 0.5
-    b = (torch.rand(d * o, generator=g, dtype=F64) * 2 - 1) / r ** 0.5 if bias else None
-    x = torch.zeros(n, c, h, w, dtype=F64) if zero_x else torch.rand(n, c, h, w, generator=g, dtype=F64)
-    return [x, a, e, b]
-
-
 # (c, o, r, k, n, h, w, bias, stride, padding): odd sizes, batch 1, stride 2 / 3 / asymmetric, padding 0, 1x1,
 # rank 1 and a rank that is no power of two, with and without bias
 DAU_CASES = [
@@ -673,66 +668,20 @@ LWTA_CASES = [
 LWTA_MODES = ["train", "eval", "deterministic"]
 
 
-def _lwta_kwargs(mode, temperature=0.7):
-    return dict(temperature=temperature, deterministic=mode == "deterministic", training=mode != "eval")
-
-
-def _lwta_inputs(dev, shape, layout="nchw", dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dtype)
-    u = torch.rand(shape, generator=g)
-    gout = torch.randn(shape, generator=g).to(dtype)
-    x, u, gout = x.to(dev), u.to(dev), gout.to(dev)
-    if layout == "nhwc":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.requires_grad_(), u, gout
-
-
-def _fwd_bwd(fn, x, gout):
-    out = fn(x)
-    (grad,) = torch.autograd.grad(out, x, gout)
-    return out.detach(), grad
-
-
 def _cuda_lwta(x, U, **kw):
     return bcos_kernels.lwta(x, U, backend="cuda", **kw)
-
-
-def _assert_lwta_output_matches(out, expected, U, mode):
-    """Same winners; the same values, bit for bit where the straight-through factor (1 - p) + p rounds to exactly
-    1 in both (always at U = 2 and in deterministic mode), else within one ulp of it (the device's exp/log may
-    differ from torch's in the last bit)."""
-    assert torch.equal(out != 0, expected != 0)
-    if U == 2 or mode == "deterministic":
-        assert torch.equal(out, expected)
-    else:
-        torch.testing.assert_close(out, expected, rtol=2.4e-7, atol=0)
 
 
 @pytest.mark.parametrize("shape,U,layout", LWTA_CASES)
 @pytest.mark.parametrize("mode", LWTA_MODES)
 def test_lwta_matches_reference_given_noise(dev, shape, U, layout, mode):
     x, u, gout = _lwta_inputs(dev, shape, layout)
-    kw = _lwta_kwargs(mode)
-    out_r, grad_r = _fwd_bwd(lambda t: lwta_ref.lwta(t, U, noise=u, **kw), x, gout)
-    out, grad = _fwd_bwd(lambda t: _cuda_lwta(t, U, noise=u, **kw), x, gout)
-    assert out.stride() == x.stride()
-    _assert_lwta_output_matches(out, out_r, U, mode)
-    torch.testing.assert_close(grad, grad_r, rtol=1e-5, atol=1e-6)
+    assert_lwta_matches_reference_given_noise(_cuda_lwta, x, u, gout, U, mode)
 
 
 def test_lwta_other_layouts_of_x_noise_and_grad(dev):
     x, u, gout = _lwta_inputs(dev, (2, 8, 3, 4))
-    u_t = u.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
-    g_cl = gout.contiguous(memory_format=torch.channels_last)
-    out_r, grad_r = _fwd_bwd(lambda t: lwta_ref.lwta(t, 4, noise=u), x, gout)
-    out, grad = _fwd_bwd(lambda t: _cuda_lwta(t, 4, noise=u_t), x, g_cl)
-    _assert_lwta_output_matches(out, out_r, 4, "train")
-    torch.testing.assert_close(grad, grad_r, rtol=1e-5, atol=1e-6)
-    odd = x.detach().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3).requires_grad_()  # memory N, H, C, W
-    out_o, grad_o = _fwd_bwd(lambda t: _cuda_lwta(t, 4, noise=u), odd, gout)
-    assert out_o.stride() == torch.empty_like(odd).stride()
-    assert torch.equal(out_o, out) and torch.equal(grad_o, grad)
+    out, grad = assert_lwta_noise_grad_and_x_layouts(_cuda_lwta, x, u, gout)
     x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     out_c, grad_c = _fwd_bwd(lambda t: _cuda_lwta(t, 4, noise=u), x_cl, gout)  # NCHW grad for a channels_last x
     assert out_c.is_contiguous(memory_format=torch.channels_last)
@@ -835,21 +784,6 @@ def test_lwta_empty_input(dev):
 # ---------------------------------------------------------------------------------------------------------------
 # Class-specific gate.
 # ---------------------------------------------------------------------------------------------------------------
-def _csg_inputs(dev, shape, K, dtype=torch.float32, seed=0, layout="nchw", labels=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dtype)
-    mask = torch.rand(shape[1], K, generator=g).to(dtype)
-    if labels is None:
-        labels = torch.randint(0, K, (shape[0],), generator=g)
-    gout = torch.randn(shape, generator=g).to(dtype)
-    x, mask, labels, gout = (t.to(dev) for t in (x, mask, torch.as_tensor(labels), gout))
-    if layout == "nhwc":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "odd":
-        x = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
-    return x.requires_grad_(), mask.requires_grad_(), labels, gout
-
-
 def _csg_fwd_bwd(fn, x, mask, gout):
     out = fn(x, mask)
     return (out.detach(),) + torch.autograd.grad(out, (x, mask), gout)

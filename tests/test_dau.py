@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: pytest finds it here)
 from originals import mirror_source
 
 from bcos_kernels.nn.dau import DAUConv2d
@@ -21,15 +22,6 @@ from bcos_kernels.reference.dau import dau_conv2d_lowrank, dau_conv2d_original
 ORIGINAL_FILES = ("modules/__init__.py", "modules/DAUs.py", "modules/coda_conv.py", "modules/norms.py",
                   "modules/utils.py", "project_utils.py")
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation (badly so on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------------------------- the original

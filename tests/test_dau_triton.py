@@ -19,6 +19,8 @@ from bcos_kernels import backends  # noqa: E402
 from bcos_kernels.nn.dau import DAUConv2d  # noqa: E402
 from bcos_kernels.ops.dau_conv2d import dau_conv2d  # noqa: E402
 from bcos_kernels.reference.dau import dau_conv2d_original  # noqa: E402
+from helpers import make_dau_case as make_case  # noqa: E402
+from helpers import one_intra_op_thread  # noqa: E402, F401  (autouse fixture: pytest finds it here)
 
 F64 = torch.float64
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,26 +30,6 @@ NAMES = ("x", "rank_weight", "expand_weight", "expand_bias")
 
 if not ON_GPU and not backends.triton_interpreting():
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def make_case(c, o, r, k, n, h, w, bias=True, seed=0, zero_x=False):
-    """fp64 (x, rank_weight, expand_weight, expand_bias) initialised like the original's nn.Conv2d layers."""
-    g = torch.Generator().manual_seed(seed)
-    d = c * k * k
-    a = (torch.rand(r, c, k, k, generator=g, dtype=F64) * 2 - 1) / d ** 0.5
-    e = (torch.rand(d * o, r, 1, 1, generator=g, dtype=F64) * 2 - 1) / r ** 0.5
-    b = (torch.rand(d * o, generator=g, dtype=F64) * 2 - 1) / r ** 0.5 if bias else None
-    x = torch.zeros(n, c, h, w, dtype=F64) if zero_x else torch.rand(n, c, h, w, generator=g, dtype=F64)
-    return x, a, e, b
 
 
 def run(fn, inputs, kw, grad_out=None, seed=1):

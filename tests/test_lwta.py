@@ -5,6 +5,10 @@ import os
 
 import pytest
 import torch
+from helpers import assert_compiled_matches_eager_after_same_seed
+from helpers import fwd_bwd as _fwd_bwd
+from helpers import lwta_kwargs as _kwargs
+from helpers import saved_bytes as _saved_bytes
 from originals import mirror_source
 
 from bcos_kernels.nn.lwta import LWTA
@@ -42,10 +46,6 @@ CASES = [
 MODES = ["train", "eval", "deterministic"]
 
 
-def _kwargs(mode, temperature=0.7):
-    return dict(temperature=temperature, deterministic=mode == "deterministic", training=mode != "eval")
-
-
 def _inputs(shape, dtype=torch.float32, seed=0, channels_last=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=dtype)
@@ -54,12 +54,6 @@ def _inputs(shape, dtype=torch.float32, seed=0, channels_last=False):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_(), u, gout
-
-
-def _fwd_bwd(fn, x, gout):
-    out = fn(x)
-    (grad,) = torch.autograd.grad(out, x, gout)
-    return out.detach(), grad
 
 
 # ---------------------------------------------------------------- reference vs the original code
@@ -227,18 +221,6 @@ def test_deterministic_keeps_the_argmax():
 # ---------------------------------------------------------------- memory, gradcheck, opcheck, compile
 
 
-def _saved_bytes(fn, x):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return sum(storages.values())
-
-
 def test_saves_x_noise_and_uint8_winner_only():
     x, u, _ = _inputs((2, 8, 6, 6))
     ours = _saved_bytes(lambda t: lwta(t, 4, noise=u), x)
@@ -283,12 +265,7 @@ def test_compile_module_drawing_its_own_noise():
     x, _, gout = _inputs((2, 8, 3, 5))
     m = LWTA(U=4, temp=0.8)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(11)
-    out_e, grad_e = _fwd_bwd(m, x, gout)
-    torch.manual_seed(11)
-    out_c, grad_c = _fwd_bwd(compiled, x, gout)
-    assert torch.equal(out_c, out_e)
-    torch.testing.assert_close(grad_c, grad_e, rtol=0, atol=0)
+    assert_compiled_matches_eager_after_same_seed(m, compiled, x, gout)
 
 
 @pytest.mark.skipif(os.environ.get("BCOS_KERNELS_INDUCTOR_TESTS") != "1",

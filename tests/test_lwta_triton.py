@@ -3,6 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1): tiny shapes,
 fp32. With a GPU they run on it, and the fp16/bf16 tests run too.
 """
+import functools
 import importlib
 import math
 import warnings
@@ -20,13 +21,18 @@ from bcos_kernels.nn.lwta import LWTA  # noqa: E402
 from bcos_kernels.ops.lwta import lwta  # noqa: E402
 from bcos_kernels.reference import lwta as ref  # noqa: E402
 from bcos_kernels.triton import lwta as kernels  # noqa: E402
+from helpers import assert_compiled_matches_eager_after_same_seed  # noqa: E402
+from helpers import assert_lwta_matches_reference_given_noise, assert_lwta_noise_grad_and_x_layouts  # noqa: E402
+from helpers import assert_lwta_output_matches as _assert_output_matches  # noqa: E402
+from helpers import fwd_bwd as _fwd_bwd  # noqa: E402
+from helpers import lwta_inputs  # noqa: E402
+from helpers import on_gpu, triton_module_marks  # noqa: E402
+from helpers import saved_bytes as _saved_bytes  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if backends.device_reason("triton", DEVICE) is not None:
-    pytestmark = pytest.mark.skip(reason=backends.device_reason("triton", DEVICE))
+pytestmark = triton_module_marks(DEVICE)
 # the module itself: bcos_kernels.ops re-exports the function under the module's name
 lwta_ops = importlib.import_module("bcos_kernels.ops.lwta")
-on_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="fp16/bf16 kernels need a GPU (the interpreter runs fp32)")
 
 # (shape, U, layout): NCHW blocks along C (stride H*W), channels_last (read in place), [..., D] along D
 CASES = [
@@ -38,25 +44,7 @@ CASES = [
 MODES = ["train", "eval", "deterministic"]
 
 
-def _kwargs(mode, temperature=0.7):
-    return dict(temperature=temperature, deterministic=mode == "deterministic", training=mode != "eval")
-
-
-def _inputs(shape, layout="nchw", dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dtype)
-    u = torch.rand(shape, generator=g)
-    gout = torch.randn(shape, generator=g).to(dtype)
-    x, u, gout = x.to(DEVICE), u.to(DEVICE), gout.to(DEVICE)
-    if layout == "nhwc":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.requires_grad_(), u, gout
-
-
-def _fwd_bwd(fn, x, gout):
-    out = fn(x)
-    (grad,) = torch.autograd.grad(out, x, gout)
-    return out.detach(), grad
+_inputs = functools.partial(lwta_inputs, DEVICE)
 
 
 def _triton(x, U, **kw):
@@ -68,16 +56,6 @@ def _draw_seed():
     return torch.randint(0, lwta_ops.SEED_HIGH, (1,), dtype=torch.int64, device=DEVICE)
 
 
-def _assert_output_matches(out, expected, U, mode):
-    """Same winners; the same values, bit for bit where the straight-through factor (1 - p) + p rounds to
-    exactly 1 in both (always at U = 2 and in deterministic mode), else within one ulp of it."""
-    assert torch.equal(out != 0, expected != 0)
-    if U == 2 or mode == "deterministic":
-        assert torch.equal(out, expected)
-    else:
-        torch.testing.assert_close(out, expected, rtol=2.4e-7, atol=0)
-
-
 # ---------------------------------------------------------------- given the same noise: the reference
 
 
@@ -85,29 +63,13 @@ def _assert_output_matches(out, expected, U, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference_given_noise(shape, U, layout, mode):
     x, u, gout = _inputs(shape, layout)
-    kw = _kwargs(mode)
-    out_r, grad_r = _fwd_bwd(lambda t: ref.lwta(t, U, noise=u, **kw), x, gout)
-    out, grad = _fwd_bwd(lambda t: _triton(t, U, noise=u, **kw), x, gout)
-    assert out.stride() == x.stride()
-    _assert_output_matches(out, out_r, U, mode)
-    torch.testing.assert_close(grad, grad_r, rtol=1e-5, atol=1e-6)
+    assert_lwta_matches_reference_given_noise(_triton, x, u, gout, U, mode)
 
 
 def test_non_contiguous_noise_and_grad_and_odd_layout():
     """Noise and grad_out in other layouts than x, and an x that is neither contiguous nor channels_last."""
     x, u, gout = _inputs((2, 8, 3, 4))
-    u_t = u.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
-    g_t = gout.contiguous(memory_format=torch.channels_last)
-    out_r, grad_r = _fwd_bwd(lambda t: ref.lwta(t, 4, noise=u), x, gout)
-    out, grad = _fwd_bwd(lambda t: _triton(t, 4, noise=u_t), x, g_t)
-    _assert_output_matches(out, out_r, 4, "train")
-    torch.testing.assert_close(grad, grad_r, rtol=1e-5, atol=1e-6)
-    odd = x.detach().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3).requires_grad_()  # memory N,H,C,W
-    assert not odd.is_contiguous() and not odd.is_contiguous(memory_format=torch.channels_last)
-    out_o, grad_o = _fwd_bwd(lambda t: _triton(t, 4, noise=u), odd, gout)
-    assert out_o.stride() == torch.empty_like(odd).stride()
-    assert torch.equal(out_o, out)
-    torch.testing.assert_close(grad_o, grad, rtol=0, atol=0)
+    assert_lwta_noise_grad_and_x_layouts(_triton, x, u, gout)
     sliced = torch.randn(2, 16, 3, 3, device=DEVICE)[:, ::2]
     torch.testing.assert_close(_triton(sliced, 2, noise=u[:, :, :, :3]), ref.lwta(sliced, 2, noise=u[:, :, :, :3]),
                                rtol=2.4e-7, atol=0)
@@ -297,18 +259,6 @@ def test_winner_frequencies_follow_softmax_of_x(U, layout):
 # ---------------------------------------------------------------- memory, opcheck, compile, module
 
 
-def _saved_bytes(fn, x):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return sum(storages.values())
-
-
 def test_saves_x_seed_and_uint8_winner_only():
     x, u, _ = _inputs((2, 8, 6, 6))
     assert _saved_bytes(lambda t: _triton(t, 4), x) == x.numel() * 4 + 8 + x.numel() // 4
@@ -338,12 +288,7 @@ def test_compile_keeps_the_seed_a_graph_value():
     x, _, gout = _inputs((2, 8, 3, 5))
     m = LWTA(U=4, temp=0.8, backend="triton")
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(11)
-    out_e, grad_e = _fwd_bwd(m, x, gout)
-    torch.manual_seed(11)
-    out_c, grad_c = _fwd_bwd(compiled, x, gout)
-    assert torch.equal(out_c, out_e)
-    torch.testing.assert_close(grad_c, grad_e, rtol=0, atol=0)
+    assert_compiled_matches_eager_after_same_seed(m, compiled, x, gout)
     assert not torch.equal(compiled(x.detach()), compiled(x.detach()))
 
 

@@ -38,6 +38,8 @@ import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_like, check_tensor
+from bcos_kernels.ops._checks import cuda_support as _cuda_support
+from bcos_kernels.ops._checks import triton_support as _triton_support
 
 
 def _check_labels(labels, x: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -87,28 +89,6 @@ def class_specific_gate(x: torch.Tensor, mask: torch.Tensor, labels: Optional[to
     return class_specific_gate_op(x, mask, labels, name)
 
 
-# dtypes the "triton" backend computes (fp32 only under the interpreter: it has no bf16 arithmetic)
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _triton_support(x: torch.Tensor) -> Optional[str]:
-    """Why backend "triton" cannot run this call (None if it can)."""
-    if x.dtype not in TRITON_DTYPES:
-        return f"dtype {x.dtype} is not supported by backend 'triton' (supported: {list(TRITON_DTYPES)})"
-    if x.device.type == "cpu" and x.dtype != torch.float32:
-        return f"the Triton interpreter (CPU tensors) runs float32 only, got {x.dtype}"
-    return None
-
-
-# dtypes the "cuda" kernels take
-CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _cuda_support(x: torch.Tensor) -> Optional[str]:
-    """Why backend "cuda" cannot run this call (None if it can); the device is checked by backends."""
-    if x.dtype not in CUDA_DTYPES:
-        return f"dtype {x.dtype} is not supported by backend 'cuda' (supported: {list(CUDA_DTYPES)})"
-    return None
 
 
 def _nhwc(x: torch.Tensor) -> bool:

@@ -294,6 +294,17 @@ def _add(acc: Optional[torch.Tensor], t: Optional[torch.Tensor]) -> Optional[tor
     return t if acc is None else acc + t
 
 
+def _set_expand_grads(grads: List[Optional[torch.Tensor]], dfilt: torch.Tensor, rank: int, expand_weight: torch.Tensor,
+                      expand_bias: Optional[torch.Tensor], need_e: bool, need_b: bool) -> None:
+    """Split dfilt (O, R, D), the gradient of the filters [E_o|b_o], into grads[2] (expand_weight's) and grads[3]
+    (expand_bias's), each where asked for, in its parameter's dtype; both backward paths end with this."""
+    o, d = dfilt.shape[0], dfilt.shape[-1]
+    if need_e:
+        grads[2] = dfilt[:, :rank].permute(2, 0, 1).reshape(d * o, rank, 1, 1).to(expand_weight.dtype)
+    if need_b:
+        grads[3] = dfilt[:, rank].t().reshape(d * o).to(expand_bias.dtype)
+
+
 @torch.autograd.function.once_differentiable  # z, s and out are saved as constants: no double backward
 def _backward(ctx, grad_out, _grad_z, _grad_s):
     x, rank_weight, expand_weight, expand_bias, z, s, out = ctx.saved_tensors
@@ -369,11 +380,7 @@ def _backward(ctx, grad_out, _grad_z, _grad_s):
 
     if need_f:
         dfilt = torch.baddbmm(gfilt.reshape(o, big_r, -1), m.reshape(o, big_r, big_r), e3, alpha=2)  # (O, R, D)
-        d = dfilt.shape[-1]
-        if need_e:
-            grads[2] = dfilt[:, :rank].permute(2, 0, 1).reshape(d * o, rank, 1, 1).to(expand_weight.dtype)
-        if need_b:
-            grads[3] = dfilt[:, rank].t().reshape(d * o).to(expand_bias.dtype)
+        _set_expand_grads(grads, dfilt, rank, expand_weight, expand_bias, need_e, need_b)
     if need_a:
         grads[1] = ga.to(rank_weight.dtype)
     if need_x:
@@ -549,11 +556,7 @@ def _cuda_backward(grad_out: torch.Tensor, x: torch.Tensor, rank_weight: torch.T
     if need_f:
         # d ||w_o||^2 / d [E_o|b_o] = 2 M_o e_o, added to the gradient through y
         dfilt = torch.baddbmm(gfilt.reshape(o, big_r, -1).to(e3.dtype), m, e3, alpha=2)   # (O, R, D)
-        d = dfilt.shape[-1]
-        if need_e:
-            grads[2] = dfilt[:, :rank].permute(2, 0, 1).reshape(d * o, rank, 1, 1).to(expand_weight.dtype)
-        if need_b:
-            grads[3] = dfilt[:, rank].t().reshape(d * o).to(expand_bias.dtype)
+        _set_expand_grads(grads, dfilt, rank, expand_weight, expand_bias, need_e, need_b)
     if need_a:
         grads[1] = ga
     if need_x:

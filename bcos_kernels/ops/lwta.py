@@ -91,14 +91,12 @@ import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_tensor, positive_int
+from bcos_kernels.ops._checks import cuda_support as _cuda_support
+from bcos_kernels.ops._checks import triton_support as _triton_support
 from bcos_kernels.reference import lwta as ref
 
 TEST_TEMPERATURE = ref.TEST_TEMPERATURE
 
-# dtypes the "triton" backend computes (fp32 only under the interpreter: it has no bf16 arithmetic)
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# dtypes the "cuda" kernels take
-CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Seeds are drawn uniformly in [0, SEED_HIGH): any 64-bit Philox key is as good as another.
 SEED_HIGH = 2**63 - 1
 
@@ -110,22 +108,6 @@ def _check_temperature(temperature) -> float:
     if not (t > 0 and t != float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return t
-
-
-def _triton_support(x: torch.Tensor) -> Optional[str]:
-    """Why backend "triton" cannot run this call (None if it can)."""
-    if x.dtype not in TRITON_DTYPES:
-        return f"dtype {x.dtype} is not supported by backend 'triton' (supported: {list(TRITON_DTYPES)})"
-    if x.device.type == "cpu" and x.dtype != torch.float32:
-        return f"the Triton interpreter (CPU tensors) runs float32 only, got {x.dtype}"
-    return None
-
-
-def _cuda_support(x: torch.Tensor) -> Optional[str]:
-    """Why backend "cuda" cannot run this call (None if it can); the device is checked by backends."""
-    if x.dtype not in CUDA_DTYPES:
-        return f"dtype {x.dtype} is not supported by backend 'cuda' (supported: {list(CUDA_DTYPES)})"
-    return None
 
 
 def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_TEMPERATURE,
