@@ -88,6 +88,13 @@ BCOS_HD inline float abs_val(float x) { return ::fabsf(x); }
 BCOS_HD inline double abs_val(double x) { return ::fabs(x); }
 BCOS_HD inline float sqrt_val(float x) { return ::sqrtf(x); }
 BCOS_HD inline double sqrt_val(double x) { return ::sqrt(x); }
+// The libm log and exp (not the polynomials below): for formulas whose
+// reference is torch.log / softmax and that are sensitive in the last bits
+// (LWTA's Gumbel transform near u = 1).
+BCOS_HD inline float log_std(float x) { return ::logf(x); }
+BCOS_HD inline double log_std(double x) { return ::log(x); }
+BCOS_HD inline float exp_std(float x) { return ::expf(x); }
+BCOS_HD inline double exp_std(double x) { return ::exp(x); }
 
 // ---------------------------------------------------------------------------
 // Natural log of a positive float (branch-free, no division).

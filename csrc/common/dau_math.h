@@ -20,15 +20,7 @@
 #ifndef BCOS_KERNELS_COMMON_DAU_MATH_H_
 #define BCOS_KERNELS_COMMON_DAU_MATH_H_
 
-#ifndef BCOS_HD
-#if defined(__CUDACC__)
-#define BCOS_HD __host__ __device__
-#else
-#define BCOS_HD
-#endif
-#endif
-
-#include <cmath>
+#include "bcos_math.h"  // BCOS_HD, sqrt_val
 
 namespace bcos_math {
 
@@ -55,24 +47,10 @@ BCOS_HD inline DauScale<T> dau_scale(T s, int norm) {
 }
 
 // ||w|| from the quadratic form (clamped at 0 against rounding).
-BCOS_HD inline float dau_sqrt(float v) {
-#if defined(__CUDA_ARCH__)
-  return ::sqrtf(v);
-#else
-  return std::sqrt(v);
-#endif
-}
-BCOS_HD inline double dau_sqrt(double v) {
-#if defined(__CUDA_ARCH__)
-  return ::sqrt(v);
-#else
-  return std::sqrt(v);
-#endif
-}
 
 template <typename T>
 BCOS_HD inline T dau_norm_from_quad(T q) {
-  return dau_sqrt(q > static_cast<T>(0) ? q : static_cast<T>(0));
+  return sqrt_val(q > static_cast<T>(0) ? q : static_cast<T>(0));
 }
 
 // Numerator and quadratic form of one DAU for kPix pixels at once (so that

@@ -20,52 +20,12 @@
 #ifndef BCOS_KERNELS_COMMON_LWTA_MATH_H_
 #define BCOS_KERNELS_COMMON_LWTA_MATH_H_
 
-#ifndef BCOS_HD
-#if defined(__CUDACC__)
-#define BCOS_HD __host__ __device__
-#else
-#define BCOS_HD
-#endif
-#endif
-
-#include <cmath>
+#include "bcos_math.h"  // BCOS_HD, log_std, exp_std
 
 namespace bcos_math {
 
 // The epsilon of the original's Gumbel transform (ResNet code).
 constexpr double kGumbelEps = 1e-5;
-
-// Correctly rounded-ish libm log/exp (not the polynomial of bcos_math.h):
-// the reference uses torch.log / softmax, and the Gumbel transform is
-// sensitive near u = 1.
-BCOS_HD inline float log_std(float x) {
-#if defined(__CUDA_ARCH__)
-  return ::logf(x);
-#else
-  return std::log(x);
-#endif
-}
-BCOS_HD inline double log_std(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::log(x);
-#else
-  return std::log(x);
-#endif
-}
-BCOS_HD inline float exp_std(float x) {
-#if defined(__CUDA_ARCH__)
-  return ::expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-BCOS_HD inline double exp_std(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
 
 // Gumbel noise -log(-log(u + eps) + eps), one operation at a time in the
 // arithmetic type T of u; `round` rounds an intermediate to the storage type
