@@ -5,15 +5,16 @@ import os
 import platform
 import re
 import sys
-from collections import defaultdict
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import DEVICE, RECORDS, SMOKE  # noqa: E402
+from harness import DEVICE, RECORDS, SMOKE, baseline_description  # noqa: E402
+from report import render_text, table_rows  # noqa: E402
 
-OURS = ("cuda", "triton", "cpu", "torch")  # ours, best first when several ran
+_START = time.perf_counter()
 
 
 def device_name() -> str:
@@ -42,36 +43,16 @@ def _results(tr):
         "date": datetime.date.today().isoformat(),
         "smoke": SMOKE,
         "threads": torch.get_num_threads(),
+        "duration_s": round(time.perf_counter() - _START, 1),
+        "baselines": baseline_description(),
         "records": [r.__dict__ for r in RECORDS],
     }
-
-
-def _table(write):
-    groups = defaultdict(dict)
-    for r in RECORDS:
-        groups[(r.op, r.case, r.dtype, r.mode)][r.provider] = r
-    providers = [p for p in ("original", "original_compiled", "reference", "torch", "cpu", "triton", "cuda", "plain")
-                 if any(p in g for g in groups.values())]
-    head = f"{'op':<20} {'case':<34} {'dtype':<9} {'mode':<8}" + "".join(f"{p[:12]:>13}" for p in providers)
-    head += f"{'orig/ours':>11}{'ours/plain':>11}{'mem orig/ours':>15}"
-    write("\nmedian ms per provider (ours = fastest of " + "/".join(OURS) + " that ran)\n" + head + "\n")
-    for (op, case, dtype, mode), by in groups.items():
-        line = f"{op:<20} {case[:34]:<34} {dtype:<9} {mode:<8}"
-        line += "".join(f"{by[p].median_ms:>13.3f}" if p in by else f"{'-':>13}" for p in providers)
-        ours = min((by[p] for p in OURS if p in by), key=lambda r: r.median_ms, default=None)
-        orig = by.get("original") or by.get("reference")
-        plain = by.get("plain")
-        line += f"{orig.median_ms / ours.median_ms:>11.2f}" if orig and ours else f"{'-':>11}"
-        line += f"{ours.median_ms / plain.median_ms:>11.2f}" if plain and ours else f"{'-':>11}"
-        if orig and ours and ours.peak_mem_mb > 0:
-            line += f"{orig.peak_mem_mb / ours.peak_mem_mb:>15.2f}"
-        write(line + "\n")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not RECORDS:
         return
-    _table(terminalreporter.write)
+    terminalreporter.write("\n" + render_text(table_rows(RECORDS)))
     results = _results(terminalreporter)
     targets = []
     if os.environ.get("BCOS_BENCH_OUT"):

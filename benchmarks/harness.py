@@ -13,11 +13,18 @@ Memory ("peak_mem_mb"):
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, List, Sequence
 
 import torch
+
+import bcos_kernels
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from originals import bcos_installed, torchvision_installed  # noqa: E402
 
 SMOKE = os.environ.get("BCOS_BENCH_SMOKE") == "1"
 # BCOS_BENCH_THREADS=n pins torch's intra-op threads (on small shared VMs, 2-thread parallel regions showed
@@ -26,6 +33,47 @@ if os.environ.get("BCOS_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["BCOS_BENCH_THREADS"]))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODES = ("fwd", "bwd", "fwd+bwd")
+# torch.compile of the baseline: skipped in smoke runs (compiling takes far longer than a smoke run may).
+COMPILE = not SMOKE
+
+# What each op's baseline is. The bcos package's modules are the original code ("original"); the other papers'
+# code is not installable, so their baseline is our exact reference of it, labelled "reference".
+_ORIGINAL_OPS = ("bcos_conv2d", "bcos_linear", "model:bcos")
+_REFERENCE_OF = {
+    "dau_conv2d": "bcos_kernels.reference.dau.dau_conv2d_original: exact re-implementation of moboehle/CoDA-Nets "
+                  "CoDAConv2d(DAUWeights) (materialises the per-pixel weights like the original)",
+    "lwta": "bcos_kernels.reference.lwta.lwta: exact re-implementation of konpanousis/DISCOVER's LWTA activation",
+    "class_specific_gate": "bcos_kernels.reference.csg.class_specific_gate: exact re-implementation of "
+                           "hyliang96/CSGCNN's LearnableMaskLayer",
+    "model:coda": "CoDA-Net CIFAR-10 9L (make_coda_net) whose layers run the DAU reference above",
+}
+
+
+def baseline_providers(op: str) -> List[str]:
+    """The baseline of ``op`` and its torch.compile: "original"/"original_compiled" where the original code is
+    importable here, else "reference"/"reference_compiled" (our exact reference, never called "original")."""
+    name = "original" if op in _ORIGINAL_OPS and bcos_installed() else "reference"
+    return [name] + ([f"{name}_compiled"] if COMPILE else [])
+
+
+def our_providers(op: str) -> List[str]:
+    """Every backend of ours that can run ``op`` on DEVICE in this process."""
+    return bcos_kernels.available_backends(DEVICE, op)
+
+
+def baseline_description() -> dict:
+    """For the results JSON: what "original" and "reference" were in this run."""
+    if bcos_installed():
+        bcos = f"bcos {importlib.metadata.version('bcos')} (PyPI) modules and models"
+        if not torchvision_installed():
+            bcos += ("; bcos.models.resnet imported with a stand-in torchvision.ops.StochasticDepth (torchvision is "
+                     "missing; the published ResNets never build it)")
+    else:
+        bcos = "bcos not installed: bcos ops ran against our reference, labelled reference"
+    return {"original": bcos, **{f"reference ({op})": text for op, text in _REFERENCE_OF.items()},
+            "plain": "a plain op of the same shape (conv2d / linear / relu / per-channel multiply): the limit",
+            "memory": "GPU: torch.cuda.max_memory_allocated over a forward+backward minus what was allocated before; "
+                      "CPU: bytes saved for backward plus the output (inputs and parameters excluded)"}
 
 
 def sync():
@@ -140,15 +188,16 @@ def bench(benchmark, op: str, case: str, dtype: torch.dtype, mode: str, provider
           rounds: int, grad_inputs=None):
     """Time ``build(provider)(*inputs)`` in ``mode`` and record it with its memory.
 
-    ``build`` makes the module once per (op, case, dtype, provider); "original_compiled" compiles it.
+    ``build`` makes the module once per (op, case, dtype, provider); "*_compiled" providers get the module
+    ``build`` returns for the provider without the suffix, compiled with torch.compile.
     ``grad_inputs``: the inputs that receive gradients (default: the floating point ones).
     """
     key = (op, case, dtype, provider)
     if key not in _modules:
-        module = build(provider).to(DEVICE)
+        module = build(provider.removesuffix("_compiled")).to(DEVICE)
         if dtype.is_floating_point:
             module = module.to(dtype)
-        if provider == "original_compiled":
+        if provider.endswith("_compiled"):
             torch._dynamo.reset()
             module = torch.compile(module)
         _modules[key] = module

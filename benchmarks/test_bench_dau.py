@@ -1,36 +1,37 @@
-"""CoDA dynamic alignment units. The original CoDA code is not an installable package, so the baseline is
-our exact reference of it (it materialises the per-pixel dynamic weights like the original), labelled
-"reference"."""
+"""CoDA dynamic alignment units at the layers of CoDA-Net CIFAR-10 (9L) and ImageNet-100. The original CoDA code
+is not an installable package, so the baseline is our exact reference of it (it materialises the per-pixel dynamic
+weights like the original), labelled "reference". "plain" is a conv2d of the same shape: the limit."""
 import pytest
 import torch
 
-import bcos_kernels
 from bcos_kernels import nn as bnn
 from bcos_kernels.reference import dau as dau_ref
-from harness import DEVICE, MODES, SMOKE, Fn, bench
-from shapes import CODA_BATCH, CODA_CIFAR10_LAYERS
+from harness import DEVICE, MODES, SMOKE, Fn, baseline_providers, bench, our_providers
+from shapes import DAU_CASES
 
-PROVIDERS = ["reference"] + bcos_kernels.available_backends(DEVICE, "dau_conv2d")
+PROVIDERS = baseline_providers("dau_conv2d") + our_providers("dau_conv2d") + ["plain"]
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 3)
+
+
+def _dau_module(provider, c):
+    if provider == "plain":
+        return torch.nn.Conv2d(c.cin, c.cout, c.k, c.stride, c.padding, bias=False)
+    layer = bnn.DAUConv2d(c.cin, c.cout, c.rank, kernel_size=c.k, stride=c.stride, padding=c.padding,
+                          backend=None if provider == "reference" else provider)
+    if provider != "reference":
+        return layer
+    w = layer.weight_mod.weighting_f
+    return Fn(lambda x: dau_ref.dau_conv2d_original(x, w[0].weight, w[1].weight, w[1].bias, kernel_size=c.k,
+                                                    stride=c.stride, padding=c.padding, norm="squash", detach=False),
+              w[0].weight, w[1].weight, w[1].bias)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("case", CODA_CIFAR10_LAYERS, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", DAU_CASES, ids=lambda c: c.name)
 def test_dau_conv2d(benchmark, case, dtype, provider, mode):
-    name, cin, cout, k, s, rank, hw = case
-
-    def build(pr):
-        layer = bnn.DAUConv2d(cin, cout, rank, kernel_size=k, stride=s, backend=None if pr == "reference" else pr)
-        if pr != "reference":
-            return layer
-        w = layer.weight_mod.weighting_f
-        return Fn(lambda x: dau_ref.dau_conv2d_original(x, w[0].weight, w[1].weight, w[1].bias, kernel_size=k,
-                                                        stride=s, padding=None, norm="squash", detach=False),
-                  w[0].weight, w[1].weight, w[1].bias)
-
-    x = torch.randn(CODA_BATCH, cin, hw, hw, device=DEVICE, dtype=dtype)
-    bench(benchmark, "dau_conv2d", name, dtype, mode, provider, build, [x], f"x={list(x.shape)} k={k} s={s} r={rank}",
-          ROUNDS)
+    x = torch.randn(case.batch, case.cin, case.hw, case.hw, device=DEVICE, dtype=dtype)
+    bench(benchmark, "dau_conv2d", case.name, dtype, mode, provider, lambda pr: _dau_module(pr, case), [x],
+          f"x={list(x.shape)} out={case.cout} k={case.k} s={case.stride} p={case.padding} r={case.rank}", ROUNDS)

@@ -4,6 +4,10 @@
   torchvision, which has no CPU build, so we register bare `bcos` and
   `bcos.models` packages whose __path__ is the installed folder and import the
   submodules we need directly.
+- `bcos.models.resnet` imports `torchvision.ops.StochasticDepth` at module level but only builds it when
+  stochastic_depth_prob > 0 (never in the published B-cos ResNets). Where torchvision is missing we import
+  that module with a stand-in `torchvision.ops` present only during the import; the stand-in
+  StochasticDepth raises if anything tries to build it, so the model code that runs is the original.
 - Originals that are not packages (moboehle/B-cos v1, B-cosification) are read
   from a local git mirror when one exists (developer machines); tests that need
   them skip with the reason otherwise.
@@ -28,8 +32,35 @@ def _bare_package(name: str, path: str) -> None:
         sys.modules[name] = pkg
 
 
+def bcos_installed() -> bool:
+    return "bcos" in sys.modules or importlib.util.find_spec("bcos") is not None
+
+
+class _StochasticDepthUnavailable:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("torchvision is not installed: the stand-in torchvision.ops.StochasticDepth cannot run "
+                           "(stochastic_depth_prob > 0 needs the real torchvision)")
+
+
+def _import_without_torchvision(module_name: str):
+    """Import `module_name` with a stand-in `torchvision.ops` that exists only during the import."""
+    stubs = {"torchvision": types.ModuleType("torchvision"), "torchvision.ops": types.ModuleType("torchvision.ops")}
+    stubs["torchvision.ops"].StochasticDepth = _StochasticDepthUnavailable
+    stubs["torchvision"].ops = stubs["torchvision.ops"]
+    sys.modules.update(stubs)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        for key in stubs:
+            sys.modules.pop(key, None)
+
+
+def torchvision_installed() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
 def bcos_module(name: str):
-    """Import `bcos.<name>` (e.g. "modules", "models.vgg") without running bcos/__init__.py."""
+    """Import `bcos.<name>` (e.g. "modules", "models.vgg", "models.resnet") without running bcos/__init__.py."""
     spec = importlib.util.find_spec("bcos") if "bcos" not in sys.modules else None
     if "bcos" not in sys.modules:
         if spec is None or not spec.submodule_search_locations:
@@ -37,6 +68,8 @@ def bcos_module(name: str):
         root = spec.submodule_search_locations[0]
         _bare_package("bcos", root)
         _bare_package("bcos.models", os.path.join(root, "models"))
+    if name == "models.resnet" and not torchvision_installed():
+        return _import_without_torchvision("bcos.models.resnet")
     return importlib.import_module(f"bcos.{name}")
 
 
