@@ -217,7 +217,7 @@ BCOS_LINEAR_BATCH = 2 if SMOKE else (64 if GPU else 2)
 # ---------------------------------------------------------------------------------------------------------------
 RESNET50_MODEL_BATCH = 1 if SMOKE else (64 if GPU else 2)
 RESNET50_MODEL_IMAGE = 32 if SMOKE else 224
-CODA_CIFAR10_MODEL_BATCH = 2 if SMOKE else (64 if GPU else 16)
+CODA_CIFAR10_MODEL_BATCH = 2 if SMOKE else (64 if GPU else 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def _coda_batches(gpu: bool, smoke: bool) -> Tuple[int, int]:
     """(CIFAR-10 batch, ImageNet-100 batch)."""
     if smoke:
         return 2, 2
-    return (64, 16) if gpu else (16, 1)
+    return (64, 16) if gpu else (8, 1)
 
 
 # Batches on GPU: 64 for CIFAR-10 (the task's common benchmark batch), 16 for ImageNet-100 (below: at 64 the
@@ -310,18 +310,17 @@ def coda_layers(gpu: bool, smoke: bool) -> Tuple[List[DAUCase], List[DAUCase]]:
 
 
 CODA_CIFAR10_LAYERS, CODA_IMAGENET100_LAYERS = coda_layers(GPU, SMOKE)
-# CPU: three ImageNet-100 layers at batch 1 whose reference peaks at ~0.5 GB or less: the 7x7 s3 first layer on the
-# 240x240 input, the first stride-2 layer, the last layer (rank 256, 100 outputs).
+# CPU: two ImageNet-100 layers at batch 1 whose reference peaks at ~0.5 GB or less: the 7x7 s3 first layer on the
+# 240x240 input and the last layer (rank 256, 100 outputs). (The CPU run must stay under 15 minutes on 2 cores.)
 CPU_DAU_IMAGENET100_NAMES = (
     "coda_imagenet100 L1 7x7 6->16 r64 s3 @240",
-    "coda_imagenet100 L4 3x3 32->64 r128 s2 @80",
     "coda_imagenet100 L9 3x3 64->100 r256 @20",
 )
 SMOKE_DAU = DAUCase("smoke", "smoke 3x3 6->4 r3 @6", 6, 4, 3, 1, 1, 3, 6, 2)
 
 
 def select_dau_cases(gpu: bool, smoke: bool, all_shapes: bool) -> List[DAUCase]:
-    """Every CIFAR-10 layer and every distinct ImageNet-100 layer (CPU: three of them), batches attached."""
+    """Every CIFAR-10 layer and every distinct ImageNet-100 layer (CPU: two of them), batches attached."""
     if smoke:
         return [SMOKE_DAU]
     cifar, imagenet = coda_layers(gpu, smoke)
