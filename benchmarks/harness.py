@@ -33,6 +33,8 @@ if os.environ.get("BCOS_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["BCOS_BENCH_THREADS"]))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODES = ("fwd", "bwd", "fwd+bwd")
+# bf16 only on a GPU: the CPU backends' bf16 is for checkpoints and correctness, not what the CPU run compares.
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 # torch.compile of the baseline: skipped in smoke runs (compiling takes far longer than a smoke run may).
 COMPILE = not SMOKE
 

@@ -16,8 +16,6 @@ import copy
 import functools
 import gc
 import math
-import os
-import sys
 from typing import Callable, Optional
 
 import torch
@@ -27,9 +25,7 @@ from bcos_kernels import nn as bnn
 from bcos_kernels.reference.dau import dau_conv2d_original
 from harness import Workload, sync
 from shapes import CODA_CIFAR10_ARCH, CODA_CIFAR10_LOGIT_BIAS, CODA_CIFAR10_LOGIT_TEMPERATURE
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from originals import bcos_module  # noqa: E402
+from originals import bcos_module  # tests/ is on sys.path: harness puts it there
 
 
 # ---------------------------------------------------------------------------------------------------------------

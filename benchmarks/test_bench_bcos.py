@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from bcos_kernels import nn as bnn
-from harness import DEVICE, MODES, SMOKE, baseline_providers, bench, our_providers
+from harness import DEVICE, DTYPES, MODES, SMOKE, baseline_providers, bench, our_providers
 from originals import bcos_module
 from shapes import BCOS_CONV_BATCH, BCOS_CONVS, BCOS_LINEAR_BATCH, BCOS_LINEARS
 
-DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 CONV_PROVIDERS = baseline_providers("bcos_conv2d") + our_providers("bcos_conv2d") + ["plain"]
 LINEAR_PROVIDERS = baseline_providers("bcos_linear") + our_providers("bcos_linear") + ["plain"]
 ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 7)

@@ -6,11 +6,10 @@ import torch
 
 from bcos_kernels import nn as bnn
 from bcos_kernels.reference import dau as dau_ref
-from harness import DEVICE, MODES, SMOKE, Fn, baseline_providers, bench, our_providers
+from harness import DEVICE, DTYPES, MODES, SMOKE, Fn, baseline_providers, bench, our_providers
 from shapes import DAU_CASES
 
 PROVIDERS = baseline_providers("dau_conv2d") + our_providers("dau_conv2d") + ["plain"]
-DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 3)
 
 

@@ -7,10 +7,9 @@ import torch
 from bcos_kernels import nn as bnn
 from bcos_kernels.reference import csg as csg_ref
 from bcos_kernels.reference import lwta as lwta_ref
-from harness import DEVICE, MODES, SMOKE, Fn, baseline_providers, bench, our_providers
+from harness import DEVICE, DTYPES, MODES, SMOKE, Fn, baseline_providers, bench, our_providers
 from shapes import CSG_CASES, LWTA_CASES
 
-DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 7)
 
 

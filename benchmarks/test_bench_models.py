@@ -10,26 +10,21 @@ step fits in memory is searched and recorded as the case "<case> largest batch".
 import contextlib
 import copy
 import functools
-import os
-import sys
 import time
 
 import pytest
 import torch
 
 import models
-from harness import (DEVICE, MODES, RECORDS, SMOKE, Record, Workload, baseline_providers, bench, our_providers,
-                     sync)
+from harness import (DEVICE, DTYPES, MODES, RECORDS, SMOKE, Record, Workload, baseline_providers, bcos_installed,
+                     bench, our_providers, sync)
 from shapes import CODA_CIFAR10_IMAGE, CODA_CIFAR10_MODEL_BATCH, RESNET50_MODEL_BATCH, RESNET50_MODEL_IMAGE
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from originals import bcos_installed  # noqa: E402
 
 RESNET = "B-cos ResNet-50 train step"
 CODA = "CoDA-Net CIFAR-10 9L train step"
 
 GPU = DEVICE.type == "cuda"
-DTYPES = [torch.float32] + ([torch.bfloat16] if GPU else [])
 ROUNDS = 10 if GPU and not SMOKE else 3
 # The smoke run only proves the file runs: one mode (the three share the harness's code path, which the per-layer
 # smoke runs exercise), so that it takes seconds rather than half a minute on a 2-core machine.
@@ -78,17 +73,17 @@ def _resnet_original() -> torch.nn.Module:
 
 
 def build_resnet(provider: str) -> torch.nn.Module:
-    name = provider.removesuffix("_compiled")  # (bench already strips it and compiles the result)
-    if name == "original":
+    # bench passes the provider without its "_compiled" suffix (and compiles the result itself)
+    if provider == "original":
         return copy.deepcopy(_resnet_original())
-    if name == "plain":
+    if provider == "plain":
         return models.with_plain_layers(_resnet_original())
-    return models.with_our_layers(_resnet_original(), backend=name)
+    return models.with_our_layers(_resnet_original(), backend=provider)
 
 
 def build_coda(provider: str) -> torch.nn.Module:
     # coda_net_cifar10 seeds its own parameters: every provider gets the same ones
-    return models.coda_net_cifar10(provider.removesuffix("_compiled")).train()
+    return models.coda_net_cifar10(provider).train()
 
 
 BUILD = {RESNET: build_resnet, CODA: build_coda}
