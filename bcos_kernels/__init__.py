@@ -8,7 +8,12 @@ if backends.cpu_extension() is not None:
 
 from bcos_kernels import nn, ops  # noqa: E402
 from bcos_kernels.ops import bcos_conv2d, bcos_linear, class_specific_gate, dau_conv2d, lwta  # noqa: E402
+from bcos_kernels.bcosify import add_inverse, bcosify  # noqa: E402
+from bcos_kernels.convert import convert  # noqa: E402
+from bcos_kernels.explain import explain, explanation_mode, gradient_to_image  # noqa: E402
+from bcos_kernels.fold import fold_batchnorm, unfold_batchnorm  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["available_backends", "bcos_conv2d", "bcos_linear", "class_specific_gate", "dau_conv2d", "lwta", "nn",
-           "ops"]
+__all__ = ["add_inverse", "available_backends", "bcos_conv2d", "bcos_linear", "bcosify", "class_specific_gate",
+           "convert", "dau_conv2d", "explain", "explanation_mode", "fold_batchnorm", "gradient_to_image", "lwta", "nn",
+           "ops", "unfold_batchnorm"]

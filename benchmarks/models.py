@@ -5,7 +5,8 @@ so that a training step of the whole model can be timed with the original layers
 convolutions (the limit a B-cos / CoDA network cannot beat):
 
 - ``bcos_resnet50()``: the `bcos` package's B-cos ResNet-50, as its ImageNet experiment builds it;
-  ``with_our_layers(model, backend)`` / ``with_plain_layers(model)`` swap its B-cos layers.
+  ``bcos_kernels.convert(copy.deepcopy(model), backend)`` puts our layers in, ``with_plain_layers(model)`` plain
+  convolutions.
 - ``coda_net_cifar10(provider)``: the 9-layer CoDA-Net of the CIFAR-10 experiment ("9L-S-CoDA-SQ-1000").
 - ``largest_batch`` / ``gpu_step_fits``: the largest batch whose training step fits in GPU memory.
 - ``check_parity``: the benchmark refuses to time a model that disagrees with the original.
@@ -68,38 +69,6 @@ def _swapped(model: nn.Module, replace: Callable[[nn.Module], Optional[nn.Module
 def _bcos_layer_types():
     modules = bcos_module("modules")
     return modules.BcosConv2d, modules.BcosLinear
-
-
-def with_our_layers(model: nn.Module, backend: Optional[str]) -> nn.Module:
-    """A deep copy of ``model`` with every `bcos.modules.BcosConv2d` / `BcosLinear` replaced by
-    ``bcos_kernels.nn.BcosConv2d`` / ``BcosLinear`` (same hyper-parameters, the original's weights loaded with
-    ``load_state_dict``, so the state_dict keys are unchanged) running on ``backend``.
-
-    This is a benchmark-only swap that handles the layers the benchmarked models contain; a general
-    ``bcos_kernels.convert()`` is a later deliverable. Subclasses it does not handle (e.g. BcosConv2dWithScale,
-    whose forward divides by a scale) raise a TypeError rather than being silently converted without their extra
-    behaviour.
-    """
-    conv_type, linear_type = _bcos_layer_types()
-
-    def replace(m: nn.Module) -> Optional[nn.Module]:
-        if not isinstance(m, (conv_type, linear_type)):
-            return None
-        weight = m.linear.weight
-        kw = dict(device=weight.device, dtype=weight.dtype, b=m.b, max_out=m.max_out, backend=backend)
-        if type(m) is conv_type:
-            new = bnn.BcosConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                                 m.groups, m.padding_mode, **kw)
-        elif type(m) is linear_type:
-            new = bnn.BcosLinear(m.in_features, m.out_features, **kw)
-        else:
-            raise TypeError(f"with_our_layers does not handle {type(m).__module__}.{type(m).__qualname__} (a subclass "
-                            f"of the B-cos layers with behaviour of its own); it only swaps BcosConv2d and BcosLinear")
-        new.load_state_dict(m.state_dict())
-        new.detach = m.detach  # explanation mode carries over
-        return new.train(m.training)
-
-    return _swapped(model, replace)
 
 
 def with_plain_layers(model: nn.Module) -> nn.Module:

@@ -16,8 +16,8 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
 
 OURS = ("cuda", "triton", "cpu", "torch")
-PROVIDER_ORDER = ("original", "original_compiled", "reference", "reference_compiled", "torch", "cpu", "triton", "cuda",
-                  "plain")
+PROVIDER_ORDER = ("original", "original_compiled", "original_batched", "reference", "reference_compiled", "torch",
+                  "cpu", "triton", "cuda", "plain")
 
 
 def _get(r, key):

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+import bcos_kernels
 import models
 from harness import (DEVICE, DTYPES, MODES, RECORDS, SMOKE, Record, Workload, baseline_providers, bcos_installed,
                      bench, our_providers, sync)
@@ -78,7 +79,7 @@ def build_resnet(provider: str) -> torch.nn.Module:
         return copy.deepcopy(_resnet_original())
     if provider == "plain":
         return models.with_plain_layers(_resnet_original())
-    return models.with_our_layers(_resnet_original(), backend=provider)
+    return bcos_kernels.convert(copy.deepcopy(_resnet_original()), backend=provider)
 
 
 def build_coda(provider: str) -> torch.nn.Module:

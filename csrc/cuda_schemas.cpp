@@ -14,6 +14,8 @@
 //   norm.flatten(2), ...), with the norms computed inside the scale pass;
 //   returns bcos_scale_forward's (out, lin_max, winner) and norm (N, G, Ho, Wo),
 //   the latter (0,) when b == 1 (no norm needed).  lin: (N, O * max_out, Ho * Wo).
+//   channel_scale: None or (O,) in lin's dtype and device, multiplies out[:, o]
+//   in the same pass (as bcos_scale_forward's); lin_max, winner and norm are unscaled.
 //
 // dau_combine_forward(y, z, gram, norm): the DAU epilogue (DESIGN.md section 3).
 //   z (P, r) and y (P, O * R) pixel-major, any strides (e.g. the two column
@@ -58,8 +60,8 @@ TORCH_LIBRARY_FRAGMENT(bcos_kernels, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   m.def(
       "bcos_conv_scale_forward(Tensor lin, Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, float b, bool b_is_tensor, int max_out, float scale) "
-      "-> (Tensor out, Tensor lin_max, Tensor winner, Tensor norm)",
+      "int[2] dilation, int groups, float b, bool b_is_tensor, int max_out, float scale, "
+      "Tensor? channel_scale=None) -> (Tensor out, Tensor lin_max, Tensor winner, Tensor norm)",
       tags);
   m.def("dau_combine_forward(Tensor y, Tensor z, Tensor gram, str norm) -> (Tensor out, Tensor s)", tags);
   m.def(

@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 namespace bcos_kernels {
@@ -25,7 +26,8 @@ at::Tensor patch_norm_backward(const at::Tensor& grad_norm, const at::Tensor& x,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tensor& lin, const at::Tensor& norm,
                                                                   double b, bool b_is_tensor, int64_t max_out,
-                                                                  double scale);
+                                                                  double scale,
+                                                                  const std::optional<at::Tensor>& channel_scale);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_backward(const at::Tensor& grad_out,
                                                                    const at::Tensor& lin_max, const at::Tensor& norm,
@@ -47,9 +49,12 @@ TORCH_LIBRARY(bcos_kernels, m) {
       "patch_norm_backward(Tensor grad_norm, Tensor x, Tensor norm, int[2] kernel_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> Tensor",
       tags);
+  // channel_scale: None, or (O,) (O = lin.shape[1] / max_out) in lin's dtype and device: out[:, o] is
+  // multiplied by it in the same pass (an eval-mode batch norm folded into the layer); lin_max and winner are
+  // not (the backward reads them unscaled).
   m.def(
-      "bcos_scale_forward(Tensor lin, Tensor norm, float b, bool b_is_tensor, int max_out, float scale) "
-      "-> (Tensor out, Tensor lin_max, Tensor winner)",
+      "bcos_scale_forward(Tensor lin, Tensor norm, float b, bool b_is_tensor, int max_out, float scale, "
+      "Tensor? channel_scale=None) -> (Tensor out, Tensor lin_max, Tensor winner)",
       tags);
   m.def(
       "bcos_scale_backward(Tensor grad_out, Tensor lin_max, Tensor norm, Tensor winner, float b, "

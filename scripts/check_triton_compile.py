@@ -93,7 +93,8 @@ class CompileOnly:
 
 def _bcos_cases(full: bool):
     """Launch the B-cos kernels (forward and backward) on meta tensors for representative layers: both K-loop
-    forms of each GEMM kernel, MaxOut (2 and 3), every scale mode, fp32 and bf16 (and fp16 with --full)."""
+    forms of each GEMM kernel, MaxOut (2 and 3), every scale mode, fp32 and bf16 (and fp16 with --full), and the
+    conv forward with a per-output-channel factor (channel_scale, in the layer's dtype)."""
     from bcos_kernels.triton import bcos as kernels
 
     meta = dict(device="meta")
@@ -108,7 +109,7 @@ def _bcos_cases(full: bool):
         modes += [(1.0, False, False), (2.5, False, True)]
     dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if full else ())
     for dtype in dtypes:
-        for c, o, k, s, p, g, m, n, h, channels_last in convs:
+        for ci, (c, o, k, s, p, g, m, n, h, channels_last) in enumerate(convs):
             x = torch.empty(n, c, h, h, dtype=dtype, **meta)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -116,12 +117,17 @@ def _bcos_cases(full: bool):
             bias = torch.empty(o * m, dtype=dtype, **meta)
             geo = kernels.conv_geometry(x, w, (s, s), (p, p), (1, 1), g, m)
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            for b, learnable, detach in modes:
+            for i, (b, learnable, detach) in enumerate(modes):
                 b_tensor = torch.empty(1, **meta) if learnable else None
                 out, lin, norm, winner = kernels.forward(x, w, bias, b_tensor, b, geo, True, 1.0, kernels.NORM_CONV,
                                                          fmt)
                 kernels.backward(torch.empty_like(out), x, w, b_tensor, lin, norm, winner, b, geo, True, 1.0, detach,
                                  [True, True, True, learnable], kernels.NORM_CONV)
+                # The epilogue's extra load and multiply (the backward does not change): without MaxOut and with
+                # MaxOut 3 in CI (the first layer adds ~30 s of compiling and nothing new to the epilogue).
+                if full or (i == 0 and ci != 1):
+                    kernels.forward(x, w, bias, b_tensor, b, geo, True, 1.0, kernels.NORM_CONV, fmt,
+                                    channel_scale=torch.empty(o, dtype=dtype, **meta))
         # ViT-B/16 linears (the second with MaxOut 2)
         for d, f, m in ((768, 2304, 1), (3072, 768, 2)):
             x = torch.empty(64 * 197, d, dtype=dtype, **meta)

@@ -1,5 +1,5 @@
-"""The whole-model builders of the benchmark (benchmarks/models.py): the layer swaps keep the original network's
-numbers, the CoDA-Net providers share their parameters, the batch search finds the boundary."""
+"""The whole-model builders of the benchmark (benchmarks/models.py): convert() and the plain-layer swap keep the
+original network's numbers, the CoDA-Net providers share their parameters, the batch search finds the boundary."""
 import copy
 import importlib.util
 import os
@@ -74,9 +74,10 @@ def test_bcos_resnet50_is_the_imagenet_config(resnet50_f64):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("backend", OUR_BCOS_BACKENDS)
-def test_with_our_layers_matches_original(resnet50_f64, backend, train):
+def test_converted_resnet50_matches_original(resnet50_f64, backend, train):
+    """What the benchmark times as ours: bcos_kernels.convert of a copy of its ResNet-50."""
     original = copy.deepcopy(resnet50_f64).train(train)
-    ours = models.with_our_layers(original, backend)
+    ours = bcos_kernels.convert(copy.deepcopy(original), backend)
     # the swap: none of the original's B-cos layers left, ours in their place, same keys, the original untouched
     assert not _bcos_layers(ours)
     swapped = [m for m in ours.modules() if isinstance(m, (bnn.BcosConv2d, bnn.BcosLinear))]
@@ -101,33 +102,6 @@ def test_with_our_layers_matches_original(resnet50_f64, backend, train):
     if train:  # both updated their running statistics the same way
         for (name, a), b in zip(ours.state_dict().items(), original.state_dict().values()):
             assert_close_to_scale(a.double(), b.double(), rtol, name)
-
-
-def test_with_our_layers_refuses_unhandled_subclass():
-    orig = bcos_module("modules")
-    with pytest.warns(DeprecationWarning):
-        model = torch.nn.Sequential(orig.BcosConv2d(6, 4, 3), orig.BcosConv2dWithScale(4, 4, 3))
-    with pytest.raises(TypeError, match="BcosConv2dWithScale"):
-        models.with_our_layers(model, "torch")
-
-
-def test_with_our_layers_linear_and_explanation_mode():
-    orig = bcos_module("modules")
-    model = torch.nn.Sequential(orig.BcosConv2d(6, 8, 3, padding=1, b=2.5, max_out=2), torch.nn.Flatten(),
-                                orig.BcosLinear(8 * 5 * 5, 3, b=1.5, max_out=3)).to(F64)
-    model[0].set_explanation_mode(True)
-    ours = models.with_our_layers(model, "torch")
-    assert isinstance(ours[0], bnn.BcosConv2d) and isinstance(ours[2], bnn.BcosLinear)
-    assert (ours[0].b, ours[0].max_out, ours[0].detach) == (2.5, 2, True)
-    assert (ours[2].b, ours[2].max_out, ours[2].detach) == (1.5, 3, False)
-    x = torch.randn(2, 6, 5, 5, dtype=F64)
-    grad_out = torch.randn(2, 3, dtype=F64)
-    out, gx, grads = fwd_bwd(ours, x, grad_out)
-    ref_out, ref_gx, ref_grads = fwd_bwd(model, x, grad_out)
-    torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(gx, ref_gx)
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name])
 
 
 def test_with_plain_layers(resnet50_f64):

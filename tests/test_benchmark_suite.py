@@ -12,9 +12,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import report  # noqa: E402
 
-OPS = {"bcos_conv2d", "bcos_linear", "dau_conv2d", "lwta", "class_specific_gate", "model"}
-PROVIDERS = {"original", "original_compiled", "reference", "reference_compiled", "torch", "cpu", "triton", "cuda",
-             "plain"}
+OPS = {"bcos_conv2d", "bcos_linear", "dau_conv2d", "lwta", "class_specific_gate", "model", "explain"}
+PROVIDERS = {"original", "original_compiled", "original_batched", "reference", "reference_compiled", "torch", "cpu",
+             "triton", "cuda", "plain"}
 RECORD_KEYS = {"op", "case", "dtype", "mode", "provider", "median_ms", "peak_mem_mb", "shape"}
 
 

@@ -87,11 +87,12 @@ def _register_emulation() -> torch.library.Library:
     def nhwc(t):
         return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
-    def conv_scale_forward(lin, x, kernel_size, stride, padding, dilation, groups, b, b_is_tensor, max_out, scale):
+    def conv_scale_forward(lin, x, kernel_size, stride, padding, dilation, groups, b, b_is_tensor, max_out, scale,
+                           channel_scale=None):
         mode = emu.scale_mode(b, b_is_tensor)
         if mode == "one":
             out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(lin, x.new_empty(0), b, b_is_tensor,
-                                                                             max_out, scale)
+                                                                             max_out, scale, channel_scale)
             return out, lin_max, winner, x.new_empty(0)
         geom, ho, wo = emu.geometry(x, kernel_size, stride, padding, dilation, groups)
         lin = lin.contiguous()
@@ -102,10 +103,10 @@ def _register_emulation() -> torch.library.Library:
         out, lin_max = lin.new_empty((n, o, p)), lin.new_empty(shape)
         winner = lin.new_empty(shape, dtype=torch.uint8)
         sq = x.new_empty((n, groups, x.shape[2], x.shape[3]), dtype=acc(x.dtype))
-        check(emu.lib.emu_bcos_conv_scale_forward(code[x.dtype], ptr(lin), ptr(x), i64s(x.stride()), int(nhwc(x)),
-                                                  i64s(geom), ptr(sq), ptr(norm), ptr(out), ptr(lin_max),
-                                                  ptr(winner), i64s([n, o, max_out, p, groups]), emu.MODES[mode], b,
-                                                  scale))
+        check(emu.lib.emu_bcos_conv_scale_forward_channel_scale(
+            code[x.dtype], ptr(lin), ptr(x), i64s(x.stride()), int(nhwc(x)), i64s(geom), ptr(sq), ptr(norm), ptr(out),
+            ptr(lin_max), ptr(winner), ptr(channel_scale),
+            i64s([n, o, max_out, p, groups]), emu.MODES[mode], b, scale))
         return out, lin_max, winner, norm
 
     def dau_forward(y, z, gram, norm):

@@ -4,6 +4,7 @@ from bcos_kernels.nn.bcos import (BcosConv2d, BcosConv2dV1, BcosConv2dWithScale,
 from bcos_kernels.nn.csg import ClassSpecificGate
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.nn.lwta import LWTA
+from bcos_kernels.nn.norms import BatchNormUncentered2d
 
-__all__ = ["BcosConv2d", "BcosConv2dV1", "BcosConv2dWithScale", "BcosLinear", "BcosifyConv2d", "BcosifyLinear",
-           "ClassSpecificGate", "DAUConv2d", "LWTA", "NormedConv2d", "NormedLinear"]
+__all__ = ["BatchNormUncentered2d", "BcosConv2d", "BcosConv2dV1", "BcosConv2dWithScale", "BcosLinear", "BcosifyConv2d",
+           "BcosifyLinear", "ClassSpecificGate", "DAUConv2d", "LWTA", "NormedConv2d", "NormedLinear"]

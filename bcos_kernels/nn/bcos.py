@@ -102,12 +102,26 @@ class BcosConv2d(DetachableModule):
     def scale_divisor(self) -> float:
         return 1.0
 
+    def fold_norm(self, norm) -> None:
+        """Apply ``norm`` (a ``BatchNormUncentered2d`` that this conv's output goes into) in the fused epilogue
+        whenever it is in eval mode; marks it ``folded`` so that it then only adds its bias. The norm stays
+        registered where it is (a plain reference here: the state_dict is unchanged). See
+        ``bcos_kernels.fold_batchnorm``."""
+        self.__dict__["folded_norm"] = norm
+        norm.folded = True
+
+    def _channel_scale(self, x: Tensor) -> Optional[Tensor]:
+        norm = self.__dict__.get("folded_norm")
+        if norm is None or norm.uses_batch_statistics():
+            return None
+        return norm.channel_scale().to(x.dtype)
+
     def forward(self, in_tensor: Tensor) -> Tensor:
         lin = self.linear
         return bcos_conv2d(in_tensor, lin.weight, lin.bias, b=self.effective_b(), stride=lin.stride,
                            padding=lin.padding, dilation=lin.dilation, groups=lin.groups, max_out=self.max_out,
                            normalize_weight=self._normalize_weight, scale=self.scale_divisor, detach=self.detach,
-                           backend=self.backend)
+                           channel_scale=self._channel_scale(in_tensor), backend=self.backend)
 
     def extra_repr(self) -> str:
         b = self.b.item() if isinstance(self.b, Tensor) else self.b

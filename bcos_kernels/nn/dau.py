@@ -90,7 +90,9 @@ class DAUConv2d(nn.Module):
 
     @classmethod
     def from_original(cls, module: nn.Module, backend: Optional[str] = None) -> "DAUConv2d":
-        """Build from an original ``CoDAConv2d(DAUWeights(...))`` (same parameters, copied; same detach flag)."""
+        """Build from an original ``CoDAConv2d(DAUWeights(...))``: the same configuration and explanation mode,
+        and the original's parameter-holding ``weighting_f`` itself (shared, not copied: same parameters, device,
+        dtype and state_dict keys). Used by ``bcos_kernels.convert``."""
         wm = module.weight_mod
         rank_conv, expand_conv = wm.weighting_f
         if getattr(wm, "groups", 1) != 1 or expand_conv.groups != 1:
@@ -102,8 +104,9 @@ class DAUConv2d(nn.Module):
             norm = "l2"
         else:
             raise ValueError(f"unsupported norm_func {wm.norm_func!r} (Squashing or L2Norm(return_norm=True))")
-        new = cls(rank_conv.in_channels, wm.out_channels, rank_conv.out_channels, wm.kernel_size, wm.stride,
-                  wm.padding, norm, expand_conv.bias is not None, backend)
-        new.load_state_dict(module.state_dict())
+        with torch.device("meta"):  # the parameters are the original's: allocate nothing
+            new = cls(rank_conv.in_channels, wm.out_channels, rank_conv.out_channels, wm.kernel_size, wm.stride,
+                      wm.padding, norm, expand_conv.bias is not None, backend)
+        new.weight_mod.weighting_f = wm.weighting_f
         new.detach = bool(getattr(module, "detach", False))
-        return new.to(rank_conv.weight.device, rank_conv.weight.dtype)
+        return new.train(module.training)

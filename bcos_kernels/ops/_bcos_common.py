@@ -127,24 +127,34 @@ def fake_grads(needs, x: torch.Tensor, weight: torch.Tensor, b_tensor: Optional[
 
 # The fused conv and linear ops share one autograd wiring: inputs (x, weight, bias, b_tensor, *options) and
 # outputs (out, lin_max, norm, winner); their backward ops take (grad_out, x, weight, b_tensor, lin_max, norm,
-# winner, *options, needs) and return the (x, weight, bias, b_tensor) gradients.
+# winner, *options, needs) and return the (x, weight, bias, b_tensor) gradients. The conv op has one more input
+# after the options (channel_scale), saved as an ``extra`` tensor and handled by its own backward wrapper.
 
-def setup_fused_context(ctx, inputs, output):
+def setup_fused_context(ctx, inputs, output, extra=()):
     x, weight, bias, b_tensor = inputs[:4]
     _, lin_max, norm, winner = output
     ctx.mark_non_differentiable(lin_max, norm, winner)
-    ctx.save_for_backward(x, weight, b_tensor, lin_max, norm, winner)
+    ctx.save_for_backward(x, weight, b_tensor, lin_max, norm, winner, *extra)
     ctx.has_bias = bias is not None
     ctx.options = tuple(inputs[4:])
+
+
+def fused_input_grads(ctx, backward_op, grad_out, saved):
+    """Gradients of (x, weight, bias, b_tensor) and None for each option; ``saved``: the first six saved
+    tensors. The backward op runs only when one of the four is needed."""
+    x, weight, b_tensor, lin_max, norm, winner = saved
+    needs = list(ctx.needs_input_grad[:4])
+    needs[2] = needs[2] and ctx.has_bias
+    needs[3] = needs[3] and b_tensor is not None
+    nones = (None,) * len(ctx.options)
+    if not any(needs):
+        return (None,) * 4 + nones
+    grads = backward_op(grad_out, x, weight, b_tensor, lin_max, norm, winner, *ctx.options, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + nones
 
 
 def fused_backward(backward_op):
     """The autograd backward of a fused op whose backward custom op is ``backward_op``."""
     def backward(ctx, grad_out, _grad_lin_max, _grad_norm, _grad_winner):
-        x, weight, b_tensor, lin_max, norm, winner = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:4])
-        needs[2] = needs[2] and ctx.has_bias
-        needs[3] = needs[3] and b_tensor is not None
-        grads = backward_op(grad_out, x, weight, b_tensor, lin_max, norm, winner, *ctx.options, needs)
-        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * len(ctx.options)
+        return fused_input_grads(ctx, backward_op, grad_out, ctx.saved_tensors)
     return backward

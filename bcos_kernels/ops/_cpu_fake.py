@@ -9,7 +9,9 @@ CPU kernels exactly (csrc/cpu/bcos_cpu.cpp), including the layout rules:
   channels_last-contiguous but not NCHW-contiguous, else NCHW-contiguous.
 - bcos_scale_forward: out (N, O, P); with max_out > 1 lin_max (N, O, P) and
   winner uint8 (N, O, P); with max_out == 1 both are empty (0,) tensors (an op
-  output may not alias its input, so lin_max is not ``lin``: use lin).
+  output may not alias its input, so lin_max is not ``lin``: use lin).  The
+  optional ``channel_scale`` (O,) changes no output's shape; its checks are
+  repeated here so that traced calls fail as the kernels would.
 - bcos_scale_backward: grad_lin (N, O * max_out, P); grad_norm (N, G, P) or
   empty (0,); grad_b 0-dim float32 (float64 for float64 input) or empty (0,).
 
@@ -63,14 +65,30 @@ def _patch_norm_backward_fake(grad_norm, x, norm, kernel_size, stride, padding, 
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
+def _check_channel_scale(channel_scale, lin, out_channels):
+    """The checks of check_channel_scale in csrc/cpu/bcos_cpu.cpp and csrc/cuda/ops_cuda.cpp."""
+    if channel_scale is None:
+        return
+    torch._check(channel_scale.device == lin.device,
+                 lambda: f"channel_scale must be on the device of lin ({lin.device}), got {channel_scale.device}")
+    torch._check(channel_scale.dim() == 1, lambda: "channel_scale must have 1 dimension (out_channels,), got shape "
+                                                   f"{tuple(channel_scale.shape)}")
+    torch._check(channel_scale.shape[0] == out_channels,
+                 lambda: f"channel_scale must have {out_channels} elements (lin's channels / max_out, the output "
+                         f"channels), got {channel_scale.shape[0]}")
+    torch._check(channel_scale.dtype == lin.dtype,
+                 lambda: f"channel_scale has dtype {channel_scale.dtype} but lin has dtype {lin.dtype}")
+
+
 @torch.library.register_fake("bcos_kernels::bcos_scale_forward")
-def _bcos_scale_forward_fake(lin, norm, b, b_is_tensor, max_out, scale):
+def _bcos_scale_forward_fake(lin, norm, b, b_is_tensor, max_out, scale, channel_scale=None):
     torch._check(lin.dim() == 3, lambda: f"lin must have 3 dimensions, got shape {tuple(lin.shape)}")
     torch._check(1 <= max_out <= 255, lambda: f"max_out must be in [1, 255], got {max_out}")
     n, channels, p = lin.shape
     torch._check(channels % max_out == 0,
                  lambda: f"lin has {channels} channels, which is not divisible by max_out={max_out}")
     shape = (n, channels // max_out, p)
+    _check_channel_scale(channel_scale, lin, shape[1])
     out = lin.new_empty(shape)
     if max_out > 1:
         return out, lin.new_empty(shape), lin.new_empty(shape, dtype=torch.uint8)
@@ -121,9 +139,9 @@ def _dense_format(x) -> torch.memory_format:
 if _has_op("bcos_conv_scale_forward"):
     @torch.library.register_fake("bcos_kernels::bcos_conv_scale_forward")
     def _bcos_conv_scale_forward_fake(lin, x, kernel_size, stride, padding, dilation, groups, b, b_is_tensor,
-                                      max_out, scale):
+                                      max_out, scale, channel_scale=None):
         """bcos_scale_forward's outputs plus the norms (N, G, Ho, Wo) contiguous; (0,) in mode one (b == 1)."""
-        out, lin_max, winner = _bcos_scale_forward_fake(lin, None, b, b_is_tensor, max_out, scale)
+        out, lin_max, winner = _bcos_scale_forward_fake(lin, None, b, b_is_tensor, max_out, scale, channel_scale)
         if _scale_mode(b, b_is_tensor) == "one":
             return out, lin_max, winner, x.new_empty((0,))
         return out, lin_max, winner, _patch_norm_fake(x, kernel_size, stride, padding, dilation, groups)

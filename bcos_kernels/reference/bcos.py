@@ -92,8 +92,16 @@ def _max_out(lin: torch.Tensor, max_out: int, dim: int) -> torch.Tensor:
 
 def bcos_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, b: BType = 2.0,
                 stride=1, padding=0, dilation=1, groups: int = 1, max_out: int = 1, normalize_weight: bool = True,
-                scale: float = 1.0, detach: bool = False) -> torch.Tensor:
-    """B-cos conv2d. weight: (O*M, C/groups, kh, kw); returns (N, O, Ho, Wo)."""
+                scale: float = 1.0, detach: bool = False,
+                channel_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """B-cos conv2d. weight: (O*M, C/groups, kh, kw); returns (N, O, Ho, Wo). ``channel_scale`` (O,): a factor
+    per output channel applied last (an eval-mode batch norm folded in; not part of the original layer)."""
+    out = _bcos_conv2d(x, weight, bias, b, stride, padding, dilation, groups, max_out, normalize_weight, scale,
+                       detach)
+    return out if channel_scale is None else out * channel_scale[None, :, None, None]
+
+
+def _bcos_conv2d(x, weight, bias, b, stride, padding, dilation, groups, max_out, normalize_weight, scale, detach):
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     w = normalized_weight(weight) if normalize_weight else weight
     lin = F.conv2d(x, w, bias, stride, padding, dilation, groups)

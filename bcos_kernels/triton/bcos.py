@@ -8,9 +8,10 @@ forward   one implicit-GEMM convolution per (pixel tile, filter tile, group).
           inner: contiguous channels_last loads, and depthwise or 3-channel
           layers still fill a K tile). The same input tile that feeds ``tl.dot``
           also feeds the patch's sum of squares, so the norm costs no extra
-          read. The epilogue applies 1/||w||, bias, MaxOut, |cos|^(b-1) and
-          1/scale and writes out, lin (after MaxOut), the norm and the MaxOut
-          winner.
+          read. The epilogue applies 1/||w||, bias, MaxOut, |cos|^(b-1),
+          1/scale and (conv only, when given) a per-output-channel factor
+          (an eval-mode batch norm folded in), and writes out, lin (after
+          MaxOut, unscaled), the norm and the MaxOut winner.
 grad_lin  one elementwise pass over (pixel, output) that turns grad_out into
           grad of lin (MaxOut routing to the winner), the patch-norm term
           q = sum_o g * d out/d n / n per (pixel, group), and per-tile partial
@@ -215,7 +216,7 @@ def _pixel_tile(pid, N, H, W, BLOCK: tl.constexpr):
 
 @triton.jit
 def _bcos_forward_kernel(
-    x_ptr, w_ptr, inv_wnorm_ptr, bias_ptr, b_ptr,
+    x_ptr, w_ptr, inv_wnorm_ptr, bias_ptr, b_ptr, cs_ptr,
     out_ptr, lin_ptr, norm_ptr, winner_ptr,
     b, inv_scale,
     N, H, W, HO, WO, CG, OG,
@@ -223,7 +224,7 @@ def _bcos_forward_kernel(
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
     MODE: tl.constexpr, NORM_KIND: tl.constexpr, B_FROM_PTR: tl.constexpr, HAS_BIAS: tl.constexpr,
-    STORE_NORM: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_CHANNEL_SCALE: tl.constexpr, STORE_NORM: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     BLOCK_F: tl.constexpr = BLOCK_O * MP  # filter columns: (output o, MaxOut unit m), m fastest
@@ -309,6 +310,11 @@ def _bcos_forward_kernel(
     o_col = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o_col < OG
     o_global = (group * OG + o_col).to(tl.int64)
+    if HAS_CHANNEL_SCALE:
+        # out * channel_scale[o] in fp32 (csrc/common/bcos_math.h apply_channel_scale); a constexpr branch, so
+        # the kernel without a factor is unchanged. lin_max, norm and winner stay unscaled for the backward.
+        # Masked columns (never stored) read 1: MaxOut left -inf there, and -inf * 0 would make NaNs.
+        out = out * tl.load(cs_ptr + o_global, mask=o_ok, other=1.0).to(tl.float32)[None, :]
     dst = (n_idx * son + ho * soh + wo * sow)[:, None] + (o_global * soc)[None, :]
     ok = pix_ok[:, None] & o_ok[None, :]
     tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=ok)
@@ -595,12 +601,37 @@ def _forward_config(geo: Geometry, dtype: torch.dtype, interpreting: bool):
                 num_stages=3)
 
 
+def _check_channel_scale(channel_scale: Optional[torch.Tensor], x4: torch.Tensor, geo: Geometry, norm_kind: int):
+    """The per-output-channel factor, contiguous, or None. The front door checks it too; these checks keep the
+    kernel from reading out of bounds when called directly."""
+    if channel_scale is None:
+        return None
+    if norm_kind != NORM_CONV:
+        raise ValueError("channel_scale is only supported by the conv forward (norm_kind NORM_CONV), not the linear")
+    if not isinstance(channel_scale, torch.Tensor):
+        raise ValueError(f"channel_scale must be a tensor or None, got {type(channel_scale).__name__}")
+    if channel_scale.dim() != 1 or channel_scale.shape[0] != geo.outputs:
+        raise ValueError(f"channel_scale must have shape ({geo.outputs},) (the output channels after MaxOut), "
+                         f"got {tuple(channel_scale.shape)}")
+    if not channel_scale.dtype.is_floating_point:
+        raise ValueError(f"channel_scale must have a floating-point dtype, got {channel_scale.dtype}")
+    if channel_scale.device != x4.device:
+        raise ValueError(f"channel_scale is on {channel_scale.device} but x is on {x4.device}")
+    return channel_scale.contiguous()
+
+
 def forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor], b_tensor: Optional[torch.Tensor],
-            b: float, geo: Geometry, normalize_weight: bool, scale: float, norm_kind: int, memory_format):
+            b: float, geo: Geometry, normalize_weight: bool, scale: float, norm_kind: int, memory_format,
+            channel_scale: Optional[torch.Tensor] = None):
     """Runs the fused forward. x4/weight4 are 4-d (or 2-d for a linear: rows x features, read as 1x1 images).
 
+    ``channel_scale``: None or an (O,) tensor on x's device (any float dtype, read as fp32), conv only: out[:, o]
+    is multiplied by it in the epilogue.
+
     Returns (out, lin_max, norm, winner): out, lin_max and winner (uint8; empty without MaxOut) are
-    (N, O, HO, WO) in ``memory_format``; norm is (N, G, HO, WO) contiguous (empty for b == 1)."""
+    (N, O, HO, WO) in ``memory_format``; norm is (N, G, HO, WO) contiguous (empty for b == 1). lin_max, norm and
+    winner never include ``channel_scale``."""
+    channel_scale = _check_channel_scale(channel_scale, x4, geo, norm_kind)
     mode = scale_mode(b, b_tensor is not None)
     shape = (geo.n, geo.outputs, geo.out_h, geo.out_w)
     out = torch.empty(shape, dtype=x4.dtype, device=x4.device, memory_format=memory_format)
@@ -616,12 +647,14 @@ def forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor
             geo.groups)
     _bcos_forward_kernel[grid](
         x4, weight4, inv_wnorm, bias.contiguous() if bias is not None else inv_wnorm, b_ptr,
+        channel_scale if channel_scale is not None else inv_wnorm,  # the pointer is never read without a factor
         out, lin_max, norm if norm.numel() else out, winner if winner.numel() else out,
         b_float, 1.0 / scale,
         geo.n, geo.height, geo.width, geo.out_h, geo.out_w, geo.channels_per_group, geo.outputs_per_group,
         *_strides4(x4), *_strides4(weight4), *out.stride(),
         M=geo.max_out, MP=triton.next_power_of_2(geo.max_out), MODE=mode, NORM_KIND=norm_kind,
-        B_FROM_PTR=b_from_ptr, HAS_BIAS=bias is not None, STORE_NORM=mode != MODE_ONE,
+        B_FROM_PTR=b_from_ptr, HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
+        STORE_NORM=mode != MODE_ONE,
         FLAT_K=geo.channels_per_group < cfg["BLOCK_K"], PRECISION=_input_precision(x4.dtype, norm_kind == NORM_LINEAR),
         **_geometry_args(geo), **cfg)
     return out, lin_max, norm, winner

@@ -210,6 +210,17 @@ BCOS_HD inline T scale_forward(int mode, T l, T n, T b, T scale) {
   return scale_forward_general(l, n, b - static_cast<T>(1), scale);
 }
 
+// Per-output-channel factor of the forward epilogue (an eval-mode batch norm
+// folded into the layer): out = scale_forward(...) * channel_scale[o], one
+// multiply of the finished value in the accumulation type, before the store.
+// Kernels call it only when a factor is given (a compile-time flag), so the
+// path without one stays bit-identical to plain scale_forward.  lin_max, the
+// norm and the winner are never scaled: the backward reads them unscaled.
+template <typename T>
+BCOS_HD inline T apply_channel_scale(T out, T channel_scale) {
+  return out * channel_scale;
+}
+
 // ---------------------------------------------------------------------------
 // Dynamic scale, derivatives.  They take inv_n = 1 / n and inv_scale =
 // 1 / scale: a kernel computes 1 / n once per position and shares it between

@@ -2,7 +2,7 @@
 //
 //   patch_norm           : channel sum of squares -> box sum -> sqrt
 //   patch_norm_backward  : grad_norm / norm -> transposed box sum -> * x
-//   bcos_scale_forward   : MaxOut + dynamic scale (one pass over lin)
+//   bcos_scale_forward   : MaxOut + dynamic scale (+ optional per-channel factor), one pass over lin
 //   bcos_scale_backward  : gradients w.r.t. lin, norm and b (one pass)
 //
 // All loops run over contiguous inner dimensions so the compiler vectorises
@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -471,24 +472,46 @@ void mul_by_group_nhwc(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t*
 constexpr int64_t kPosBlock = 2048;
 constexpr int64_t kTile = 256;
 
+// The forward epilogue's last step: times channel_scale[o] when the op got
+// one (kChannelScale), else the value untouched -- not a multiply by 1, so
+// the path without a factor is the same code as before it existed.
+template <bool kChannelScale, typename acc_t, typename ChannelScaleAt>
+BCOS_FORCE_INLINE acc_t finish_output(acc_t v, const ChannelScaleAt& channel_scale_at, int64_t p) {
+  if constexpr (kChannelScale) {
+    return bcos_math::apply_channel_scale(v, channel_scale_at(p));
+  } else {
+    (void)channel_scale_at;
+    (void)p;
+    return v;
+  }
+}
+
 // out[p] = dynamic scale of lm[p] (MaxOut already applied) for p < len;
-// norm_at(p) gives the norm of position p (a load, or one broadcast value).
-// x / 1 == x exactly: with scale == 1 the division by the scale is compiled
-// out (a literal 1), otherwise it is kept, in the original order.
-template <int kMode, typename scalar_t, typename acc_t, typename NormAt>
-BCOS_FORCE_INLINE void scale_forward_tile(const acc_t* lm, const NormAt& norm_at, scalar_t* dst, int64_t len,
+// norm_at(p) gives the norm of position p (a load, or one broadcast value),
+// channel_scale_at(p) its output channel's factor (read only with
+// kChannelScale).  x / 1 == x exactly: with scale == 1 the division by the
+// scale is compiled out (a literal 1), otherwise it is kept, in the original
+// order.
+template <int kMode, bool kChannelScale, typename scalar_t, typename acc_t, typename NormAt, typename ChannelScaleAt>
+BCOS_FORCE_INLINE void scale_forward_tile(const acc_t* lm, const NormAt& norm_at,
+                                          const ChannelScaleAt& channel_scale_at, scalar_t* dst, int64_t len,
                                           acc_t bm1, acc_t scale, bool unit_scale) {
   auto apply = [&](auto unit) BCOS_UNIT_BODY {
     const acc_t s = decltype(unit)::value ? acc_t(1) : scale;
     if constexpr (kMode == bcos_math::kModeOne) {
-      for (int64_t p = 0; p < len; ++p) dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_one(lm[p], s));
+      for (int64_t p = 0; p < len; ++p) {
+        dst[p] = static_cast<scalar_t>(
+            finish_output<kChannelScale>(bcos_math::scale_forward_one(lm[p], s), channel_scale_at, p));
+      }
     } else if constexpr (kMode == bcos_math::kModeTwo) {
       for (int64_t p = 0; p < len; ++p) {
-        dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_two(lm[p], norm_at(p), s));
+        dst[p] = static_cast<scalar_t>(
+            finish_output<kChannelScale>(bcos_math::scale_forward_two(lm[p], norm_at(p), s), channel_scale_at, p));
       }
     } else {
       for (int64_t p = 0; p < len; ++p) {
-        dst[p] = static_cast<scalar_t>(bcos_math::scale_forward_general(lm[p], norm_at(p), bm1, s));
+        dst[p] = static_cast<scalar_t>(finish_output<kChannelScale>(
+            bcos_math::scale_forward_general(lm[p], norm_at(p), bm1, s), channel_scale_at, p));
       }
     }
   };
@@ -499,16 +522,19 @@ BCOS_FORCE_INLINE void scale_forward_tile(const acc_t* lm, const NormAt& norm_at
   }
 }
 
-template <typename scalar_t, int kMode>
-void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, scalar_t* out, scalar_t* lin_max,
-                        uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t G, double b, double scale);
+template <typename scalar_t, int kMode, bool kChannelScale>
+void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, const scalar_t* channel_scale, scalar_t* out,
+                        scalar_t* lin_max, uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t G, double b,
+                        double scale);
 
-template <typename scalar_t, int kMode>
-void scale_forward_kernel(const scalar_t* lin, const scalar_t* norm, scalar_t* out, scalar_t* lin_max,
-                          uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t P, int64_t G, double b,
-                          double scale) {
+// channel_scale: (O,), read only with kChannelScale.
+template <typename scalar_t, int kMode, bool kChannelScale>
+void scale_forward_kernel(const scalar_t* lin, const scalar_t* norm, const scalar_t* channel_scale, scalar_t* out,
+                          scalar_t* lin_max, uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t P, int64_t G,
+                          double b, double scale) {
   if (P == 1) {
-    scale_forward_rows<scalar_t, kMode>(lin, norm, out, lin_max, winner, N, O, M, G, b, scale);
+    scale_forward_rows<scalar_t, kMode, kChannelScale>(lin, norm, channel_scale, out, lin_max, winner, N, O, M, G, b,
+                                                       scale);
     return;
   }
   using acc_t = acc_type<scalar_t>;
@@ -552,12 +578,16 @@ void scale_forward_kernel(const scalar_t* lin, const scalar_t* norm, scalar_t* o
           }
         }
         scalar_t* dst = out + no * P + t0;
+        // A unit is one output channel: its factor is one value for the whole tile.
+        const acc_t cv = kChannelScale ? static_cast<acc_t>(channel_scale[o]) : acc_t(1);
+        auto channel_scale_at = [cv](int64_t) BCOS_UNIT_BODY { return cv; };
         if constexpr (kMode == bcos_math::kModeOne) {
-          scale_forward_tile<kMode>(lm, [](int64_t) { return acc_t(1); }, dst, len, bm1, sc, unit_scale);
+          scale_forward_tile<kMode, kChannelScale>(lm, [](int64_t) { return acc_t(1); }, channel_scale_at, dst, len,
+                                                   bm1, sc, unit_scale);
         } else {
           const scalar_t* nr = norm + (n * G + o / Og) * P + t0;
           auto norm_at = [nr](int64_t p) BCOS_UNIT_BODY { return static_cast<acc_t>(nr[p]); };
-          scale_forward_tile<kMode>(lm, norm_at, dst, len, bm1, sc, unit_scale);
+          scale_forward_tile<kMode, kChannelScale>(lm, norm_at, channel_scale_at, dst, len, bm1, sc, unit_scale);
         }
       }
     }
@@ -567,9 +597,10 @@ void scale_forward_kernel(const scalar_t* lin, const scalar_t* norm, scalar_t* o
 // P == 1 (the linear layers pass lin (rows, O * M, 1)): the output channels
 // are the contiguous dimension, so this version vectorises over them.  A unit
 // is (row, norm group, block of the group's channels); the norm is one value.
-template <typename scalar_t, int kMode>
-void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, scalar_t* out, scalar_t* lin_max,
-                        uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t G, double b, double scale) {
+template <typename scalar_t, int kMode, bool kChannelScale>
+void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, const scalar_t* channel_scale, scalar_t* out,
+                        scalar_t* lin_max, uint8_t* winner, int64_t N, int64_t O, int64_t M, int64_t G, double b,
+                        double scale) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Gu = (kMode == bcos_math::kModeOne) ? 1 : G;
   const int64_t Og = O / Gu;
@@ -615,7 +646,11 @@ void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, scalar_t* out
           }
         }
         auto norm_at = [nv](int64_t) BCOS_UNIT_BODY { return nv; };
-        scale_forward_tile<kMode>(lm, norm_at, out + n * O + t0, len, bm1, sc, unit_scale);
+        // Here the tile runs over output channels t0 + i: the factor is a contiguous load.
+        const scalar_t* cs = kChannelScale ? channel_scale + t0 : nullptr;
+        auto channel_scale_at = [cs](int64_t i) BCOS_UNIT_BODY { return static_cast<acc_t>(cs[i]); };
+        scale_forward_tile<kMode, kChannelScale>(lm, norm_at, channel_scale_at, out + n * O + t0, len, bm1, sc,
+                                                 unit_scale);
       }
     }
   });
@@ -899,13 +934,32 @@ ScaleShapes check_scale_args(const char* lin_name, const at::Tensor& lin, int64_
   return s;
 }
 
+// The optional per-output-channel factor of the forward: (O,) with O the
+// output channels after MaxOut, lin's dtype and device.  Returns it
+// contiguous, or an undefined tensor when absent.
+at::Tensor check_channel_scale(const std::optional<at::Tensor>& channel_scale, const at::Tensor& lin, int64_t O) {
+  if (!channel_scale.has_value() || !channel_scale->defined()) return at::Tensor();
+  const at::Tensor& cs = *channel_scale;
+  TORCH_CHECK(cs.device() == lin.device(), "channel_scale must be on the device of lin (", lin.device(), "), got ",
+              cs.device());
+  TORCH_CHECK(cs.dim() == 1, "channel_scale must have 1 dimension (out_channels,), got shape ", cs.sizes());
+  TORCH_CHECK(cs.size(0) == O, "channel_scale must have ", O,
+              " elements (lin's channels / max_out, the output channels), got ", cs.size(0));
+  TORCH_CHECK(cs.scalar_type() == lin.scalar_type(), "channel_scale has dtype ", cs.scalar_type(),
+              " but lin has dtype ", lin.scalar_type());
+  return cs.contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tensor& lin_in, const at::Tensor& norm_in,
                                                                   double b, bool b_is_tensor, int64_t max_out,
-                                                                  double scale) {
+                                                                  double scale,
+                                                                  const std::optional<at::Tensor>& channel_scale_in) {
   const int mode = bcos_math::scale_mode(b, b_is_tensor);
   const ScaleShapes s = check_scale_args("lin", lin_in, max_out, norm_in, mode, max_out, scale);
+  const at::Tensor channel_scale = check_channel_scale(channel_scale_in, lin_in, s.O);
+  const bool has_cs = channel_scale.defined();
   const at::Tensor lin = lin_in.contiguous();
   const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
   at::Tensor out = at::empty({s.N, s.O, s.P}, lin.options());
@@ -927,13 +981,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tens
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* mp = s.M > 1 ? lin_max.data_ptr<scalar_t>() : nullptr;
     uint8_t* wp = s.M > 1 ? winner.data_ptr<uint8_t>() : nullptr;
+    const scalar_t* cp = has_cs ? channel_scale.const_data_ptr<scalar_t>() : nullptr;
+    auto run = [&](auto mode_c, auto cs_c) {
+      scale_forward_kernel<scalar_t, decltype(mode_c)::value, decltype(cs_c)::value>(lp, np, cp, op, mp, wp, s.N, s.O,
+                                                                                      s.M, s.P, s.G, b, scale);
+    };
+    // The factor is a compile-time choice: without one the kernels are those of before it existed.
+    auto run_mode = [&](auto mode_c) {
+      if (has_cs) {
+        run(mode_c, std::true_type{});
+      } else {
+        run(mode_c, std::false_type{});
+      }
+    };
     if (mode == bcos_math::kModeOne) {
-      scale_forward_kernel<scalar_t, bcos_math::kModeOne>(lp, np, op, mp, wp, s.N, s.O, s.M, s.P, s.G, b, scale);
+      run_mode(std::integral_constant<int, bcos_math::kModeOne>{});
     } else if (mode == bcos_math::kModeTwo) {
-      scale_forward_kernel<scalar_t, bcos_math::kModeTwo>(lp, np, op, mp, wp, s.N, s.O, s.M, s.P, s.G, b, scale);
+      run_mode(std::integral_constant<int, bcos_math::kModeTwo>{});
     } else {
-      scale_forward_kernel<scalar_t, bcos_math::kModeGeneral>(lp, np, op, mp, wp, s.N, s.O, s.M, s.P, s.G, b,
-                                                              scale);
+      run_mode(std::integral_constant<int, bcos_math::kModeGeneral>{});
     }
   });
   return {out, lin_max, winner};

@@ -3,7 +3,7 @@
 //
 //   patch_norm           : channel sums of squares (sq) -> box sum -> sqrt
 //   patch_norm_backward  : R = box sum of grad_norm / norm (transposed) -> x * R
-//   bcos_scale_forward   : MaxOut + dynamic scale, one pass over lin
+//   bcos_scale_forward   : MaxOut + dynamic scale (+ optional per-channel factor), one pass over lin
 //   bcos_conv_scale_forward : the same with the norms computed from sq in the pass
 //   bcos_scale_backward  : grads w.r.t. lin, norm and b, one pass over grad_out
 //
@@ -202,12 +202,15 @@ struct ScaleForwardArgs {
   void* out;
   void* lin_max;
   uint8_t* winner;
+  const void* channel_scale;  // kChannelScale only: (O,) factors of out
   int64_t N, O, M, P, G, ptiles, units;
   double b, scale;
   PatchGeometry geom;  // kNormFromSq only
 };
 
-template <typename T, int kMode, bool kNormFromSq>
+// kChannelScale: out[n, o, p] times channel_scale[o] (a template flag, so the
+// kernels without a factor are unchanged, not multiplying by 1).
+template <typename T, int kMode, bool kNormFromSq, bool kChannelScale>
 __global__ void __launch_bounds__(kThreads) scale_forward_kernel(ScaleForwardArgs a) {
   using A = acc_t<T>;
   const T* __restrict__ lin = static_cast<const T*>(a.lin);
@@ -261,7 +264,11 @@ __global__ void __launch_bounds__(kThreads) scale_forward_kernel(ScaleForwardArg
         lin_max[no * a.P + p] = IO<T>::store(best);
         a.winner[no * a.P + p] = static_cast<uint8_t>(win);
       }
-      out[no * a.P + p] = IO<T>::store(scale_value<kMode>(best, nv, bm1, sc));
+      A value = scale_value<kMode>(best, nv, bm1, sc);
+      if constexpr (kChannelScale) {
+        value = bcos_math::apply_channel_scale(value, IO<T>::load(static_cast<const T*>(a.channel_scale)[o]));
+      }
+      out[no * a.P + p] = IO<T>::store(value);
     }
   }
 }
@@ -373,7 +380,10 @@ cudaError_t launch_scale_forward(ScaleForwardArgs args, const ScaleProblem& s, c
   const ScaleLaunch l = scale_launch(s);
   args.ptiles = l.ptiles;
   args.units = l.units;
-  return launch_kernel(scale_forward_kernel<T, kMode, kNormFromSq>, l.grid, l.block, 0, stream, args);
+  if (args.channel_scale != nullptr) {
+    return launch_kernel(scale_forward_kernel<T, kMode, kNormFromSq, true>, l.grid, l.block, 0, stream, args);
+  }
+  return launch_kernel(scale_forward_kernel<T, kMode, kNormFromSq, false>, l.grid, l.block, 0, stream, args);
 }
 
 template <typename T, bool kNormFromSq>
@@ -445,7 +455,8 @@ cudaError_t patch_norm_backward(DType dtype, const void* grad_norm, const void* 
 }
 
 cudaError_t bcos_scale_forward(DType dtype, const void* lin, const void* norm, void* out, void* lin_max,
-                               uint8_t* winner, const ScaleProblem& s, cudaStream_t stream) {
+                               uint8_t* winner, const void* channel_scale, const ScaleProblem& s,
+                               cudaStream_t stream) {
   if (!valid_problem(s)) return cudaErrorInvalidValue;
   if (s.N * s.O * s.P == 0) return cudaSuccess;
   ScaleForwardArgs args{};
@@ -454,6 +465,7 @@ cudaError_t bcos_scale_forward(DType dtype, const void* lin, const void* norm, v
   args.out = out;
   args.lin_max = lin_max;
   args.winner = winner;
+  args.channel_scale = channel_scale;
   args.N = s.N;
   args.O = s.O;
   args.M = s.M;
@@ -469,8 +481,8 @@ cudaError_t bcos_scale_forward(DType dtype, const void* lin, const void* norm, v
 
 cudaError_t bcos_conv_scale_forward(DType dtype, const void* lin, const void* x, Strides4 x_strides,
                                     bool x_channels_last, const PatchGeometry& g, void* sq_workspace, void* norm,
-                                    void* out, void* lin_max, uint8_t* winner, const ScaleProblem& s,
-                                    cudaStream_t stream) {
+                                    void* out, void* lin_max, uint8_t* winner, const void* channel_scale,
+                                    const ScaleProblem& s, cudaStream_t stream) {
   if (!valid_problem(s) || s.mode == bcos_math::kModeOne) return cudaErrorInvalidValue;
   if (s.P != g.Ho * g.Wo || s.G != g.G || s.N != g.N) return cudaErrorInvalidValue;
   ScaleForwardArgs args{};
@@ -480,6 +492,7 @@ cudaError_t bcos_conv_scale_forward(DType dtype, const void* lin, const void* x,
   args.out = out;
   args.lin_max = lin_max;
   args.winner = winner;
+  args.channel_scale = channel_scale;
   args.N = s.N;
   args.O = s.O;
   args.M = s.M;

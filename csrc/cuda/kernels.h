@@ -71,18 +71,23 @@ struct ScaleProblem {
 // out (N, O, P) = dynamic scale of the MaxOut of lin; with M > 1 also lin_max
 // (N, O, P) and winner (uint8, the first maximal unit).  norm is unused
 // (may be null) in mode one.  All outputs contiguous.
+// channel_scale: null, or (O,) contiguous in dtype: out[n, o, p] is then
+// multiplied by channel_scale[o] in acc before the store
+// (bcos_math::apply_channel_scale); lin_max and winner are not.
 cudaError_t bcos_scale_forward(DType dtype, const void* lin, const void* norm, void* out, void* lin_max,
-                               uint8_t* winner, const ScaleProblem& s, cudaStream_t stream);
+                               uint8_t* winner, const void* channel_scale, const ScaleProblem& s,
+                               cudaStream_t stream);
 
 // patch_norm + bcos_scale_forward in two kernels instead of three: the
 // norms are computed from the channel sums of squares inside the scale pass
 // (and written to `norm`, (N, G, Ho, Wo) contiguous, for the backward).
 // s.P must be g.Ho * g.Wo and s.G must be g.G; not for mode one (no norm).
-// sq_workspace: N * G * H * W acc elements.
+// sq_workspace: N * G * H * W acc elements.  channel_scale: as in
+// bcos_scale_forward (the norms are never scaled).
 cudaError_t bcos_conv_scale_forward(DType dtype, const void* lin, const void* x, Strides4 x_strides,
                                     bool x_channels_last, const PatchGeometry& g, void* sq_workspace, void* norm,
-                                    void* out, void* lin_max, uint8_t* winner, const ScaleProblem& s,
-                                    cudaStream_t stream);
+                                    void* out, void* lin_max, uint8_t* winner, const void* channel_scale,
+                                    const ScaleProblem& s, cudaStream_t stream);
 
 // Number of double partial sums bcos_scale_backward needs for grad_b.
 int64_t bcos_scale_backward_partials(const ScaleProblem& s);

@@ -183,11 +183,31 @@ kc::ScaleProblem check_scale_args(const char* lin_name, const at::Tensor& lin, i
   return s;
 }
 
+// The optional per-output-channel factor of the forward (as the CPU's
+// check_channel_scale): (O,), lin's dtype and device.  Returns it contiguous,
+// or an undefined tensor when absent (the launchers then get a null pointer).
+at::Tensor check_channel_scale(const std::optional<at::Tensor>& channel_scale, const at::Tensor& lin, int64_t O) {
+  if (!channel_scale.has_value() || !channel_scale->defined()) return at::Tensor();
+  const at::Tensor& cs = *channel_scale;
+  TORCH_CHECK(cs.device() == lin.device(), "channel_scale must be on the device of lin (", lin.device(), "), got ",
+              cs.device());
+  TORCH_CHECK(cs.dim() == 1, "channel_scale must have 1 dimension (out_channels,), got shape ", cs.sizes());
+  TORCH_CHECK(cs.size(0) == O, "channel_scale must have ", O,
+              " elements (lin's channels / max_out, the output channels), got ", cs.size(0));
+  TORCH_CHECK(cs.scalar_type() == lin.scalar_type(), "channel_scale has dtype ", cs.scalar_type(),
+              " but lin has dtype ", lin.scalar_type());
+  return cs.contiguous();
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tensor& lin_in, const at::Tensor& norm_in,
                                                                   double b, bool b_is_tensor, int64_t max_out,
-                                                                  double scale) {
+                                                                  double scale,
+                                                                  const std::optional<at::Tensor>& channel_scale_in) {
   const int mode = bcos_math::scale_mode(b, b_is_tensor);
   const kc::ScaleProblem s = check_scale_args("lin", lin_in, max_out, norm_in, mode, max_out, b, scale);
+  const at::Tensor channel_scale = check_channel_scale(channel_scale_in, lin_in, s.O);
   const c10::cuda::CUDAGuard guard(lin_in.device());
   const at::Tensor lin = lin_in.contiguous();
   const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
@@ -205,14 +225,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tens
   C10_CUDA_CHECK(kc::bcos_scale_forward(dtype_of(lin, "lin"), lin.const_data_ptr(),
                                         mode == bcos_math::kModeOne ? nullptr : norm.const_data_ptr(),
                                         out.data_ptr(), s.M > 1 ? lin_max.data_ptr() : nullptr,
-                                        s.M > 1 ? winner.data_ptr<uint8_t>() : nullptr, s, current_stream(lin)));
+                                        s.M > 1 ? winner.data_ptr<uint8_t>() : nullptr, data_or_null(channel_scale),
+                                        s, current_stream(lin)));
   return {out, lin_max, winner};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bcos_conv_scale_forward(
     const at::Tensor& lin_in, const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double b, bool b_is_tensor, int64_t max_out,
-    double scale) {
+    double scale, const std::optional<at::Tensor>& channel_scale_in) {
   const int mode = bcos_math::scale_mode(b, b_is_tensor);
   check_cuda(x, "x");
   check_same_device(lin_in, "lin", x, "x");
@@ -223,7 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bcos_conv_scale_forwa
               lin_in.sizes());
   if (mode == bcos_math::kModeOne) {
     // b == 1 needs no norm: the plain scale pass, and an empty norm (as the fused Python path)
-    auto [out, lin_max, winner] = bcos_scale_forward(lin_in, at::Tensor(), b, b_is_tensor, max_out, scale);
+    auto [out, lin_max, winner] = bcos_scale_forward(lin_in, at::Tensor(), b, b_is_tensor, max_out, scale,
+                                                     channel_scale_in);
     return {out, lin_max, winner, at::empty({0}, x.options())};
   }
   TORCH_CHECK(max_out >= 1 && max_out <= 255, "max_out must be in [1, 255], got ", max_out);
@@ -240,6 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bcos_conv_scale_forwa
   s.b = b;
   s.scale = scale;
   TORCH_CHECK(s.O % s.G == 0, "groups=", s.G, " does not divide the ", s.O, " output channels");
+  const at::Tensor channel_scale = check_channel_scale(channel_scale_in, lin_in, s.O);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor lin = lin_in.contiguous();
   at::Tensor norm = at::empty({g.N, g.G, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -252,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bcos_conv_scale_forwa
   C10_CUDA_CHECK(kc::bcos_conv_scale_forward(
       dtype_of(x, "x"), lin.const_data_ptr(), x.const_data_ptr(), strides4(x), use_channels_last(x), g,
       sq.data_ptr(), norm.data_ptr(), out.data_ptr(), s.M > 1 ? lin_max.data_ptr() : nullptr,
-      s.M > 1 ? winner.data_ptr<uint8_t>() : nullptr, s, current_stream(x)));
+      s.M > 1 ? winner.data_ptr<uint8_t>() : nullptr, data_or_null(channel_scale), s, current_stream(x)));
   return {out, lin_max, winner, norm};
 }
 

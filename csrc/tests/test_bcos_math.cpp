@@ -5,6 +5,8 @@
 //  - detach mode: d out / d l is the scale factor alone, d out / d n is zero
 //  - the float log/exp/pow vs double std:: functions
 //  - zero inputs (l == 0, tiny norms) give finite values and derivatives
+//  - the per-channel factor: one multiply of the finished value (1 leaves it
+//    bit for bit, 0 and negative factors behave as a product)
 // Exit status: 0 when every check passes, 1 otherwise.
 #include <cmath>
 #include <cstdio>
@@ -214,6 +216,27 @@ void test_two_mode_is_bitwise() {
   }
 }
 
+void test_apply_channel_scale() {
+  // A folded batch norm multiplies the finished output once: the result is
+  // the product of the unscaled value and the factor, in the same type.
+  const float cs[] = {0.0f, 1.0f, -1.0f, 0.37f, -2.5f};
+  const double bs[] = {1.0, 2.0, 1.5};
+  const float ls[] = {-1.3f, 0.0f, 0.6f};
+  for (double b : bs) {
+    const int mode = bcos_math::scale_mode(b, false);
+    for (float l : ls) {
+      const float out = bcos_math::scale_forward<float>(mode, l, 0.8f, static_cast<float>(b), 0.7f);
+      for (float c : cs) {
+        const float got = bcos_math::apply_channel_scale(out, c);
+        check(got == out * c, "channel scale is one multiply", got, out * c, b, l, 0.8);
+      }
+      // a factor of 1 is the unscaled value, bit for bit
+      check(bcos_math::apply_channel_scale(out, 1.0f) == out, "channel scale 1", out, out, b, l, 0.8);
+    }
+  }
+  check(bcos_math::apply_channel_scale(3.0, -0.5) == -1.5, "channel scale double", -1.5, -1.5, 0, 3.0, 0);
+}
+
 }  // namespace
 
 int main() {
@@ -222,6 +245,7 @@ int main() {
   test_float_transcendentals();
   test_float_matches_double();
   test_two_mode_is_bitwise();
+  test_apply_channel_scale();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

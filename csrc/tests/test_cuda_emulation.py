@@ -67,6 +67,10 @@ lib.emu_bcos_scale_forward.argtypes = [ctypes.c_int, P, P, P, P, P, P, ctypes.c_
                                        ctypes.c_double]
 lib.emu_bcos_conv_scale_forward.argtypes = [ctypes.c_int, P, P, P, ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int,
                                             ctypes.c_double, ctypes.c_double]
+lib.emu_bcos_scale_forward_channel_scale.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int,
+                                                     ctypes.c_double, ctypes.c_double]
+lib.emu_bcos_conv_scale_forward_channel_scale.argtypes = [ctypes.c_int, P, P, P, ctypes.c_int, P, P, P, P, P, P, P,
+                                                          P, ctypes.c_int, ctypes.c_double, ctypes.c_double]
 lib.emu_bcos_scale_backward_partials.argtypes = [P, ctypes.c_int, ctypes.c_double, ctypes.c_double]
 lib.emu_bcos_scale_backward.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_double,
                                         ctypes.c_double, ctypes.c_int]
@@ -260,6 +264,113 @@ def test_conv_scale_forward_matches_unfused(case, b, b_is_tensor, dtype, max_out
     if max_out > 1:
         assert torch.equal(winner, want[2])
         assert_close(lin_max, want[1], dtype, "lin_max")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The forward's per-output-channel factor (channel_scale: an eval-mode batch norm folded into the layer): out times
+# channel_scale[o] in the same pass; lin_max, winner and the norms unscaled. Oracle: the CPU op with the same factor
+# (the same bcos_math::apply_channel_scale after the same scale formula).
+# ---------------------------------------------------------------------------------------------------------------
+def channel_scale_for(o, dtype, seed=0):
+    """(O,) factors with a zero and a negative entry (a folded norm can flip or kill a channel)."""
+    cs = torch.randn(o, generator=torch.Generator().manual_seed(seed)).abs() + 0.25
+    cs[0] = 0.0
+    cs[-1] = -cs[-1]
+    return cs.to(dtype)
+
+
+def emu_scale_forward_channel_scale(lin, norm, b, b_is_tensor, max_out, scale, channel_scale):
+    mode = scale_mode(b, b_is_tensor)
+    n, om, p = lin.shape
+    o = om // max_out
+    g = 1 if mode == "one" else norm.shape[1]
+    out = torch.empty(n, o, p, dtype=lin.dtype)
+    lin_max = torch.empty(n, o, p, dtype=lin.dtype) if max_out > 1 else torch.empty(0, dtype=lin.dtype)
+    winner = torch.empty(n, o, p, dtype=torch.uint8) if max_out > 1 else torch.empty(0, dtype=torch.uint8)
+    check(lib.emu_bcos_scale_forward_channel_scale(DTYPE_CODE[lin.dtype], ptr(lin),
+                                                   None if mode == "one" else ptr(norm), ptr(out), ptr(lin_max),
+                                                   ptr(winner), ptr(channel_scale), i64s([n, o, max_out, p, g]),
+                                                   MODES[mode], b, scale))
+    return out, lin_max, winner
+
+
+def emu_conv_scale_forward_channel_scale(lin, x, case, b, b_is_tensor, max_out, scale, channel_scale):
+    kernel_size, stride, padding, dilation, groups = case
+    geom, ho, wo = geometry(x, kernel_size, stride, padding, dilation, groups)
+    n = x.shape[0]
+    o = lin.shape[1] // max_out
+    dtype = lin.dtype
+    norm = torch.empty(n, groups, ho, wo, dtype=dtype)
+    out = torch.empty(n, o, ho * wo, dtype=dtype)
+    lin_max = torch.empty(n, o, ho * wo, dtype=dtype) if max_out > 1 else torch.empty(0, dtype=dtype)
+    winner = torch.empty(n, o, ho * wo, dtype=torch.uint8) if max_out > 1 else torch.empty(0, dtype=torch.uint8)
+    sq = torch.empty(n, groups, x.shape[2], x.shape[3], dtype=acc_dtype(dtype))
+    check(lib.emu_bcos_conv_scale_forward_channel_scale(
+        DTYPE_CODE[dtype], ptr(lin), ptr(x), i64s(x.stride()), int(channels_last(x)), i64s(geom), ptr(sq), ptr(norm),
+        ptr(out), ptr(lin_max), ptr(winner), ptr(channel_scale), i64s([n, o, max_out, ho * wo, groups]),
+        MODES[scale_mode(b, b_is_tensor)], b, scale))
+    return out, lin_max, winner, norm
+
+
+def assert_scaled(got, unscaled, channel_scale, dtype, what):
+    """got == unscaled * channel_scale[o]: bit for bit in fp32/fp64 (one multiply of the same value), within one
+    rounding of the output in bf16/fp16 (unscaled was rounded before the multiply, got after it)."""
+    want = unscaled.double() * channel_scale.double().view(1, -1, 1)
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(got, want.to(dtype)), what
+    else:
+        torch.testing.assert_close(got.double(), want, rtol=2 * torch.finfo(dtype).eps, atol=0, msg=what)
+
+
+# (N, O, P, G): batch 1, groups 2, P == 1 (a 1x1 output) and P > 1
+CS_SHAPES = [(1, 4, 7, 1), (2, 6, 1, 2), (3, 4, 40, 2)]
+
+
+@pytest.mark.parametrize("b,b_is_tensor", [(1.0, False), (2.0, False), (1.5, False), (1.7, True)])
+@pytest.mark.parametrize("shape", CS_SHAPES)
+@pytest.mark.parametrize("max_out", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_scale_forward_channel_scale(b, b_is_tensor, shape, max_out, dtype):
+    n, o, p, g = shape
+    scale = 0.7
+    lin = torch.randn(n, o * max_out, p).to(dtype)
+    lin[0, 0] = 0
+    norm = (torch.rand(n, g, p) + 0.5).to(dtype)
+    cs = channel_scale_for(o, dtype)
+    plain = emu_scale_forward(lin, norm, b, b_is_tensor, max_out, scale)
+    got = emu_scale_forward_channel_scale(lin, norm, b, b_is_tensor, max_out, scale, cs)
+    assert_scaled(got[0], plain[0], cs, dtype, "out vs unscaled * channel_scale")
+    assert torch.equal(got[1], plain[1]) and torch.equal(got[2], plain[2]), "lin_max / winner must stay unscaled"
+    want = cpu_ops.bcos_scale_forward(lin, norm, b, b_is_tensor, max_out, scale, cs)
+    assert_close(got[0], want[0], dtype, "out vs the CPU op with channel_scale")
+    # a null factor is the plain kernel: bit for bit the entry point without the argument
+    none = emu_scale_forward_channel_scale(lin, norm, b, b_is_tensor, max_out, scale, None)
+    assert all(torch.equal(a, c) for a, c in zip(none, plain))
+    ones = emu_scale_forward_channel_scale(lin, norm, b, b_is_tensor, max_out, scale, torch.ones(o, dtype=dtype))
+    assert torch.equal(ones[0], plain[0])
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3] + [((3, 3), (1, 1), (0, 0), (1, 1), 2)])
+@pytest.mark.parametrize("b,b_is_tensor", [(2.0, False), (1.5, False), (1.7, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_out", [1, 2])
+def test_conv_scale_forward_channel_scale(case, b, b_is_tensor, dtype, max_out):
+    kernel_size, stride, padding, dilation, groups = case
+    # the last case: a 3x3 input and a 3x3 kernel without padding, so one output pixel (P == 1); batch 1 there
+    hw, n = ((3, 3), 1) if padding == (0, 0) and kernel_size == (3, 3) else ((7, 6), 2)
+    x = torch.randn(n, 4, *hw).to(dtype).contiguous(memory_format=torch.channels_last)
+    _, ho, wo = geometry(x, kernel_size, stride, padding, dilation, groups)
+    o = 2 * groups
+    lin = torch.randn(n, o * max_out, ho * wo).to(dtype)
+    cs = channel_scale_for(o, dtype, seed=1)
+    plain = emu_conv_scale_forward_channel_scale(lin, x, case, b, b_is_tensor, max_out, 1.0, None)
+    got = emu_conv_scale_forward_channel_scale(lin, x, case, b, b_is_tensor, max_out, 1.0, cs)
+    assert_scaled(got[0], plain[0], cs, dtype, "out vs unscaled * channel_scale")
+    for name, a, c in zip(("lin_max", "winner", "norm"), got[1:], plain[1:]):
+        assert torch.equal(a, c), f"{name} must not depend on channel_scale"
+    norm_want = cpu_ops.patch_norm(x, list(kernel_size), list(stride), list(padding), list(dilation), groups)
+    want = cpu_ops.bcos_scale_forward(lin, norm_want.flatten(2), b, b_is_tensor, max_out, 1.0, cs)
+    assert_close(got[0], want[0], dtype, "out vs the CPU ops with channel_scale")
 
 
 # ---------------------------------------------------------------------------------------------------------------

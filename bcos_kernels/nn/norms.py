@@ -1,0 +1,114 @@
+"""Uncentered batch norm of the B-cos models (`bcos.modules.norms.BatchNormUncentered2d`).
+
+B-cos networks must stay dynamic-linear, so their batch norm divides by the standard deviation without
+subtracting the mean: ``out = input / sqrt(var + eps) * weight (+ bias)``. The bias is usually removed
+(the `bcos` package's ``NoBias`` wrapper; here ``bias=False``). Same buffers and state_dict keys as
+``nn.BatchNorm2d`` (``running_mean`` is kept, unused, so checkpoints load both ways).
+
+Eval-mode folding (``bcos_kernels.fold_batchnorm``): in eval mode the norm is a fixed per-channel scale
+``weight / sqrt(running_var + eps)``. When a B-cos conv's output goes only into this norm, the conv applies that
+scale in its fused epilogue (``channel_scale`` of ``bcos_conv2d``) and the norm, marked ``folded``, only adds its
+bias. In training mode both run unfolded: the batch statistics and the running_var update are unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def batch_norm_uncentered_2d(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
+                             bias: Optional[Tensor], training: bool, momentum: float, eps: float,
+                             detach: bool) -> Tensor:
+    """The original's function, operation for operation (same order, so the same rounding)."""
+    if input.dim() != 4:
+        raise ValueError(f"input must be (N, C, H, W), got shape {tuple(input.shape)}")
+    if training:
+        stats_of = input.detach() if detach else input
+        var = stats_of.var(dim=(0, 2, 3), unbiased=False)
+        if running_var is not None:
+            running_var.copy_((1 - momentum) * running_var + momentum * var.detach())
+    else:
+        if running_var is None:
+            raise ValueError("running_var must be tracked to evaluate the norm in eval mode")
+        var = running_var
+    std = (var + eps).sqrt()[None, ..., None, None]
+    result = input / std
+    if weight is not None:
+        result = weight[None, ..., None, None] * result
+    if bias is not None:
+        result = result + bias[None, ..., None, None]
+    return result
+
+
+class BatchNormUncentered2d(nn.BatchNorm2d):
+    """`bcos.modules.norms.BatchNormUncentered2d`; ``bias=False`` is the original's ``NoBias(...)``.
+
+    ``detach`` (explanation mode, ``set_explanation_mode``) detaches the batch statistics in training mode, as
+    the original. ``folded`` is set by ``bcos_kernels.fold_batchnorm``: see the module docstring.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, bias: bool = True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        if not bias:
+            if not affine:
+                raise ValueError("bias=False needs affine=True (there is no bias without affine parameters)")
+            self.bias = None
+        self.detach = False
+        self.folded = False
+
+    def set_explanation_mode(self, activate: bool = True) -> None:
+        self.detach = activate
+
+    @property
+    def is_in_explanation_mode(self) -> bool:
+        return self.detach
+
+    @classmethod
+    def from_module(cls, norm: nn.BatchNorm2d) -> "BatchNormUncentered2d":
+        """The same norm (its parameters and buffers shared, not copied) as an instance of this class."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
+            setattr(new, name, getattr(norm, name))
+        for name, param in norm._parameters.items():
+            new._parameters[name] = param
+        for name, buf in norm._buffers.items():
+            new._buffers[name] = buf
+        new.detach = bool(getattr(norm, "detach", False))
+        new.folded = False
+        return new
+
+    def _momentum_and_count(self) -> float:
+        # the running-average factor, as nn.BatchNorm2d / the original compute it
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return factor
+
+    def uses_batch_statistics(self) -> bool:
+        return self.training or self.running_var is None
+
+    def channel_scale(self) -> Tensor:
+        """The eval-mode per-channel factor ``weight / sqrt(running_var + eps)`` (differentiable in weight)."""
+        if self.running_var is None:
+            raise ValueError("this norm tracks no running_var: it has no fixed eval-mode scale")
+        inv_std = 1.0 / (self.running_var + self.eps).sqrt()
+        return inv_std if self.weight is None else self.weight * inv_std
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.folded and not self.uses_batch_statistics():
+            # the conv before this norm has applied channel_scale() in its epilogue
+            return input if self.bias is None else input + self.bias[None, :, None, None]
+        factor = self._momentum_and_count()
+        training = self.uses_batch_statistics()
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+        return batch_norm_uncentered_2d(input, running_var, self.weight, self.bias, training, factor, self.eps,
+                                        self.detach)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", bias=False" if self.affine and self.bias is None else "") + (
+            ", folded" if self.folded else "")

@@ -1,0 +1,120 @@
+"""Explanations of a batch of 32 images (op "explain") with the B-cos ResNet-50 of the `bcos` package.
+
+Providers (medians of whole explanations: forward, backward, contribution maps and the RGBA images):
+- "original": the `bcos` package's ``model.explain`` looped over the 32 images (it takes one image at a time);
+- "original_batched": ``bcos_kernels.explain`` on the unconverted model (what batching alone gives);
+- each backend of ours: ``bcos_kernels.explain`` on the model after ``bcos_kernels.convert`` and
+  ``bcos_kernels.fold_batchnorm`` (the eval-mode norms folded into the conv epilogues).
+Every provider of ours is checked against the per-image original before it is timed.
+
+Memory: on a GPU the peak allocated during one explanation minus what was allocated before; on a CPU the bytes
+the forward saves for the backward plus the logits (the harness's CPU measure), of the batch (the loop: of one
+image, which is all it holds at a time).
+"""
+import copy
+import functools
+
+import pytest
+import torch
+
+import bcos_kernels
+import models
+from harness import DEVICE, MODES, RECORDS, SMOKE, Record, Workload, bcos_installed, our_providers, peak_memory_mb, sync
+from shapes import RESNET50_MODEL_IMAGE
+
+assert "fwd+bwd" in MODES
+CASE = "B-cos ResNet-50 explain"
+GPU = DEVICE.type == "cuda"
+BATCH = 2 if SMOKE else 32
+# 224x224 on a GPU; on a 2-core CPU 112x112 keeps the four providers to about a minute.
+IMAGE = RESNET50_MODEL_IMAGE if GPU or SMOKE else 112
+ROUNDS = 10 if GPU and not SMOKE else (1 if SMOKE else 3)
+PROVIDERS = ["original", "original_batched"] + our_providers("bcos_conv2d")
+PARITY_RTOL = 1e-3
+
+pytestmark = pytest.mark.skipif(not bcos_installed(), reason="the original `bcos` package is not installed: no "
+                                                             "B-cos ResNet-50 and no original explain() to compare")
+
+
+def _images() -> torch.Tensor:
+    rgb = torch.rand(BATCH, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+    return torch.cat([rgb, 1 - rgb], dim=1).to(DEVICE)
+
+
+@functools.lru_cache(maxsize=None)
+def _original() -> torch.nn.Module:
+    """The ResNet-50 with fixed parameters and running statistics from two train-mode batches, in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = models.bcos_resnet50().to(DEVICE)
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.rand(4, 6, IMAGE, IMAGE, device=DEVICE))
+    return model.eval()
+
+
+def _loop(model, x):
+    # the original API: one image at a time, the gradient left on the image tensor
+    for i in range(x.shape[0]):
+        model.explain(x[i:i + 1].clone().requires_grad_(True))
+
+
+@functools.lru_cache(maxsize=None)
+def _build(provider: str):
+    """(callable explaining x, model) for a provider."""
+    original = _original()
+    if provider == "original":
+        return functools.partial(_loop, original), original
+    if provider == "original_batched":
+        return functools.partial(bcos_kernels.explain, original), original
+    model = bcos_kernels.convert(copy.deepcopy(original), backend=provider)
+    bcos_kernels.fold_batchnorm(model, _images()[:1])
+    return functools.partial(bcos_kernels.explain, model), model
+
+
+def _check_parity(provider: str, x: torch.Tensor) -> None:
+    explain, _ = _build(provider)
+    ours = explain(x[:2])
+    for i in range(2):
+        expected = _original().explain(x[i:i + 1].clone().requires_grad_(True))
+        weights = expected["dynamic_linear_weights"][0]
+        err = (ours["dynamic_linear_weights"][i] - weights).abs().max().item()
+        if ours["prediction"][i].item() != expected["prediction"] or err > PARITY_RTOL * weights.abs().max().item():
+            pytest.fail(f"{CASE}, {provider}: not timed: image {i} differs from the original explain() "
+                        f"(prediction {ours['prediction'][i].item()} vs {expected['prediction']}, max |diff| of the "
+                        f"dynamic linear weights {err:.3g})")
+
+
+def _memory_mb(provider: str, x: torch.Tensor) -> float:
+    explain, model = _build(provider)
+    if GPU:
+        sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        explain(x)
+        sync()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    xs = x[:1] if provider == "original" else x
+    leaf = xs.clone().requires_grad_(True)
+    with bcos_kernels.explanation_mode(model):
+        return peak_memory_mb(Workload(lambda: model(leaf), [leaf]), [leaf, *model.parameters()])
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_explain_batch(benchmark, provider):
+    x = _images()
+    if provider != "original":
+        _check_parity(provider, x)
+    explain, _ = _build(provider)
+    explain(x)  # warm-up
+    sync()
+
+    def target():
+        explain(x)
+        sync()
+
+    benchmark.group = f"explain {CASE} batch {BATCH}"
+    benchmark.pedantic(target, rounds=ROUNDS, iterations=1)
+    median = benchmark.stats.stats.median * 1e3
+    RECORDS.append(Record("explain", CASE, "float32", "fwd+bwd", provider, median, _memory_mb(provider, x),
+                          f"x=[{BATCH}, 6, {IMAGE}, {IMAGE}]"))
