@@ -12,8 +12,11 @@
   from a local git mirror when one exists (developer machines); tests that need
   them skip with the reason otherwise.
 """
+import contextlib
+import functools
 import importlib
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -94,3 +97,37 @@ def load_source(name: str, source: str, extra_globals=None):
     module.__dict__.update(extra_globals or {})
     exec(compile(source, f"<original {name}>", "exec"), module.__dict__)
     return module
+
+
+def bcos_resnet18_imagenet_config(num_classes: int = 10):
+    """The `bcos` package's B-cos ResNet-18 configured as its ImageNet experiments build their ResNets: uncentered
+    batch norm without bias, logit bias -log(K - 1), BcosConv2d with b=2 (random parameters)."""
+    resnet, modules = bcos_module("models.resnet"), bcos_module("modules")
+    return resnet.resnet18(num_classes=num_classes,
+                           norm_layer=modules.norms.NoBias(modules.norms.BatchNormUncentered2d),
+                           logit_bias=-math.log(num_classes - 1),
+                           conv_layer=functools.partial(modules.BcosConv2d, b=2, max_out=1))
+
+
+@contextlib.contextmanager
+def imported_from_mirror(repo: str, paths, module_names, root):
+    """Write ``paths`` of the mirror of ``repo`` under the folder ``root`` and import ``module_names`` from there;
+    yields {name: module}. The originals' top-level package names (e.g. "modules") are generic, so entries of
+    sys.modules under those names are set aside during the block and restored after it."""
+    for path in paths:
+        target = os.path.join(root, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w") as f:
+            f.write(mirror_source(repo, path))
+    tops = {name.split(".")[0] for name in list(module_names) + [os.path.splitext(p)[0].split("/")[0] for p in paths]}
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in tops}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(root))
+    try:
+        yield {name: importlib.import_module(name) for name in module_names}
+    finally:
+        sys.path.remove(str(root))
+        for k in [k for k in sys.modules if k.split(".")[0] in tops]:
+            del sys.modules[k]
+        sys.modules.update(saved)

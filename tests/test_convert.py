@@ -9,14 +9,13 @@ import copy
 import functools
 import importlib
 import importlib.util
-import math
-import sys
 import warnings
 
 import pytest
 import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture)
-from originals import bcos_module, load_source, mirror_source
+from originals import (bcos_module, bcos_resnet18_imagenet_config, imported_from_mirror, load_source,
+                       mirror_source)
 
 import bcos_kernels
 from bcos_kernels import nn as bnn
@@ -71,13 +70,6 @@ def _bcos_models():
     densenet = lambda: bcos_module("models.densenet")  # noqa: E731
     modules = lambda: bcos_module("modules")  # noqa: E731
 
-    def imagenet_resnet18():
-        # the ImageNet configuration (uncentered batch norm without bias, logit bias) at 10 classes
-        mods = modules()
-        return resnet().resnet18(num_classes=10, norm_layer=mods.norms.NoBias(mods.norms.BatchNormUncentered2d),
-                                 logit_bias=-math.log(9),
-                                 conv_layer=functools.partial(mods.BcosConv2d, b=2, max_out=1))
-
     def resnext_with_scale():
         # grouped convs (ResNeXt), BcosConv2dWithScale everywhere, MaxOut 2
         mods = modules()
@@ -86,7 +78,7 @@ def _bcos_models():
 
     return {
         "cifar10_resnet20": lambda: resnet().cifar10_resnet20(),
-        "imagenet_resnet18": imagenet_resnet18,
+        "imagenet_resnet18": bcos_resnet18_imagenet_config,
         "resnext29_with_scale_maxout": resnext_with_scale,
         "cifar10_densenet52": lambda: densenet().cifar10_densenet52(),
     }
@@ -121,6 +113,44 @@ def test_bcos_package_models_match_after_convert(name):
         assert all(m.detach for m in ours)
         assert_model_parity(original, converted, x)
     assert not any(m.detach for m in ours)
+
+
+def test_bcos_vit_with_conv_stem():
+    """A small B-cos SimpleViT as the ImageNet ViT experiments configure it (BcosLinear everywhere but to_qkv,
+    uncentered layer norms, no activation) with a B-cos conv stem."""
+    pytest.importorskip("einops", reason="bcos.models.vit needs einops (scripts/install.sh installs it)")
+    vit, mods = bcos_module("models.vit"), bcos_module("modules")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns when not built through bcos.models.pretrained
+        model = vit.SimpleViT(image_size=16, patch_size=4, num_classes=10, dim=24, depth=2, heads=2, mlp_dim=40,
+                              linear_layer=functools.partial(mods.BcosLinear, b=2, max_out=1),
+                              conv2d_layer=functools.partial(mods.BcosConv2d, b=2, max_out=1),
+                              norm_layer=mods.norms.NoBias(mods.norms.DetachableLayerNorm), act_layer=torch.nn.Identity,
+                              norm2d_layer=mods.norms.NoBias(mods.DetachableGNLayerNorm2d),
+                              conv_stem=[8, 12]).to(F64)
+    n_bcos = sum(isinstance(m, (mods.BcosConv2d, mods.BcosLinear)) for m in model.modules())
+    original, converted = _converted_copy(model)
+    assert sum(isinstance(m, (bnn.BcosConv2d, bnn.BcosLinear)) for m in converted.modules()) == n_bcos > 6
+    x = torch.rand(2, 6, 16, 16, dtype=F64, generator=torch.Generator().manual_seed(5))
+    for training in (True, False):
+        original.train(training)
+        converted.train(training)
+        assert_model_parity(original, converted, x)
+
+
+def test_bcos_convnext():
+    pytest.importorskip("torchvision", reason="bcos.models.convnext builds torchvision.ops.StochasticDepth")
+    convnext = bcos_module("models.convnext")
+    torch.manual_seed(0)
+    model = convnext.convnext_atto(num_classes=10, stochastic_depth_prob=0.0).to(F64)
+    original, converted = _converted_copy(model)
+    assert any(isinstance(m, bnn.BcosConv2d) and m.groups > 1 for m in converted.modules())  # depthwise convs
+    x = torch.rand(2, 6, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(5))
+    for training in (True, False):
+        original.train(training)
+        converted.train(training)
+        assert_model_parity(original, converted, x)
 
 
 def test_convert_preserves_modes_hooks_and_sharing():
@@ -242,22 +272,11 @@ def test_bcos_v1_layer():
 @pytest.fixture(scope="module")
 def coda_modules(tmp_path_factory):
     from test_dau import ORIGINAL_FILES
-    root = tmp_path_factory.mktemp("coda_convert")
-    for path in ORIGINAL_FILES:
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(mirror_source("moboehle+CoDA-Nets", path))
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("modules", "project_utils")}
-    for k in saved:
-        del sys.modules[k]
-    sys.path.insert(0, str(root))
-    try:
-        # left in sys.modules during the test: "by class where importable"
-        yield {name: importlib.import_module(f"modules.{name}") for name in ("DAUs", "coda_conv", "norms")}
-    finally:
-        sys.path.remove(str(root))
-        for k in [k for k in sys.modules if k.split(".")[0] in ("modules", "project_utils")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    names = [f"modules.{name}" for name in ("DAUs", "coda_conv", "norms")]
+    # kept imported during the tests: convert recognises the layers by class ("where importable")
+    with imported_from_mirror("moboehle+CoDA-Nets", ORIGINAL_FILES, names,
+                              tmp_path_factory.mktemp("coda_convert")) as mods:
+        yield {name.split(".")[1]: module for name, module in mods.items()}
 
 
 def test_coda_net(coda_modules):

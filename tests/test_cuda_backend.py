@@ -103,7 +103,7 @@ def _register_emulation() -> torch.library.Library:
         out, lin_max = lin.new_empty((n, o, p)), lin.new_empty(shape)
         winner = lin.new_empty(shape, dtype=torch.uint8)
         sq = x.new_empty((n, groups, x.shape[2], x.shape[3]), dtype=acc(x.dtype))
-        check(emu.lib.emu_bcos_conv_scale_forward_channel_scale(
+        check(emu.lib.emu_bcos_conv_scale_forward(
             code[x.dtype], ptr(lin), ptr(x), i64s(x.stride()), int(nhwc(x)), i64s(geom), ptr(sq), ptr(norm), ptr(out),
             ptr(lin_max), ptr(winner), ptr(channel_scale),
             i64s([n, o, max_out, p, groups]), emu.MODES[mode], b, scale))

@@ -8,12 +8,11 @@ where the mirror is absent (CI) the tests that need it are skipped. Everything e
 from __future__ import annotations
 
 import importlib
-import sys
 
 import pytest
 import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: pytest finds it here)
-from originals import mirror_source
+from originals import imported_from_mirror
 
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.ops.dau_conv2d import dau_conv2d
@@ -30,23 +29,10 @@ F64 = torch.float64
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     """The original ``modules`` package of CoDA-Nets, imported from files extracted with ``git show``."""
-    root = tmp_path_factory.mktemp("coda_original")
-    for path in ORIGINAL_FILES:
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(mirror_source("moboehle+CoDA-Nets", path))
-    names = ("modules", "project_utils")
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in names}
-    for k in saved:
-        del sys.modules[k]
-    sys.path.insert(0, str(root))
-    try:
-        mods = {name: importlib.import_module(f"modules.{name}") for name in ("DAUs", "coda_conv", "norms")}
-    finally:
-        sys.path.remove(str(root))
-        for k in [k for k in sys.modules if k.split(".")[0] in names]:
-            del sys.modules[k]
-        sys.modules.update(saved)
-    return mods
+    names = [f"modules.{name}" for name in ("DAUs", "coda_conv", "norms")]
+    with imported_from_mirror("moboehle+CoDA-Nets", ORIGINAL_FILES, names,
+                              tmp_path_factory.mktemp("coda_original")) as mods:
+        return {name.split(".")[1]: module for name, module in mods.items()}
 
 
 def make_original(original, c, o, r, k, stride, padding, norm, bias=True):

@@ -1,13 +1,11 @@
 """bcos_kernels.explain: one batched forward/backward against the `bcos` package's per-image ``model.explain``."""
 import copy
-import functools
-import math
 
 import numpy as np
 import pytest
 import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture)
-from originals import bcos_module
+from originals import bcos_module, bcos_resnet18_imagenet_config
 
 import bcos_kernels
 from bcos_kernels import nn as bnn
@@ -18,10 +16,8 @@ F64 = torch.float64
 @pytest.fixture(scope="module")
 def bcos_resnet():
     """A B-cos ResNet-18 of the ImageNet configuration (10 classes), norms warmed up, in eval mode."""
-    resnet, mods = bcos_module("models.resnet"), bcos_module("modules")
     torch.manual_seed(0)
-    model = resnet.resnet18(num_classes=10, norm_layer=mods.norms.NoBias(mods.norms.BatchNormUncentered2d),
-                            logit_bias=-math.log(9), conv_layer=functools.partial(mods.BcosConv2d, b=2)).to(F64)
+    model = bcos_resnet18_imagenet_config().to(F64)
     with torch.no_grad():
         for seed in range(2):
             model(torch.rand(4, 6, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(seed)))

@@ -6,13 +6,11 @@ the unfolded original in eval mode (outputs, input and parameter gradients, norm
 mode is untouched (same outputs, same running statistics).
 """
 import copy
-import functools
-import math
 
 import pytest
 import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture)
-from originals import bcos_module
+from originals import bcos_resnet18_imagenet_config
 from test_convert import assert_model_parity
 
 import bcos_kernels
@@ -79,10 +77,8 @@ def test_channel_scale_bad_arguments():
 
 # ------------------------------------------------------------------------------------------ whole models
 def _imagenet_resnet18(dtype):
-    resnet, mods = bcos_module("models.resnet"), bcos_module("modules")
     torch.manual_seed(0)
-    model = resnet.resnet18(num_classes=10, norm_layer=mods.norms.NoBias(mods.norms.BatchNormUncentered2d),
-                            logit_bias=-math.log(9), conv_layer=functools.partial(mods.BcosConv2d, b=2)).to(dtype)
+    model = bcos_resnet18_imagenet_config().to(dtype)
     with torch.no_grad():
         for seed in range(2):
             model(torch.rand(4, 6, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(seed)))

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
+
+from bcos_kernels.nn.bcos import DetachableModule
 
 
 def batch_norm_uncentered_2d(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
@@ -42,10 +43,10 @@ def batch_norm_uncentered_2d(input: Tensor, running_var: Optional[Tensor], weigh
     return result
 
 
-class BatchNormUncentered2d(nn.BatchNorm2d):
+class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
     """`bcos.modules.norms.BatchNormUncentered2d`; ``bias=False`` is the original's ``NoBias(...)``.
 
-    ``detach`` (explanation mode, ``set_explanation_mode``) detaches the batch statistics in training mode, as
+    ``detach`` (explanation mode, ``set_explanation_mode`` of DetachableModule) detaches the batch statistics in training mode, as
     the original. ``folded`` is set by ``bcos_kernels.fold_batchnorm``: see the module docstring.
     """
 
@@ -56,15 +57,7 @@ class BatchNormUncentered2d(nn.BatchNorm2d):
             if not affine:
                 raise ValueError("bias=False needs affine=True (there is no bias without affine parameters)")
             self.bias = None
-        self.detach = False
         self.folded = False
-
-    def set_explanation_mode(self, activate: bool = True) -> None:
-        self.detach = activate
-
-    @property
-    def is_in_explanation_mode(self) -> bool:
-        return self.detach
 
     @classmethod
     def from_module(cls, norm: nn.BatchNorm2d) -> "BatchNormUncentered2d":

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "arg_checks.h"
 #include "common/bcos_math.h"
 #include "common/dau_math.h"
 #include "cuda/kernels.h"
@@ -183,21 +184,7 @@ kc::ScaleProblem check_scale_args(const char* lin_name, const at::Tensor& lin, i
   return s;
 }
 
-// The optional per-output-channel factor of the forward (as the CPU's
-// check_channel_scale): (O,), lin's dtype and device.  Returns it contiguous,
-// or an undefined tensor when absent (the launchers then get a null pointer).
-at::Tensor check_channel_scale(const std::optional<at::Tensor>& channel_scale, const at::Tensor& lin, int64_t O) {
-  if (!channel_scale.has_value() || !channel_scale->defined()) return at::Tensor();
-  const at::Tensor& cs = *channel_scale;
-  TORCH_CHECK(cs.device() == lin.device(), "channel_scale must be on the device of lin (", lin.device(), "), got ",
-              cs.device());
-  TORCH_CHECK(cs.dim() == 1, "channel_scale must have 1 dimension (out_channels,), got shape ", cs.sizes());
-  TORCH_CHECK(cs.size(0) == O, "channel_scale must have ", O,
-              " elements (lin's channels / max_out, the output channels), got ", cs.size(0));
-  TORCH_CHECK(cs.scalar_type() == lin.scalar_type(), "channel_scale has dtype ", cs.scalar_type(),
-              " but lin has dtype ", lin.scalar_type());
-  return cs.contiguous();
-}
+using bcos_checks::check_channel_scale;
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 

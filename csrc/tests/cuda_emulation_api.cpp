@@ -63,34 +63,18 @@ int emu_patch_norm_backward(int dt, const void* grad_norm, const void* norm, con
                                  geometry(geom), r, nullptr);
 }
 
-// The *_channel_scale entry points take the optional per-channel factor of
-// the forward (null: none); the plain ones keep their argument lists (callers
-// such as tests/test_cuda_backend.py use them) and pass no factor.
-int emu_bcos_scale_forward_channel_scale(int dt, const void* lin, const void* norm, void* out, void* lin_max,
-                                         uint8_t* winner, const void* channel_scale, const int64_t* prob, int mode,
-                                         double b, double scale) {
+// channel_scale: the optional per-output-channel factor of the forward (null: none).
+int emu_bcos_scale_forward(int dt, const void* lin, const void* norm, void* out, void* lin_max, uint8_t* winner,
+                           const void* channel_scale, const int64_t* prob, int mode, double b, double scale) {
   return kc::bcos_scale_forward(dtype(dt), lin, norm, out, lin_max, winner, channel_scale,
                                 scale_problem(prob, mode, b, scale), nullptr);
 }
 
-int emu_bcos_scale_forward(int dt, const void* lin, const void* norm, void* out, void* lin_max, uint8_t* winner,
-                           const int64_t* prob, int mode, double b, double scale) {
-  return emu_bcos_scale_forward_channel_scale(dt, lin, norm, out, lin_max, winner, nullptr, prob, mode, b, scale);
-}
-
-int emu_bcos_conv_scale_forward_channel_scale(int dt, const void* lin, const void* x, const int64_t* xs, int cl,
-                                              const int64_t* geom, void* sq, void* norm, void* out, void* lin_max,
-                                              uint8_t* winner, const void* channel_scale, const int64_t* prob,
-                                              int mode, double b, double scale) {
+int emu_bcos_conv_scale_forward(int dt, const void* lin, const void* x, const int64_t* xs, int cl,
+                                const int64_t* geom, void* sq, void* norm, void* out, void* lin_max, uint8_t* winner,
+                                const void* channel_scale, const int64_t* prob, int mode, double b, double scale) {
   return kc::bcos_conv_scale_forward(dtype(dt), lin, x, strides(xs), cl != 0, geometry(geom), sq, norm, out, lin_max,
                                      winner, channel_scale, scale_problem(prob, mode, b, scale), nullptr);
-}
-
-int emu_bcos_conv_scale_forward(int dt, const void* lin, const void* x, const int64_t* xs, int cl,
-                                const int64_t* geom, void* sq, void* norm, void* out, void* lin_max,
-                                uint8_t* winner, const int64_t* prob, int mode, double b, double scale) {
-  return emu_bcos_conv_scale_forward_channel_scale(dt, lin, x, xs, cl, geom, sq, norm, out, lin_max, winner, nullptr,
-                                                   prob, mode, b, scale);
 }
 
 int64_t emu_bcos_scale_backward_partials(const int64_t* prob, int mode, double b, double scale) {

@@ -63,14 +63,11 @@ def check(rc):
 
 for name, restype in [("emu_bcos_scale_backward_partials", I64), ("emu_dau_backward_workspace_elems", I64)]:
     getattr(lib, name).restype = restype
-lib.emu_bcos_scale_forward.argtypes = [ctypes.c_int, P, P, P, P, P, P, ctypes.c_int, ctypes.c_double,
+# the P before prob: channel_scale (None: no per-channel factor)
+lib.emu_bcos_scale_forward.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_double,
                                        ctypes.c_double]
-lib.emu_bcos_conv_scale_forward.argtypes = [ctypes.c_int, P, P, P, ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int,
-                                            ctypes.c_double, ctypes.c_double]
-lib.emu_bcos_scale_forward_channel_scale.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int,
-                                                     ctypes.c_double, ctypes.c_double]
-lib.emu_bcos_conv_scale_forward_channel_scale.argtypes = [ctypes.c_int, P, P, P, ctypes.c_int, P, P, P, P, P, P, P,
-                                                          P, ctypes.c_int, ctypes.c_double, ctypes.c_double]
+lib.emu_bcos_conv_scale_forward.argtypes = [ctypes.c_int, P, P, P, ctypes.c_int, P, P, P, P, P, P, P, P,
+                                            ctypes.c_int, ctypes.c_double, ctypes.c_double]
 lib.emu_bcos_scale_backward_partials.argtypes = [P, ctypes.c_int, ctypes.c_double, ctypes.c_double]
 lib.emu_bcos_scale_backward.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_double,
                                         ctypes.c_double, ctypes.c_int]
@@ -167,16 +164,7 @@ def scale_mode(b, b_is_tensor):
 
 
 def emu_scale_forward(lin, norm, b, b_is_tensor, max_out, scale):
-    mode = scale_mode(b, b_is_tensor)
-    n, om, p = lin.shape
-    o = om // max_out
-    g = 1 if mode == "one" else norm.shape[1]
-    out = torch.empty(n, o, p, dtype=lin.dtype)
-    lin_max = torch.empty(n, o, p, dtype=lin.dtype) if max_out > 1 else torch.empty(0, dtype=lin.dtype)
-    winner = torch.empty(n, o, p, dtype=torch.uint8) if max_out > 1 else torch.empty(0, dtype=torch.uint8)
-    check(lib.emu_bcos_scale_forward(DTYPE_CODE[lin.dtype], ptr(lin), None if mode == "one" else ptr(norm), ptr(out),
-                                     ptr(lin_max), ptr(winner), i64s([n, o, max_out, p, g]), MODES[mode], b, scale))
-    return out, lin_max, winner
+    return emu_scale_forward_channel_scale(lin, norm, b, b_is_tensor, max_out, scale, None)
 
 
 def emu_scale_backward(grad_out, lin_max, norm, winner, b, b_is_tensor, max_out, scale, detach, need_norm, need_b):
@@ -256,7 +244,7 @@ def test_conv_scale_forward_matches_unfused(case, b, b_is_tensor, dtype, max_out
     winner = torch.empty(2, o, ho * wo, dtype=torch.uint8) if max_out > 1 else torch.empty(0, dtype=torch.uint8)
     sq = torch.empty(2, groups, 7, 6, dtype=acc_dtype(dtype))
     check(lib.emu_bcos_conv_scale_forward(DTYPE_CODE[dtype], ptr(lin), ptr(x), i64s(x.stride()), 1, i64s(geom),
-                                          ptr(sq), ptr(norm), ptr(out), ptr(lin_max), ptr(winner),
+                                          ptr(sq), ptr(norm), ptr(out), ptr(lin_max), ptr(winner), None,
                                           i64s([2, o, max_out, ho * wo, groups]), MODES[scale_mode(b, b_is_tensor)],
                                           b, 1.0))
     assert_close(norm, norm_want, dtype, "norm")
@@ -287,10 +275,9 @@ def emu_scale_forward_channel_scale(lin, norm, b, b_is_tensor, max_out, scale, c
     out = torch.empty(n, o, p, dtype=lin.dtype)
     lin_max = torch.empty(n, o, p, dtype=lin.dtype) if max_out > 1 else torch.empty(0, dtype=lin.dtype)
     winner = torch.empty(n, o, p, dtype=torch.uint8) if max_out > 1 else torch.empty(0, dtype=torch.uint8)
-    check(lib.emu_bcos_scale_forward_channel_scale(DTYPE_CODE[lin.dtype], ptr(lin),
-                                                   None if mode == "one" else ptr(norm), ptr(out), ptr(lin_max),
-                                                   ptr(winner), ptr(channel_scale), i64s([n, o, max_out, p, g]),
-                                                   MODES[mode], b, scale))
+    check(lib.emu_bcos_scale_forward(DTYPE_CODE[lin.dtype], ptr(lin), None if mode == "one" else ptr(norm), ptr(out),
+                                     ptr(lin_max), ptr(winner), ptr(channel_scale), i64s([n, o, max_out, p, g]),
+                                     MODES[mode], b, scale))
     return out, lin_max, winner
 
 
@@ -305,7 +292,7 @@ def emu_conv_scale_forward_channel_scale(lin, x, case, b, b_is_tensor, max_out, 
     lin_max = torch.empty(n, o, ho * wo, dtype=dtype) if max_out > 1 else torch.empty(0, dtype=dtype)
     winner = torch.empty(n, o, ho * wo, dtype=torch.uint8) if max_out > 1 else torch.empty(0, dtype=torch.uint8)
     sq = torch.empty(n, groups, x.shape[2], x.shape[3], dtype=acc_dtype(dtype))
-    check(lib.emu_bcos_conv_scale_forward_channel_scale(
+    check(lib.emu_bcos_conv_scale_forward(
         DTYPE_CODE[dtype], ptr(lin), ptr(x), i64s(x.stride()), int(channels_last(x)), i64s(geom), ptr(sq), ptr(norm),
         ptr(out), ptr(lin_max), ptr(winner), ptr(channel_scale), i64s([n, o, max_out, ho * wo, groups]),
         MODES[scale_mode(b, b_is_tensor)], b, scale))
