@@ -54,6 +54,13 @@ def assert_model_parity(original, converted, x, extra_inputs=(), rtol=1e-10):
                                        msg=lambda m: f"gradient of {name}: {m}")
 
 
+def assert_parity_in_train_and_eval(original, converted, x, extra_inputs=(), rtol=1e-10):
+    for training in (True, False):
+        original.train(training)
+        converted.train(training)
+        assert_model_parity(original, converted, x, extra_inputs, rtol)
+
+
 def _converted_copy(model, backend=None):
     original = copy.deepcopy(model)
     converted = bcos_kernels.convert(model, backend=backend)
@@ -105,10 +112,7 @@ def test_bcos_package_models_match_after_convert(name):
     assert all(p is params_before[k] for k, p in converted.named_parameters())
     assert converted.state_dict().keys() == original.state_dict().keys()
     x = torch.rand(2, 6, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(5))
-    for training in (True, False):
-        original.train(training)
-        converted.train(training)
-        assert_model_parity(original, converted, x)
+    assert_parity_in_train_and_eval(original, converted, x)
     with original.explanation_mode(), converted.explanation_mode():
         assert all(m.detach for m in ours)
         assert_model_parity(original, converted, x)
@@ -133,10 +137,7 @@ def test_bcos_vit_with_conv_stem():
     original, converted = _converted_copy(model)
     assert sum(isinstance(m, (bnn.BcosConv2d, bnn.BcosLinear)) for m in converted.modules()) == n_bcos > 6
     x = torch.rand(2, 6, 16, 16, dtype=F64, generator=torch.Generator().manual_seed(5))
-    for training in (True, False):
-        original.train(training)
-        converted.train(training)
-        assert_model_parity(original, converted, x)
+    assert_parity_in_train_and_eval(original, converted, x)
 
 
 def test_bcos_convnext():
@@ -147,10 +148,7 @@ def test_bcos_convnext():
     original, converted = _converted_copy(model)
     assert any(isinstance(m, bnn.BcosConv2d) and m.groups > 1 for m in converted.modules())  # depthwise convs
     x = torch.rand(2, 6, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(5))
-    for training in (True, False):
-        original.train(training)
-        converted.train(training)
-        assert_model_parity(original, converted, x)
+    assert_parity_in_train_and_eval(original, converted, x)
 
 
 def test_convert_preserves_modes_hooks_and_sharing():
@@ -321,10 +319,7 @@ def test_discover_lwta(discover_activations):
     bcos_kernels.convert(model)
     assert [type(m) for m in model][1::3] == [bnn.LWTA, bnn.LWTA]
     assert model[1].U == 4 and model[4].temp_test == 0.5 and model[5].U == 1 and model[1].deterministic
-    for training in (True, False):
-        original.train(training)
-        model.train(training)
-        assert_model_parity(original, model, torch.rand(2, 3, 6, 6, dtype=F64))
+    assert_parity_in_train_and_eval(original, model, torch.rand(2, 3, 6, 6, dtype=F64))
     # stochastic: the configuration carries over (the noise streams differ, see test_lwta for the op)
     stochastic = bcos_kernels.convert(torch.nn.Sequential(lwta(U=3, temp=0.7)))
     assert isinstance(stochastic[0], bnn.LWTA) and not stochastic[0].deterministic and stochastic[0].temp == 0.7
@@ -342,7 +337,4 @@ def test_csg_learnable_mask_layer():
     assert isinstance(converted, bnn.ClassSpecificGate) and converted.mask is layer.mask
     labels = torch.tensor([4, 0, 2])
     x = torch.rand(3, 8, 3, 4)
-    for training in (True, False):
-        original.train(training)
-        converted.train(training)
-        assert_model_parity(original, converted, x, (labels,), rtol=1e-6)
+    assert_parity_in_train_and_eval(original, converted, x, (labels,), rtol=1e-6)
