@@ -109,15 +109,15 @@ def _targets(target: Target, prediction: Tensor, classes: int) -> Tensor:
     n = prediction.shape[0]
     if target is None:
         return prediction
-    if isinstance(target, bool) or isinstance(target, float):
+    if isinstance(target, (bool, float)):
         raise TypeError(f"target must be None, an int or one int per sample, got {target!r}")
     if isinstance(target, int):
         chosen = torch.full((n,), target, dtype=torch.long, device=prediction.device)
     else:
         chosen = torch.as_tensor(target, device=prediction.device)
         if chosen.dtype.is_floating_point or chosen.dtype == torch.bool or chosen.dim() != 1 or chosen.shape[0] != n:
-            raise ValueError(f"target must be None, an int or {n} integer classes (one per sample), got "
-                             f"{'a ' + str(chosen.dtype) + ' tensor of shape ' + str(tuple(chosen.shape))}")
+            raise ValueError(f"target must be None, an int or {n} integer classes (one per sample), got a "
+                             f"{chosen.dtype} tensor of shape {tuple(chosen.shape)}")
         chosen = chosen.long()
     if ((chosen < 0) | (chosen >= classes)).any():
         raise ValueError(f"target classes must lie in [0, {classes}), got {chosen.tolist()}")
@@ -157,6 +157,6 @@ def explain(model: nn.Module, x: Tensor, target: Target = None, *, smooth: int =
         chosen = logits.gather(1, explained[:, None]).sum()
         (weights,) = torch.autograd.grad(chosen, inputs)
     contribution_map = (x.detach() * weights).sum(1)
-    explanation = (gradient_to_image(x.detach(), weights, smooth, alpha_percentile) if x.shape[1] == 6 else None)
+    explanation = gradient_to_image(x.detach(), weights, smooth, alpha_percentile) if x.shape[1] == 6 else None
     return {"prediction": prediction, "explained_class": explained, "dynamic_linear_weights": weights,
             "contribution_map": contribution_map, "explanation": explanation, "logits": logits.detach()}

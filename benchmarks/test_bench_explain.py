@@ -19,10 +19,9 @@ import torch
 
 import bcos_kernels
 import models
-from harness import DEVICE, MODES, RECORDS, SMOKE, Record, Workload, bcos_installed, our_providers, peak_memory_mb, sync
+from harness import DEVICE, RECORDS, SMOKE, Record, Workload, bcos_installed, our_providers, peak_memory_mb, sync
 from shapes import RESNET50_MODEL_IMAGE
 
-assert "fwd+bwd" in MODES
 CASE = "B-cos ResNet-50 explain"
 GPU = DEVICE.type == "cuda"
 BATCH = 2 if SMOKE else 32

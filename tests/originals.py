@@ -25,14 +25,9 @@ import types
 
 import pytest
 
+from bcos_kernels.demo import import_bcos_modules
+
 MIRRORS = os.environ.get("BCOS_KERNELS_MIRRORS", "/work/.mirror")
-
-
-def _bare_package(name: str, path: str) -> None:
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [path]
-        sys.modules[name] = pkg
 
 
 def bcos_installed() -> bool:
@@ -63,14 +58,10 @@ def torchvision_installed() -> bool:
 
 
 def bcos_module(name: str):
-    """Import `bcos.<name>` (e.g. "modules", "models.vgg", "models.resnet") without running bcos/__init__.py."""
-    spec = importlib.util.find_spec("bcos") if "bcos" not in sys.modules else None
-    if "bcos" not in sys.modules:
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("the original `bcos` package is not installed (pip install --no-deps bcos==0.1.3)")
-        root = spec.submodule_search_locations[0]
-        _bare_package("bcos", root)
-        _bare_package("bcos.models", os.path.join(root, "models"))
+    """Import `bcos.<name>` (e.g. "modules", "models.vgg", "models.resnet") without running bcos/__init__.py
+    (the bare packages are registered by the demo's public ``import_bcos_modules``)."""
+    if import_bcos_modules() is None:
+        pytest.skip("the original `bcos` package is not installed (pip install --no-deps bcos==0.1.3)")
     if name == "models.resnet" and not torchvision_installed():
         return _import_without_torchvision("bcos.models.resnet")
     return importlib.import_module(f"bcos.{name}")

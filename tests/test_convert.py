@@ -7,15 +7,12 @@ device and dtype unchanged).
 import ast
 import copy
 import functools
-import importlib
-import importlib.util
 import warnings
 
 import pytest
 import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture)
-from originals import (bcos_module, bcos_resnet18_imagenet_config, imported_from_mirror, load_source,
-                       mirror_source)
+from originals import bcos_module, bcos_resnet18_imagenet_config, load_source, mirror_source
 
 import bcos_kernels
 from bcos_kernels import nn as bnn
@@ -267,18 +264,8 @@ def test_bcos_v1_layer():
     assert_model_parity(original, model, torch.rand(2, 6, 9, 8, dtype=F64))
 
 
-@pytest.fixture(scope="module")
-def coda_modules(tmp_path_factory):
-    from test_dau import ORIGINAL_FILES
-    names = [f"modules.{name}" for name in ("DAUs", "coda_conv", "norms")]
-    # kept imported during the tests: convert recognises the layers by class ("where importable")
-    with imported_from_mirror("moboehle+CoDA-Nets", ORIGINAL_FILES, names,
-                              tmp_path_factory.mktemp("coda_convert")) as mods:
-        yield {name.split(".")[1]: module for name, module in mods.items()}
-
-
-def test_coda_net(coda_modules):
-    daus, coda, norms = coda_modules["DAUs"], coda_modules["coda_conv"], coda_modules["norms"]
+def test_coda_net(coda_original):
+    daus, coda, norms = coda_original["DAUs"], coda_original["coda_conv"], coda_original["norms"]
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         coda.CoDAConv2d(daus.DAUWeights(6, 8, 5, norms.Squashing(), kernel_size=3, stride=1, padding=1)),
@@ -301,13 +288,8 @@ def test_coda_net(coda_modules):
 
 
 @pytest.fixture(scope="module")
-def discover_activations(tmp_path_factory):
-    path = tmp_path_factory.mktemp("discover_convert") / "discover_activations.py"
-    path.write_text(mirror_source("konpanousis+DISCOVER", "models/ResNet/activations.py"))
-    spec = importlib.util.spec_from_file_location("discover_activations", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def discover_activations():
+    return load_source("discover_activations", mirror_source("konpanousis+DISCOVER", "models/ResNet/activations.py"))
 
 
 def test_discover_lwta(discover_activations):

@@ -12,14 +12,11 @@ import importlib
 import pytest
 import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: pytest finds it here)
-from originals import imported_from_mirror
 
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.ops.dau_conv2d import dau_conv2d
 from bcos_kernels.reference.dau import dau_conv2d_lowrank, dau_conv2d_original
 
-ORIGINAL_FILES = ("modules/__init__.py", "modules/DAUs.py", "modules/coda_conv.py", "modules/norms.py",
-                  "modules/utils.py", "project_utils.py")
 F64 = torch.float64
 
 
@@ -27,12 +24,9 @@ F64 = torch.float64
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory):
-    """The original ``modules`` package of CoDA-Nets, imported from files extracted with ``git show``."""
-    names = [f"modules.{name}" for name in ("DAUs", "coda_conv", "norms")]
-    with imported_from_mirror("moboehle+CoDA-Nets", ORIGINAL_FILES, names,
-                              tmp_path_factory.mktemp("coda_original")) as mods:
-        return {name.split(".")[1]: module for name, module in mods.items()}
+def original(coda_original):
+    """The original ``modules`` package of CoDA-Nets (tests/conftest.py)."""
+    return coda_original
 
 
 def make_original(original, c, o, r, k, stride, padding, norm, bias=True):
