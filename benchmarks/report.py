@@ -1,6 +1,8 @@
 """The ratio table of a benchmark run, as text (end of `pytest benchmarks/`) or Markdown (README).
 
     python benchmarks/report.py benchmarks/results/<device>.json [--markdown] [--mode fwd+bwd] [--dtype float32]
+    python benchmarks/report.py <json> --goals          the project's speed goals, measured or not
+    python benchmarks/report.py --merge out.json a.json b.json ...   one results file from split runs
 
 Per (op, case, dtype, mode): each provider's median ms, then
   base/ours   the baseline ("original", else our "reference" of it) over ours: > 1 means ours is faster;
@@ -90,15 +92,97 @@ def render_markdown(rows: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The speed goals set for the GPU run (issue 9), as (goal, op, case prefix, dtype, ratio key, bound). A bound > 0
+# is a minimum of the ratio, < 0 a maximum of it (-1.15: ours/plain at most 1.15). Each goal must hold for every
+# case it covers; the reported figure is the worst one.
+GOALS = (
+    ("B-cos conv fwd+bwd, ResNet-50 layers, bf16: at most 1.15x a plain conv", "bcos_conv2d", "resnet50 ", "bfloat16",
+     "ours_over_plain", -1.15),
+    ("B-cos conv fwd+bwd, ResNet-50 layers, bf16: at least 2x faster than the original", "bcos_conv2d", "resnet50 ",
+     "bfloat16", "base_over_ours", 2.0),
+    ("CoDA-Net CIFAR-10 train step: at least 5x faster than the original", "model", "CoDA-Net CIFAR-10 9L train step",
+     None, "base_over_ours", 5.0),
+    ("CoDA-Net CIFAR-10 train step: at least 10x less peak memory than the original", "model",
+     "CoDA-Net CIFAR-10 9L train step", None, "mem_base_over_ours", 10.0),
+    ("LWTA fwd+bwd: at least 4x faster than the original", "lwta", "", None, "base_over_ours", 4.0),
+    ("Class-specific gate fwd+bwd: at least 20x faster than the original", "class_specific_gate", "", None,
+     "base_over_ours", 20.0),
+)
+
+
+def goal_rows(records: Iterable) -> List[Dict]:
+    """Each goal with its worst measured figure over the fwd+bwd rows it covers (None: not measured here)."""
+    rows = table_rows(records, mode="fwd+bwd")
+    out = []
+    for goal, op, prefix, dtype, key, bound in GOALS:
+        covered = [r for r in rows if r["op"] == op and r["case"].startswith(prefix) and not r["case"].endswith(
+            "largest batch") and (dtype is None or r["dtype"] == dtype) and r[key] is not None]
+        if not covered:
+            out.append(dict(goal=goal, measured=None, met=None, worst_case=None, cases=0))
+            continue
+        worst = max(covered, key=lambda r: r[key]) if bound < 0 else min(covered, key=lambda r: r[key])
+        value = worst[key]
+        out.append(dict(goal=goal, measured=value, met=value <= -bound if bound < 0 else value >= bound,
+                        worst_case=f"{worst['case']} ({worst['dtype']}, {worst['ours']})", cases=len(covered)))
+    return out
+
+
+def render_goals(rows: List[Dict]) -> str:
+    lines = ["| goal | measured (worst case) | met | worst case | cases |", "|---|---|---|---|---|"]
+    for row in rows:
+        met = "not measured" if row["met"] is None else ("yes" if row["met"] else "NO")
+        lines.append(f"| {row['goal']} | {_fmt(row['measured'])} | {met} | {row['worst_case'] or '-'} | "
+                     f"{row['cases']} |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_results(parts: List[Dict]) -> Dict:
+    """One results file from runs of parts of the suite on one machine (the device and versions must agree)."""
+    if not parts:
+        raise ValueError("merge needs at least one results file")
+    for key in ("device", "torch", "triton", "smoke"):
+        values = {str(p.get(key)) for p in parts}
+        if len(values) > 1:
+            raise ValueError(f"cannot merge results with different {key!r}: {sorted(values)}")
+    merged = dict(parts[0])
+    merged["date"] = max(p["date"] for p in parts)
+    merged["duration_s"] = round(sum(p.get("duration_s", 0.0) for p in parts), 1)
+    merged["parts"] = len(parts)
+    merged["records"] = [r for p in parts for r in p["records"]]
+    return merged
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="a results JSON written by `pytest benchmarks/`")
+    parser.add_argument("results", nargs="+", help="a results JSON written by `pytest benchmarks/` (with --merge: "
+                        "the output file, then the parts)")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--goals", action="store_true", help="the speed goals against the figures in the file")
+    parser.add_argument("--merge", action="store_true", help="write RESULTS[0] from the parts RESULTS[1:]")
     parser.add_argument("--mode", help="only this mode (fwd, bwd, fwd+bwd)")
     parser.add_argument("--dtype", help="only this dtype (float32, bfloat16)")
     args = parser.parse_args(argv)
-    with open(args.results) as f:
+    if args.merge:
+        if len(args.results) < 2:
+            parser.error("--merge needs the output file and at least one part")
+        parts = []
+        for path in args.results[1:]:
+            with open(path) as f:
+                parts.append(json.load(f))
+        with open(args.results[0], "w") as f:
+            json.dump(merge_results(parts), f, indent=1)
+        return
+    if len(args.results) != 1:
+        parser.error("one results file (several only with --merge)")
+    with open(args.results[0]) as f:
         results = json.load(f)
+    if args.goals:
+        print(f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date']}\n")
+        if results["device"].startswith("CPU"):
+            print("These goals are set for a GPU at batch 64; this file was measured elsewhere, at the sizes in its "
+                  "records' shapes.\n")
+        print(render_goals(goal_rows(results["records"])), end="")
+        return
     rows = table_rows(results["records"], args.mode, args.dtype)
     if args.markdown:
         print(f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date']}\n")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -64,8 +65,8 @@ def test_committed_results_follow_the_schema(path):
     assert results.get("smoke") is False, "committed results must come from a full run, not a smoke run"
 
 
-def _rec(provider, ms, mem=1.0, op="bcos_conv2d", case="c", mode="fwd"):
-    return dict(op=op, case=case, dtype="float32", mode=mode, provider=provider, median_ms=ms, peak_mem_mb=mem,
+def _rec(provider, ms, mem=1.0, op="bcos_conv2d", case="c", mode="fwd", dtype="float32"):
+    return dict(op=op, case=case, dtype=dtype, mode=mode, provider=provider, median_ms=ms, peak_mem_mb=mem,
                 shape="x")
 
 
@@ -89,3 +90,79 @@ def test_table_ratios():
 def test_table_filters_by_mode():
     records = [_rec("torch", 1.0, mode="fwd"), _rec("torch", 2.0, mode="bwd")]
     assert [r["mode"] for r in report.table_rows(records, mode="bwd")] == ["bwd"]
+
+
+def test_goals_take_the_worst_covered_case():
+    bf16 = dict(mode="fwd+bwd", dtype="bfloat16")
+    records = [
+        # two ResNet-50 layers: ours/plain 1.1 and 1.3 (the worst, 1.3, misses the 1.15 bound); base/ours 3 and 2.5
+        _rec("original", 33.0, case="resnet50 a", **bf16), _rec("triton", 11.0, case="resnet50 a", **bf16),
+        _rec("plain", 10.0, case="resnet50 a", **bf16),
+        _rec("original", 32.5, case="resnet50 b", **bf16), _rec("cuda", 13.0, case="resnet50 b", **bf16),
+        _rec("plain", 10.0, case="resnet50 b", **bf16),
+        # not covered: float32, another model, the forward alone, a largest-batch record
+        _rec("original", 1000.0, case="resnet50 a", mode="fwd+bwd"), _rec("triton", 1.0, case="resnet50 a",
+                                                                          mode="fwd+bwd"),
+        _rec("original", 100.0, case="densenet121 x", **bf16), _rec("triton", 99.0, case="densenet121 x", **bf16),
+        _rec("original", 1.0, case="resnet50 a", mode="fwd", dtype="bfloat16"),
+        _rec("triton", 100.0, case="resnet50 a", mode="fwd", dtype="bfloat16"),
+        # CoDA: 6x faster, 8x less memory
+        _rec("reference", 60.0, 80.0, op="model", case="CoDA-Net CIFAR-10 9L train step", mode="fwd+bwd"),
+        _rec("triton", 10.0, 10.0, op="model", case="CoDA-Net CIFAR-10 9L train step", mode="fwd+bwd"),
+        _rec("reference", 9.0, op="model", case="CoDA-Net CIFAR-10 9L train step largest batch", mode="fwd+bwd"),
+        _rec("triton", 1.0, op="model", case="CoDA-Net CIFAR-10 9L train step largest batch", mode="fwd+bwd"),
+    ]
+    rows = {row["goal"].split(":")[1].strip(): row for row in report.goal_rows(records)}
+    plain = rows["at most 1.15x a plain conv"]
+    assert plain["measured"] == pytest.approx(1.3) and plain["met"] is False and plain["cases"] == 2
+    assert plain["worst_case"] == "resnet50 b (bfloat16, cuda)"
+    faster = rows["at least 2x faster than the original"]
+    assert faster["measured"] == pytest.approx(2.5) and faster["met"] is True
+    coda_time = rows["at least 5x faster than the original"]
+    assert coda_time["measured"] == pytest.approx(6.0) and coda_time["met"] is True and coda_time["cases"] == 1
+    assert rows["at least 10x less peak memory than the original"]["met"] is False
+    lwta = [row for row in report.goal_rows(records) if row["goal"].startswith("LWTA")][0]
+    assert lwta["met"] is None and lwta["measured"] is None
+    table = report.render_goals(report.goal_rows(records))
+    assert "| NO |" in table and "| yes |" in table and "not measured" in table
+
+
+def test_merge_of_split_runs(tmp_path):
+    part = dict(device="GPU x", torch="2.11", triton="3.6", date="2026-11-22", smoke=False, duration_s=10.0,
+                records=[_rec("torch", 1.0)])
+    other = dict(part, date="2026-11-23", duration_s=5.5, records=[_rec("plain", 2.0), _rec("cpu", 3.0)])
+    paths = []
+    for i, results in enumerate((part, other)):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps(results))
+    out = tmp_path / "merged.json"
+    report.main(["--merge", str(out)] + [str(p) for p in paths])
+    merged = json.loads(out.read_text())
+    check_results(merged)
+    assert [r["provider"] for r in merged["records"]] == ["torch", "plain", "cpu"]
+    assert merged["date"] == "2026-11-23" and merged["duration_s"] == 15.5 and merged["parts"] == 2
+    with pytest.raises(ValueError, match="'torch'"):
+        report.merge_results([part, dict(other, torch="2.13")])
+
+
+def test_profile_case_runs_a_benchmark_case(capsys):
+    """scripts/profile_case.py (what ncu profiles on the GPU) builds the suite's cases; here one step on the CPU."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import profile_case
+    profile_case.main(["bcos_conv2d", "resnet50 layer4.1.conv2 3x3 512->512 @7", "--provider", "torch",
+                       "--dtype", "float32", "--batch", "1", "--warmup", "1"])
+    assert "x=[1, 512, 7, 7]" in capsys.readouterr().out
+    module, x = profile_case.build_step("dau_conv2d", "coda_cifar10 L9 1x1 64->10 r64 @8", "plain", torch.float32,
+                                       torch.device("cpu"), batch=2)
+    assert isinstance(module, torch.nn.Conv2d) and module.out_channels == 10 and list(x.shape) == [2, 64, 8, 8]
+    with pytest.raises(SystemExit, match="unknown bcos_linear case"):
+        profile_case.build_step("bcos_linear", "no such layer", "torch", torch.float32, torch.device("cpu"))
+
+
+def test_gpu_pass_script_parses_and_names_its_stages():
+    script = os.path.join(ROOT, "scripts", "gpu_pass.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    proc = subprocess.run(["bash", script, "no-such-stage"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    for stage in ("setup", "tests", "sanitizer", "bench", "profile"):
+        assert f"gpu_pass.sh {stage}" in proc.stdout, stage
