@@ -23,8 +23,10 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # the checkout itself is the package: no pip install (nothing can be fetched there), the extension is built in place
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# Each stage stops itself before the device tool's 10-minute limit so its log still comes back.
+# Each stage stops itself before the device tool's 10-minute limit so its log still comes back: what runs after
+# setup gets the seconds left of STAGE_LIMIT (counted from the script's start, the build included).
 STAGE_LIMIT=${STAGE_LIMIT:-560}
+left() { local s=$((STAGE_LIMIT - SECONDS)); echo $((s > 30 ? s : 30)); }
 
 log() { echo "[gpu_pass $(date +%H:%M:%S)] $*"; }
 
@@ -79,7 +81,7 @@ case "$stage" in
     setup 2>&1 | tee "$OUT/setup.log"
     rc=$? ;;
   tests)
-    { setup && log "tests" && timeout "$STAGE_LIMIT" "$PY" -m pytest tests/ -q -n "${WORKERS:-8}" -p no:cacheprovider \
+    { setup && log "tests" && timeout "$(left)" "$PY" -m pytest tests/ -q -n "${WORKERS:-8}" -p no:cacheprovider \
         --timeout 300 --junitxml "$OUT/tests.xml" "$@"; } 2>&1 | tee "$OUT/tests.log"
     rc=$? ;;
   sanitizer)
@@ -88,7 +90,7 @@ case "$stage" in
     targets=("$@")
     [[ ${#targets[@]} -eq 0 ]] && targets=(tests/test_cuda_backend.py tests/test_channel_scale_kernels.py)
     { setup && log "compute-sanitizer memcheck: ${targets[*]}" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        timeout "$STAGE_LIMIT" compute-sanitizer --tool memcheck --error-exitcode 86 --target-processes all \
+        timeout "$(left)" compute-sanitizer --tool memcheck --error-exitcode 86 --target-processes all \
         "$PY" -m pytest "${targets[@]}" -q -x -p no:cacheprovider; } 2>&1 | tee "$OUT/sanitizer.log"
     rc=$? ;;
   bench)
@@ -96,14 +98,14 @@ case "$stage" in
     shift
     [[ $# -eq 0 ]] && set -- benchmarks/
     { setup && log "bench $name: $*" && rm -rf "$OUT/bench.tmp" && BCOS_BENCH_OUT="$OUT/bench.tmp" \
-        timeout "$STAGE_LIMIT" "$PY" -m pytest -q -p no:cacheprovider "$@"; } 2>&1 | tee "$OUT/bench-$name.log"
+        timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider "$@"; } 2>&1 | tee "$OUT/bench-$name.log"
     rc=$?
     for f in "$OUT"/bench.tmp/*.json; do [[ -f $f ]] && mv "$f" "$OUT/bench-$name.json"; done
     rm -rf "$OUT/bench.tmp" ;;
   profile)
     [[ $# -ge 2 ]] || { echo "usage: gpu_pass.sh profile OP CASE [profile_case.py args]"; exit 2; }
     tag=$(echo "$1-$2-$*" | tr -c 'A-Za-z0-9._-' '_' | cut -c1-80)
-    { setup && log "ncu: $*" && timeout "$STAGE_LIMIT" ncu --profile-from-start off --section SpeedOfLight \
+    { setup && log "ncu: $*" && timeout "$(left)" ncu --profile-from-start off --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
         "$PY" scripts/profile_case.py "$@"; } > "$OUT/ncu-$tag.txt" 2>&1
     rc=$?
