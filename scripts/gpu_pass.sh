@@ -104,7 +104,7 @@ case "$stage" in
     rm -rf "$OUT/bench.tmp" ;;
   profile)
     [[ $# -ge 2 ]] || { echo "usage: gpu_pass.sh profile OP CASE [profile_case.py args]"; exit 2; }
-    tag=$(echo "$1-$2-$*" | tr -c 'A-Za-z0-9._-' '_' | cut -c1-80)
+    tag=$(echo "$*" | tr -c 'A-Za-z0-9._-' '_' | cut -c1-80)
     { setup && log "ncu: $*" && timeout "$(left)" ncu --profile-from-start off --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
         "$PY" scripts/profile_case.py "$@"; } > "$OUT/ncu-$tag.txt" 2>&1

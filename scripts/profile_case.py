@@ -4,9 +4,9 @@
         python scripts/profile_case.py bcos_conv2d "resnet50 layer1.0.conv2 3x3 64->64 @56" --provider triton
 
 The case is looked up by its benchmark name (benchmarks/shapes.py; `--list` prints them) and built by the
-benchmark suite's own builders, at the benchmark's batch. The step runs `--warmup` times first (Triton compiles, cuDNN picks
-its algorithms), then once more between cudaProfilerStart and cudaProfilerStop, so `--profile-from-start off`
-sees that step alone. On a CPU the same step runs without the profiler range (for checking this script).
+benchmark suite's own builders, at the benchmark's batch (DAU layers: their GPU batch). The step runs `--warmup`
+times first (Triton compiles, cuDNN picks its algorithms), then once more between cudaProfilerStart and
+cudaProfilerStop, so `--profile-from-start off` sees that step alone. On a CPU the same step runs without the profiler range (for checking this script).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ OPS = ("bcos_conv2d", "bcos_linear", "dau_conv2d")
 
 
 def _cases(op):
-    # every shape, whatever this machine's default selection is
+    # every shape, whatever this machine's default selection is (the DAU cases carry their GPU batch)
     return {"bcos_conv2d": shapes.ALL_BCOS_CONVS, "bcos_linear": shapes.ALL_BCOS_LINEARS,
             "dau_conv2d": shapes.select_dau_cases(True, False, True)}[op]
 
