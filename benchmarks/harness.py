@@ -42,10 +42,10 @@ COMPILE = not SMOKE
 # code is not installable, so their baseline is our exact reference of it, labelled "reference".
 _ORIGINAL_OPS = ("bcos_conv2d", "bcos_linear", "model:bcos")
 _REFERENCE_OF = {
-    "dau_conv2d": "bcos_kernels.reference.dau.dau_conv2d_original: exact re-implementation of moboehle/CoDA-Nets "
+    "dau_conv2d": "bcos_kernels.ops.dau_conv2d.reference.dau_conv2d_original: exact re-implementation of moboehle/CoDA-Nets "
                   "CoDAConv2d(DAUWeights) (materialises the per-pixel weights like the original)",
-    "lwta": "bcos_kernels.reference.lwta.lwta: exact re-implementation of konpanousis/DISCOVER's LWTA activation",
-    "class_specific_gate": "bcos_kernels.reference.csg.class_specific_gate: exact re-implementation of "
+    "lwta": "bcos_kernels.ops.lwta.reference.lwta: exact re-implementation of konpanousis/DISCOVER's LWTA activation",
+    "class_specific_gate": "bcos_kernels.ops.class_specific_gate.reference.class_specific_gate: exact re-implementation of "
                            "hyliang96/CSGCNN's LearnableMaskLayer",
     "model:coda": "CoDA-Net CIFAR-10 9L (make_coda_net) whose layers run the DAU reference above",
 }

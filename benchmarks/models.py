@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from bcos_kernels import nn as bnn
-from bcos_kernels.reference.dau import dau_conv2d_original
+from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original
 from harness import Workload, sync
 from shapes import CODA_CIFAR10_ARCH, CODA_CIFAR10_LOGIT_BIAS, CODA_CIFAR10_LOGIT_TEMPERATURE
 from originals import bcos_module  # tests/ is on sys.path: harness puts it there

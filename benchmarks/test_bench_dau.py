@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bcos_kernels import nn as bnn
-from bcos_kernels.reference import dau as dau_ref
+from bcos_kernels.ops.dau_conv2d import reference as dau_ref
 from harness import DEVICE, DTYPES, MODES, SMOKE, Fn, baseline_providers, bench, our_providers
 from shapes import DAU_CASES
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bcos_kernels import nn as bnn
-from bcos_kernels.reference import csg as csg_ref
-from bcos_kernels.reference import lwta as lwta_ref
+from bcos_kernels.ops.class_specific_gate import reference as csg_ref
+from bcos_kernels.ops.lwta import reference as lwta_ref
 from harness import DEVICE, DTYPES, MODES, SMOKE, Fn, baseline_providers, bench, our_providers
 from shapes import CSG_CASES, LWTA_CASES
 

@@ -95,7 +95,7 @@ def _bcos_cases(full: bool):
     """Launch the B-cos kernels (forward and backward) on meta tensors for representative layers: both K-loop
     forms of each GEMM kernel, MaxOut (2 and 3), every scale mode, fp32 and bf16 (and fp16 with --full), and the
     conv forward with a per-output-channel factor (channel_scale, in the layer's dtype)."""
-    from bcos_kernels.triton import bcos as kernels
+    from bcos_kernels.ops.bcos_conv2d import triton as kernels
 
     meta = dict(device="meta")
     # (C, O, k, stride, padding, groups, max_out, N, H, channels_last)
@@ -141,8 +141,8 @@ def _bcos_cases(full: bool):
 
 def _lwta_csg_cases(full: bool):
     """LWTA (seeded, explicit noise, deterministic; NCHW, channels_last, [..., D]) and the class-specific gate."""
-    from bcos_kernels.triton import class_specific_gate as gate
-    from bcos_kernels.triton import lwta
+    from bcos_kernels.ops.class_specific_gate import triton as gate
+    from bcos_kernels.ops.lwta import triton as lwta
 
     meta = dict(device="meta")
     dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if full else ())
@@ -169,7 +169,7 @@ def _lwta_csg_cases(full: bool):
 
 def _dau_cases(full: bool):
     """DAU forward and backward (training and explanation mode) on CoDA-Net CIFAR-10 / ImageNet-like layers."""
-    from bcos_kernels.triton import dau
+    from bcos_kernels.ops.dau_conv2d import triton as dau
 
     meta = dict(device="meta")
     # (C, O, rank, k, stride, N, H, bias)

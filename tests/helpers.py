@@ -83,7 +83,7 @@ def assert_lwta_output_matches(out, expected, U, mode):
 def assert_lwta_matches_reference_given_noise(lwta_fn, x, u, gout, U, mode):
     """lwta_fn(x, U, noise=u, ...) in the mode against the reference given the same noise: output (in x's layout)
     and grad x."""
-    from bcos_kernels.reference import lwta as lwta_ref
+    from bcos_kernels.ops.lwta import reference as lwta_ref
 
     kw = lwta_kwargs(mode)
     out_r, grad_r = fwd_bwd(lambda t: lwta_ref.lwta(t, U, noise=u, **kw), x, gout)
@@ -97,7 +97,7 @@ def assert_lwta_noise_grad_and_x_layouts(lwta_fn, x, u, gout):
     """lwta_fn(x, 4, noise=...) (x NCHW, U = 4) against the reference with the noise and grad_out in other layouts
     than x; then an x that is neither contiguous nor channels_last gives the same output (in its own layout) and
     grad. Returns lwta_fn's (output, grad x) for the NCHW x."""
-    from bcos_kernels.reference import lwta as lwta_ref
+    from bcos_kernels.ops.lwta import reference as lwta_ref
 
     u_t = u.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
     g_cl = gout.contiguous(memory_format=torch.channels_last)

@@ -7,7 +7,7 @@ import torch
 import bcos_kernels
 from bcos_kernels import backends
 from bcos_kernels import nn as bnn
-from bcos_kernels.reference import bcos as ref
+from bcos_kernels.ops.bcos_conv2d import reference as ref
 
 X = torch.randn(2, 4, 6, 6)
 W = torch.randn(6, 4, 3, 3)

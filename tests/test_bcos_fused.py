@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import bcos_kernels
-from bcos_kernels.reference import bcos as ref
+from bcos_kernels.ops.bcos_linear import reference as linear_ref
+from bcos_kernels.ops.bcos_conv2d import reference as ref
 from helpers import assert_zero_output_and_finite_grads
 
 # The fused backends that run on CPU tensors natively; "triton" (the interpreter here) has its own file,
@@ -103,7 +104,7 @@ def test_linear_matches_reference(backend, shape, b, detach, dtype, tol):
     bias_t = torch.randn(out_features * m, dtype=dtype, requires_grad=True) if bias else None
     common = dict(max_out=m, detach=detach, normalize_weight=not bias, scale=2.0 if m > 1 else 1.0)
     _compare(backend, lambda x, w, bias, b: bcos_kernels.bcos_linear(x, w, bias, b=b, backend=backend, **common),
-             lambda x, w, bias, b: ref.bcos_linear(x, w, bias, b=b, **common), [x, w, bias_t], b, dtype, tol)
+             lambda x, w, bias, b: linear_ref.bcos_linear(x, w, bias, b=b, **common), [x, w, bias_t], b, dtype, tol)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bcos_kernels import nn as bnn
-from bcos_kernels.reference import bcos as ref
+from bcos_kernels.ops.bcos_conv2d import reference as ref
 from originals import bcos_module, load_source, mirror_source
 
 DT = torch.float64

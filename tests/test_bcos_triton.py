@@ -9,7 +9,8 @@ import torch
 
 import bcos_kernels
 from bcos_kernels import backends
-from bcos_kernels.reference import bcos as ref
+from bcos_kernels.ops.bcos_linear import reference as linear_ref
+from bcos_kernels.ops.bcos_conv2d import reference as ref
 from helpers import assert_zero_output_and_finite_grads
 from test_bcos_fused import CONV_SHAPES, LINEAR_SHAPES
 
@@ -146,14 +147,14 @@ def test_linear_matches_reference(case):
     bias_t = torch.randn(out_features * m, dtype=torch.float64) if bias else None
     opts = dict(max_out=m, detach=detach, normalize_weight=not bias, scale=2.0 if m > 1 else 1.0)
     _check(lambda x, w, bias, b: bcos_kernels.bcos_linear(x, w, bias, b=b, backend="triton", **opts),
-           lambda x, w, bias, b: ref.bcos_linear(x, w, bias, b=b, **opts), [x, w, bias_t], b)
+           lambda x, w, bias, b: linear_ref.bcos_linear(x, w, bias, b=b, **opts), [x, w, bias_t], b)
 
 
 def test_linear_non_contiguous_input():
     x = torch.randn(6, 4, 18, dtype=torch.float64).transpose(0, 1)  # (4, 6, 18), rows not contiguous
     w = torch.randn(10, 18, dtype=torch.float64)
     _check(lambda x, w, b: bcos_kernels.bcos_linear(x, w, b=b, max_out=2, backend="triton"),
-           lambda x, w, b: ref.bcos_linear(x, w, b=b, max_out=2), [x, w], 2.5)
+           lambda x, w, b: linear_ref.bcos_linear(x, w, b=b, max_out=2), [x, w], 2.5)
 
 
 def test_zero_inputs_give_zero_output_and_finite_grads():

@@ -11,7 +11,7 @@ machine:
 * "cpu": ``torch.ops.bcos_kernels.bcos_scale_forward(..., channel_scale)`` (both its P > 1 and its P == 1 rows
   path) and a whole conv through the ATen conv + patch_norm + that op; also on CUDA tensors where the extension
   has CUDA kernels (the same op, its CUDA implementation) and there ``bcos_conv_scale_forward``;
-* "triton": ``bcos_kernels.triton.bcos.forward(..., channel_scale=...)`` (the interpreter without a GPU: tiny fp32
+* "triton": ``bcos_kernels.ops.bcos_conv2d.triton.forward(..., channel_scale=...)`` (the interpreter without a GPU: tiny fp32
   shapes);
 * the CUDA kernels without a GPU run through the host emulation in csrc/tests/test_cuda_emulation.py
   (scripts/check_cuda.sh), not here.
@@ -286,7 +286,7 @@ def test_fakes_accept_channel_scale(b, max_out):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Backend "triton": bcos_kernels.triton.bcos.forward
+# Backend "triton": bcos_kernels.ops.bcos_conv2d.triton.forward
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def _no_tf32():
@@ -301,7 +301,7 @@ _OMITTED = object()
 
 
 def _triton_forward(x, weight, bias, b, kw, memory_format, scale=1.0, channel_scale=_OMITTED):
-    from bcos_kernels.triton import bcos as tk
+    from bcos_kernels.ops.bcos_conv2d import triton as tk
 
     geo = tk.conv_geometry(x, weight, kw["stride"], kw["padding"], kw["dilation"], kw["groups"], kw["max_out"])
     b_tensor = torch.tensor([B_TENSOR_VALUE], device=x.device) if b == "tensor" else None
@@ -350,7 +350,7 @@ def test_triton_forward_none_is_the_path_without_channel_scale():
     """channel_scale=None must not add work: the kernel is launched with HAS_CHANNEL_SCALE=False (a constexpr,
     so the multiply is compiled out) -- checked on the launch arguments, without running a kernel."""
     pytest.importorskip("triton")
-    from bcos_kernels.triton import bcos as tk
+    from bcos_kernels.ops.bcos_conv2d import triton as tk
 
     launches = []
 
@@ -372,7 +372,7 @@ def test_triton_forward_none_is_the_path_without_channel_scale():
 
 @needs_triton
 def test_triton_forward_rejects_bad_channel_scale():
-    from bcos_kernels.triton import bcos as tk
+    from bcos_kernels.ops.bcos_conv2d import triton as tk
 
     x, weight, bias, kw = _conv_case(CONV_SHAPES[1].values[0], TRITON_DEVICE, torch.float32)
     good = _channel_scale(4, device=TRITON_DEVICE)

@@ -9,7 +9,7 @@ from originals import mirror_source
 
 from bcos_kernels.nn.csg import ClassSpecificGate
 from bcos_kernels.ops.class_specific_gate import class_specific_gate
-from bcos_kernels.reference import csg as ref
+from bcos_kernels.ops.class_specific_gate import reference as ref
 
 ORIGINAL_FILE = "VOCPart/train/resnet_std.py"
 ORIGINAL_CLASS = "LearnableMaskLayer"

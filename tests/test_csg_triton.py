@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="backend 'triton' needs the triton package"
 from bcos_kernels import backends  # noqa: E402
 from bcos_kernels.nn.csg import ClassSpecificGate  # noqa: E402
 from bcos_kernels.ops.class_specific_gate import class_specific_gate  # noqa: E402
-from bcos_kernels.reference import csg as ref  # noqa: E402
+from bcos_kernels.ops.class_specific_gate import reference as ref  # noqa: E402
 from helpers import assert_csg_compile_matches_eager, csg_inputs, on_gpu, triton_module_marks  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -37,10 +37,11 @@ from bcos_kernels.nn.bcos import BcosConv2d
 from bcos_kernels.nn.csg import ClassSpecificGate
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.nn.lwta import LWTA
-from bcos_kernels.reference import bcos as bcos_ref
-from bcos_kernels.reference import csg as csg_ref
-from bcos_kernels.reference import lwta as lwta_ref
-from bcos_kernels.reference.dau import dau_conv2d_original
+from bcos_kernels.ops.bcos_linear import reference as linear_ref
+from bcos_kernels.ops.bcos_conv2d import reference as bcos_ref
+from bcos_kernels.ops.class_specific_gate import reference as csg_ref
+from bcos_kernels.ops.lwta import reference as lwta_ref
+from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original
 from helpers import assert_lwta_matches_reference_given_noise, assert_lwta_noise_grad_and_x_layouts
 from helpers import assert_lwta_output_matches as _assert_lwta_output_matches
 from helpers import csg_inputs as _csg_inputs
@@ -509,7 +510,7 @@ def test_bcos_linear_matches_reference(dev, shape, b, detach):
     w = torch.randn(out_features * m, x_shape[-1], generator=gen, dtype=F64)
     bias_t = torch.randn(out_features * m, generator=gen, dtype=F64) if bias else None
     kw = dict(max_out=m, detach=detach, normalize_weight=not bias, scale=2.0 if m > 1 else 1.0)
-    ref_fn = lambda x, w, bias, b_t: bcos_ref.bcos_linear(x, w, bias, b=b_t if b == "tensor" else b, **kw)  # noqa
+    ref_fn = lambda x, w, bias, b_t: linear_ref.bcos_linear(x, w, bias, b=b_t if b == "tensor" else b, **kw)  # noqa
     _compare_to_fp64(_bcos_fn(bcos_kernels.bcos_linear, "cuda", b, **kw), ref_fn, _with_b(b, [x, w, bias_t]), dev,
                      f"linear {shape} b={b} detach={detach}")
 
@@ -522,7 +523,7 @@ def test_bcos_bf16_within_twice_the_reference_error(dev, b):
         _half_errors(_bcos_fn(bcos_kernels.bcos_conv2d, "cuda", b, **kw), ref_fn, _with_b(b, inputs), dev), "conv")
     gen = torch.Generator().manual_seed(4)
     lin_in = [torch.randn(6, 5, 32, generator=gen, dtype=F64), torch.randn(16, 32, generator=gen, dtype=F64), None]
-    lin_ref = lambda x, w, bias, b_t: bcos_ref.bcos_linear(x, w, bias, b=b, max_out=2)  # noqa: E731
+    lin_ref = lambda x, w, bias, b_t: linear_ref.bcos_linear(x, w, bias, b=b, max_out=2)  # noqa: E731
     _assert_within_twice_the_reference(
         _half_errors(_bcos_fn(bcos_kernels.bcos_linear, "cuda", b, max_out=2), lin_ref, _with_b(b, lin_in), dev),
         "linear")

@@ -15,7 +15,7 @@ from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: pytest 
 
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.ops.dau_conv2d import dau_conv2d
-from bcos_kernels.reference.dau import dau_conv2d_lowrank, dau_conv2d_original
+from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_lowrank, dau_conv2d_original
 
 F64 = torch.float64
 

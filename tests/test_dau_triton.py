@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="backend 'triton' needs the triton package"
 from bcos_kernels import backends  # noqa: E402
 from bcos_kernels.nn.dau import DAUConv2d  # noqa: E402
 from bcos_kernels.ops.dau_conv2d import dau_conv2d  # noqa: E402
-from bcos_kernels.reference.dau import dau_conv2d_original  # noqa: E402
+from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original  # noqa: E402
 from helpers import make_dau_case as make_case  # noqa: E402
 from helpers import one_intra_op_thread  # noqa: E402, F401  (autouse fixture: pytest finds it here)
 
@@ -93,7 +93,7 @@ def test_several_blocks_per_program_axis(monkeypatch):
     """17 units (2 unit blocks), rank 20 (2 rank chunks and 2 Gram tiles), C*k*k = 45 (2 patch chunks), 144 output
     pixels (3 pixel tiles), 377 virtual columns (many column tiles in the backward), and split-K over pixels
     (forced: under the interpreter there is one split) -- every loop and grid axis runs more than once."""
-    triton_dau = importlib.import_module("bcos_kernels.triton.dau")
+    triton_dau = importlib.import_module("bcos_kernels.ops.dau_conv2d.triton")
     monkeypatch.setattr(triton_dau, "_splits", lambda x, other, pix_tiles, numel: min(pix_tiles, 2))
     inputs = make_case(5, 17, 20, 3, 2, 8, 9, seed=3)
     for norm in ("squash", "l2"):
@@ -210,7 +210,7 @@ def test_auto_prefers_triton_and_falls_back_with_a_warning(monkeypatch):
     """"auto" runs triton where it can and falls back to torch, with one warning naming the reason, where not."""
     monkeypatch.setitem(backends.AUTO_ORDER, DEVICE.type, ("triton",))
     monkeypatch.setattr(backends, "_warned", set())
-    triton_dau = importlib.import_module("bcos_kernels.triton.dau")
+    triton_dau = importlib.import_module("bcos_kernels.ops.dau_conv2d.triton")
     calls = []
     real = triton_dau.dau_forward
     monkeypatch.setattr(triton_dau, "dau_forward", lambda *args: calls.append(1) or real(*args))
@@ -230,7 +230,7 @@ def test_auto_prefers_triton_and_falls_back_with_a_warning(monkeypatch):
 
 def test_triton_not_imported_by_the_package():
     code = ("import sys, bcos_kernels, bcos_kernels.nn; "
-            "assert 'bcos_kernels.triton.dau' not in sys.modules, 'bcos_kernels.triton.dau imported eagerly'")
+            "assert 'bcos_kernels.ops.dau_conv2d.triton' not in sys.modules, 'bcos_kernels.ops.dau_conv2d.triton imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

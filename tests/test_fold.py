@@ -16,7 +16,7 @@ from test_convert import assert_model_parity
 import bcos_kernels
 from bcos_kernels import nn as bnn
 from bcos_kernels.ops import bcos_conv2d
-from bcos_kernels.reference import bcos as ref
+from bcos_kernels.ops.bcos_conv2d import reference as ref
 
 F64 = torch.float64
 BACKENDS = bcos_kernels.available_backends("cpu", "bcos_conv2d")

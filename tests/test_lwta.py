@@ -13,7 +13,7 @@ from originals import mirror_source
 
 from bcos_kernels.nn.lwta import LWTA
 from bcos_kernels.ops.lwta import lwta
-from bcos_kernels.reference import lwta as ref
+from bcos_kernels.ops.lwta import reference as ref
 
 ORIGINAL_FILE = "models/ResNet/activations.py"
 

@@ -19,8 +19,8 @@ import triton.language as tl  # noqa: E402
 from bcos_kernels import backends  # noqa: E402
 from bcos_kernels.nn.lwta import LWTA  # noqa: E402
 from bcos_kernels.ops.lwta import lwta  # noqa: E402
-from bcos_kernels.reference import lwta as ref  # noqa: E402
-from bcos_kernels.triton import lwta as kernels  # noqa: E402
+from bcos_kernels.ops.lwta import reference as ref  # noqa: E402
+from bcos_kernels.ops.lwta import triton as kernels  # noqa: E402
 from helpers import assert_compiled_matches_eager_after_same_seed  # noqa: E402
 from helpers import assert_lwta_matches_reference_given_noise, assert_lwta_noise_grad_and_x_layouts  # noqa: E402
 from helpers import assert_lwta_output_matches as _assert_output_matches  # noqa: E402

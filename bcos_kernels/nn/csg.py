@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bcos_kernels.ops.class_specific_gate import class_specific_gate
-from bcos_kernels.reference import csg as ref
+from bcos_kernels.ops.class_specific_gate import reference as ref
 
 
 class ClassSpecificGate(nn.Module):

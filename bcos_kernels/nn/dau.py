@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bcos_kernels.ops.dau_conv2d import dau_conv2d
-from bcos_kernels.reference.dau import NORMS, default_padding
+from bcos_kernels.ops.dau_conv2d.reference import NORMS, default_padding
 
 __all__ = ["DAUConv2d", "DAUWeights"]
 

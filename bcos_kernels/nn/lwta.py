@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bcos_kernels.ops.lwta import lwta
-from bcos_kernels.reference.lwta import TEST_TEMPERATURE
+from bcos_kernels.ops.lwta.reference import TEST_TEMPERATURE
 
 
 class LWTA(nn.Module):

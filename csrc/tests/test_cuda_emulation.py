@@ -27,9 +27,9 @@ if not LIB_PATH or not os.path.exists(LIB_PATH):
                 allow_module_level=True)
 
 import bcos_kernels  # noqa: E402,F401  (loads the CPU extension: the oracle of the B-cos ops)
-from bcos_kernels.reference import csg as csg_ref  # noqa: E402
-from bcos_kernels.reference import dau as dau_ref  # noqa: E402
-from bcos_kernels.reference import lwta as lwta_ref  # noqa: E402
+from bcos_kernels.ops.class_specific_gate import reference as csg_ref  # noqa: E402
+from bcos_kernels.ops.dau_conv2d import reference as dau_ref  # noqa: E402
+from bcos_kernels.ops.lwta import reference as lwta_ref  # noqa: E402
 
 lib = ctypes.CDLL(LIB_PATH)
 cpu_ops = torch.ops.bcos_kernels

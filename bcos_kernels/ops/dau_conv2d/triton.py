@@ -1,6 +1,6 @@
 """Backend "triton" of the CoDA DAU convolution (``bcos_kernels.dau_conv2d``).
 
-Math and parameter layout: ``bcos_kernels/reference/dau.py``; the low-rank form: DESIGN.md section 3 and
+Math and parameter layout: ``bcos_kernels/ops/dau_conv2d/reference.py``; the low-rank form: DESIGN.md section 3 and
 ``bcos_kernels/ops/dau_conv2d.py``. Notation (P = N*Ho*Wo output pixels, D = C*k*k patch entries, O units,
 rank r):
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from bcos_kernels import backends
-from bcos_kernels.reference.lwta import GUMBEL_EPS
+from bcos_kernels.ops.lwta.reference import GUMBEL_EPS
 
 # What the kernels do with the competition: keep the argmax of x; Gumbel noise from an explicit
 # tensor of uniforms; Gumbel noise drawn from the seed.

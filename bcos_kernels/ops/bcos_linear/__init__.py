@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bcos_kernels import backends
 from bcos_kernels.ops import _bcos_common as common
 from bcos_kernels.ops._checks import check_like, check_tensor
-from bcos_kernels.reference import bcos as ref
+from bcos_kernels.ops.bcos_linear import reference as ref
 
 
 def bcos_linear(x, weight, bias=None, *, b=2.0, max_out=1, normalize_weight=True, scale=1.0, detach=False,
@@ -46,7 +46,7 @@ def bcos_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       detach: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lin after MaxOut (R, O), ||x|| + 1e-12 (R,), winner uint8); R = rows of x."""
     if backend == "triton":
-        from bcos_kernels.triton import bcos as kernels
+        from bcos_kernels.ops.bcos_conv2d import triton as kernels
         rows = x.reshape(-1, x.shape[-1])
         geo = kernels.linear_geometry(rows.shape[0], rows.shape[1], weight.shape[0], max_out)
         out, lin_max, norm, winner = kernels.forward(rows, weight, bias, b_tensor, b, geo, normalize_weight, scale,
@@ -93,7 +93,7 @@ def bcos_linear_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
     """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False."""
     need_x, need_w, need_bias, need_b = needs
     if backend == "triton":
-        from bcos_kernels.triton import bcos as kernels
+        from bcos_kernels.ops.bcos_conv2d import triton as kernels
         x_rows = x.reshape(-1, x.shape[-1])
         geo = kernels.linear_geometry(x_rows.shape[0], x_rows.shape[1], weight.shape[0], max_out)
         shape4 = (geo.n, geo.outputs, 1, 1)

@@ -1,4 +1,5 @@
-"""Exact pure-PyTorch references of the B-cos layers (the specification).
+"""Exact pure-PyTorch reference of the B-cos conv2d (the specification); its math is shared with the B-cos
+linear (bcos_kernels/ops/bcos_linear/reference.py).
 
 One function covers B-cos v2 (`bcos` package 0.1.3), v1 (moboehle/B-cos: the
 ``scale`` divisor) and B-cosification (bias, unnormalised weights, b as a
@@ -32,7 +33,6 @@ BType = Union[float, torch.Tensor]
 
 # The stabilising terms of the original code.
 CONV_NORM_EPS = 1e-6  # added to the patch's sum of squares, inside the sqrt
-LINEAR_NORM_EPS = 1e-12  # added to ||x||, outside the sqrt
 COS_EPS = 1e-6  # added to |cos| before the power (general b only)
 
 
@@ -83,7 +83,7 @@ def dynamic_scale(lin: torch.Tensor, norm: torch.Tensor, b: BType, detach: bool)
     return ((lin / norm).abs() + COS_EPS).pow(b - 1)
 
 
-def _max_out(lin: torch.Tensor, max_out: int, dim: int) -> torch.Tensor:
+def max_out_reduce(lin: torch.Tensor, max_out: int, dim: int) -> torch.Tensor:
     if max_out == 1:
         return lin
     out_channels = lin.shape[dim] // max_out
@@ -105,23 +105,11 @@ def _bcos_conv2d(x, weight, bias, b, stride, padding, dilation, groups, max_out,
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     w = normalized_weight(weight) if normalize_weight else weight
     lin = F.conv2d(x, w, bias, stride, padding, dilation, groups)
-    lin = _max_out(lin, max_out, 1)
+    lin = max_out_reduce(lin, max_out, 1)
     if special_b(b) == 1.0:
         return lin / scale
     norm = patch_norms(x, tuple(weight.shape[2:]), stride, padding, dilation, groups)
     if groups > 1:
         # (N, G, Ho, Wo) -> (N, O, Ho, Wo): output channel o belongs to group o // (O/G)
         norm = norm.repeat_interleave(lin.shape[1] // groups, dim=1)
-    return dynamic_scale(lin, norm, b, detach) * lin / scale
-
-
-def bcos_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, b: BType = 2.0,
-                max_out: int = 1, normalize_weight: bool = True, scale: float = 1.0,
-                detach: bool = False) -> torch.Tensor:
-    """B-cos linear over the last dim. weight: (O*M, D); x: (..., D); returns (..., O)."""
-    w = normalized_weight(weight) if normalize_weight else weight
-    lin = _max_out(F.linear(x, w, bias), max_out, -1)
-    if special_b(b) == 1.0:
-        return lin / scale
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + LINEAR_NORM_EPS
     return dynamic_scale(lin, norm, b, detach) * lin / scale

@@ -1,13 +1,13 @@
 """Front door of DISCOVER's stochastic local winner-takes-all (LWTA).
 
-Semantics: :mod:`bcos_kernels.reference.lwta`. Both backends run the custom
+Semantics: :mod:`bcos_kernels.ops.lwta.reference`. Both backends run the custom
 op ``bcos_kernels::lwta`` below (a fake impl, a hand-written backward):
 
 * "torch": plain torch ops; keeps x, the uniforms u and a uint8 winner index
   per block for backward, recomputing y_soft from x and u (the original keeps
   x, the fp32 mask, the fp32 y_soft and an int64 index per block: 4x the bytes
   of an fp32 x at U=2, against 2.1x here).
-* "triton" (:mod:`bcos_kernels.triton.lwta`): one kernel per tile of blocks
+* "triton" (:mod:`bcos_kernels.ops.lwta.triton`): one kernel per tile of blocks
   each way. Without ``noise`` it draws u in the kernel (Philox) from a seed
   and re-draws the same u in backward, so it keeps only x, the seed and the
   uint8 winner (1.06x the bytes of an fp32 x at U=4; deterministic mode: the
@@ -93,7 +93,7 @@ from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_tensor, positive_int
 from bcos_kernels.ops._checks import cuda_support as _cuda_support
 from bcos_kernels.ops._checks import triton_support as _triton_support
-from bcos_kernels.reference import lwta as ref
+from bcos_kernels.ops.lwta import reference as ref
 
 TEST_TEMPERATURE = ref.TEST_TEMPERATURE
 
@@ -166,7 +166,7 @@ def draw_cuda_seed() -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# the custom op (backend "torch" in plain torch ops, backend "triton" in bcos_kernels/triton/lwta.py,
+# the custom op (backend "torch" in plain torch ops, backend "triton" in bcos_kernels/ops/lwta/triton.py,
 # backend "cuda" in the extension: csrc/cuda/lwta_cuda.cu)
 
 
@@ -296,7 +296,7 @@ def lwta_op(x: torch.Tensor, competitors: int, temperature: float, noise: Option
     """
     _check_backend(backend, seed)
     if backend == "triton":
-        from bcos_kernels.triton import lwta as kernels  # imported on first use: see bcos_kernels/triton
+        from bcos_kernels.ops.lwta import triton as kernels  # imported on first use
         return kernels.lwta_forward(x, competitors, temperature, noise, seed, _nhwc(x))
     if backend == "cuda":
         _check_cuda_call("bcos_kernels::lwta", x)
@@ -337,7 +337,7 @@ def lwta_backward_op(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: O
         return _cuda_backward(grad_out, x, noise, seed, winner, competitors, temperature, nhwc)
     if backend != "triton":
         raise ValueError(f"bcos_kernels::lwta_backward: unknown backend {backend!r} (triton, cuda)")
-    from bcos_kernels.triton import lwta as kernels
+    from bcos_kernels.ops.lwta import triton as kernels
     return kernels.lwta_backward(grad_out, x, noise, seed, winner, competitors, temperature, nhwc)
 
 

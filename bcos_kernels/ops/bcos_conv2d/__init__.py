@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from bcos_kernels import backends
 from bcos_kernels.ops import _bcos_common as common
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
-from bcos_kernels.reference import bcos as ref
+from bcos_kernels.ops.bcos_conv2d import reference as ref
 
 
 def bcos_conv2d(x, weight, bias=None, *, b=2.0, stride=1, padding=0, dilation=1, groups=1, max_out=1,
@@ -86,7 +86,7 @@ def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """Returns (out, lin after MaxOut, patch norms (N, G, Ho, Wo), MaxOut winner index uint8); the last three
     are what the backward needs, are not differentiable and do not include ``channel_scale``."""
     if backend == "triton":
-        from bcos_kernels.triton import bcos as kernels
+        from bcos_kernels.ops.bcos_conv2d import triton as kernels
         geo = kernels.conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
         return kernels.forward(x, weight, bias, b_tensor, b, geo, normalize_weight, scale, kernels.NORM_CONV,
                                common.output_memory_format(x, backend), channel_scale=channel_scale)
@@ -144,7 +144,7 @@ def bcos_conv2d_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
     own so that compiled graphs never look at the value of a tensor b."""
     need_x, need_w, need_bias, need_b = needs
     if backend == "triton":
-        from bcos_kernels.triton import bcos as kernels
+        from bcos_kernels.ops.bcos_conv2d import triton as kernels
         geo = kernels.conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
         grads = kernels.backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, b, geo, normalize_weight,
                                  scale, detach, needs, kernels.NORM_CONV)

@@ -1,10 +1,10 @@
 """Front door of the CoDA dynamic alignment unit (DAU) convolution.
 
-Math and parameter layout: see ``bcos_kernels/reference/dau.py``. Backend "torch"
+Math and parameter layout: see ``bcos_kernels/ops/dau_conv2d/reference.py``. Backend "torch"
 runs the custom op ``bcos_kernels::dau_conv2d``: the low-rank form of DESIGN.md
 section 3 in plain torch ops with a hand-written backward; the per-pixel dynamic
 weights (N, C*k*k, O, Ho, Wo) are never built. Backend "triton" runs the same op
-with ``backend="triton"``: fused kernels (``bcos_kernels/triton/dau.py``, imported only
+with ``backend="triton"``: fused kernels (``bcos_kernels/ops/dau_conv2d/triton.py``, imported only
 when it runs) that do not build the O*R-channel intermediate either; its backward is
 the custom op ``bcos_kernels::dau_conv2d_backward`` (opaque to torch.compile). Backend
 "cuda" runs the same two custom ops: cuDNN computes z and y (one convolution, in x's
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
-from bcos_kernels.reference.dau import NORMS, bias_to_filters, default_padding, expand_to_filters
+from bcos_kernels.ops.dau_conv2d.reference import NORMS, bias_to_filters, default_padding, expand_to_filters
 
 __all__ = ["dau_conv2d"]
 
@@ -219,7 +219,7 @@ def dau_conv2d_op(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: tor
     differentiable. ``backend``: "torch" (the torch ops below), "triton" (fused kernels) or "cuda" (cuDNN and the
     extension's CUDA epilogue)."""
     if backend == "triton":
-        from bcos_kernels.triton import dau as triton_dau   # lazily: importing bcos_kernels never imports triton
+        from bcos_kernels.ops.dau_conv2d import triton as triton_dau   # lazily: importing bcos_kernels never imports triton
 
         return triton_dau.dau_forward(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding,
                                       norm)
@@ -406,7 +406,7 @@ def dau_conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, rank_weight:
         return tuple(x.new_empty(0) if t is None else t for t in grads)
     if backend != "triton":
         raise ValueError(f"dau_conv2d_backward: unknown backend {backend!r}")
-    from bcos_kernels.triton import dau as triton_dau
+    from bcos_kernels.ops.dau_conv2d import triton as triton_dau
 
     # d loss / d num_o and d loss / d ||w_o||^2 per pixel: O channels each, fp32.
     inv, ratio = _scales(s, norm)

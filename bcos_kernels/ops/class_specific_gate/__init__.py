@@ -1,6 +1,6 @@
 """Front door of CSG's class-specific gate.
 
-Semantics: :mod:`bcos_kernels.reference.csg`. Training:
+Semantics: :mod:`bcos_kernels.ops.class_specific_gate.reference`. Training:
 ``out[n, c, ...] = x[n, c, ...] * mask[c, labels[n]]``; eval: the identity
 (x itself is returned, no copy, as the original). Backend "torch" runs the
 custom op ``bcos_kernels::class_specific_gate`` below: it gathers
@@ -11,7 +11,7 @@ gate the original builds (and keeps for backward), and computes
 
 as a one-hot matmul (deterministic on every device), accumulated in fp32 or wider.
 
-Backend "triton" (:mod:`bcos_kernels.triton.class_specific_gate`) runs the
+Backend "triton" (:mod:`bcos_kernels.ops.class_specific_gate.triton`) runs the
 same custom op with one gather-multiply kernel forward; its backward (the
 custom op ``bcos_kernels::class_specific_gate_backward``) makes one pass over
 (grad_out, x) for grad_x and per-sample partial sums, then a segmented sum by
@@ -151,7 +151,7 @@ def class_specific_gate_op(x: torch.Tensor, mask: torch.Tensor, labels: torch.Te
     """x * mask[:, labels] broadcast per sample (training mode)."""
     _check_backend(backend)
     if backend == "triton":
-        from bcos_kernels.triton import class_specific_gate as kernels  # imported on first use
+        from bcos_kernels.ops.class_specific_gate import triton as kernels  # imported on first use
         return kernels.gate_forward(x, mask, labels, _nhwc(x))
     if backend == "cuda":
         _check_cuda_call("bcos_kernels::class_specific_gate", x)
@@ -179,7 +179,7 @@ def class_specific_gate_backward_op(grad_out: torch.Tensor, x: Optional[torch.Te
         return _cuda_backward(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask)
     if backend != "triton":
         raise ValueError(f"bcos_kernels::class_specific_gate_backward: unknown backend {backend!r} (triton, cuda)")
-    from bcos_kernels.triton import class_specific_gate as kernels
+    from bcos_kernels.ops.class_specific_gate import triton as kernels
     grad_x, grad_mask = kernels.gate_backward(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask)
     empty = grad_out.new_empty(0)
     return grad_x if grad_x is not None else empty, grad_mask if grad_mask is not None else empty

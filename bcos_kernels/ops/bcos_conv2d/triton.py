@@ -42,13 +42,16 @@ import triton
 import triton.language as tl
 
 from bcos_kernels.ops._bcos_common import weight_and_norm, weight_norm_backward
+from bcos_kernels.ops.bcos_conv2d import reference as conv_ref
+from bcos_kernels.ops.bcos_linear import reference as linear_ref
 
 # Dynamic-scale modes, as csrc/common/bcos_math.h: b == 1, b == 2 (python numbers), anything else.
 MODE_ONE, MODE_TWO, MODE_GENERAL = 0, 1, 2
 NORM_CONV, NORM_LINEAR = 0, 1
-CONV_NORM_EPS = 1e-6
-LINEAR_NORM_EPS = 1e-12
-COS_EPS = 1e-6
+# The originals' epsilons, from the references (constexpr: read inside the kernels).
+CONV_NORM_EPS = tl.constexpr(conv_ref.CONV_NORM_EPS)
+LINEAR_NORM_EPS = tl.constexpr(linear_ref.LINEAR_NORM_EPS)
+COS_EPS = tl.constexpr(conv_ref.COS_EPS)
 LN2 = math.log(2.0)
 
 
@@ -144,9 +147,9 @@ def _pow2(v: int, lo: int, hi: int) -> int:
 @triton.jit
 def _norm_from_sum_sq(sum_sq, NORM_KIND: tl.constexpr):
     if NORM_KIND == 0:  # conv: sqrt(sum of squares + 1e-6)
-        return tl.sqrt(sum_sq + 1e-6)
+        return tl.sqrt(sum_sq + CONV_NORM_EPS)
     else:  # linear: ||x|| + 1e-12
-        return tl.sqrt(sum_sq) + 1e-12
+        return tl.sqrt(sum_sq) + LINEAR_NORM_EPS
 
 
 @triton.jit
@@ -157,7 +160,7 @@ def _scale_forward(lin, norm, bm1, inv_scale, MODE: tl.constexpr):
     elif MODE == 1:
         out = ((tl.abs(lin) / norm) * lin) * inv_scale
     else:
-        t = tl.abs(lin / norm) + 1e-6
+        t = tl.abs(lin / norm) + COS_EPS
         out = (tl.exp2(bm1 * tl.log2(t)) * lin) * inv_scale
     return out
 
@@ -180,7 +183,7 @@ def _scale_grads(lin, inv_norm, bm1, inv_scale, MODE: tl.constexpr, DETACH: tl.c
         d_b = tl.zeros_like(lin)
     else:
         c = tl.abs(lin) * inv_norm
-        t = c + 1e-6
+        t = c + COS_EPS
         log2_t = tl.log2(t)
         s = tl.exp2(bm1 * log2_t)
         c_over_t = c / t
