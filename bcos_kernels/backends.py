@@ -1,39 +1,35 @@
-"""Backend selection, shared by every op.
+"""The backend registry: the one list of backends, where each can run, why it cannot, and what each op supports.
 
-Order of precedence: the ``backend=`` argument, then the ``BCOS_KERNELS_BACKEND``
-environment variable, then "auto". An explicitly requested backend that cannot
-run the call raises ``ValueError`` saying why; "auto" never fails: it picks the
-fastest backend that can run the call and, when it has to fall back, warns once
-per (op, reason).
+Order of precedence for a call: the ``backend=`` argument, then the ``BCOS_KERNELS_BACKEND`` environment
+variable, then "auto". An explicitly requested backend that cannot run the call raises ``ValueError`` saying
+why; "auto" never fails: it takes the first backend of ``AUTO_ORDER`` that can run the call and, when it passed
+over one that cannot, warns once per (op, reason).
+
+A backend of an op is the module ``bcos_kernels.ops.<op>.<backend>`` (imported on first use, so that importing
+bcos_kernels never imports triton); :func:`kernels` returns it. The custom ops dispatch through it, so no other
+file switches on backend names.
 """
+
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import warnings
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-BACKENDS = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "BCOS_KERNELS_BACKEND"
 
-# The fused backends each op has (besides "torch", which every op has).
-OP_BACKENDS = {
-    "bcos_conv2d": ("cpu", "triton", "cuda"),
-    "bcos_linear": ("cpu", "triton", "cuda"),
-    "dau_conv2d": ("triton", "cuda"),
-    "lwta": ("triton", "cuda"),
-    "class_specific_gate": ("triton", "cuda"),
-}
-
-# For each device type, the order in which "auto" tries the fused backends.
-# "torch" (the reference) is always the last resort.
-AUTO_ORDER = {
-    "cpu": ("cpu",),
-    "cuda": ("triton", "cuda"),
-}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The Triton interpreter (CPU tensors, tests only) has no bf16 arithmetic.
+TRITON_INTERPRETER_DTYPES = (torch.float32,)
+CUDA_DTYPES = FLOAT_DTYPES
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,30 +54,138 @@ def triton_importable() -> bool:
     return _TRITON_INSTALLED
 
 
+def _everywhere(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _cpu_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"backend 'cpu' needs CPU tensors, got device {device}"
+    if cpu_extension() is None:
+        return "the C++ extension bcos_kernels._C is not built (pip install --no-build-isolation -e .)"
+    return None
+
+
+def _triton_unavailable(device: torch.device) -> Optional[str]:
+    if not triton_importable():
+        return "triton is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+        return None
+    return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {device}"
+
+
+def _cuda_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"backend 'cuda' needs CUDA tensors, got device {device}"
+    ext = cpu_extension()
+    if ext is None or not getattr(ext, "WITH_CUDA", False):
+        return "the extension was built without CUDA"
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    what: str
+    unavailable: Callable[[torch.device], Optional[str]]  # why it cannot run on a device here (None: it can)
+
+
+BACKENDS: Dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("reference", "the exact pure-PyTorch reference of the original code, plain autograd", _everywhere),
+        Backend("torch", "an optimised pure-PyTorch path with a hand-written backward", _everywhere),
+        Backend("cpu", "ATen conv/GEMM + the C++ extension's fused passes", _cpu_unavailable),
+        Backend("triton", "fully fused Triton kernels", _triton_unavailable),
+        Backend("cuda", "cuDNN/cuBLAS + the extension's fused CUDA kernels", _cuda_unavailable),
+    )
+}
+
+# For each device type, the order in which "auto" tries the backends ("reference" runs everything).
+AUTO_ORDER = {
+    "cpu": ("cpu", "torch", "reference"),
+    "cuda": ("triton", "cuda", "torch", "reference"),
+}
+
+
+def _dau_triton_limits(pixels: int = 0, **_) -> Optional[str]:
+    # the DAU kernels index pixels in int32 (memory offsets are int64)
+    return "more than 2**31 - 1 pixels (N*H*W) in one call" if pixels >= 2**31 else None
+
+
+# the DAU kernels' per-pixel shared-memory tiles hold rank + 1 entries (kDauMaxRank in csrc/cuda/kernels.h)
+DAU_CUDA_MAX_RANK = 511
+
+
+def _dau_cuda_limits(rank: int = 0, **_) -> Optional[str]:
+    if rank > DAU_CUDA_MAX_RANK:
+        return f"rank {rank} is larger than {DAU_CUDA_MAX_RANK} (the CUDA kernels' per-pixel tiles hold rank + 1 entries)"
+    return None
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one backend supports for one op: the dtypes, and the limits of a call (keyword facts -> a reason)."""
+
+    dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
+    limits: Optional[Callable[..., Optional[str]]] = None
+    # whether its outputs keep a channels_last input's layout (else they are NCHW-contiguous)
+    keeps_channels_last: bool = False
+
+
+_BCOS = {"reference": Support(), "cpu": Support(CPU_DTYPES), "triton": Support(TRITON_DTYPES, keeps_channels_last=True),
+         "cuda": Support(CUDA_DTYPES)}
+_ELEMENTWISE = {"reference": Support(), "torch": Support(), "triton": Support(TRITON_DTYPES),
+                "cuda": Support(CUDA_DTYPES)}
+
+# Which backends implement each op, and what they support.
+OPS: Dict[str, Dict[str, Support]] = {
+    "bcos_conv2d": _BCOS,
+    "bcos_linear": _BCOS,
+    "dau_conv2d": {"reference": Support(), "torch": Support(),
+                   "triton": Support(TRITON_DTYPES, _dau_triton_limits),
+                   "cuda": Support(CUDA_DTYPES, _dau_cuda_limits)},
+    "lwta": _ELEMENTWISE,
+    "class_specific_gate": _ELEMENTWISE,
+}
+
+
+def kernels(op: str, backend: str):
+    """The module of ``backend``'s implementation of ``op`` (``bcos_kernels.ops.<op>.<backend>``)."""
+    if backend not in OPS[op]:
+        raise ValueError(f"bcos_kernels.{op}: unknown backend {backend!r} (implemented: {list(OPS[op])})")
+    return importlib.import_module(f"bcos_kernels.ops.{op}.{backend}")
+
+
+def check_device(op: str, backend: str, device: torch.device) -> None:
+    """Raise the reason ``backend`` cannot run on ``device`` (a direct call of a custom op with a backend the
+    tensors cannot use would otherwise fail inside a kernel, or with torch's "no kernel for CPU")."""
+    reason = BACKENDS[backend].unavailable(device)
+    if reason is not None:
+        raise ValueError(f"bcos_kernels.{op}: backend {backend!r} cannot run here: {reason}")
+
+
 def device_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` here (None if it can)."""
-    if backend == "torch":
-        return None
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"backend 'cpu' needs CPU tensors, got device {device}"
-        if cpu_extension() is None:
-            return "the C++ extension bcos_kernels._C is not built (pip install --no-build-isolation -e .)"
-        return None
-    if backend == "triton":
-        if not triton_importable():
-            return "triton is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
-            return None
-        return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {device}"
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"backend 'cuda' needs CUDA tensors, got device {device}"
-        ext = cpu_extension()
-        if ext is None or not getattr(ext, "WITH_CUDA", False):
-            return "the extension was built without CUDA"
-        return None
-    raise AssertionError(backend)
+    return BACKENDS[backend].unavailable(torch.device(device))
+
+
+def call_reason(op: str, backend: str, x: torch.Tensor, **facts) -> Optional[str]:
+    """Why ``backend`` cannot run this call of ``op`` on x (None if it can). ``facts``: the call's sizes that
+    a backend's limits read (e.g. ``rank``, ``pixels``)."""
+    support = OPS[op].get(backend)
+    if support is None:
+        return f"backend {backend!r} does not implement {op}"
+    reason = BACKENDS[backend].unavailable(x.device)
+    if reason is not None:
+        return reason
+    dtypes = support.dtypes
+    if backend == "triton" and x.device.type == "cpu":
+        dtypes = tuple(d for d in dtypes if d in TRITON_INTERPRETER_DTYPES)
+    if x.dtype not in dtypes:
+        where = " under the Triton interpreter (CPU tensors)" if dtypes is not support.dtypes else ""
+        return f"dtype {x.dtype} is not supported by backend {backend!r}{where} (supported: {list(dtypes)})"
+    return support.limits(**facts) if support.limits is not None else None
 
 
 def available_backends(device: Optional[torch.device | str] = None, op: Optional[str] = None) -> list:
@@ -90,53 +194,42 @@ def available_backends(device: Optional[torch.device | str] = None, op: Optional
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    names = BACKENDS if op is None else ("torch",) + OP_BACKENDS[op]
-    return [b for b in names if device_reason(b, device) is None]
+    names = BACKENDS if op is None else OPS[op]
+    return [b for b in BACKENDS if b in names and BACKENDS[b].unavailable(device) is None]
 
 
 _warned: set = set()
 
 
-def _warn_once(op: str, reason: str) -> None:
+def _warn_once(op: str, chosen: str, reason: str) -> None:
     key = (op, reason)
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"bcos_kernels.{op}: falling back to backend 'torch': {reason}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"bcos_kernels.{op}: falling back to backend {chosen!r}: {reason}", RuntimeWarning,
+                      stacklevel=4)
 
 
-def resolve(
-    op: str,
-    requested: Optional[str],
-    device: torch.device,
-    implemented: Dict[str, Callable[[], Optional[str]]],
-) -> str:
-    """Pick the backend that runs one call of ``op``.
-
-    ``implemented`` maps each fused backend the op has to a function that
-    returns None when that backend supports this call's options, or a reason
-    it does not. "torch" needs no entry: it supports everything.
-    """
+def resolve(op: str, requested: Optional[str], x: torch.Tensor, **facts) -> str:
+    """The backend that runs this call of ``op`` on x (see the module docstring)."""
     name = requested if requested is not None else os.environ.get(ENV_VAR) or "auto"
     if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS} or None, got {name!r}")
-    if name == "torch":
-        return "torch"
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)} or None, got {name!r}")
     if name != "auto":
-        if name not in implemented:
+        if name not in OPS[op]:
             raise ValueError(f"bcos_kernels.{op}: backend {name!r} does not implement this op "
-                             f"(implemented: {['torch'] + sorted(implemented)})")
-        reason = device_reason(name, device) or implemented[name]()
+                             f"(implemented: {list(OPS[op])})")
+        reason = call_reason(op, name, x, **facts)
         if reason is not None:
             raise ValueError(f"bcos_kernels.{op}: backend {name!r} cannot run this call: {reason}")
         return name
     reasons = []
-    for candidate in AUTO_ORDER.get(device.type, ()):
-        if candidate not in implemented:
+    for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
+        if candidate not in OPS[op]:
             continue
-        reason = device_reason(candidate, device) or implemented[candidate]()
+        reason = call_reason(op, candidate, x, **facts)
         if reason is None:
+            if reasons:
+                _warn_once(op, candidate, "; ".join(reasons))
             return candidate
         reasons.append(f"{candidate}: {reason}")
-    if reasons:
-        _warn_once(op, "; ".join(reasons))
-    return "torch"
+    return "reference"

@@ -119,23 +119,23 @@ def _bcos_cases(full: bool):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             for i, (b, learnable, detach) in enumerate(modes):
                 b_tensor = torch.empty(1, **meta) if learnable else None
-                out, lin, norm, winner = kernels.forward(x, w, bias, b_tensor, b, geo, True, 1.0, kernels.NORM_CONV,
+                out, lin, norm, winner = kernels.fused_forward(x, w, bias, b_tensor, b, geo, True, 1.0, kernels.NORM_CONV,
                                                          fmt)
-                kernels.backward(torch.empty_like(out), x, w, b_tensor, lin, norm, winner, b, geo, True, 1.0, detach,
+                kernels.fused_backward(torch.empty_like(out), x, w, b_tensor, lin, norm, winner, b, geo, True, 1.0, detach,
                                  [True, True, True, learnable], kernels.NORM_CONV)
                 # The epilogue's extra load and multiply (the backward does not change): without MaxOut and with
                 # MaxOut 3 in CI (the first layer adds ~30 s of compiling and nothing new to the epilogue).
                 if full or (i == 0 and ci != 1):
-                    kernels.forward(x, w, bias, b_tensor, b, geo, True, 1.0, kernels.NORM_CONV, fmt,
+                    kernels.fused_forward(x, w, bias, b_tensor, b, geo, True, 1.0, kernels.NORM_CONV, fmt,
                                     channel_scale=torch.empty(o, dtype=dtype, **meta))
         # ViT-B/16 linears (the second with MaxOut 2)
         for d, f, m in ((768, 2304, 1), (3072, 768, 2)):
             x = torch.empty(64 * 197, d, dtype=dtype, **meta)
             w = torch.empty(f * m, d, dtype=dtype, **meta)
             geo = kernels.linear_geometry(x.shape[0], d, f * m, m)
-            out, lin, norm, winner = kernels.forward(x, w, None, None, 2.0, geo, True, 1.0, kernels.NORM_LINEAR,
+            out, lin, norm, winner = kernels.fused_forward(x, w, None, None, 2.0, geo, True, 1.0, kernels.NORM_LINEAR,
                                                      torch.contiguous_format)
-            kernels.backward(torch.empty_like(out), x, w, None, lin, norm, winner, 2.0, geo, True, 1.0, False,
+            kernels.fused_backward(torch.empty_like(out), x, w, None, lin, norm, winner, 2.0, geo, True, 1.0, False,
                              [True, True, False, False], kernels.NORM_LINEAR)
 
 

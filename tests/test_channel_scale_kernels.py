@@ -11,7 +11,7 @@ machine:
 * "cpu": ``torch.ops.bcos_kernels.bcos_scale_forward(..., channel_scale)`` (both its P > 1 and its P == 1 rows
   path) and a whole conv through the ATen conv + patch_norm + that op; also on CUDA tensors where the extension
   has CUDA kernels (the same op, its CUDA implementation) and there ``bcos_conv_scale_forward``;
-* "triton": ``bcos_kernels.ops.bcos_conv2d.triton.forward(..., channel_scale=...)`` (the interpreter without a GPU: tiny fp32
+* "triton": ``bcos_kernels.ops.bcos_conv2d.triton.fused_forward(..., channel_scale=...)`` (the interpreter without a GPU: tiny fp32
   shapes);
 * the CUDA kernels without a GPU run through the host emulation in csrc/tests/test_cuda_emulation.py
   (scripts/check_cuda.sh), not here.
@@ -308,8 +308,8 @@ def _triton_forward(x, weight, bias, b, kw, memory_format, scale=1.0, channel_sc
     b_float = 0.0 if b == "tensor" else float(b)
     args = (x, weight, bias, b_tensor, b_float, geo, kw["normalize_weight"], scale, tk.NORM_CONV, memory_format)
     if channel_scale is _OMITTED:
-        return tk.forward(*args)  # the call of every caller that predates channel_scale
-    return tk.forward(*args, channel_scale=channel_scale)
+        return tk.fused_forward(*args)  # the call of every caller that predates channel_scale
+    return tk.fused_forward(*args, channel_scale=channel_scale)
 
 
 @needs_triton
@@ -386,5 +386,5 @@ def test_triton_forward_rejects_bad_channel_scale():
     w = torch.randn(6, 8, device=TRITON_DEVICE)
     geo = tk.linear_geometry(5, 8, 6, 1)
     with pytest.raises(ValueError, match="channel_scale"):
-        tk.forward(rows, w, None, None, 2.0, geo, True, 1.0, tk.NORM_LINEAR, torch.contiguous_format,
+        tk.fused_forward(rows, w, None, None, 2.0, geo, True, 1.0, tk.NORM_LINEAR, torch.contiguous_format,
                    channel_scale=torch.ones(6, device=TRITON_DEVICE))

@@ -6,15 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from bcos_kernels import backends
 from bcos_kernels.ops._checks import positive_int
-
-# dtypes each fused backend computes in
-FUSED_DTYPES = {
-    "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "triton": (torch.float32, torch.float16, torch.bfloat16),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
-
 
 def check_b(b, x: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
     """(b as a float, b as a tensor or None). A tensor b (learnable) stays a tensor."""
@@ -46,21 +39,6 @@ def check_max_out(max_out, rows: int, rows_name: str) -> int:
     return max_out
 
 
-def fused_support(backend: str, x: torch.Tensor):
-    """A reason why ``backend`` cannot run this B-cos call, or None."""
-    dtypes = FUSED_DTYPES.get(backend, ())
-    if x.dtype not in dtypes:
-        return f"dtype {x.dtype} is not supported by backend {backend!r} (supported: {list(dtypes)})"
-    if backend == "triton" and x.device.type == "cpu" and x.dtype != torch.float32:
-        return f"the Triton interpreter (CPU) computes in float32 only, got {x.dtype}"
-    return None
-
-
-def fused_backends(x: torch.Tensor):
-    """The ``implemented`` table of backends.resolve for the B-cos ops."""
-    return {name: (lambda name=name: fused_support(name, x)) for name in FUSED_DTYPES}
-
-
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last for a 4-d channels_last (and not also NCHW-contiguous) x, else NCHW. The gradients of
     x and of the weight have the layout of x and of the weight on every backend (the fake impls say so)."""
@@ -69,10 +47,10 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def output_memory_format(x: torch.Tensor, backend: str) -> torch.memory_format:
-    """Layout of the conv outputs (out, lin, winner): the Triton kernels write channels_last for a
-    channels_last x (a channels_last network stays channels_last); the ATen-GEMM paths write NCHW."""
-    return memory_format_of(x) if backend == "triton" else torch.contiguous_format
+def output_memory_format(x: torch.Tensor, op: str, backend: str) -> torch.memory_format:
+    """Layout of the outputs (out, lin, winner): channels_last for a channels_last x where the backend keeps it
+    (the Triton kernels: a channels_last network stays channels_last), else NCHW (the ATen-GEMM paths)."""
+    return memory_format_of(x) if backends.OPS[op][backend].keeps_channels_last else torch.contiguous_format
 
 
 def b_value(b: float, b_tensor: Optional[torch.Tensor]) -> Tuple[float, bool]:
@@ -125,32 +103,32 @@ def fake_grads(needs, x: torch.Tensor, weight: torch.Tensor, b_tensor: Optional[
     return tuple(grads)
 
 
-# The fused conv and linear ops share one autograd wiring: inputs (x, weight, bias, b_tensor, *options) and
-# outputs (out, lin_max, norm, winner); their backward ops take (grad_out, x, weight, b_tensor, lin_max, norm,
-# winner, *options, needs) and return the (x, weight, bias, b_tensor) gradients. The conv op has one more input
-# after the options (channel_scale), saved as an ``extra`` tensor and handled by its own backward wrapper.
+# The fused conv and linear ops share one autograd wiring: positional inputs (x, weight, bias, b_tensor, *extra)
+# and keyword-only options; outputs (out, lin_max, norm, winner); their backward ops take (grad_out, x, weight,
+# b_tensor, lin_max, norm, winner) plus the same options and ``needs``, and return the (x, weight, bias, b_tensor)
+# gradients. The conv op's extra input (channel_scale) is saved as an ``extra`` tensor and handled by its own
+# backward wrapper.
 
-def setup_fused_context(ctx, inputs, output, extra=()):
+def setup_fused_context(ctx, inputs, keyword_only_inputs, output, extra=()):
     x, weight, bias, b_tensor = inputs[:4]
     _, lin_max, norm, winner = output
     ctx.mark_non_differentiable(lin_max, norm, winner)
     ctx.save_for_backward(x, weight, b_tensor, lin_max, norm, winner, *extra)
     ctx.has_bias = bias is not None
-    ctx.options = tuple(inputs[4:])
+    ctx.options = dict(keyword_only_inputs)
 
 
 def fused_input_grads(ctx, backward_op, grad_out, saved):
-    """Gradients of (x, weight, bias, b_tensor) and None for each option; ``saved``: the first six saved
-    tensors. The backward op runs only when one of the four is needed."""
+    """Gradients of (x, weight, bias, b_tensor); ``saved``: the first six saved tensors. The backward op runs
+    only when one of the four is needed."""
     x, weight, b_tensor, lin_max, norm, winner = saved
     needs = list(ctx.needs_input_grad[:4])
     needs[2] = needs[2] and ctx.has_bias
     needs[3] = needs[3] and b_tensor is not None
-    nones = (None,) * len(ctx.options)
     if not any(needs):
-        return (None,) * 4 + nones
-    grads = backward_op(grad_out, x, weight, b_tensor, lin_max, norm, winner, *ctx.options, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + nones
+        return (None,) * 4
+    grads = backward_op(grad_out, x, weight, b_tensor, lin_max, norm, winner, **ctx.options, needs=needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def fused_backward(backward_op):

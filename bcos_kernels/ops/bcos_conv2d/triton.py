@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bcos_kernels.ops._bcos_common import weight_and_norm, weight_norm_backward
+from bcos_kernels.ops._bcos_common import grad_for_b, memory_format_of, weight_and_norm, weight_norm_backward
 from bcos_kernels.ops.bcos_conv2d import reference as conv_ref
 from bcos_kernels.ops.bcos_linear import reference as linear_ref
 
@@ -623,7 +623,7 @@ def _check_channel_scale(channel_scale: Optional[torch.Tensor], x4: torch.Tensor
     return channel_scale.contiguous()
 
 
-def forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor], b_tensor: Optional[torch.Tensor],
+def fused_forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor], b_tensor: Optional[torch.Tensor],
             b: float, geo: Geometry, normalize_weight: bool, scale: float, norm_kind: int, memory_format,
             channel_scale: Optional[torch.Tensor] = None):
     """Runs the fused forward. x4/weight4 are 4-d (or 2-d for a linear: rows x features, read as 1x1 images).
@@ -663,7 +663,7 @@ def forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor
     return out, lin_max, norm, winner
 
 
-def backward(grad_out: torch.Tensor, x4: torch.Tensor, weight4: torch.Tensor, b_tensor: Optional[torch.Tensor],
+def fused_backward(grad_out: torch.Tensor, x4: torch.Tensor, weight4: torch.Tensor, b_tensor: Optional[torch.Tensor],
              lin_max: torch.Tensor, norm: torch.Tensor, winner: torch.Tensor, b: float, geo: Geometry,
              normalize_weight: bool, scale: float, detach: bool, needs, norm_kind: int):
     """Gradients (x, weight, bias, b) of the fused forward, None where not needed. grad_out, lin_max, winner:
@@ -768,3 +768,25 @@ def _grad_weight(grad_lin: torch.Tensor, x4: torch.Tensor, geo: Geometry, interp
     summed = part.sum(0) if splits > 1 else part[0]
     # (F, tap, c) -> (F, c, kh, kw)
     return summed.view(geo.filters, geo.kh, geo.kw, cg).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------
+# Backend "triton" of the op bcos_conv2d (the registry calls these).
+
+
+def forward(x, weight, bias, b_tensor, channel_scale, *, b, stride, padding, dilation, groups, max_out,
+            normalize_weight, scale, **_):
+    geo = conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
+    return fused_forward(x, weight, bias, b_tensor, b, geo, normalize_weight, scale, NORM_CONV,
+                         memory_format_of(x), channel_scale=channel_scale)
+
+
+def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, b, stride, padding, dilation, groups,
+             max_out, normalize_weight, scale, detach, needs, **_):
+    geo = conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
+    grad_x, grad_w, grad_bias, grad_b = fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, b, geo,
+                                                       normalize_weight, scale, detach, needs, NORM_CONV)
+    need_x, need_w, _, need_b = needs
+    grad_x = grad_x.contiguous(memory_format=memory_format_of(x)) if need_x else None
+    grad_w = grad_w.contiguous(memory_format=memory_format_of(weight)) if need_w else None
+    return grad_x, grad_w, grad_bias, grad_for_b(grad_b, b_tensor) if need_b else None

@@ -1,0 +1,80 @@
+"""Backend "cpu" of the B-cos conv2d: the ATen convolution (oneDNN) and the extension's fused passes
+(csrc/cpu/bcos_cpu.cpp) for the patch norm, MaxOut, |cos|^(b-1), scale and channel_scale, each way.
+
+Backend "cuda" runs the same path with cuDNN and its own forward scale pass (see cuda.py)."""
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from bcos_kernels.ops import _bcos_common as common
+
+
+def scaled_forward(lin, x, weight, b_val, b_is_tensor, *, stride, padding, dilation, groups, max_out, scale,
+                   channel_scale):
+    """(out, lin_max, winner, norm) of the extension's separate patch-norm and scale passes."""
+    n, _, p = lin.shape
+    if b_val == 1 and not b_is_tensor:
+        norm = x.new_empty(0)
+    else:
+        norm = torch.ops.bcos_kernels.patch_norm(x, list(weight.shape[2:]), stride, padding, dilation, groups)
+    out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
+        lin, norm.reshape(n, groups, p) if norm.numel() else norm, b_val, b_is_tensor, max_out, scale, channel_scale)
+    return out, lin_max, winner, norm
+
+
+def aten_forward(x, weight, bias, b_tensor, channel_scale, scaled, *, b: float, stride: List[int],
+                 padding: List[int], dilation: List[int], groups: int, max_out: int, normalize_weight: bool,
+                 scale: float, **_):
+    """The ATen convolution, then ``scaled`` (the backend's scale pass) for the rest."""
+    b_val, b_is_tensor = common.b_value(b, b_tensor)
+    w_hat, _ = common.weight_and_norm(weight, normalize_weight)
+    lin = F.conv2d(x, w_hat, bias, stride, padding, dilation, groups)
+    n, filters, ho, wo = lin.shape
+    lin = lin.reshape(n, filters, ho * wo).contiguous()
+    out, lin_max, winner, norm = scaled(lin, x, weight, b_val, b_is_tensor, stride=stride, padding=padding,
+                                        dilation=dilation, groups=groups, max_out=max_out, scale=scale,
+                                        channel_scale=channel_scale)
+    if max_out == 1:
+        lin_max = lin  # the kernel does not copy lin when there is no MaxOut
+    shape = (n, filters // max_out, ho, wo)
+    # Outputs are NCHW-contiguous whatever the layout of x (see common.output_memory_format).
+    # _unsafe_view: the outputs are not views for autograd (their bases are temporaries of this op), so that a
+    # caller may modify them in place, e.g. ResNet's `out += identity` after a folded norm that returns its input.
+    reshape = torch.ops.aten._unsafe_view
+    return reshape(out, shape), reshape(lin_max, shape), norm, reshape(winner, shape) if max_out > 1 else winner
+
+
+def forward(x, weight, bias, b_tensor, channel_scale, **options):
+    return aten_forward(x, weight, bias, b_tensor, channel_scale, scaled_forward, **options)
+
+
+def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, b: float, stride: List[int],
+             padding: List[int], dilation: List[int], groups: int, max_out: int, normalize_weight: bool,
+             scale: float, detach: bool, needs: List[bool], **_):
+    need_x, need_w, need_bias, need_b = needs
+    b_val, b_is_tensor = common.b_value(b, b_tensor)
+    n, out_channels, ho, wo = lin_max.shape
+    grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
+        grad_out.reshape(n, out_channels, ho * wo).contiguous(), lin_max.reshape(n, out_channels, ho * wo),
+        norm.reshape(n, groups, ho * wo) if norm.numel() else norm,
+        winner.view(n, out_channels, ho * wo) if max_out > 1 else winner, b_val, b_is_tensor, max_out, scale,
+        detach, need_x, need_b)
+    grad_lin = grad_lin.view(n, out_channels * max_out, ho, wo)
+    w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)
+    grad_x, grad_w_hat, grad_bias = torch.ops.aten.convolution_backward(
+        grad_lin, x, w_hat, [weight.shape[0]], stride, padding, dilation, False, [0, 0], groups,
+        [need_x, need_w, need_bias])
+    if need_x and grad_norm.numel():
+        grad_x = grad_x + torch.ops.bcos_kernels.patch_norm_backward(
+            grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups)
+    # The layouts the fake promises (copies only where convolution_backward chose another: it follows x's).
+    if need_x:
+        grad_x = grad_x.contiguous(memory_format=common.memory_format_of(x))
+    grad_w = None
+    if need_w:
+        grad_w = common.weight_norm_backward(grad_w_hat, w_hat, w_norm) if normalize_weight else grad_w_hat
+        grad_w = grad_w.contiguous(memory_format=common.memory_format_of(weight))
+    grad_b = common.grad_for_b(grad_b, b_tensor) if need_b else None
+    return grad_x, grad_w, grad_bias, grad_b

@@ -1,0 +1,20 @@
+"""Backend "cuda" of the B-cos conv2d: the path of backend "cpu" (cpu.py) with cuDNN, whose forward computes
+the patch norms inside the scale pass (one CUDA kernel, csrc/cuda/bcos_cuda.cu); the backward is cpu.py's, on
+the extension's CUDA kernels."""
+
+import torch
+
+from bcos_kernels.ops.bcos_conv2d import cpu
+from bcos_kernels.ops.bcos_conv2d.cpu import backward  # noqa: F401  (the same ops, CUDA kernels)
+
+
+def _scaled_forward(lin, x, weight, b_val, b_is_tensor, *, stride, padding, dilation, groups, max_out, scale,
+                    channel_scale):
+    out, lin_max, winner, norm = torch.ops.bcos_kernels.bcos_conv_scale_forward(
+        lin, x, list(weight.shape[2:]), stride, padding, dilation, groups, b_val, b_is_tensor, max_out, scale,
+        channel_scale)
+    return out, lin_max, winner, norm
+
+
+def forward(x, weight, bias, b_tensor, channel_scale, **options):
+    return cpu.aten_forward(x, weight, bias, b_tensor, channel_scale, _scaled_forward, **options)
