@@ -187,3 +187,25 @@ def triton_module_marks(device):
 # The interpreter (no GPU) has no fp16/bf16 arithmetic: tests of those dtypes need a GPU.
 on_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                             reason="fp16/bf16 kernels need a GPU (the interpreter runs fp32)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused B-cos custom ops: tensors positional, options keyword-only. Tests list the options in this order.
+# ---------------------------------------------------------------------------------------------------------------
+CONV_OPTIONS = ("b", "stride", "padding", "dilation", "groups", "max_out", "normalize_weight", "scale", "detach",
+                "backend")
+LINEAR_OPTIONS = ("b", "max_out", "normalize_weight", "scale", "detach", "backend")
+
+
+def conv_fused_args(x, w, bias, b_tensor, *options, channel_scale=None):
+    """(args, kwargs) of bcos_conv2d_fused from the tensors and the options in CONV_OPTIONS order."""
+    return (x, w, bias, b_tensor, channel_scale), dict(zip(CONV_OPTIONS, options))
+
+
+def linear_fused_args(x, w, bias, b_tensor, *options):
+    return (x, w, bias, b_tensor), dict(zip(LINEAR_OPTIONS, options))
+
+
+def fused_backward_args(tensors, options, needs, names=CONV_OPTIONS):
+    """(args, kwargs) of a fused backward op: its 7 tensors, the forward's options and ``needs``."""
+    return tuple(tensors), {**dict(zip(names, options)), "needs": needs}

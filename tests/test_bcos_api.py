@@ -63,24 +63,45 @@ def test_linear_bad_input_names_the_argument(kwargs, error, words):
         bcos_kernels.bcos_linear(args.pop("x"), args.pop("weight"), **args)
 
 
-def test_backend_precedence(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "torch")
-    assert backends.resolve("op", None, torch.device("cpu"), {"cpu": lambda: None}) == "torch"
-    assert backends.resolve("op", "auto", torch.device("cpu"), {}) == "torch"
+@pytest.fixture
+def toy_op(monkeypatch):
+    """An op "toy" in the registry with backends reference and cpu (cpu: float32 only)."""
+    monkeypatch.setitem(backends.OPS, "toy", {"reference": backends.Support(),
+                                               "cpu": backends.Support((torch.float32,))})
+    monkeypatch.setattr(backends, "_warned", set())
+    return "toy"
+
+
+def test_backend_precedence(monkeypatch, toy_op):
+    x = torch.randn(2)
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.resolve(toy_op, None, x) == "reference"
+    assert backends.resolve(toy_op, "auto", x) == ("cpu" if backends.cpu_extension() is not None else "reference")
     monkeypatch.setenv(backends.ENV_VAR, "bogus")
     with pytest.raises(ValueError, match="backend must be one of"):
-        backends.resolve("op", None, torch.device("cpu"), {})
+        backends.resolve(toy_op, None, x)
     with pytest.raises(ValueError, match="does not implement"):
-        backends.resolve("op", "cuda", torch.device("cpu"), {})
+        backends.resolve(toy_op, "cuda", x)
 
 
-def test_auto_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(backends, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="falling back to backend 'torch'"):
-        assert backends.resolve("op", None, torch.device("cpu"), {"cpu": lambda: "no float16"}) == "torch"
+def test_auto_falls_back_with_one_warning(toy_op):
+    x = torch.randn(2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="falling back to backend 'reference'"):
+        assert backends.resolve(toy_op, None, x) == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        backends.resolve("op", None, torch.device("cpu"), {"cpu": lambda: "no float16"})
+        backends.resolve(toy_op, None, x)
+
+
+def test_limits_and_interpreter_dtypes_give_reasons():
+    x = torch.randn(2, 3, 4, 4)
+    cuda_limits = backends.OPS["dau_conv2d"]["cuda"].limits
+    assert "rank 512" in cuda_limits(rank=512) and cuda_limits(rank=511) is None
+    if backends.triton_importable() and backends.triton_interpreting():
+        assert "Triton interpreter" in backends.call_reason("lwta", "triton", x.double())
+        assert backends.call_reason("dau_conv2d", "triton", x, pixels=2**31) == \
+            "more than 2**31 - 1 pixels (N*H*W) in one call"
+        assert backends.call_reason("dau_conv2d", "triton", x, pixels=4) is None
 
 
 def test_explicit_unsupported_option_raises():
@@ -96,8 +117,8 @@ def test_explicit_unsupported_option_raises():
         torch.testing.assert_close(out, ref.bcos_conv2d(X.half(), W.half()))
 
 
-def test_available_backends_has_torch():
-    assert bcos_kernels.available_backends()[0] == "torch"
+def test_available_backends_has_reference():
+    assert bcos_kernels.available_backends()[0] == "reference"
     assert set(bcos_kernels.available_backends()) <= set(backends.BACKENDS)
 
 
@@ -127,14 +148,14 @@ def _small_net(backend):
     )
 
 
-@pytest.mark.parametrize("backend", bcos_kernels.available_backends("cpu"))
+@pytest.mark.parametrize("backend", bcos_kernels.available_backends("cpu", "bcos_conv2d"))
 def test_torch_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     net = _small_net(backend)
     x = torch.randn(2, 6, 8, 8, requires_grad=True)
     eager = net(x)
     (gx_eager,) = torch.autograd.grad(eager.sum(), x)
-    compiled = torch.compile(net, fullgraph=True, backend="aot_eager" if backend == "torch" else "inductor")
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager" if backend == "reference" else "inductor")
     out = compiled(x)
     (gx,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
@@ -142,7 +163,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 
 
 def test_op_backends_table_matches_the_front_doors():
-    """backends.OP_BACKENDS (what benchmarks and available_backends(op=...) read) is what each op accepts."""
+    """backends.OPS (what benchmarks and available_backends(op=...) read) is what each op accepts."""
     calls = {
         "bcos_conv2d": lambda be: bcos_kernels.bcos_conv2d(X, W, backend=be),
         "bcos_linear": lambda be: bcos_kernels.bcos_linear(torch.randn(3, 4), torch.randn(5, 4), backend=be),
@@ -152,10 +173,10 @@ def test_op_backends_table_matches_the_front_doors():
         "class_specific_gate": lambda be: bcos_kernels.class_specific_gate(X, torch.rand(4, 3), torch.tensor([0, 2]),
                                                                            backend=be),
     }
-    assert set(calls) == set(backends.OP_BACKENDS)
+    assert set(calls) == set(backends.OPS)
     for op, call in calls.items():
-        for name in backends.BACKENDS[1:]:
-            if name in backends.OP_BACKENDS[op]:
+        for name in backends.BACKENDS:
+            if name in backends.OPS[op]:
                 continue
             with pytest.raises(ValueError, match="does not implement this op"):
                 call(name)

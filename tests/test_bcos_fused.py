@@ -6,11 +6,11 @@ import torch
 import bcos_kernels
 from bcos_kernels.ops.bcos_linear import reference as linear_ref
 from bcos_kernels.ops.bcos_conv2d import reference as ref
-from helpers import assert_zero_output_and_finite_grads
+from helpers import assert_zero_output_and_finite_grads, conv_fused_args, fused_backward_args, linear_fused_args
 
 # The fused backends that run on CPU tensors natively; "triton" (the interpreter here) has its own file,
 # tests/test_bcos_triton.py, with cases small enough for the interpreter.
-FUSED = [b for b in bcos_kernels.available_backends("cpu", op="bcos_conv2d") if b not in ("torch", "triton")]
+FUSED = [b for b in bcos_kernels.available_backends("cpu", op="bcos_conv2d") if b not in ("reference", "triton")]
 if not FUSED:
     pytestmark = pytest.mark.skip(reason="no fused backend built here (pip install --no-build-isolation -e .)")
 
@@ -158,8 +158,8 @@ def test_bf16_within_twice_the_reference_error(backend, b):
         return f
 
     for make in (layer, grad_x):
-        ours = _bf16_error(make("torch"), make(backend), [x, w])
-        theirs = _bf16_error(make("torch"), make("torch"), [x, w])
+        ours = _bf16_error(make("reference"), make(backend), [x, w])
+        theirs = _bf16_error(make("reference"), make("reference"), [x, w])
         assert ours <= 2 * theirs + 1e-3, (make.__name__, ours, theirs)
 
 
@@ -187,7 +187,7 @@ def test_opcheck_conv(channels_last):
     ]
     for args in cases:
         args = [a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
-        torch.library.opcheck(bcos_conv2d_fused, args)
+        torch.library.opcheck(bcos_conv2d_fused, *conv_fused_args(*args))
 
 
 def test_opcheck_linear():
@@ -197,8 +197,9 @@ def test_opcheck_linear():
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(1.9, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(bcos_linear_fused, (x, w, None, None, 2.0, 2, True, 1.0, False, "cpu"))
-    torch.library.opcheck(bcos_linear_fused, (x, w, None, b, float("nan"), 1, False, 3.0, True, "cpu"))
+    torch.library.opcheck(bcos_linear_fused, *linear_fused_args(x, w, None, None, 2.0, 2, True, 1.0, False, "cpu"))
+    torch.library.opcheck(bcos_linear_fused, *linear_fused_args(x, w, None, b, float("nan"), 1, False, 3.0, True,
+                                                                 "cpu"))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -209,6 +210,8 @@ def test_opcheck_conv_backward(channels_last):
     from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused, bcos_conv2d_fused_backward
     x, w, _, b = _opcheck_conv_tensors(channels_last)
     options = [float("nan"), [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False, "cpu"]
-    out, lin_max, norm, winner = bcos_conv2d_fused(x, w, None, b, *options)
+    args, kwargs = conv_fused_args(x, w, None, b, *options)
+    out, lin_max, norm, winner = bcos_conv2d_fused(*args, **kwargs)
     torch.library.opcheck(bcos_conv2d_fused_backward,
-                          (torch.randn_like(out), x, w, b, lin_max, norm, winner, *options, [True, True, False, True]))
+                          *fused_backward_args((torch.randn_like(out), x, w, b, lin_max, norm, winner), options,
+                                               [True, True, False, True]))

@@ -1,4 +1,4 @@
-"""The B-cos references (and our drop-in modules on backend "torch") against the original code."""
+"""The B-cos references (and our drop-in modules on backend "reference") against the original code."""
 import sys
 import types
 import warnings
@@ -50,7 +50,7 @@ def test_conv_matches_original_v2(case, detach):
     original = bcos_module("modules")
     cin, cout, k, s, p, g, m, b, n, h, w = case
     orig = original.BcosConv2d(cin, cout, k, s, p, groups=g, b=b, max_out=m).to(DT)
-    ours = bnn.BcosConv2d(cin, cout, k, s, p, groups=g, b=b, max_out=m, backend="torch").to(DT)
+    ours = bnn.BcosConv2d(cin, cout, k, s, p, groups=g, b=b, max_out=m, backend="reference").to(DT)
     ours.load_state_dict(orig.state_dict())
     orig.set_explanation_mode(detach)
     ours.set_explanation_mode(detach)
@@ -64,7 +64,7 @@ def test_conv_with_scale_matches_original(b):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         orig = original.BcosConv2dWithScale(6, 4, 3, 1, 1, b=b, max_out=2).to(DT)
-    ours = bnn.BcosConv2dWithScale(6, 4, 3, 1, 1, b=b, max_out=2, backend="torch").to(DT)
+    ours = bnn.BcosConv2dWithScale(6, 4, 3, 1, 1, b=b, max_out=2, backend="reference").to(DT)
     ours.load_state_dict(orig.state_dict())
     assert ours.scale == orig.scale
     x = torch.randn(2, 6, 5, 5, dtype=DT)
@@ -77,7 +77,7 @@ def test_conv_with_scale_matches_original(b):
 def test_linear_matches_original(shape, b, max_out, detach):
     original = bcos_module("modules")
     orig = original.BcosLinear(7, 5, b=b, max_out=max_out).to(DT)
-    ours = bnn.BcosLinear(7, 5, b=b, max_out=max_out, backend="torch").to(DT)
+    ours = bnn.BcosLinear(7, 5, b=b, max_out=max_out, backend="reference").to(DT)
     ours.load_state_dict(orig.state_dict())
     orig.set_explanation_mode(detach)
     ours.set_explanation_mode(detach)
@@ -130,7 +130,7 @@ def test_vgg11_bnu_with_our_conv_matches_original():
     norm_layer = modules.norms.NoBias(modules.norms.BatchNormUncentered2d)
     orig = vgg.vgg11_bnu(num_classes=10, norm_layer=norm_layer, conv_layer=modules.BcosConv2d)
     ours = vgg.vgg11_bnu(num_classes=10, norm_layer=norm_layer,
-                         conv_layer=lambda *a, **k: bnn.BcosConv2d(*a, backend="torch", **k))
+                         conv_layer=lambda *a, **k: bnn.BcosConv2d(*a, backend="reference", **k))
     ours.load_state_dict(orig.state_dict())
     # the feature convs' weights (the classifier's 120M weight gradients would take most of a minute)
     pick = lambda model: [m.linear.weight for m in model.features.modules() if hasattr(m, "linear")]  # noqa: E731
@@ -173,7 +173,7 @@ def test_bcosify_matches_original(clamping, b_loss, detach):
     orig.linear.bias = torch.nn.Parameter(torch.randn(6, dtype=DT))  # what from_standard_module does
     orig.b = torch.nn.Parameter(torch.tensor(b_start, dtype=DT))
     ours = bnn.BcosifyConv2d(4, 6, 3, 1, 1, b=2, clamping=clamping, b_loss=b_loss, bias=True,
-                             backend="torch").to(DT)
+                             backend="reference").to(DT)
     ours.b = torch.nn.Parameter(torch.tensor(b_start, dtype=DT))
     ours.load_state_dict(orig.state_dict())
     orig.set_explanation_mode(detach)
@@ -185,7 +185,7 @@ def test_bcosify_matches_original(clamping, b_loss, detach):
     orig_l = lin_cls(7, 3, b=2, clamping=clamping, b_loss=b_loss).to(DT)
     orig_l.linear.bias = torch.nn.Parameter(torch.randn(3, dtype=DT))
     orig_l.b = torch.nn.Parameter(torch.tensor(b_start, dtype=DT))
-    ours_l = bnn.BcosifyLinear(7, 3, bias=True, b=2, clamping=clamping, b_loss=b_loss, backend="torch").to(DT)
+    ours_l = bnn.BcosifyLinear(7, 3, bias=True, b=2, clamping=clamping, b_loss=b_loss, backend="reference").to(DT)
     ours_l.b = torch.nn.Parameter(torch.tensor(b_start, dtype=DT))
     ours_l.load_state_dict(orig_l.state_dict())
     xl = torch.randn(3, 2, 7, dtype=DT)
@@ -198,7 +198,7 @@ def test_bcosify_matches_original(clamping, b_loss, detach):
 def test_v1_matches_original(b, max_out, detach):
     v1 = load_source("bcos_v1", mirror_source("moboehle+B-cos", "modules/bcosconv2d.py"))
     orig = v1.BcosConv2d(5, 4, kernel_size=3, stride=2, padding=1, max_out=max_out, b=b).to(DT)
-    ours = bnn.BcosConv2dV1(5, 4, kernel_size=3, stride=2, padding=1, max_out=max_out, b=b, backend="torch").to(DT)
+    ours = bnn.BcosConv2dV1(5, 4, kernel_size=3, stride=2, padding=1, max_out=max_out, b=b, backend="reference").to(DT)
     ours.load_state_dict(orig.state_dict())
     assert ours.scale == orig.scale
     orig.explanation_mode(detach)

@@ -12,6 +12,7 @@ from bcos_kernels import backends
 from bcos_kernels.ops.bcos_linear import reference as linear_ref
 from bcos_kernels.ops.bcos_conv2d import reference as ref
 from helpers import assert_zero_output_and_finite_grads
+from helpers import conv_fused_args, fused_backward_args, linear_fused_args
 from test_bcos_fused import CONV_SHAPES, LINEAR_SHAPES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,11 +182,11 @@ def test_only_the_requested_gradients():
 
 
 def test_modules_run_the_triton_backend():
-    """nn.BcosConv2d / nn.BcosLinear with backend="triton": same output and weight gradient as backend="torch"."""
+    """nn.BcosConv2d / nn.BcosLinear with backend="triton": same output and weight gradient as backend="reference"."""
     for make, x in [(lambda be: bcos_kernels.nn.BcosConv2d(4, 6, 3, padding=1, max_out=2, backend=be),
                      torch.randn(2, 4, 7, 7)),
                     (lambda be: bcos_kernels.nn.BcosLinear(12, 5, b=2.5, backend=be), torch.randn(3, 4, 12))]:
-        fused, plain = make("triton").to(DEVICE), make("torch").to(DEVICE)
+        fused, plain = make("triton").to(DEVICE), make("reference").to(DEVICE)
         plain.load_state_dict(fused.state_dict())
         outs = []
         for layer in (fused, plain):
@@ -225,23 +226,26 @@ def test_opcheck():
     w = torch.randn(6, 2, 3, 3, device=DEVICE, requires_grad=True)
     bias = torch.randn(6, device=DEVICE, requires_grad=True)
     b = torch.tensor(1.9, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(bcos_conv2d_fused, (x, w, None, None, 2.0, [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False,
-                                              "triton"))
-    torch.library.opcheck(bcos_conv2d_fused, (x, w, bias, b, float("nan"), [2, 1], [0, 1], [1, 2], 2, 1, False, 0.5,
-                                              False, "triton"))
+    torch.library.opcheck(bcos_conv2d_fused, *conv_fused_args(x, w, None, None, 2.0, [1, 1], [1, 1], [1, 1], 2, 3,
+                                                              True, 1.0, False, "triton"))
+    torch.library.opcheck(bcos_conv2d_fused, *conv_fused_args(x, w, bias, b, float("nan"), [2, 1], [0, 1], [1, 2], 2,
+                                                              1, False, 0.5, False, "triton"))
     x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    torch.library.opcheck(bcos_conv2d_fused, (x_cl, w, None, b, float("nan"), [1, 1], [1, 1], [1, 1], 2, 1, True, 1.0,
-                                              False, "triton"))
+    torch.library.opcheck(bcos_conv2d_fused, *conv_fused_args(x_cl, w, None, b, float("nan"), [1, 1], [1, 1], [1, 1],
+                                                              2, 1, True, 1.0, False, "triton"))
     # the backward op on its own: grad x and grad weight keep the layouts of x and the weight
     from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused_backward
     options = [float("nan"), [1, 1], [1, 1], [1, 1], 2, 1, True, 1.0, False, "triton"]
     xd, wd = x_cl.detach(), w.detach().contiguous(memory_format=torch.channels_last)
-    out, lin_max, norm, winner = bcos_conv2d_fused(xd, wd, None, b.detach(), *options)
-    torch.library.opcheck(bcos_conv2d_fused_backward, (torch.randn_like(out), xd, wd, b.detach(), lin_max, norm,
-                                                       winner, *options, [True, True, False, True]))
+    args, kwargs = conv_fused_args(xd, wd, None, b.detach(), *options)
+    out, lin_max, norm, winner = bcos_conv2d_fused(*args, **kwargs)
+    torch.library.opcheck(bcos_conv2d_fused_backward,
+                          *fused_backward_args((torch.randn_like(out), xd, wd, b.detach(), lin_max, norm, winner),
+                                               options, [True, True, False, True]))
     xl = torch.randn(2, 3, 5, device=DEVICE, requires_grad=True)
     wl = torch.randn(8, 5, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(bcos_linear_fused, (xl, wl, None, b, float("nan"), 2, True, 3.0, True, "triton"))
+    torch.library.opcheck(bcos_linear_fused, *linear_fused_args(xl, wl, None, b, float("nan"), 2, True, 3.0, True,
+                                                                 "triton"))
 
 
 def test_compile_keeps_the_fused_op():
@@ -303,9 +307,9 @@ def test_gpu_half_within_twice_the_reference_error(op, dtype):
         g = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(0), device="cuda")
         return [out] + list(torch.autograd.grad(out, [xx, ww], g.to(dtype)))
 
-    exact = outputs(torch.float64, "torch")
+    exact = outputs(torch.float64, "reference")
     ours = outputs(dtype, "triton")
-    theirs = outputs(dtype, "torch")
+    theirs = outputs(dtype, "reference")
     for name, e, a, r in zip(["out", "grad x", "grad w"], exact, ours, theirs):
         err_ours = (a.double() - e).abs().max().item()
         err_ref = (r.double() - e).abs().max().item()

@@ -210,7 +210,7 @@ def test_matches_original(config, train, detach):
     gap = cfg.pop("gap", False)
     std = standard_model(head_before_pool=gap)
     orig = original_bcosified(std, gap=gap, **cfg)
-    ours = bcosify(copy.deepcopy(std), last_layer_name="fc" if gap else None, backend="torch", **cfg)
+    ours = bcosify(copy.deepcopy(std), last_layer_name="fc" if gap else None, backend="reference", **cfg)
 
     # the same distinct b per layer in both (clamping: some below the clamp, where neither gets a gradient)
     orig_b = {n[len("model."):]: p for n, p in orig.named_parameters() if n.endswith(".b")}
@@ -246,12 +246,12 @@ def test_matches_original(config, train, detach):
 @pytest.mark.parametrize("backend", [None, "cpu"])
 @pytest.mark.parametrize("learn_b", [False, True])
 def test_backends_match_reference(backend, learn_b):
-    # the modules get `backend`; the fused CPU path (None: auto) against the reference ("torch"), training mode
+    # the modules get `backend`; the fused CPU path (None: auto) against the reference ("reference"), training mode
     if backend is not None and backend not in bcos_kernels.available_backends("cpu"):
         pytest.skip(f"backend {backend!r} is not available here")
     std = standard_model(head_before_pool=True)
     kwargs = dict(learn_b=learn_b, b=1.5 if learn_b else 2.0, last_layer_name="fc")
-    ref = bcosify(copy.deepcopy(std), backend="torch", **kwargs)
+    ref = bcosify(copy.deepcopy(std), backend="reference", **kwargs)
     ours = bcosify(copy.deepcopy(std), backend=backend, **kwargs)
     assert all(m.backend == backend for m in ours.modules() if isinstance(m, (bnn.BcosifyConv2d, bnn.BcosifyLinear)))
     x = torch.rand(3, 3, 13, 11, dtype=DT)
@@ -277,7 +277,7 @@ def test_b1_with_biases_is_the_standard_model(head_before_pool):
     ours = copy.deepcopy(std)
     ours.head_before_pool = head_before_pool  # a 1x1 conv before the mean pool = the Linear after it, at B = 1
     bcosify(ours, b=1.0, keep_bias=True, maxpool_to_avgpool=False, last_layer_name="fc" if head_before_pool else None,
-            backend="torch")
+            backend="reference")
     x = torch.rand(4, 3, 13, 11, dtype=DT)
     mean = torch.tensor(IMAGENET_MEAN, dtype=DT)[:, None, None]
     stdev = torch.tensor(IMAGENET_STD, dtype=DT)[:, None, None]
@@ -293,7 +293,7 @@ def test_widened_first_conv_on_normalised_encoding_is_the_standard_conv():
     # the identity behind the first-layer widening, at any B: its input [z, -z] has the same patch norms up to
     # sqrt(2), and the same linear part as the standard conv on z
     conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False).to(DT)
-    model = bcosify(nn.Sequential(copy.deepcopy(conv)), b=1.0, backend="torch")
+    model = bcosify(nn.Sequential(copy.deepcopy(conv)), b=1.0, backend="reference")
     z = torch.randn(2, 3, 9, 8, dtype=DT)
     torch.testing.assert_close(model(torch.cat([z, -z], 1)), conv(z), atol=1e-13, rtol=1e-12)
     assert torch.equal(model[0].linear.weight, torch.cat([conv.weight, -conv.weight], 1) / 2)
@@ -305,7 +305,7 @@ def test_without_biases_is_dynamic_linear(train, learn_b):
     # In explanation mode the output is exactly W(x) x with W(x) the input gradient: contributions sum to the logit.
     # Train mode too (the batch statistics are detached, so a sample's gradient comes from its own output).
     ours = bcosify(standard_model(head_before_pool=True), learn_b=learn_b, b=1.7 if learn_b else 2.0,
-                   last_layer_name="fc", backend="torch").train(train)
+                   last_layer_name="fc", backend="reference").train(train)
     set_explanation_mode(ours, True)
     x6 = add_inverse(torch.rand(3, 3, 13, 11, dtype=DT)).requires_grad_(True)
     out = ours(x6)
@@ -402,7 +402,7 @@ def test_cuda_model_stays_on_its_device():
 @pytest.mark.parametrize("b,b_loss,clamping", [(1.0, False, False), (2.0, False, False), (1.0, True, False),
                                                (1.0, False, True), (1.5, True, True)])
 def test_learnable_b(b, b_loss, clamping):
-    ours = bcosify(standard_model(), b=b, learn_b=True, b_loss=b_loss, clamping=clamping, backend="torch")
+    ours = bcosify(standard_model(), b=b, learn_b=True, b_loss=b_loss, clamping=clamping, backend="reference")
     bs = {n: p for n, p in ours.named_parameters() if n.endswith(".b")}
     layers = [m for m in ours.modules() if isinstance(m, (bnn.BcosifyConv2d, bnn.BcosifyLinear))]
     assert len(bs) == len(layers) == 5 and all(m.clamping == clamping and m.b_loss == b_loss for m in layers)
@@ -435,14 +435,14 @@ def test_padding_strings():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.Conv2d(4, 4, (3, 5), padding="same", dilation=2),
                           nn.Conv2d(4, 2, 3, padding="valid")).to(DT)
     ref = copy.deepcopy(model)
-    bcosify(model, b=1.0, keep_bias=True, backend="torch")
+    bcosify(model, b=1.0, keep_bias=True, backend="reference")
     assert model[1].linear.padding == (2, 4) and model[2].linear.padding == (0, 0)
     x = torch.rand(2, 3, 9, 10, dtype=DT)
     torch.testing.assert_close(model(add_inverse(x)), ref(x - 0.5))
 
 
 def test_existing_bcos_modules_are_left_alone():
-    model = bcosify(standard_model(), backend="torch")
+    model = bcosify(standard_model(), backend="reference")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     kinds = [type(m) for m in model.modules()]
     with pytest.warns(UserWarning, match="no nn.Conv2d with 3 input channels"):
@@ -577,13 +577,13 @@ def test_torchvision_resnet18():
     stdev = torch.tensor(IMAGENET_STD, dtype=DT)[:, None, None]
 
     # B = 1 with biases and the max pool kept: the standard network
-    same = bcosify(copy.deepcopy(std), b=1.0, keep_bias=True, maxpool_to_avgpool=False, backend="torch")
+    same = bcosify(copy.deepcopy(std), b=1.0, keep_bias=True, maxpool_to_avgpool=False, backend="reference")
     with torch.no_grad():
         torch.testing.assert_close(same(add_inverse(x, mean=IMAGENET_MEAN, std=IMAGENET_STD)), std((x - mean) / stdev),
                                    atol=1e-10, rtol=1e-10)
 
     # the default conversion: nothing standard left, dynamic linear
-    ours = bcosify(copy.deepcopy(std), backend="torch")
+    ours = bcosify(copy.deepcopy(std), backend="reference")
     assert not standard_layers_left(ours)
     assert ours.conv1.in_channels == 6 and isinstance(ours.maxpool, nn.AvgPool2d)
     set_explanation_mode(ours, True)
@@ -594,7 +594,7 @@ def test_torchvision_resnet18():
 
     if torch.cuda.is_available():
         # the fused GPU path (backend auto) against the reference, fp32
-        ref = bcosify(copy.deepcopy(std), backend="torch").float().cuda()
+        ref = bcosify(copy.deepcopy(std), backend="reference").float().cuda()
         fused = bcosify(copy.deepcopy(std)).float().cuda()
         xc = add_inverse(x.float().cuda())
         expected = ref(xc)
@@ -624,7 +624,7 @@ def test_torchvision_resnet18_gap_reorder_matches_original():
         if hasattr(mod, "bias") and mod.bias is not None:
             mod.bias = None
     net = net.to(DT).eval()
-    ours = bcosify(copy.deepcopy(std), last_layer_name="fc", backend="torch").eval()
+    ours = bcosify(copy.deepcopy(std), last_layer_name="fc", backend="reference").eval()
     x = torch.rand(2, 3, 64, 64, dtype=DT)
     with torch.no_grad():
         torch.testing.assert_close(ours(add_inverse(x, mean=IMAGENET_MEAN, std=IMAGENET_STD)),

@@ -45,7 +45,7 @@ def _case(n, c, h, w, o, k, groups, max_out, dtype, seed=0):
 @pytest.mark.parametrize("detach", [False, True])
 def test_channel_scale_op_matches_reference(backend, case, detach):
     n, c, h, w, o, k, stride, padding, groups, max_out, b = case
-    dtype = F64 if backend in ("torch", "cpu") else torch.float32
+    dtype = F64 if backend in ("reference", "cpu") else torch.float32
     x, weight, scale = _case(n, c, h, w, o, k, groups, max_out, dtype)
     kw = dict(b=b, stride=stride, padding=padding, groups=groups, max_out=max_out, detach=detach)
     results = []
@@ -89,9 +89,9 @@ def _imagenet_resnet18(dtype):
 
 
 # The Triton interpreter would take minutes on a ResNet: it folds the small stack of the next test.
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "cpu")])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("reference", "cpu")])
 def test_folded_resnet_matches_unfolded_original(backend):
-    dtype = F64 if backend in ("torch", "cpu") else torch.float32
+    dtype = F64 if backend in ("reference", "cpu") else torch.float32
     original = _imagenet_resnet18(dtype)
     model = bcos_kernels.convert(copy.deepcopy(original), backend=backend)
     x = torch.rand(2, 6, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(7))
@@ -117,7 +117,7 @@ def test_folded_resnet_matches_unfolded_original(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_folded_small_stack_on_every_backend(backend):
     """conv (MaxOut, groups) -> norm -> conv (stride 2) -> norm with bias -> conv 1x1 -> norm, folded vs unfolded."""
-    dtype = F64 if backend in ("torch", "cpu") else torch.float32
+    dtype = F64 if backend in ("reference", "cpu") else torch.float32
     torch.manual_seed(1)
     model = torch.nn.Sequential(
         bnn.BcosConv2d(6, 8, 3, padding=1, groups=2, max_out=2, backend=backend),
@@ -144,7 +144,7 @@ def test_fold_refuses_a_conv_output_that_goes_elsewhere():
     class Skip(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = bnn.BcosConv2d(4, 4, 3, padding=1, backend="torch")
+            self.conv = bnn.BcosConv2d(4, 4, 3, padding=1, backend="reference")
             self.norm = bnn.BatchNormUncentered2d(4, bias=False)
 
         def forward(self, x):
@@ -160,8 +160,8 @@ def test_fold_refuses_a_conv_output_that_goes_elsewhere():
 
 
 def test_fold_and_unfold_roundtrip_and_warning():
-    model = torch.nn.Sequential(bnn.BcosConv2d(6, 8, 3, backend="torch"), bnn.BatchNormUncentered2d(8, bias=False),
-                                bnn.BcosConv2d(8, 4, 1, backend="torch"), bnn.BatchNormUncentered2d(4))
+    model = torch.nn.Sequential(bnn.BcosConv2d(6, 8, 3, backend="reference"), bnn.BatchNormUncentered2d(8, bias=False),
+                                bnn.BcosConv2d(8, 4, 1, backend="reference"), bnn.BatchNormUncentered2d(4))
     with torch.no_grad():
         for norm in (model[1], model[3]):
             norm.running_var.uniform_(0.5, 2.0)

@@ -53,27 +53,3 @@ def int_pair(name: str, value, *, minimum: int = 1) -> Tuple[int, int]:
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
     return pair  # type: ignore[return-value]
-
-
-# The elementwise ops (LWTA, class-specific gate) accept the same dtypes on each backend; one place for both.
-# dtypes the "triton" backend computes (fp32 only under the interpreter: it has no bf16 arithmetic)
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# dtypes the "cuda" kernels take
-CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def triton_support(x: torch.Tensor) -> Optional[str]:
-    """Why backend "triton" cannot run an elementwise op (LWTA, class-specific gate) on x (None if it can)."""
-    if x.dtype not in TRITON_DTYPES:
-        return f"dtype {x.dtype} is not supported by backend 'triton' (supported: {list(TRITON_DTYPES)})"
-    if x.device.type == "cpu" and x.dtype != torch.float32:
-        return f"the Triton interpreter (CPU tensors) runs float32 only, got {x.dtype}"
-    return None
-
-
-def cuda_support(x: torch.Tensor) -> Optional[str]:
-    """Why backend "cuda" cannot run an elementwise op (LWTA, class-specific gate) on x (None if it can); the
-    device is checked by backends."""
-    if x.dtype not in CUDA_DTYPES:
-        return f"dtype {x.dtype} is not supported by backend 'cuda' (supported: {list(CUDA_DTYPES)})"
-    return None

@@ -38,8 +38,7 @@ import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_like, check_tensor
-from bcos_kernels.ops._checks import cuda_support as _cuda_support
-from bcos_kernels.ops._checks import triton_support as _triton_support
+from bcos_kernels.ops.class_specific_gate import reference as ref
 
 
 def _check_labels(labels, x: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -82,8 +81,9 @@ def class_specific_gate(x: torch.Tensor, mask: torch.Tensor, labels: Optional[to
                              "(the original ResNet skips the gate when it gets no labels)")
     else:
         labels = _check_labels(labels, x, mask.shape[1])
-    name = backends.resolve("class_specific_gate", backend, x.device,
-                            implemented={"triton": lambda: _triton_support(x), "cuda": lambda: _cuda_support(x)})
+    name = backends.resolve("class_specific_gate", backend, x)
+    if name == "reference":
+        return ref.class_specific_gate(x, mask, labels, training=training)
     if not training:
         return x
     return class_specific_gate_op(x, mask, labels, name)
@@ -99,14 +99,6 @@ def _nhwc(x: torch.Tensor) -> bool:
 def _check_backend(backend: str) -> None:
     if backend not in ("torch", "triton", "cuda"):
         raise ValueError(f"bcos_kernels::class_specific_gate: unknown backend {backend!r} (torch, triton, cuda)")
-
-
-def _check_cuda_call(op: str, x: torch.Tensor) -> None:
-    """The custom ops take backend "cuda" for CUDA tensors only (the front door says so before this; a direct
-    call on other tensors would otherwise end in torch's "no kernel for CPU" error)."""
-    reason = backends.device_reason("cuda", x.device)
-    if reason is not None:
-        raise ValueError(f"{op}: unknown backend 'cuda' here: {reason}")
 
 
 # backend "cuda": the extension's ops (csrc/cuda/csg_cuda.cu) read a contiguous or a channels_last x in place and
@@ -154,7 +146,7 @@ def class_specific_gate_op(x: torch.Tensor, mask: torch.Tensor, labels: torch.Te
         from bcos_kernels.ops.class_specific_gate import triton as kernels  # imported on first use
         return kernels.gate_forward(x, mask, labels, _nhwc(x))
     if backend == "cuda":
-        _check_cuda_call("bcos_kernels::class_specific_gate", x)
+        backends.check_device("class_specific_gate", "cuda", x.device)
         return _cuda_forward(x, mask, labels)
     out = torch.empty_like(x)
     torch.mul(x, _gathered(mask, labels, x.dim()), out=out)
@@ -175,7 +167,7 @@ def class_specific_gate_backward_op(grad_out: torch.Tensor, x: Optional[torch.Te
     channels_last if ``nhwc`` else contiguous; grad_mask (C, num_classes) contiguous; both in grad_out's dtype.
     x is needed for grad_mask, mask for grad_x."""
     if backend == "cuda":
-        _check_cuda_call("bcos_kernels::class_specific_gate_backward", grad_out)
+        backends.check_device("class_specific_gate", "cuda", grad_out.device)
         return _cuda_backward(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask)
     if backend != "triton":
         raise ValueError(f"bcos_kernels::class_specific_gate_backward: unknown backend {backend!r} (triton, cuda)")

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
-from bcos_kernels.ops.dau_conv2d.reference import NORMS, bias_to_filters, default_padding, expand_to_filters
+from bcos_kernels.ops.dau_conv2d.reference import (NORMS, bias_to_filters, dau_conv2d_original, default_padding,
+                                                   expand_to_filters)
 
 __all__ = ["dau_conv2d"]
 
@@ -88,52 +89,15 @@ def dau_conv2d(x, rank_weight, expand_weight, expand_bias=None, *, kernel_size, 
             raise ValueError(f"x {name} {x.shape[2 + i]} plus padding {padding[i]} is smaller than "
                              f"kernel_size {kernel_size}")
 
-    name = backends.resolve("dau_conv2d", backend, x.device,
-                            implemented={"triton": lambda: _triton_reason(x, kernel_size, stride, padding),
-                                         "cuda": lambda: _cuda_reason(x, rank)})
+    ho, wo = _out_size(x, kernel_size, list(stride), list(padding))
+    name = backends.resolve("dau_conv2d", backend, x, rank=rank,
+                            pixels=max(x.shape[0] * ho * wo, x.shape[0] * x.shape[2] * x.shape[3]))
+    if name == "reference":
+        return dau_conv2d_original(x, rank_weight, expand_weight, expand_bias, kernel_size=kernel_size,
+                                   stride=stride, padding=padding, norm=norm, detach=detach)
     out, _, _ = dau_conv2d_op(x, rank_weight, expand_weight, expand_bias, kernel_size, list(stride),
                               list(padding), norm, detach, name)
     return out
-
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _triton_reason(x: torch.Tensor, kernel_size: int, stride, padding) -> Optional[str]:
-    """Why backend "triton" cannot run this call (None if it can); the device is checked by backends."""
-    if x.dtype not in TRITON_DTYPES:
-        return f"dtype {x.dtype} is not supported (float16, bfloat16, float32)"
-    if x.device.type != "cuda" and x.dtype != torch.float32:
-        # the interpreter has no bf16 arithmetic; fp16 is left to the GPU as well
-        return f"the Triton interpreter (CPU tensors) runs float32 only, got {x.dtype}"
-    # The kernels index pixels in int32 (memory offsets are int64).
-    ho, wo = _out_size(x, kernel_size, list(stride), list(padding))
-    if max(x.shape[0] * ho * wo, x.shape[0] * x.shape[2] * x.shape[3]) >= 2 ** 31:
-        return "more than 2**31 - 1 pixels (N*H*W) in one call"
-    return None
-
-
-# Backend "cuda": every float dtype the kernels take; the rank is bounded by their shared-memory tiles, which
-# hold R = rank (+ 1 with a bias) <= 512 entries per pixel (kDauMaxRank in csrc/cuda/kernels.h).
-CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CUDA_MAX_RANK = 511
-
-
-def _cuda_reason(x: torch.Tensor, rank: int) -> Optional[str]:
-    """Why backend "cuda" cannot run this call (None if it can); the device is checked by backends."""
-    if x.dtype not in CUDA_DTYPES:
-        return f"dtype {x.dtype} is not supported (float16, bfloat16, float32, float64)"
-    if rank > CUDA_MAX_RANK:
-        return f"rank {rank} is larger than {CUDA_MAX_RANK} (the CUDA kernels' per-pixel tiles hold rank + 1 entries)"
-    return None
-
-
-def _check_cuda_call(op: str, x: torch.Tensor) -> None:
-    """The custom ops take backend "cuda" for CUDA tensors only (the front door says so before this; a direct
-    call of the op on other tensors would otherwise end in torch's "no kernel for CPU" error)."""
-    reason = backends.device_reason("cuda", x.device)
-    if reason is not None:
-        raise ValueError(f"{op}: unknown backend 'cuda' here: {reason}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,7 +188,7 @@ def dau_conv2d_op(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: tor
         return triton_dau.dau_forward(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding,
                                       norm)
     if backend == "cuda":
-        _check_cuda_call("bcos_kernels::dau_conv2d", x)
+        backends.check_device("dau_conv2d", "cuda", x.device)
         return _cuda_forward(x, rank_weight, expand_weight, expand_bias, kernel_size, stride, padding, norm)
     if backend != "torch":
         raise ValueError(f"dau_conv2d_op: unknown backend {backend!r}")
@@ -400,7 +364,7 @@ def dau_conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, rank_weight:
     """Gradients for (x, rank_weight, expand_weight, expand_bias) of a fused backend's forward; an empty tensor
     where ``needs`` is False. A custom op of its own so that compiled graphs keep the kernels opaque."""
     if backend == "cuda":
-        _check_cuda_call("bcos_kernels::dau_conv2d_backward", x)
+        backends.check_device("dau_conv2d", "cuda", x.device)
         grads = _cuda_backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, kernel_size, stride,
                                padding, norm, detach, list(needs))
         return tuple(x.new_empty(0) if t is None else t for t in grads)

@@ -91,8 +91,6 @@ import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_tensor, positive_int
-from bcos_kernels.ops._checks import cuda_support as _cuda_support
-from bcos_kernels.ops._checks import triton_support as _triton_support
 from bcos_kernels.ops.lwta import reference as ref
 
 TEST_TEMPERATURE = ref.TEST_TEMPERATURE
@@ -140,8 +138,10 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
             raise ValueError(f"noise is on {noise.device} but x is on {x.device}; they must be on the same device")
         if noise.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"noise must have dtype float32 or x's dtype {x.dtype}, got {noise.dtype}")
-    name = backends.resolve("lwta", backend, x.device, implemented={"triton": lambda: _triton_support(x),
-                                                                     "cuda": lambda: _cuda_support(x)})
+    name = backends.resolve("lwta", backend, x)
+    if name == "reference":
+        return ref.lwta(x, competitors, temperature=temperature, deterministic=deterministic, training=training,
+                        noise=noise)
     seed = None
     if deterministic:
         noise = None
@@ -211,14 +211,6 @@ def _check_backend(backend: str, seed: Optional[torch.Tensor]) -> None:
         raise ValueError(f"bcos_kernels::lwta: unknown backend {backend!r} (torch, triton, cuda)")
     if seed is not None and backend == "torch":
         raise ValueError("bcos_kernels::lwta: a seed needs backend 'triton' or 'cuda' (backend 'torch' takes noise)")
-
-
-def _check_cuda_call(op: str, x: torch.Tensor) -> None:
-    """The custom ops take backend "cuda" for CUDA tensors only (the front door says so before this; a direct
-    call on other tensors would otherwise end in torch's "no kernel for CPU" error)."""
-    reason = backends.device_reason("cuda", x.device)
-    if reason is not None:
-        raise ValueError(f"{op}: unknown backend 'cuda' here: {reason}")
 
 
 # Backend "cuda": the kernels read x as (outer, C, inner) in contiguous memory, blocks along C. A channels_last
@@ -299,7 +291,7 @@ def lwta_op(x: torch.Tensor, competitors: int, temperature: float, noise: Option
         from bcos_kernels.ops.lwta import triton as kernels  # imported on first use
         return kernels.lwta_forward(x, competitors, temperature, noise, seed, _nhwc(x))
     if backend == "cuda":
-        _check_cuda_call("bcos_kernels::lwta", x)
+        backends.check_device("lwta", "cuda", x.device)
         return _cuda_forward(x, competitors, temperature, noise, seed)
     ct = _compute_dtype(x, noise)
     xb, axis = _block_view(x, competitors)
@@ -333,7 +325,7 @@ def lwta_backward_op(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: O
     """d L / d x of a fused backend's forward (channels_last if ``nhwc`` else contiguous). x is None in
     deterministic mode (neither noise nor seed): the winner is all that gradient needs."""
     if backend == "cuda":
-        _check_cuda_call("bcos_kernels::lwta_backward", grad_out)
+        backends.check_device("lwta", "cuda", grad_out.device)
         return _cuda_backward(grad_out, x, noise, seed, winner, competitors, temperature, nhwc)
     if backend != "triton":
         raise ValueError(f"bcos_kernels::lwta_backward: unknown backend {backend!r} (triton, cuda)")
