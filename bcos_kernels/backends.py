@@ -179,12 +179,10 @@ def call_reason(op: str, backend: str, x: torch.Tensor, **facts) -> Optional[str
     reason = BACKENDS[backend].unavailable(x.device)
     if reason is not None:
         return reason
-    dtypes = support.dtypes
-    if backend == "triton" and x.device.type == "cpu":
-        dtypes = tuple(d for d in dtypes if d in TRITON_INTERPRETER_DTYPES)
-    if x.dtype not in dtypes:
-        where = " under the Triton interpreter (CPU tensors)" if dtypes is not support.dtypes else ""
-        return f"dtype {x.dtype} is not supported by backend {backend!r}{where} (supported: {list(dtypes)})"
+    if x.dtype not in support.dtypes:
+        return f"dtype {x.dtype} is not supported by backend {backend!r} (supported: {list(support.dtypes)})"
+    if backend == "triton" and x.device.type == "cpu" and x.dtype not in TRITON_INTERPRETER_DTYPES:
+        return f"the Triton interpreter (CPU tensors) runs float32 only, got {x.dtype}"
     return support.limits(**facts) if support.limits is not None else None
 
 
@@ -209,11 +207,16 @@ def _warn_once(op: str, chosen: str, reason: str) -> None:
                       stacklevel=4)
 
 
+def check_name(name) -> None:
+    """``name`` must be None, "auto" or a backend of BACKENDS."""
+    if name is not None and (not isinstance(name, str) or (name != "auto" and name not in BACKENDS)):
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)} or None, got {name!r}")
+
+
 def resolve(op: str, requested: Optional[str], x: torch.Tensor, **facts) -> str:
     """The backend that runs this call of ``op`` on x (see the module docstring)."""
     name = requested if requested is not None else os.environ.get(ENV_VAR) or "auto"
-    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
-        raise ValueError(f"backend must be one of {('auto', *BACKENDS)} or None, got {name!r}")
+    check_name(name)
     if name != "auto":
         if name not in OPS[op]:
             raise ValueError(f"bcos_kernels.{op}: backend {name!r} does not implement this op "
@@ -232,4 +235,6 @@ def resolve(op: str, requested: Optional[str], x: torch.Tensor, **facts) -> str:
                 _warn_once(op, candidate, "; ".join(reasons))
             return candidate
         reasons.append(f"{candidate}: {reason}")
-    return "reference"
+    last = "torch" if "torch" in OPS[op] else "reference"  # both run everything
+    _warn_once(op, last, "; ".join(reasons))
+    return last

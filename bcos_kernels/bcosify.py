@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from bcos_kernels.backends import BACKENDS
+from bcos_kernels import backends
 from bcos_kernels.nn.bcos import BcosConv2d, BcosConv2dV1, BcosifyConv2d, BcosifyLinear, BcosLinear
 from bcos_kernels.nn.norms import BatchNormUncentered2d
 
@@ -411,8 +411,7 @@ def bcosify(model: nn.Module, b: float = 2.0, *, learn_b: bool = False, clamping
         raise TypeError(f"add_channels must be True, False or the name of a conv, got {add_channels!r}")
     if last_layer_name is not None and not isinstance(last_layer_name, str):
         raise TypeError(f"last_layer_name must be None or the name of an nn.Linear, got {last_layer_name!r}")
-    if backend is not None and backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS} or None, got {backend!r}")
+    backends.check_name(backend)
 
     plan = _Plan(model, add_channels, last_layer_name, keep_bias, maxpool_to_avgpool, keep_relu)
     if plan.left_alone:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from bcos_kernels import nn as ours
-from bcos_kernels.backends import BACKENDS
+from bcos_kernels import backends
 
 __all__ = ["convert"]
 
@@ -219,8 +219,7 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     ``CoDAConv2d(DAUWeights)``; DISCOVER's LWTA; CSGCNN's LearnableMaskLayer. Everything else is untouched, so
     outputs and gradients are those of the original model (up to floating-point rounding).
     """
-    if backend is not None and backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS} or None, got {backend!r}")
+    backends.check_name(backend)
     explicit = backend not in (None, "auto")
     done: Dict[int, nn.Module] = {}   # a layer used at several places is converted once
     left: List[str] = []

@@ -98,7 +98,7 @@ def test_limits_and_interpreter_dtypes_give_reasons():
     cuda_limits = backends.OPS["dau_conv2d"]["cuda"].limits
     assert "rank 512" in cuda_limits(rank=512) and cuda_limits(rank=511) is None
     if backends.triton_importable() and backends.triton_interpreting():
-        assert "Triton interpreter" in backends.call_reason("lwta", "triton", x.double())
+        assert "Triton interpreter" in backends.call_reason("lwta", "triton", x.half())
         assert backends.call_reason("dau_conv2d", "triton", x, pixels=2**31) == \
             "more than 2**31 - 1 pixels (N*H*W) in one call"
         assert backends.call_reason("dau_conv2d", "triton", x, pixels=4) is None

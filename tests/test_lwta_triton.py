@@ -347,8 +347,10 @@ def test_explicit_triton_raises_with_the_reason():
         lwta(torch.randn(2, 9, device=DEVICE), 2, backend="triton")
     with pytest.raises(ValueError, match="seed needs backend 'triton'"):
         torch.ops.bcos_kernels.lwta.default(torch.randn(2, 8), 2, 1.0, None, torch.tensor([1]), "torch")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run here"):
         torch.ops.bcos_kernels.lwta.default(torch.randn(2, 8), 2, 1.0, None, None, "cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        torch.ops.bcos_kernels.lwta.default(torch.randn(2, 8), 2, 1.0, None, None, "bogus")
 
 
 def test_auto_falls_back_with_a_warning(monkeypatch):
