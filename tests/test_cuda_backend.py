@@ -44,6 +44,7 @@ from bcos_kernels.ops.lwta import reference as lwta_ref
 from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original
 from helpers import assert_lwta_matches_reference_given_noise, assert_lwta_noise_grad_and_x_layouts
 from helpers import assert_lwta_output_matches as _assert_lwta_output_matches
+from helpers import conv_fused_args, fused_backward_args, linear_fused_args
 from helpers import csg_inputs as _csg_inputs
 from helpers import fwd_bwd as _fwd_bwd
 from helpers import lwta_inputs as _lwta_inputs
@@ -289,8 +290,8 @@ def _assert_within_twice_the_reference(errors, what):
 # Everywhere: the table, the errors for CPU tensors, the glue's layouts against the fakes.
 # ---------------------------------------------------------------------------------------------------------------
 def test_every_op_lists_backend_cuda():
-    for op, fused in backends.OP_BACKENDS.items():
-        assert "cuda" in fused, op
+    for op, implemented in backends.OPS.items():
+        assert "cuda" in implemented, op
 
 
 def _front_door_calls():
@@ -306,7 +307,7 @@ def _front_door_calls():
     }
 
 
-@pytest.mark.parametrize("op", sorted(backends.OP_BACKENDS))
+@pytest.mark.parametrize("op", sorted(backends.OPS))
 def test_front_door_rejects_cpu_tensors_with_the_reason(op):
     with pytest.raises(ValueError, match=f"bcos_kernels.{op}: backend 'cuda' cannot run this call: "
                                          "backend 'cuda' needs CUDA tensors, got device cpu"):
@@ -335,21 +336,19 @@ def test_custom_ops_reject_cpu_tensors():
             x, x, torch.rand(4, 2), labels, 2, False, True, True, "cuda"),
     }
     for name, call in calls.items():
-        with pytest.raises(ValueError, match=f"bcos_kernels::{name}: unknown backend 'cuda' here: backend 'cuda' "
+        op = name.removesuffix("_backward")
+        with pytest.raises(ValueError, match=f"bcos_kernels.{op}: backend 'cuda' cannot run here: backend 'cuda' "
                                              "needs CUDA tensors"):
             call()
 
 
 def test_capability_reasons():
     """What backend "cuda" cannot run, besides the device: the DAU rank is bounded by the kernels' tiles."""
-    x = torch.randn(1, 2, 3, 3)
-    assert dau_ops._cuda_reason(x, dau_ops.CUDA_MAX_RANK) is None
-    assert "rank 512" in dau_ops._cuda_reason(x, dau_ops.CUDA_MAX_RANK + 1)
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        xd = x.to(dtype)
-        assert dau_ops._cuda_reason(xd, 3) is None
-        assert lwta_ops._cuda_support(xd) is None
-        assert csg_ops._cuda_support(xd) is None
+    limits = backends.OPS["dau_conv2d"]["cuda"].limits
+    assert limits(rank=backends.DAU_CUDA_MAX_RANK) is None
+    assert "rank 512" in limits(rank=backends.DAU_CUDA_MAX_RANK + 1)
+    for op in ("dau_conv2d", "lwta", "class_specific_gate"):
+        assert set(backends.OPS[op]["cuda"].dtypes) == {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
 
 def test_lwta_seed_comes_from_the_cpu_generator():
@@ -531,17 +530,18 @@ def test_bcos_bf16_within_twice_the_reference_error(dev, b):
 
 def _conv_backward_args(args):
     """The arguments of bcos_conv2d_fused_backward for the forward call with ``args``."""
-    out, lin_max, norm, winner = bcos_conv_ops.bcos_conv2d_fused(*args)
+    out, lin_max, norm, winner = bcos_conv_ops.bcos_conv2d_fused(*conv_fused_args(*args)[0],
+                                                                 **conv_fused_args(*args)[1])
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     bw = [torch.randn_like(out), detached[0], detached[1], detached[3], lin_max.detach(), norm, winner]
-    return bw + detached[4:] + [[True, True, args[2] is not None, args[3] is not None]]
+    return fused_backward_args(bw, detached[4:], [True, True, args[2] is not None, args[3] is not None])
 
 
 def test_bcos_conv_backward_fake_layout_for_channels_last(dev):
     x = torch.randn(2, 4, 6, 5, device=dev).contiguous(memory_format=torch.channels_last)
     args = [x, torch.randn(6, 2, 3, 3, device=dev), None, None, 2.0, [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False,
             "cuda"]
-    torch.library.opcheck(bcos_conv_ops.bcos_conv2d_fused_backward, _conv_backward_args(args))
+    torch.library.opcheck(bcos_conv_ops.bcos_conv2d_fused_backward, *_conv_backward_args(args))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -560,13 +560,13 @@ def test_bcos_opcheck(dev, layout):
     ]
     for args in conv_cases:
         args = [a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args] + ["cuda"]
-        torch.library.opcheck(bcos_conv_ops.bcos_conv2d_fused, args)
-        torch.library.opcheck(bcos_conv_ops.bcos_conv2d_fused_backward, _conv_backward_args(args))
+        torch.library.opcheck(bcos_conv_ops.bcos_conv2d_fused, *conv_fused_args(*args))
+        torch.library.opcheck(bcos_conv_ops.bcos_conv2d_fused_backward, *_conv_backward_args(args))
     xl = torch.randn(2, 3, 5, generator=gen).to(dev).requires_grad_(True)
     wl = torch.randn(8, 5, generator=gen).to(dev).requires_grad_(True)
     for args in [(xl, wl, None, None, 2.0, 2, True, 1.0, False, "cuda"),
                  (xl, wl, None, bt.clone().requires_grad_(True), float("nan"), 1, False, 3.0, True, "cuda")]:
-        torch.library.opcheck(bcos_linear_ops.bcos_linear_fused, args)
+        torch.library.opcheck(bcos_linear_ops.bcos_linear_fused, *linear_fused_args(*args))
 
 
 # ---------------------------------------------------------------------------------------------------------------
