@@ -5,23 +5,19 @@
 #      C++20 (the standard torch's own build uses), with torch's nvcc defines (no implicit half conversions)
 #      and warnings as errors;
 #   2. a syntax-only C++20 compile of the torch glue csrc/cuda/ops_cuda.cpp against the installed torch's
-#      headers (CUDA builds of torch ship the same c10/cuda headers) and the CUDA toolkit's;
-#   3. the kernels compiled as C++ for the host emulation (csrc/tests/cuda_host_emulation.h) and run against
-#      the CPU ops and the Python references (csrc/tests/test_cuda_emulation.py).
-# Steps 2 and 3 need a Python with torch (3 also the built bcos_kernels); they are skipped, with a message,
-# where it is missing.  Without nvcc everything is skipped (exit 0), with a message.
+#      headers (CUDA builds of torch ship the same c10/cuda headers) and the CUDA toolkit's.
+# Step 2 needs a Python with torch; it is skipped, with a message, where it is missing.  Without nvcc
+# everything is skipped (exit 0), with a message.  The kernels' host-side launch logic is tested by ctest
+# (csrc/tests/test_launch_geometry.cpp); the kernels themselves only on a GPU (tests/test_cuda_backend.py).
 #
-#   scripts/check_cuda.sh [--no-emulation]      NVCC=/path/to/nvcc overrides the nvcc on PATH
+#   scripts/check_cuda.sh      NVCC=/path/to/nvcc overrides the nvcc on PATH
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUN_EMULATION=1
-for arg in "$@"; do
-  case "$arg" in
-    --no-emulation) RUN_EMULATION=0 ;;
-    *) echo "usage: $0 [--no-emulation]" >&2; exit 2 ;;
-  esac
-done
+if [[ $# -ne 0 ]]; then
+  echo "usage: $0" >&2
+  exit 2
+fi
 
 NVCC=${NVCC:-$(command -v nvcc || true)}
 if [[ -z "$NVCC" || ! -x "$NVCC" ]]; then
@@ -79,24 +75,3 @@ else
     -I csrc "${glue_includes[@]}" -isystem "$CUDA_INCLUDE" csrc/cuda/ops_cuda.cpp
 fi
 
-if [[ $RUN_EMULATION -eq 0 ]]; then
-  echo "== host emulation: skipped (--no-emulation)"
-  exit 0
-fi
-if ! "$PY" -c "import torch, bcos_kernels._C" 2>/dev/null; then
-  echo "== host emulation: bcos_kernels is not built for $PY: skipping (run scripts/install.sh first)"
-  exit 0
-fi
-echo "== host emulation: build the kernels as C++ and run them against the CPU ops and the references"
-EMU_FLAGS=(-std=c++20 -O1 -fPIC -pthread -DBCOS_CUDA_HOST_EMULATION -Wall -Wextra -Werror -Wno-unknown-pragmas
-           -I csrc -isystem "$CUDA_INCLUDE")
-emu_objs=()
-for src in csrc/cuda/*.cu; do
-  obj="$WORK/emu_$(basename "$src" .cu).o"
-  "$CXX" -x c++ "${EMU_FLAGS[@]}" -c "$src" -o "$obj"
-  emu_objs+=("$obj")
-done
-"$CXX" "${EMU_FLAGS[@]}" -c csrc/tests/cuda_emulation_api.cpp -o "$WORK/emu_api.o"
-"$CXX" -shared -pthread -o "$WORK/libbcos_cuda_emulation.so" "${emu_objs[@]}" "$WORK/emu_api.o"
-BCOS_CUDA_EMULATION_LIB="$WORK/libbcos_cuda_emulation.so" "$PY" -m pytest csrc/tests/test_cuda_emulation.py -q \
-  -p no:cacheprovider

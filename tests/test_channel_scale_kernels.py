@@ -13,8 +13,8 @@ machine:
   has CUDA kernels (the same op, its CUDA implementation) and there ``bcos_conv_scale_forward``;
 * "triton": ``bcos_kernels.ops.bcos_conv2d.triton.fused_forward(..., channel_scale=...)`` (the interpreter without a GPU: tiny fp32
   shapes);
-* the CUDA kernels without a GPU run through the host emulation in csrc/tests/test_cuda_emulation.py
-  (scripts/check_cuda.sh), not here.
+* the CUDA kernels only where a GPU is present (without one, scripts/check_cuda.sh compiles them and the C++
+  test csrc/tests/test_launch_geometry.cpp checks their launch geometry).
 
 Each is compared with the same kernel's unscaled output times channel_scale[None, :, None, None] (bit for bit in
 fp32/fp64: it is one multiply of the same value) and with a plain float64 PyTorch formula; lin_max, the norms and
@@ -34,7 +34,7 @@ HAS_CPU_EXT = backends.cpu_extension() is not None
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_REASON = backends.device_reason("triton", TRITON_DEVICE)
 CUDA_OP_REASON = backends.device_reason("cuda", torch.device("cuda")) if torch.cuda.is_available() else \
-    "needs a GPU (without one the CUDA kernels are checked by the host emulation, scripts/check_cuda.sh)"
+    "needs a GPU (without one, scripts/check_cuda.sh compiles the CUDA kernels)"
 
 needs_cpu_ext = pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension bcos_kernels._C is not built")
 if HAS_CPU_EXT:

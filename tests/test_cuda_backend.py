@@ -1,32 +1,21 @@
 """Backend "cuda" (the extension's CUDA kernels, csrc/cuda) of every op against the reference.
 
-Three tiers:
+Two tiers:
 
 * everywhere: the backend table, the errors for CPU tensors, and the layouts of the Python glue's outputs against
   the fake impls (the glue run on meta tensors: no GPU needed);
 * with a GPU and an extension built with CUDA (``backends.device_reason("cuda", ...)`` is None): forward and every
   gradient against the reference (fp32 within 1e-4 of fp64 with TF32 off; bf16 by the 2x-reference-error rule),
   awkward shapes, layouts, LWTA's noise (explicit: the reference; seeded: reproducible), CSG determinism, opcheck
-  of every custom op and torch.compile(fullgraph=True);
-* without a GPU, the same device tests run on CPU tensors when BCOS_CUDA_EMULATION_LIB names the host emulation of
-  the kernels (csrc/tests/cuda_emulation_api.cpp, built the way scripts/check_cuda.sh builds it): the CUDA-only
-  ops then get CPU kernels that call the emulated launchers with the conventions of csrc/cuda/ops_cuda.cpp, and
-  backend "cuda" is allowed on CPU tensors. That checks the Python glue (and these tests) without a GPU -- not
-  the C++ glue (only compiled there), device numerics or speed. To build the library (CUDA_INC: the toolkit's
-  include directory, for cuda_runtime_api.h):
+  of every custom op and torch.compile(fullgraph=True).  Elsewhere these are skipped with the reason.
 
-      for f in csrc/cuda/*.cu csrc/tests/cuda_emulation_api.cpp; do
-        g++ -x c++ -std=c++20 -O1 -fPIC -pthread -DBCOS_CUDA_HOST_EMULATION -I csrc -isystem "$CUDA_INC" \
-            -c "$f" -o "/tmp/emu/$(basename "$f").o"; done
-      g++ -shared -pthread -o /tmp/emu/libbcos_cuda_emulation.so /tmp/emu/*.o
-      BCOS_CUDA_EMULATION_LIB=/tmp/emu/libbcos_cuda_emulation.so pytest tests/test_cuda_backend.py
+The kernels' host-side launch logic (grid sizes, workspaces) is tested without a GPU by ctest
+(csrc/tests/test_launch_geometry.cpp).
 """
 from __future__ import annotations
 
 import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -59,174 +48,20 @@ bcos_linear_ops = importlib.import_module("bcos_kernels.ops.bcos_linear")
 
 F64 = torch.float64
 TOL = 1e-4  # DESIGN.md section 4: fp32 vs the fp64 reference
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMULATION_LIB = os.environ.get("BCOS_CUDA_EMULATION_LIB")
-
 if torch.cuda.is_available():
     DEVICE = torch.device("cuda")
     SKIP_REASON = backends.device_reason("cuda", DEVICE)
-    MODE = "gpu" if SKIP_REASON is None else None
-elif EMULATION_LIB and os.path.exists(EMULATION_LIB) and backends.cpu_extension() is not None:
-    DEVICE, SKIP_REASON, MODE = torch.device("cpu"), None, "emulation"
 else:
     DEVICE = torch.device("cpu")
-    SKIP_REASON = (backends.device_reason("cuda", torch.device("cuda")) or "no CUDA device") + \
-        " (and BCOS_CUDA_EMULATION_LIB does not name the host emulation of the kernels)"
-    MODE = None
-on_gpu = pytest.mark.skipif(MODE != "gpu", reason="needs a GPU (the host emulation has no device numerics)")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The host emulation: CPU kernels for the CUDA-only ops, mirroring csrc/cuda/ops_cuda.cpp (checks left to it).
-# ---------------------------------------------------------------------------------------------------------------
-def _register_emulation() -> torch.library.Library:
-    sys.path.insert(0, os.path.join(ROOT, "csrc", "tests"))
-    emu = importlib.import_module("test_cuda_emulation")  # ctypes wrappers of the emulation library
-    lib = torch.library.Library("bcos_kernels", "IMPL")
-    code = emu.DTYPE_CODE
-    ptr, i64s, check, acc = emu.ptr, emu.i64s, emu.check, emu.acc_dtype
-
-    def nhwc(t):
-        return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-    def conv_scale_forward(lin, x, kernel_size, stride, padding, dilation, groups, b, b_is_tensor, max_out, scale,
-                           channel_scale=None):
-        mode = emu.scale_mode(b, b_is_tensor)
-        if mode == "one":
-            out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(lin, x.new_empty(0), b, b_is_tensor,
-                                                                             max_out, scale, channel_scale)
-            return out, lin_max, winner, x.new_empty(0)
-        geom, ho, wo = emu.geometry(x, kernel_size, stride, padding, dilation, groups)
-        lin = lin.contiguous()
-        n, om, p = lin.shape
-        o = om // max_out
-        shape = (n, o, p) if max_out > 1 else (0,)
-        norm = x.new_empty((n, groups, ho, wo))
-        out, lin_max = lin.new_empty((n, o, p)), lin.new_empty(shape)
-        winner = lin.new_empty(shape, dtype=torch.uint8)
-        sq = x.new_empty((n, groups, x.shape[2], x.shape[3]), dtype=acc(x.dtype))
-        check(emu.lib.emu_bcos_conv_scale_forward(
-            code[x.dtype], ptr(lin), ptr(x), i64s(x.stride()), int(nhwc(x)), i64s(geom), ptr(sq), ptr(norm), ptr(out),
-            ptr(lin_max), ptr(winner), ptr(channel_scale),
-            i64s([n, o, max_out, p, groups]), emu.MODES[mode], b, scale))
-        return out, lin_max, winner, norm
-
-    def dau_forward(y, z, gram, norm):
-        npix, o, r, big_r = z.shape[0], gram.shape[0], z.shape[1], gram.shape[1]
-        out, s = y.new_empty((npix, o)), y.new_empty((npix, o), dtype=acc(y.dtype))
-        if npix:
-            gram = gram.contiguous()
-            check(emu.lib.emu_dau_forward(code[y.dtype], ptr(y), i64s(y.stride()), ptr(z), i64s(z.stride()),
-                                          ptr(gram), npix, o, r, big_r, 0 if norm == "squash" else 1, ptr(out),
-                                          ptr(s)))
-        return out, s
-
-    def dau_backward(grad_out, y, z, s, gram, norm, detach, need_dz, need_dy, need_m):
-        npix, o, r, big_r = z.shape[0], gram.shape[0], z.shape[1], gram.shape[1]
-        ad = acc(y.dtype)
-        dz = y.new_empty((npix, r) if need_dz else (0,))
-        dy = y.new_empty((npix, o * big_r) if need_dy else (0,))
-        m = y.new_empty((o, big_r, big_r) if need_m else (0,), dtype=ad)
-        if need_dz or need_dy or need_m:
-            nc = 0 if norm == "squash" else 1
-            ws = y.new_empty(emu.lib.emu_dau_backward_workspace_elems(npix, o, r, big_r, nc, int(need_m)), dtype=ad)
-            gram = gram.contiguous()
-            check(emu.lib.emu_dau_backward(code[y.dtype], ptr(grad_out), i64s(grad_out.stride()), ptr(y),
-                                           i64s(y.stride()), ptr(z), i64s(z.stride()), ptr(s), i64s(s.stride()),
-                                           ptr(gram), npix, o, r, big_r, nc, int(detach), ptr(dz), ptr(dy), ptr(m),
-                                           ptr(ws)))
-        return dz, dy, m
-
-    def lwta_noise(noise, deterministic):
-        return None if deterministic or noise is None else noise.contiguous()
-
-    def lwta_forward(x, competitors, temperature, deterministic, noise, seed, offset):
-        x = x.contiguous()
-        noise = lwta_noise(noise, deterministic)
-        shape, wshape = emu.lwta_shape(x, competitors)
-        out, winner = torch.empty_like(x), x.new_empty(wshape, dtype=torch.uint8)
-        if x.numel():
-            check(emu.lib.emu_lwta_forward(code[x.dtype], ptr(x), ptr(noise), code[noise.dtype] if noise is not None
-                                           else 0, i64s(shape), competitors, temperature, int(deterministic), seed,
-                                           offset, ptr(out), ptr(winner)))
-        return out, winner
-
-    def lwta_backward(grad_out, x, winner, competitors, temperature, deterministic, noise, seed, offset):
-        x, grad_out, winner = x.contiguous(), grad_out.contiguous(), winner.contiguous()
-        noise = lwta_noise(noise, deterministic)
-        shape, _ = emu.lwta_shape(x, competitors)
-        grad_x = torch.empty_like(x)
-        if x.numel():
-            check(emu.lib.emu_lwta_backward(code[x.dtype], ptr(grad_out), ptr(x), ptr(winner), ptr(noise),
-                                            code[noise.dtype] if noise is not None else 0, i64s(shape), competitors,
-                                            temperature, int(deterministic), seed, offset, ptr(grad_x)))
-        return grad_x
-
-    def lwta_uniform(x, seed, offset):
-        u = torch.empty(x.shape, dtype=torch.float32)
-        if u.numel():
-            check(emu.lib.emu_lwta_uniform(ptr(u), u.numel(), seed, offset))
-        return u
-
-    def csg_problem(t, k):
-        return i64s([t.shape[0], t.shape[1], t.shape[2] * t.shape[3] if t.dim() == 4 else 1, k])
-
-    def csg_forward(x, mask, labels):
-        fmt = torch.channels_last if nhwc(x) else torch.contiguous_format
-        cl = nhwc(x)
-        x = x.contiguous(memory_format=fmt) if x.dim() == 4 else x.contiguous()
-        out = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
-        if out.numel():
-            check(emu.lib.emu_csg_forward(code[x.dtype], ptr(x), ptr(mask.contiguous()), ptr(labels.contiguous()),
-                                          csg_problem(x, mask.shape[1]), int(cl), ptr(out)))
-        return out
-
-    def csg_backward(grad_out, x, mask, labels, num_classes, need_x, need_mask):
-        cl = nhwc(grad_out)
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        grad_out = grad_out.contiguous(memory_format=fmt) if grad_out.dim() == 4 else grad_out.contiguous()
-        if need_mask:
-            x = x.contiguous(memory_format=fmt) if x.dim() == 4 else x.contiguous()
-        grad_x = torch.empty(grad_out.shape if need_x else (0,), dtype=grad_out.dtype,
-                             memory_format=fmt if need_x else torch.contiguous_format)
-        grad_mask = grad_out.new_empty((grad_out.shape[1], num_classes) if need_mask else (0,))
-        per_sample = grad_out.new_empty((grad_out.shape[0], grad_out.shape[1]) if need_mask else (0,),
-                                        dtype=acc(grad_out.dtype))
-        if (need_x or need_mask) and grad_out.numel():
-            check(emu.lib.emu_csg_backward(code[grad_out.dtype], ptr(grad_out), ptr(x) if need_mask else None,
-                                           ptr(mask.contiguous()) if need_x else None, ptr(labels.contiguous()),
-                                           csg_problem(grad_out, num_classes), int(cl), ptr(grad_x),
-                                           ptr(grad_mask), ptr(per_sample)))
-        return grad_x, grad_mask
-
-    for name, fn in [("bcos_conv_scale_forward", conv_scale_forward), ("dau_combine_forward", dau_forward),
-                     ("dau_combine_backward", dau_backward), ("lwta_block_forward", lwta_forward),
-                     ("lwta_block_backward", lwta_backward), ("lwta_uniform", lwta_uniform),
-                     ("csg_gate_forward", csg_forward), ("csg_gate_backward", csg_backward)]:
-        lib.impl(name, fn, "CPU")
-    return lib
-
-
-@pytest.fixture(scope="module")
-def _emulation():
-    """The CPU registrations live as long as this module's tests: other modules keep torch's "no CPU kernel"."""
-    if MODE != "emulation":
-        yield
-        return
-    lib = _register_emulation()
-    yield
-    lib._destroy()
+    SKIP_REASON = backends.device_reason("cuda", torch.device("cuda")) or "no CUDA device"
+ON_GPU = SKIP_REASON is None
 
 
 @pytest.fixture
-def dev(_emulation, monkeypatch):
+def dev(monkeypatch):
     """The device of the backend "cuda" tests (skips without one); TF32 off for the 1e-4 fp32 contract."""
-    if MODE is None:
-        pytest.skip(SKIP_REASON)
-    if MODE == "emulation":
-        real = backends.device_reason
-        monkeypatch.setattr(backends, "device_reason",
-                            lambda b, d: None if b == "cuda" and d.type == "cpu" else real(b, d))
+    if not ON_GPU:
+        pytest.skip(f"backend cuda unavailable: {SKIP_REASON}")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     return DEVICE
@@ -865,7 +700,7 @@ def fresh_dynamo():
 
 
 def _compile_backends():
-    return ["aot_eager", "inductor"] if MODE == "gpu" else ["aot_eager"]
+    return ["aot_eager", "inductor"] if ON_GPU else ["aot_eager"]
 
 
 def _module_grads(module, x, *extra):

@@ -196,42 +196,8 @@ struct Geometry {
   int64_t Wpad() const { return std::max(pw + W, (Wo - 1) * sw + (kw - 1) * dw + 1); }
 };
 
-std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* name, int64_t minimum) {
-  TORCH_CHECK(v.size() == 2, name, " must have 2 elements, got ", v.size());
-  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, name, " must be >= ", minimum, ", got ", v);
-  return {v[0], v[1]};
-}
-
-Geometry make_geometry(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "x must have 4 dimensions (N, C, H, W), got shape ", x.sizes());
-  Geometry g{};
-  std::tie(g.kh, g.kw) = pair_arg(kernel_size, "kernel_size", 1);
-  std::tie(g.sh, g.sw) = pair_arg(stride, "stride", 1);
-  std::tie(g.ph, g.pw) = pair_arg(padding, "padding", 0);
-  std::tie(g.dh, g.dw) = pair_arg(dilation, "dilation", 1);
-  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.G = groups;
-  TORCH_CHECK(g.C % groups == 0, "x has ", g.C, " channels, which is not divisible by groups=", groups);
-  g.Cg = g.C / groups;
-  const int64_t span_h = g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1;
-  const int64_t span_w = g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1;
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, "the (dilated) kernel ", kernel_size,
-              " is larger than the padded input of x (", g.H, " x ", g.W, ", padding ", padding, ")");
-  g.Ho = span_h / g.sh + 1;
-  g.Wo = span_w / g.sw + 1;
-  return g;
-}
-
-// The layout a (N, C, H, W) tensor is processed in: native NCHW, native
-// channels_last, or anything else made NCHW-contiguous.
-bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
+using bcos_checks::make_geometry;
+using bcos_checks::use_channels_last;
 
 // ---------------------------------------------------------------------------
 // patch_norm, pass 1: sq[n, g, h, w] = sum over the channels of group g of x^2.
@@ -836,7 +802,7 @@ at::Tensor patch_norm(const at::Tensor& x_in, at::IntArrayRef kernel_size, at::I
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_cpu(x_in, "x");
   check_float_dtype(x_in, "x");
-  const Geometry g = make_geometry(x_in, kernel_size, stride, padding, dilation, groups);
+  const Geometry g = make_geometry<Geometry>(x_in, kernel_size, stride, padding, dilation, groups);
   const bool cl = use_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   at::Tensor norm = at::empty({g.N, g.G, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -865,7 +831,7 @@ at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor&
   check_cpu(grad_norm_in, "grad_norm");
   check_cpu(norm_in, "norm");
   check_float_dtype(x_in, "x");
-  const Geometry g = make_geometry(x_in, kernel_size, stride, padding, dilation, groups);
+  const Geometry g = make_geometry<Geometry>(x_in, kernel_size, stride, padding, dilation, groups);
   const std::vector<int64_t> norm_shape{g.N, g.G, g.Ho, g.Wo};
   TORCH_CHECK(grad_norm_in.sizes() == at::IntArrayRef(norm_shape), "grad_norm must have shape ", norm_shape,
               ", got ", grad_norm_in.sizes());

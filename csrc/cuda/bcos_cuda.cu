@@ -159,28 +159,11 @@ __global__ void mul_by_group_kernel(const T* __restrict__ x, Strides4 xs, const 
 
 // ---------------------------------------------------------------------------
 // Dynamic scale.  A block works on one unit = (n, norm group, tile of TP
-// positions) at a time: threadIdx.x walks the positions of the tile (TP = 32
-// when P >= 32: coalesced rows), threadIdx.y the output channels of the group
-// (TY = 256 / TP of them in parallel, each thread every TY-th channel).
+// positions) at a time (scale_grid): threadIdx.x walks the positions of the
+// tile (TP = 32 when P >= 32: coalesced rows), threadIdx.y the output channels
+// of the group (TY = 256 / TP of them in parallel, each thread every TY-th channel).
 // ---------------------------------------------------------------------------
-struct ScaleLaunch {
-  dim3 block;
-  unsigned int grid;
-  int64_t ptiles;  // tiles of TP positions
-  int64_t units;   // N * groups * ptiles
-};
-
-ScaleLaunch scale_launch(const ScaleProblem& s) {
-  int tp = 1;
-  while (tp < 32 && tp < s.P) tp *= 2;
-  ScaleLaunch l;
-  l.block = dim3(static_cast<unsigned int>(tp), static_cast<unsigned int>(kThreads / tp), 1);
-  const int64_t groups = s.mode == bcos_math::kModeOne ? 1 : s.G;
-  l.ptiles = div_up(s.P, tp);
-  l.units = s.N * groups * l.ptiles;
-  l.grid = grid_for(l.units, 1);
-  return l;
-}
+dim3 block_of(const ScaleGrid& l) { return dim3(l.block_x, l.block_y, 1); }
 
 // The forward value in each mode (b - 1 and 1 / scale precomputed by the caller).
 template <int kMode, typename A>
@@ -377,13 +360,13 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const double* __
 
 template <typename T, int kMode, bool kNormFromSq>
 cudaError_t launch_scale_forward(ScaleForwardArgs args, const ScaleProblem& s, cudaStream_t stream) {
-  const ScaleLaunch l = scale_launch(s);
+  const ScaleGrid l = scale_grid(s);
   args.ptiles = l.ptiles;
   args.units = l.units;
   if (args.channel_scale != nullptr) {
-    return launch_kernel(scale_forward_kernel<T, kMode, kNormFromSq, true>, l.grid, l.block, 0, stream, args);
+    return launch_kernel(scale_forward_kernel<T, kMode, kNormFromSq, true>, l.grid, block_of(l), 0, stream, args);
   }
-  return launch_kernel(scale_forward_kernel<T, kMode, kNormFromSq, false>, l.grid, l.block, 0, stream, args);
+  return launch_kernel(scale_forward_kernel<T, kMode, kNormFromSq, false>, l.grid, block_of(l), 0, stream, args);
 }
 
 template <typename T, bool kNormFromSq>
@@ -402,12 +385,6 @@ cudaError_t launch_sum_squares(const T* x, Strides4 xs, bool channels_last, cons
   const int64_t total = g.N * g.G * g.H * g.W;
   return launch_kernel(sum_squares_kernel<T>, grid_for(total, kThreads), kThreads, 0, stream, x, xs, g, channels_last,
                        static_cast<acc_t<T>*>(sq));
-}
-
-bool valid_problem(const ScaleProblem& s) {
-  if (s.N < 0 || s.O < 0 || s.P < 0 || s.M < 1 || s.M > 255 || s.G < 1) return false;
-  if (s.mode != bcos_math::kModeOne && s.O % s.G != 0) return false;
-  return s.scale != 0.0;
 }
 
 }  // namespace
@@ -515,7 +492,7 @@ cudaError_t bcos_conv_scale_forward(DType dtype, const void* lin, const void* x,
   });
 }
 
-int64_t bcos_scale_backward_partials(const ScaleProblem& s) { return scale_launch(s).grid; }
+int64_t bcos_scale_backward_partials(const ScaleProblem& s) { return detail::scale_grid(s).grid; }
 
 cudaError_t bcos_scale_backward(DType dtype, const void* grad_out, const void* lin_max, const void* norm,
                                 const uint8_t* winner, void* grad_lin, void* grad_norm, void* grad_b,
@@ -525,7 +502,7 @@ cudaError_t bcos_scale_backward(DType dtype, const void* grad_out, const void* l
   const bool need_db = grad_b != nullptr;
   if (need_dn && (detach || s.mode == bcos_math::kModeOne)) return cudaErrorInvalidValue;
   if (need_db && s.mode != bcos_math::kModeGeneral) return cudaErrorInvalidValue;
-  const ScaleLaunch l = scale_launch(s);
+  const detail::ScaleGrid l = detail::scale_grid(s);
   ScaleBackwardArgs args{};
   args.grad_out = grad_out;
   args.lin_max = lin_max;
@@ -557,7 +534,7 @@ cudaError_t bcos_scale_backward(DType dtype, const void* grad_out, const void* l
     auto run = [&](auto mode_c, auto detach_c, auto dn_c, auto db_c) {
       return launch_kernel(scale_backward_kernel<T, decltype(mode_c)::value, decltype(detach_c)::value,
                                                  decltype(dn_c)::value, decltype(db_c)::value>,
-                           l.grid, l.block, 0, stream, args);
+                           l.grid, block_of(l), 0, stream, args);
     };
     using One = std::integral_constant<int, bcos_math::kModeOne>;
     using Two = std::integral_constant<int, bcos_math::kModeTwo>;

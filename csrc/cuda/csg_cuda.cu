@@ -48,7 +48,6 @@ __global__ void __launch_bounds__(kThreads) csg_backward_rows_kernel(const T* __
                                                                      T* __restrict__ grad_x,
                                                                      acc_t<T>* __restrict__ per_sample) {
   using A = acc_t<T>;
-  constexpr int kWarp = 32;
   const int lane = threadIdx.x % kWarp;
   const int64_t warps_per_block = blockDim.x / kWarp;
   const int64_t rows = p.N * p.C;
@@ -127,8 +126,6 @@ __global__ void __launch_bounds__(kThreads) csg_mask_grad_kernel(const acc_t<T>*
   }
 }
 
-bool valid_problem(const CsgProblem& p) { return p.N >= 0 && p.C >= 0 && p.HW >= 0 && p.K >= 1; }
-
 }  // namespace
 
 cudaError_t csg_forward(DType dtype, const void* x, const void* mask, const int64_t* labels, const CsgProblem& p,
@@ -157,14 +154,14 @@ cudaError_t csg_backward(DType dtype, const void* grad_out, const void* x, const
       if (p.HW == 0) {
         // empty feature maps: nothing to gate, the per-sample sums are 0
         if (per_sample != nullptr) err = cudaMemsetAsync(per_sample, 0, rows * sizeof(A), stream);
-      } else if (p.channels_last || p.HW == 1) {
+      } else if (csg_backward_by_columns(p)) {
         // (N, HW, C); also (N, C) inputs (HW == 1), where both layouts agree
-        err = launch_kernel(csg_backward_cols_kernel<T>, grid_for(rows, kThreads), kThreads, 0, stream,
+        err = launch_kernel(csg_backward_cols_kernel<T>, csg_backward_grid(p), kThreads, 0, stream,
                             static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const T*>(mask),
                             labels, p, static_cast<T*>(grad_x), per_sample);
       } else {
         // (N, C, HW): a warp per row
-        err = launch_kernel(csg_backward_rows_kernel<T>, grid_for(rows, kThreads / 32), kThreads, 0, stream,
+        err = launch_kernel(csg_backward_rows_kernel<T>, csg_backward_grid(p), kThreads, 0, stream,
                             static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const T*>(mask),
                             labels, p, static_cast<T*>(grad_x), per_sample);
       }

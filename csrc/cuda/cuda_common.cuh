@@ -4,15 +4,12 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#if defined(BCOS_CUDA_HOST_EMULATION)
-#include "tests/cuda_host_emulation.h"
-#else
 #include <cuda_runtime.h>
-#endif
 
 #include <cstdint>
 
 #include "cuda/kernels.h"
+#include "cuda/launch_geometry.h"
 
 namespace bcos_kernels {
 namespace cuda {
@@ -82,45 +79,21 @@ cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
   return cudaErrorInvalidValue;
 }
 
-__host__ __device__ inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-constexpr int kThreads = 256;
-// Cap on the number of blocks of a launch; kernels loop over the remaining
-// work (grid-stride).  A constant, not a function of the device, so that
-// the partition of every reduction depends only on the shapes.
-constexpr int64_t kMaxBlocks = 16384;
-
-inline unsigned int grid_for(int64_t work_items, int64_t items_per_block) {
-  const int64_t blocks = div_up(work_items, items_per_block);
-  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
-}
-
 // Launches kernel<<<grid, block, smem_bytes, stream>>>(args...) and returns
-// the launch status.  All launches go through here so that the host
-// emulation of the tests (csrc/tests/cuda_host_emulation.h, which runs the
-// kernels' threads on the CPU) can replace this one body.
+// the launch status (cudaGetLastError()).
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
                           Args... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "launch_kernel: wrong number of kernel arguments");
-#if defined(BCOS_CUDA_HOST_EMULATION)
-  (void)stream;
-  return bcos_emulation::launch(kernel, grid, block, smem_bytes, static_cast<Params>(args)...);
-#else
   kernel<<<grid, block, smem_bytes, stream>>>(static_cast<Params>(args)...);
   return cudaGetLastError();
-#endif
 }
 
 // The block's dynamic shared memory (the smem_bytes of the launch) as A[].
 template <typename A>
 __device__ __forceinline__ A* dynamic_shared() {
-#if defined(BCOS_CUDA_HOST_EMULATION)
-  return reinterpret_cast<A*>(bcos_emulation::dynamic_shared_memory());
-#else
   extern __shared__ __align__(16) unsigned char dynamic_smem[];
   return reinterpret_cast<A*>(dynamic_smem);
-#endif
 }
 
 // Fixed-shape tree sum of kThreads values in shared memory; the result is in

@@ -20,10 +20,8 @@ namespace {
 
 using namespace detail;
 
-constexpr int kPix = 8;             // pixels per tile of the forward / backward (1)
-constexpr int kUnitThreads = 128;   // threads over the DAUs of a tile
-constexpr int64_t kMaxChunks = 64;  // pixel chunks of the M reduction
-constexpr int64_t kMinChunk = 256;  // pixels per chunk at least
+constexpr int kPix = kDauPix;
+constexpr int kUnitThreads = kDauUnitThreads;
 
 struct DauArgs {
   Matrix grad_out, y, z, s;
@@ -185,19 +183,6 @@ __global__ void __launch_bounds__(kThreads) dau_backward_m_sum_kernel(const A* _
   }
 }
 
-void chunking(const DauProblem& d, int64_t* chunks, int64_t* chunk_len) {
-  int64_t c = div_up(d.P, kMinChunk);
-  c = c < 1 ? 1 : (c > kMaxChunks ? kMaxChunks : c);
-  *chunks = c;
-  *chunk_len = div_up(d.P, c);
-}
-
-bool valid_problem(const DauProblem& d) {
-  if (d.P < 0 || d.O < 0 || d.r < 1 || d.R > kDauMaxRank) return false;
-  if (d.R != d.r && d.R != d.r + 1) return false;
-  return d.norm == bcos_math::kDauSquash || d.norm == bcos_math::kDauL2;
-}
-
 DauArgs make_args(Matrix y, Matrix z, const void* gram, const DauProblem& d) {
   DauArgs a{};
   a.y = y;
@@ -211,8 +196,6 @@ DauArgs make_args(Matrix y, Matrix z, const void* gram, const DauProblem& d) {
   return a;
 }
 
-size_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
-
 }  // namespace
 
 cudaError_t dau_forward(DType dtype, Matrix y, Matrix z, const void* gram, const DauProblem& d, void* out, void* s,
@@ -222,18 +205,14 @@ cudaError_t dau_forward(DType dtype, Matrix y, Matrix z, const void* gram, const
   DauArgs a = make_args(y, z, gram, d);
   a.out = out;
   a.s_out = s;
-  const size_t smem = kPix * d.R * acc_size(dtype);
+  const size_t smem = kPix * d.R * detail::acc_size(dtype);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return launch_kernel(dau_forward_kernel<T>, grid_for(d.P, kPix), kUnitThreads, smem, stream, a);
   });
 }
 
-int64_t dau_backward_workspace_elems(const DauProblem& d, bool need_m) {
-  int64_t chunks, chunk_len;
-  chunking(d, &chunks, &chunk_len);
-  return 2 * d.P * d.O + (need_m ? chunks * d.O * d.R * d.R : 0);
-}
+int64_t dau_backward_workspace_elems(const DauProblem& d, bool need_m) { return detail::dau_workspace_elems(d, need_m); }
 
 cudaError_t dau_backward(DType dtype, Matrix grad_out, Matrix y, Matrix z, Matrix s, const void* gram,
                          const DauProblem& d, bool detach, void* dz, void* dy, void* m, void* workspace,
@@ -247,8 +226,10 @@ cudaError_t dau_backward(DType dtype, Matrix grad_out, Matrix y, Matrix z, Matri
   a.dz = dz;
   a.dy = dy;
   a.m = m;
-  chunking(d, &a.chunks, &a.chunk_len);
-  const size_t acc_bytes = acc_size(dtype);
+  const detail::DauChunks chunks = detail::dau_chunking(d);
+  a.chunks = chunks.chunks;
+  a.chunk_len = chunks.chunk_len;
+  const size_t acc_bytes = detail::acc_size(dtype);
   a.dnum = workspace;
   a.dq = static_cast<unsigned char*>(workspace) + d.P * d.O * acc_bytes;
   a.m_part = static_cast<unsigned char*>(workspace) + 2 * d.P * d.O * acc_bytes;
@@ -269,7 +250,7 @@ cudaError_t dau_backward(DType dtype, Matrix grad_out, Matrix y, Matrix z, Matri
         launch_kernel(dau_backward_unit_kernel<T>, grid_for(d.P, kPix), kUnitThreads, kPix * d.R * sizeof(A), stream, a);
     if (err != cudaSuccess) return err;
     if (dz != nullptr) {
-      const int ppt = d.R >= kThreads ? 1 : kThreads / d.R;
+      const int ppt = dau_za_pixels_per_tile(d.R);
       err = launch_kernel(dau_backward_za_kernel<T>, grid_for(d.P, ppt), kThreads, ppt * d.R * sizeof(A), stream, a,
                           ppt);
       if (err != cudaSuccess) return err;

@@ -23,25 +23,14 @@
 
 #include <cstdint>
 
+#include "cuda/problems.h"
+
 namespace bcos_kernels {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 // ---------------------------------------------------------------------------
 // B-cos (semantics: csrc/common/bcos_math.h and the CPU kernels).
 // ---------------------------------------------------------------------------
-
-// Geometry of a convolution's patches on x (N, C, H, W), groups G.
-struct PatchGeometry {
-  int64_t N, C, H, W, G, Cg, Ho, Wo;
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-};
-
-// Element strides of a 4-D tensor (N, C, H, W).
-struct Strides4 {
-  int64_t n, c, h, w;
-};
 
 // norm (N, G, Ho, Wo) contiguous = sqrt(sum over the patch and the group's
 // channels of x^2 + 1e-6).  x: any strides; x_channels_last says which
@@ -57,16 +46,6 @@ cudaError_t patch_norm(DType dtype, const void* x, Strides4 x_strides, bool x_ch
 cudaError_t patch_norm_backward(DType dtype, const void* grad_norm, const void* norm, const void* x,
                                 Strides4 x_strides, void* grad_x, Strides4 grad_x_strides, bool channels_last,
                                 const PatchGeometry& g, void* r_workspace, cudaStream_t stream);
-
-// Shapes of the dynamic scale: lin (N, O * M, P) contiguous (channel o * M + m
-// is MaxOut unit m of output o), norm (N, G, P) contiguous with G dividing O
-// (output o uses norm group o / (O / G)).  mode: bcos_math::ScaleMode.
-struct ScaleProblem {
-  int64_t N, O, M, P, G;
-  int mode;
-  double b;      // b (not b - 1)
-  double scale;  // output divisor (1 for v2)
-};
 
 // out (N, O, P) = dynamic scale of the MaxOut of lin; with M > 1 also lin_max
 // (N, O, P) and winner (uint8, the first maximal unit).  norm is unused
@@ -105,21 +84,6 @@ cudaError_t bcos_scale_backward(DType dtype, const void* grad_out, const void* l
 // DAU epilogue (semantics: csrc/common/dau_math.h).  Pixel-major 2-D tensors
 // (rows = pixels), each with its own row and column strides.
 // ---------------------------------------------------------------------------
-struct Matrix {
-  const void* data;
-  int64_t row_stride, col_stride;
-};
-
-struct DauProblem {
-  int64_t P;  // pixels
-  int64_t O;  // DAUs
-  int r;      // rank (columns of z)
-  int R;      // r + 1 with a bias (za gets a constant 1 appended), else r
-  int norm;   // bcos_math::DauNorm
-};
-
-// Largest R the kernels accept (their shared-memory tiles scale with R).
-constexpr int kDauMaxRank = 512;
 
 // y: (P, O * R), column o * R + q = response q of DAU o;  z: (P, r);
 // gram: (O, R, R) contiguous acc.  Writes out (P, O) contiguous (dtype) and
@@ -147,13 +111,6 @@ cudaError_t dau_backward(DType dtype, Matrix grad_out, Matrix y, Matrix z, Matri
 // index in x) is noise[i] when noise is non-null (dtype noise_dtype, float32
 // or x's), else bcos_math::lwta_uniform(seed, offset, i).
 // ---------------------------------------------------------------------------
-struct LwtaProblem {
-  int64_t outer, C, inner;
-  int U;
-  double temperature;
-  bool deterministic;
-  uint64_t seed, offset;
-};
 
 cudaError_t lwta_forward(DType dtype, const void* x, const void* noise, DType noise_dtype, const LwtaProblem& p,
                          void* out, uint8_t* winner, cudaStream_t stream);
@@ -170,10 +127,6 @@ cudaError_t lwta_uniform(float* u, int64_t numel, uint64_t seed, uint64_t offset
 // labels (N,) int64.  A label outside [0, K) gives NaN (never an
 // out-of-bounds read); the front door checks the range.
 // ---------------------------------------------------------------------------
-struct CsgProblem {
-  int64_t N, C, HW, K;
-  bool channels_last;
-};
 
 // out = x * mask[c, labels[n]] (also the gradient w.r.t. x, with x := grad_out).
 cudaError_t csg_forward(DType dtype, const void* x, const void* mask, const int64_t* labels, const CsgProblem& p,

@@ -52,12 +52,8 @@ struct LwtaArgs {
   bool deterministic;
 };
 
-// Element index of unit 0 of block `idx` ((outer, C / U, inner) order).
 __device__ __forceinline__ int64_t block_base(const LwtaArgs& a, int64_t idx, int U) {
-  const int64_t blocks = a.C / U;
-  const int64_t b = idx % a.inner;
-  const int64_t t = idx / a.inner;
-  return ((t / blocks) * a.C + (t % blocks) * U) * a.inner + b;
+  return lwta_block_base(a.C, a.inner, idx, U);
 }
 
 // Calls fn(logit) with logit(k) = (g_k + x_k) / T: from registers when U is
@@ -140,11 +136,6 @@ __global__ void __launch_bounds__(kThreads) lwta_uniform_kernel(float* __restric
   }
 }
 
-bool valid_problem(const LwtaProblem& p) {
-  if (p.U < 1 || p.U > 256 || p.outer < 0 || p.C < 0 || p.inner < 0 || p.C % p.U != 0) return false;
-  return p.deterministic || p.temperature > 0.0;
-}
-
 LwtaArgs make_args(const LwtaProblem& p) {
   LwtaArgs a{};
   a.outer = p.outer;
@@ -177,7 +168,7 @@ cudaError_t dispatch_noise_and_units(const void* noise, DType dtype, DType noise
 cudaError_t lwta_forward(DType dtype, const void* x, const void* noise, DType noise_dtype, const LwtaProblem& p,
                          void* out, uint8_t* winner, cudaStream_t stream) {
   if (!valid_problem(p)) return cudaErrorInvalidValue;
-  const int64_t total = p.outer * (p.C / p.U) * p.inner;
+  const int64_t total = lwta_blocks(p);
   if (total == 0) return cudaSuccess;
   LwtaArgs a = make_args(p);
   a.x = x;
@@ -195,7 +186,7 @@ cudaError_t lwta_forward(DType dtype, const void* x, const void* noise, DType no
 cudaError_t lwta_backward(DType dtype, const void* grad_out, const void* x, const uint8_t* winner, const void* noise,
                           DType noise_dtype, const LwtaProblem& p, void* grad_x, cudaStream_t stream) {
   if (!valid_problem(p)) return cudaErrorInvalidValue;
-  const int64_t total = p.outer * (p.C / p.U) * p.inner;
+  const int64_t total = lwta_blocks(p);
   if (total == 0) return cudaSuccess;
   LwtaArgs a = make_args(p);
   a.x = x;

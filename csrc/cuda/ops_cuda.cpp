@@ -29,6 +29,8 @@ namespace cuda_ops {
 namespace {
 
 namespace kc = bcos_kernels::cuda;
+using bcos_checks::make_geometry;
+using bcos_checks::use_channels_last;
 
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
@@ -68,50 +70,13 @@ cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentC
 // ---------------------------------------------------------------------------
 // B-cos.
 // ---------------------------------------------------------------------------
-std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* name, int64_t minimum) {
-  TORCH_CHECK(v.size() == 2, name, " must have 2 elements, got ", v.size());
-  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, name, " must be >= ", minimum, ", got ", v);
-  return {v[0], v[1]};
-}
-
-kc::PatchGeometry make_geometry(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "x must have 4 dimensions (N, C, H, W), got shape ", x.sizes());
-  kc::PatchGeometry g{};
-  std::tie(g.kh, g.kw) = pair_arg(kernel_size, "kernel_size", 1);
-  std::tie(g.sh, g.sw) = pair_arg(stride, "stride", 1);
-  std::tie(g.ph, g.pw) = pair_arg(padding, "padding", 0);
-  std::tie(g.dh, g.dw) = pair_arg(dilation, "dilation", 1);
-  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.G = groups;
-  TORCH_CHECK(g.C % groups == 0, "x has ", g.C, " channels, which is not divisible by groups=", groups);
-  g.Cg = g.C / groups;
-  const int64_t span_h = g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1;
-  const int64_t span_w = g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1;
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, "the (dilated) kernel ", kernel_size,
-              " is larger than the padded input of x (", g.H, " x ", g.W, ", padding ", padding, ")");
-  g.Ho = span_h / g.sh + 1;
-  g.Wo = span_w / g.sw + 1;
-  return g;
-}
-
 kc::Strides4 strides4(const at::Tensor& t) { return kc::Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
-// NHWC memory (channels_last but not NCHW-contiguous): the kernels then walk
-// channels fastest, and patch_norm_backward returns channels_last, as on CPU.
-bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 at::Tensor patch_norm(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_cuda(x, "x");
   const kc::DType dt = dtype_of(x, "x");
-  const kc::PatchGeometry g = make_geometry(x, kernel_size, stride, padding, dilation, groups);
+  const kc::PatchGeometry g = make_geometry<kc::PatchGeometry>(x, kernel_size, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor norm = at::empty({g.N, g.G, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (norm.numel() == 0) return norm;
@@ -128,7 +93,7 @@ at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor&
   check_same_device(grad_norm_in, "grad_norm", x, "x");
   check_same_device(norm_in, "norm", x, "x");
   const kc::DType dt = dtype_of(x, "x");
-  const kc::PatchGeometry g = make_geometry(x, kernel_size, stride, padding, dilation, groups);
+  const kc::PatchGeometry g = make_geometry<kc::PatchGeometry>(x, kernel_size, stride, padding, dilation, groups);
   const std::vector<int64_t> norm_shape{g.N, g.G, g.Ho, g.Wo};
   TORCH_CHECK(grad_norm_in.sizes() == at::IntArrayRef(norm_shape), "grad_norm must have shape ", norm_shape,
               ", got ", grad_norm_in.sizes());
@@ -225,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bcos_conv_scale_forwa
   check_cuda(x, "x");
   check_same_device(lin_in, "lin", x, "x");
   check_same_dtype(lin_in, "lin", x, "x");
-  const kc::PatchGeometry g = make_geometry(x, kernel_size, stride, padding, dilation, groups);
+  const kc::PatchGeometry g = make_geometry<kc::PatchGeometry>(x, kernel_size, stride, padding, dilation, groups);
   TORCH_CHECK(lin_in.dim() == 3 && lin_in.size(0) == g.N && lin_in.size(2) == g.Ho * g.Wo,
               "lin must have shape (", g.N, ", out_channels * max_out, ", g.Ho * g.Wo, ") for this x and geometry, got ",
               lin_in.sizes());

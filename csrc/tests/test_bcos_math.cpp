@@ -13,16 +13,12 @@
 #include <limits>
 
 #include "common/bcos_math.h"
+#include "tests/test_harness.h"
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
 void check(bool ok, const char* what, double got, double want, double b, double l, double n) {
-  ++g_checks;
-  if (!ok) {
-    ++g_failures;
+  if (!bcos_test::count(ok)) {
     std::printf("FAIL %-28s got % .17g want % .17g  (b=%g l=%g n=%g)\n", what, got, want, b, l, n);
   }
 }
@@ -240,12 +236,6 @@ void test_apply_channel_scale() {
 }  // namespace
 
 int main() {
-  test_forward_and_derivatives();
-  test_zero_inputs();
-  test_float_transcendentals();
-  test_float_matches_double();
-  test_two_mode_is_bitwise();
-  test_apply_channel_scale();
-  std::printf("%d checks, %d failures\n", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return bcos_test::run({test_forward_and_derivatives, test_zero_inputs, test_float_transcendentals,
+                         test_float_matches_double, test_two_mode_is_bitwise, test_apply_channel_scale});
 }

@@ -17,16 +17,12 @@
 #include "common/dau_math.h"
 #include "common/lwta_math.h"
 #include "common/philox.h"
+#include "tests/test_harness.h"
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
 void check(bool ok, const char* what, double got, double want) {
-  ++g_checks;
-  if (!ok) {
-    ++g_failures;
+  if (!bcos_test::count(ok)) {
     std::printf("FAIL %-40s got % .17g want % .17g\n", what, got, want);
   }
 }
@@ -225,12 +221,6 @@ void test_dau_pixel() {
 }  // namespace
 
 int main() {
-  test_philox();
-  test_gumbel();
-  test_lwta_choice();
-  test_lwta_backward();
-  test_dau_scale();
-  test_dau_pixel();
-  std::printf("%d checks, %d failures\n", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return bcos_test::run(
+      {test_philox, test_gumbel, test_lwta_choice, test_lwta_backward, test_dau_scale, test_dau_pixel});
 }
