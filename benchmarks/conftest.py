@@ -11,10 +11,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import DEVICE, RECORDS, SMOKE, baseline_description  # noqa: E402
+from harness import DEVICE, MIN_RUN_TIME_S, RECORDS, SMOKE, baseline_description  # noqa: E402
 from report import render_text, table_rows  # noqa: E402
 
 _START = time.perf_counter()
+# What median_ms / iqr_ms are (bcos_kernels.timing.measure's two timers).
+TIMING = (("triton.testing.do_bench" if DEVICE.type == "cuda" else "torch.utils.benchmark.Timer.blocked_autorange")
+          + f", min_run_time_s={MIN_RUN_TIME_S}: median and interquartile range of the per-call times in ms")
 
 
 def device_name() -> str:
@@ -43,6 +46,7 @@ def _results(tr):
         "date": datetime.date.today().isoformat(),
         "smoke": SMOKE,
         "threads": torch.get_num_threads(),
+        "timing": TIMING,
         "duration_s": round(time.perf_counter() - _START, 1),
         "baselines": baseline_description(),
         "records": [r.__dict__ for r in RECORDS],

@@ -1,7 +1,11 @@
 """Timing and memory measurement shared by the benchmark suites.
 
-Time: the median over rounds of one call (perf_counter around the call,
-followed by torch.cuda.synchronize() on the GPU), measured by pytest-benchmark.
+Time ("median_ms", "iqr_ms"): bcos_kernels.timing.measure, i.e.
+torch.utils.benchmark.Timer.blocked_autorange on the CPU and triton.testing.do_bench
+(CUDA events) on the GPU: the median and interquartile range of the per-call times.
+Modes: "fwd" one forward; "fwd+bwd" a forward and its backward; "bwd" the backward
+of ONE forward, replayed with retain_graph=True (neither timer has an untimed
+per-call setup, and our autograd functions keep what they need in save_for_backward).
 Memory ("peak_mem_mb"):
   - GPU: torch.cuda.max_memory_allocated() during one forward+backward, minus
     what was allocated before it (inputs and parameters excluded);
@@ -22,6 +26,7 @@ from typing import Callable, List, Sequence
 import torch
 
 import bcos_kernels
+from bcos_kernels.timing import Timing, measure
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from originals import bcos_installed, torchvision_installed  # noqa: E402
@@ -37,6 +42,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 # torch.compile of the baseline: skipped in smoke runs (compiling takes far longer than a smoke run may).
 COMPILE = not SMOKE
+# How long measure() samples each case: a smoke run only proves the code runs.
+MIN_RUN_TIME_S = 0.01 if SMOKE else 0.2
 
 # What each op's baseline is. The bcos package's modules are the original code ("original"); the other papers'
 # code is not installable, so their baseline is our exact reference of it, labelled "reference".
@@ -59,8 +66,14 @@ def baseline_providers(op: str) -> List[str]:
 
 
 def our_providers(op: str) -> List[str]:
-    """Every backend of ours that can run ``op`` on DEVICE in this process."""
-    return bcos_kernels.available_backends(DEVICE, op)
+    """Every backend of ours that can run ``op`` on DEVICE in this process ("reference" is a baseline, not ours)."""
+    return [b for b in bcos_kernels.available_backends(DEVICE, op) if b != "reference"]
+
+
+def reference_backend(op: str) -> str:
+    """The backend of our modules that runs the exact reference of ``op`` (the "reference" provider): "reference"
+    where the registry has it, else the older name "torch"."""
+    return "reference" if "reference" in bcos_kernels.available_backends(DEVICE, op) else "torch"
 
 
 def baseline_description() -> dict:
@@ -89,38 +102,26 @@ class Workload:
     forward: Callable[[], torch.Tensor]
     leaves: Sequence[torch.Tensor]
 
-    def backward(self, out: torch.Tensor, grad: torch.Tensor):
-        torch.autograd.grad(out, list(self.leaves), grad)
+    def backward(self, out: torch.Tensor, grad: torch.Tensor, retain_graph: bool = False):
+        torch.autograd.grad(out, list(self.leaves), grad, retain_graph=retain_graph)
 
 
-def run_mode(benchmark, work: Workload, mode: str, rounds: int, warmup: int = 1):
-    """Time one mode with pytest-benchmark; returns the median in ms."""
+def run_mode(work: Workload, mode: str, min_run_time_s: float = MIN_RUN_TIME_S) -> Timing:
+    """Time one mode (see the module docstring) after one warm-up forward+backward."""
     out = work.forward()
     grad = torch.randn_like(out)
-    for _ in range(warmup):
-        work.backward(work.forward(), grad)
-    sync()
+    work.backward(out, grad, retain_graph=mode == "bwd")
     if mode == "fwd":
-        def target():
-            work.forward()
-            sync()
-        benchmark.pedantic(target, rounds=rounds, iterations=1)
+        fn = work.forward
     elif mode == "bwd":
-        def setup():
-            o = work.forward()
-            sync()
-            return (o,), {}
-
-        def target(o):
-            work.backward(o, grad)
-            sync()
-        benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1)
-    else:
-        def target():
+        def fn():
+            work.backward(out, grad, retain_graph=True)
+    elif mode == "fwd+bwd":
+        def fn():
             work.backward(work.forward(), grad)
-            sync()
-        benchmark.pedantic(target, rounds=rounds, iterations=1)
-    return benchmark.stats.stats.median * 1e3
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return measure(fn, device=DEVICE, min_run_time_s=min_run_time_s)
 
 
 def _storage_key(t: torch.Tensor):
@@ -164,6 +165,7 @@ class Record:
     mode: str
     provider: str
     median_ms: float
+    iqr_ms: float
     peak_mem_mb: float
     shape: str
 
@@ -186,8 +188,8 @@ class Fn(torch.nn.Module):
 _modules: dict = {}  # (op, case, dtype, provider) -> module: the modes of a case share one (compiled) module
 
 
-def bench(benchmark, op: str, case: str, dtype: torch.dtype, mode: str, provider: str, build, inputs, shape: str,
-          rounds: int, grad_inputs=None):
+def bench(op: str, case: str, dtype: torch.dtype, mode: str, provider: str, build, inputs, shape: str,
+          grad_inputs=None, min_run_time_s: float = MIN_RUN_TIME_S):
     """Time ``build(provider)(*inputs)`` in ``mode`` and record it with its memory.
 
     ``build`` makes the module once per (op, case, dtype, provider); "*_compiled" providers get the module
@@ -204,13 +206,12 @@ def bench(benchmark, op: str, case: str, dtype: torch.dtype, mode: str, provider
             module = torch.compile(module)
         _modules[key] = module
     module = _modules[key]
-    benchmark.group = f"{op} {case} {str(dtype)[6:]} {mode}"
     if grad_inputs is None:
         grad_inputs = [t for t in inputs if t.is_floating_point()]
     for t in grad_inputs:
         t.requires_grad_(True)
     params = [p for p in module.parameters() if p.requires_grad]
     work = Workload(lambda: module(*inputs), [*grad_inputs, *params])
-    median = run_mode(benchmark, work, mode, rounds)
+    timing = run_mode(work, mode, min_run_time_s)
     mem = peak_memory_mb(work, [*inputs, *params])
-    RECORDS.append(Record(op, case, str(dtype)[6:], mode, provider, median, mem, shape))
+    RECORDS.append(Record(op, case, str(dtype)[6:], mode, provider, timing.median_ms, timing.iqr_ms, mem, shape))

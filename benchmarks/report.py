@@ -9,6 +9,7 @@ Per (op, case, dtype, mode): each provider's median ms, then
   ours/plain  ours over a plain conv/linear/elementwise op of the same shape: 1 is the limit;
   mem base/ours, mem ours/plain   the same for peak memory.
 "ours" is the fastest of our backends that ran ("cuda", "triton", "cpu", "torch").
+Records carry "iqr_ms" next to "median_ms" (files written before bcos_kernels.timing lack it; both are read).
 """
 from __future__ import annotations
 

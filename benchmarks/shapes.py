@@ -53,8 +53,8 @@ def _by_name(cases: Sequence, names: Iterable[str]) -> list:
 # conv_layer=BcosConv2d(b=2, max_out=1)); 224x224 crops with 6 channels [x, 1-x].
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ConvCase:
-    """One distinct BcosConv2d of a model; `count` = how many of the model's layers have exactly this shape."""
+class LayerCase:
+    """A convolution-like layer of a model (the B-cos and CoDA cases add their own fields)."""
     model: str
     name: str
     cin: int
@@ -62,6 +62,11 @@ class ConvCase:
     k: int
     stride: int
     padding: int
+
+
+@dataclass(frozen=True)
+class ConvCase(LayerCase):
+    """One distinct BcosConv2d of a model; `count` = how many of the model's layers have exactly this shape."""
     hw: int  # H = W of the layer's input
     count: int
 
@@ -246,15 +251,8 @@ CODA_IMAGENET100_IMAGE = 240
 
 
 @dataclass(frozen=True)
-class DAUCase:
+class DAUCase(LayerCase):
     """One CoDA layer (DAUConv2d) with the batch it is benchmarked at."""
-    model: str
-    name: str
-    cin: int
-    cout: int
-    k: int
-    stride: int
-    padding: int
     rank: int
     hw: int  # H = W of the layer's input
     batch: int
@@ -340,9 +338,14 @@ DAU_CASES = select_dau_cases(GPU, SMOKE, ALL_SHAPES)
 # DeiT-Small/12 example).
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LWTACase:
+class ShapeCase:
+    """A case whose input is one tensor of ``shape`` (the LWTA and gate cases add their one parameter)."""
     name: str
     shape: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LWTACase(ShapeCase):
     U: int
 
 
@@ -386,9 +389,7 @@ LWTA_CASES = select_lwta_cases(GPU, SMOKE, ALL_SHAPES)
 # 224x224 ImageNet (7x7 maps, 1000 classes).
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CSGCase:
-    name: str
-    shape: Tuple[int, ...]
+class CSGCase(ShapeCase):
     classes: int
 
 

@@ -5,13 +5,12 @@ import pytest
 import torch
 
 from bcos_kernels import nn as bnn
-from harness import DEVICE, DTYPES, MODES, SMOKE, baseline_providers, bench, our_providers
+from harness import DEVICE, DTYPES, MODES, baseline_providers, bench, our_providers, reference_backend
 from originals import bcos_module
 from shapes import BCOS_CONV_BATCH, BCOS_CONVS, BCOS_LINEAR_BATCH, BCOS_LINEARS
 
 CONV_PROVIDERS = baseline_providers("bcos_conv2d") + our_providers("bcos_conv2d") + ["plain"]
 LINEAR_PROVIDERS = baseline_providers("bcos_linear") + our_providers("bcos_linear") + ["plain"]
-ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 7)
 
 
 def _conv_module(provider, c):
@@ -19,7 +18,7 @@ def _conv_module(provider, c):
         return torch.nn.Conv2d(c.cin, c.cout, c.k, c.stride, c.padding, bias=False)
     if provider == "original":
         return bcos_module("modules").BcosConv2d(c.cin, c.cout, c.k, c.stride, c.padding)
-    backend = "torch" if provider == "reference" else provider
+    backend = reference_backend("bcos_conv2d") if provider == "reference" else provider
     return bnn.BcosConv2d(c.cin, c.cout, c.k, c.stride, c.padding, backend=backend)
 
 
@@ -28,7 +27,7 @@ def _linear_module(provider, c):
         return torch.nn.Linear(c.cin, c.cout, bias=False)
     if provider == "original":
         return bcos_module("modules").BcosLinear(c.cin, c.cout)
-    backend = "torch" if provider == "reference" else provider
+    backend = reference_backend("bcos_linear") if provider == "reference" else provider
     return bnn.BcosLinear(c.cin, c.cout, backend=backend)
 
 
@@ -36,18 +35,17 @@ def _linear_module(provider, c):
 @pytest.mark.parametrize("provider", CONV_PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", BCOS_CONVS, ids=lambda c: c.name)
-def test_bcos_conv2d(benchmark, case, dtype, provider, mode):
+def test_bcos_conv2d(case, dtype, provider, mode):
     x = torch.randn(BCOS_CONV_BATCH, case.cin, case.hw, case.hw, device=DEVICE, dtype=dtype)
-    bench(benchmark, "bcos_conv2d", case.name, dtype, mode, provider, lambda pr: _conv_module(pr, case), [x],
-          f"x={list(x.shape)} out={case.cout} k={case.k} s={case.stride} p={case.padding} x{case.count} in model",
-          ROUNDS)
+    bench("bcos_conv2d", case.name, dtype, mode, provider, lambda pr: _conv_module(pr, case), [x],
+          f"x={list(x.shape)} out={case.cout} k={case.k} s={case.stride} p={case.padding} x{case.count} in model")
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", LINEAR_PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", BCOS_LINEARS, ids=lambda c: c.name)
-def test_bcos_linear(benchmark, case, dtype, provider, mode):
+def test_bcos_linear(case, dtype, provider, mode):
     x = torch.randn(BCOS_LINEAR_BATCH, case.rows, case.cin, device=DEVICE, dtype=dtype)
-    bench(benchmark, "bcos_linear", case.name, dtype, mode, provider, lambda pr: _linear_module(pr, case), [x],
-          f"x={list(x.shape)} out={case.cout} x{case.count} in model", ROUNDS)
+    bench("bcos_linear", case.name, dtype, mode, provider, lambda pr: _linear_module(pr, case), [x],
+          f"x={list(x.shape)} out={case.cout} x{case.count} in model")

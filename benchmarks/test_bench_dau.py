@@ -6,11 +6,10 @@ import torch
 
 from bcos_kernels import nn as bnn
 from bcos_kernels.ops.dau_conv2d import reference as dau_ref
-from harness import DEVICE, DTYPES, MODES, SMOKE, Fn, baseline_providers, bench, our_providers
+from harness import DEVICE, DTYPES, MODES, Fn, baseline_providers, bench, our_providers
 from shapes import DAU_CASES
 
 PROVIDERS = baseline_providers("dau_conv2d") + our_providers("dau_conv2d") + ["plain"]
-ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 3)
 
 
 def _dau_module(provider, c):
@@ -30,7 +29,7 @@ def _dau_module(provider, c):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", DAU_CASES, ids=lambda c: c.name)
-def test_dau_conv2d(benchmark, case, dtype, provider, mode):
+def test_dau_conv2d(case, dtype, provider, mode):
     x = torch.randn(case.batch, case.cin, case.hw, case.hw, device=DEVICE, dtype=dtype)
-    bench(benchmark, "dau_conv2d", case.name, dtype, mode, provider, lambda pr: _dau_module(pr, case), [x],
-          f"x={list(x.shape)} out={case.cout} k={case.k} s={case.stride} p={case.padding} r={case.rank}", ROUNDS)
+    bench("dau_conv2d", case.name, dtype, mode, provider, lambda pr: _dau_module(pr, case), [x],
+          f"x={list(x.shape)} out={case.cout} k={case.k} s={case.stride} p={case.padding} r={case.rank}")

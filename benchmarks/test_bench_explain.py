@@ -1,6 +1,7 @@
 """Explanations of a batch of 32 images (op "explain") with the B-cos ResNet-50 of the `bcos` package.
 
-Providers (medians of whole explanations: forward, backward, contribution maps and the RGBA images):
+Providers (medians by bcos_kernels.timing.measure of whole explanations: forward, backward, contribution maps and
+the RGBA images):
 - "original": the `bcos` package's ``model.explain`` looped over the 32 images (it takes one image at a time);
 - "original_batched": ``bcos_kernels.explain`` on the unconverted model (what batching alone gives);
 - each backend of ours: ``bcos_kernels.explain`` on the model after ``bcos_kernels.convert`` and
@@ -19,7 +20,9 @@ import torch
 
 import bcos_kernels
 import models
-from harness import DEVICE, RECORDS, SMOKE, Record, Workload, bcos_installed, our_providers, peak_memory_mb, sync
+from bcos_kernels.timing import measure
+from harness import (DEVICE, MIN_RUN_TIME_S, RECORDS, SMOKE, Record, Workload, bcos_installed, our_providers,
+                     peak_memory_mb, sync)
 from shapes import RESNET50_MODEL_IMAGE
 
 CASE = "B-cos ResNet-50 explain"
@@ -27,7 +30,6 @@ GPU = DEVICE.type == "cuda"
 BATCH = 2 if SMOKE else 32
 # 224x224 on a GPU; on a 2-core CPU 112x112 keeps the four providers to about a minute.
 IMAGE = RESNET50_MODEL_IMAGE if GPU or SMOKE else 112
-ROUNDS = 10 if GPU and not SMOKE else (1 if SMOKE else 3)
 PROVIDERS = ["original", "original_batched"] + our_providers("bcos_conv2d")
 PARITY_RTOL = 1e-3
 
@@ -100,20 +102,11 @@ def _memory_mb(provider: str, x: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_explain_batch(benchmark, provider):
+def test_explain_batch(provider):
     x = _images()
     if provider != "original":
         _check_parity(provider, x)
     explain, _ = _build(provider)
-    explain(x)  # warm-up
-    sync()
-
-    def target():
-        explain(x)
-        sync()
-
-    benchmark.group = f"explain {CASE} batch {BATCH}"
-    benchmark.pedantic(target, rounds=ROUNDS, iterations=1)
-    median = benchmark.stats.stats.median * 1e3
-    RECORDS.append(Record("explain", CASE, "float32", "fwd+bwd", provider, median, _memory_mb(provider, x),
-                          f"x=[{BATCH}, 6, {IMAGE}, {IMAGE}]"))
+    timing = measure(lambda: explain(x), device=DEVICE, min_run_time_s=MIN_RUN_TIME_S)
+    RECORDS.append(Record("explain", CASE, "float32", "fwd+bwd", provider, timing.median_ms, timing.iqr_ms,
+                          _memory_mb(provider, x), f"x=[{BATCH}, 6, {IMAGE}, {IMAGE}]"))

@@ -7,10 +7,9 @@ import torch
 from bcos_kernels import nn as bnn
 from bcos_kernels.ops.class_specific_gate import reference as csg_ref
 from bcos_kernels.ops.lwta import reference as lwta_ref
-from harness import DEVICE, DTYPES, MODES, SMOKE, Fn, baseline_providers, bench, our_providers
+from harness import DEVICE, DTYPES, MODES, Fn, baseline_providers, bench, our_providers
 from shapes import CSG_CASES, LWTA_CASES
 
-ROUNDS = 3 if SMOKE else (20 if DEVICE.type == "cuda" else 7)
 
 
 def _lwta_module(provider, u):
@@ -25,10 +24,10 @@ def _lwta_module(provider, u):
 @pytest.mark.parametrize("provider", baseline_providers("lwta") + our_providers("lwta") + ["plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", LWTA_CASES, ids=lambda c: c.name)
-def test_lwta(benchmark, case, dtype, provider, mode):
+def test_lwta(case, dtype, provider, mode):
     x = torch.randn(case.shape, device=DEVICE, dtype=dtype)
-    bench(benchmark, "lwta", case.name, dtype, mode, provider, lambda pr: _lwta_module(pr, case.U), [x],
-          f"x={list(case.shape)} U={case.U}", ROUNDS)
+    bench("lwta", case.name, dtype, mode, provider, lambda pr: _lwta_module(pr, case.U), [x],
+          f"x={list(case.shape)} U={case.U}")
 
 
 def _gate_module(provider, shape, classes):
@@ -46,9 +45,9 @@ def _gate_module(provider, shape, classes):
                          + ["plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", CSG_CASES, ids=lambda c: c.name)
-def test_class_specific_gate(benchmark, case, dtype, provider, mode):
+def test_class_specific_gate(case, dtype, provider, mode):
     x = torch.randn(case.shape, device=DEVICE, dtype=dtype)
     labels = torch.randint(0, case.classes, (case.shape[0],), device=DEVICE)
-    bench(benchmark, "class_specific_gate", case.name, dtype, mode, provider,
+    bench("class_specific_gate", case.name, dtype, mode, provider,
           lambda pr: _gate_module(pr, case.shape, case.classes), [x, labels],
-          f"x={list(case.shape)} K={case.classes}", ROUNDS)
+          f"x={list(case.shape)} K={case.classes}")

@@ -10,15 +10,15 @@ step fits in memory is searched and recorded as the case "<case> largest batch".
 import contextlib
 import copy
 import functools
-import time
 
 import pytest
 import torch
 
 import bcos_kernels
 import models
-from harness import (DEVICE, DTYPES, MODES, RECORDS, SMOKE, Record, Workload, baseline_providers, bcos_installed,
-                     bench, our_providers, sync)
+from bcos_kernels.timing import measure
+from harness import (DEVICE, DTYPES, MIN_RUN_TIME_S, MODES, RECORDS, SMOKE, Record, Workload, baseline_providers,
+                     bcos_installed, bench, our_providers, sync)
 from shapes import CODA_CIFAR10_IMAGE, CODA_CIFAR10_MODEL_BATCH, RESNET50_MODEL_BATCH, RESNET50_MODEL_IMAGE
 
 
@@ -26,7 +26,6 @@ RESNET = "B-cos ResNet-50 train step"
 CODA = "CoDA-Net CIFAR-10 9L train step"
 
 GPU = DEVICE.type == "cuda"
-ROUNDS = 10 if GPU and not SMOKE else 3
 # The smoke run only proves the file runs: one mode (the three share the harness's code path, which the per-layer
 # smoke runs exercise), so that it takes seconds rather than half a minute on a 2-core machine.
 BENCH_MODES = ("fwd+bwd",) if SMOKE else MODES
@@ -143,27 +142,26 @@ def require_parity(case: str, provider: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------------------
-def _bench_case(benchmark, case, dtype, provider, mode):
+def _bench_case(case, dtype, provider, mode):
     require_parity(case, provider)
     x = _input(case, BATCH[case], dtype)
     # grad_inputs=[]: a training step needs the parameter gradients, not the input's
-    bench(benchmark, "model", case, dtype, mode, provider, BUILD[case], [x], f"x={list(x.shape)}", ROUNDS,
-          grad_inputs=[])
+    bench("model", case, dtype, mode, provider, BUILD[case], [x], f"x={list(x.shape)}", grad_inputs=[])
 
 
 @skip_without_bcos
 @pytest.mark.parametrize("mode", BENCH_MODES)
 @pytest.mark.parametrize("provider", RESNET_PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_resnet50_train_step(benchmark, dtype, provider, mode):
-    _bench_case(benchmark, RESNET, dtype, provider, mode)
+def test_resnet50_train_step(dtype, provider, mode):
+    _bench_case(RESNET, dtype, provider, mode)
 
 
 @pytest.mark.parametrize("mode", BENCH_MODES)
 @pytest.mark.parametrize("provider", CODA_PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_coda_cifar10_train_step(benchmark, dtype, provider, mode):
-    _bench_case(benchmark, CODA, dtype, provider, mode)
+def test_coda_cifar10_train_step(dtype, provider, mode):
+    _bench_case(CODA, dtype, provider, mode)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,20 +178,23 @@ BATCH_LIMIT = {RESNET: 4096, CODA: 1 << 14}
 
 
 def _timed_step(model, case, batch, dtype):
-    """(ms, peak MB) of one training step at ``batch`` after one warm-up step."""
+    """(Timing, peak MB) of a training step at ``batch``: the peak of one step after a warm-up step, then the
+    harness's timer."""
     params = [p for p in model.parameters() if p.requires_grad]
     x = _input(case, batch, dtype)
     work = Workload(lambda: model(x), params)
-    out = work.forward()
-    work.backward(out, torch.ones_like(out))
-    del out
+
+    def step():
+        out = work.forward()
+        work.backward(out, torch.ones_like(out))
+
+    step()
     sync()
     torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    out = work.forward()
-    work.backward(out, torch.ones_like(out))
+    step()
     sync()
-    return (time.perf_counter() - start) * 1e3, torch.cuda.max_memory_allocated() / 2**20
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    return measure(step, device=DEVICE, min_run_time_s=MIN_RUN_TIME_S), peak
 
 
 @pytest.mark.parametrize("case,provider", LARGEST, ids=[f"{SHORT[c]}-{p}" for c, p in LARGEST])
@@ -219,7 +220,7 @@ def test_largest_batch(case, dtype, provider):
         pytest.fail(f"{case}, {provider}: a batch of 1 does not fit in GPU memory")
     while True:  # the search stepped right at the edge: a measurement that runs out of memory retries a bit lower
         try:
-            ms, peak = _timed_step(model, case, batch, dtype)
+            timing, peak = _timed_step(model, case, batch, dtype)
             break
         except torch.cuda.OutOfMemoryError:
             pass
@@ -230,4 +231,5 @@ def test_largest_batch(case, dtype, provider):
     models.free_gpu_memory()
     shape = f"batch={batch}" + (" (search limit)" if batch == limit else "")
     RECORDS.append(Record(op="model", case=f"{case} largest batch", dtype=str(dtype)[6:], mode="fwd+bwd",
-                          provider=provider, median_ms=ms, peak_mem_mb=peak, shape=shape))
+                          provider=provider, median_ms=timing.median_ms, iqr_ms=timing.iqr_ms, peak_mem_mb=peak,
+                          shape=shape))

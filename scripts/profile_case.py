@@ -55,8 +55,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("op", choices=OPS)
     parser.add_argument("case", nargs="?", help="the benchmark case name")
-    parser.add_argument("--provider", default="triton", help="a benchmark provider: a backend of ours (torch, cpu, "
-                        "triton, cuda), original, reference or plain (default: triton)")
+    parser.add_argument("--provider", default="triton", help="a benchmark provider: a backend of ours (cpu, "
+                        "triton, cuda; torch for DAU), original, reference or plain (default: triton)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--batch", type=int, help="default: the benchmark's batch on this machine")
     parser.add_argument("--warmup", type=int, default=3)

@@ -12,20 +12,24 @@ import torch
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import report  # noqa: E402
+from bcos_kernels.timing import Timing, measure  # noqa: E402
 
 OPS = {"bcos_conv2d", "bcos_linear", "dau_conv2d", "lwta", "class_specific_gate", "model", "explain"}
 PROVIDERS = {"original", "original_compiled", "original_batched", "reference", "reference_compiled", "torch", "cpu",
              "triton", "cuda", "plain"}
-RECORD_KEYS = {"op", "case", "dtype", "mode", "provider", "median_ms", "peak_mem_mb", "shape"}
+RECORD_KEYS = {"op", "case", "dtype", "mode", "provider", "median_ms", "iqr_ms", "peak_mem_mb", "shape"}
+# results committed before the timing module (bcos_kernels.timing) have no iqr_ms
+OLD_RECORD_KEYS = RECORD_KEYS - {"iqr_ms"}
 
 
-def check_results(results: dict):
+def check_results(results: dict, allow_old: bool = False):
     for key in ("device", "torch", "triton", "date", "records"):
         assert key in results, f"results JSON lacks {key!r}"
     assert isinstance(results["device"], str) and results["device"]
     assert results["records"], "no records"
     for r in results["records"]:
-        assert set(r) == RECORD_KEYS, f"record keys {sorted(r)}"
+        assert set(r) == RECORD_KEYS or (allow_old and set(r) == OLD_RECORD_KEYS), f"record keys {sorted(r)}"
+        assert r.get("iqr_ms", 0) >= 0, r
         assert r["op"] in OPS, r["op"]
         assert r["provider"] in PROVIDERS, r["provider"]
         assert r["mode"] in ("fwd", "bwd", "fwd+bwd"), r["mode"]
@@ -45,6 +49,7 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
         results = json.load(f)
     check_results(results)
     assert results["smoke"] is True
+    assert "do_bench" in results["timing"] or "blocked_autorange" in results["timing"], results["timing"]
     by_op = {}
     for r in results["records"]:
         by_op.setdefault(r["op"], set()).add(r["provider"])
@@ -61,13 +66,34 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
 def test_committed_results_follow_the_schema(path):
     with open(path) as f:
         results = json.load(f)
-    check_results(results)
+    check_results(results, allow_old=True)
+    report.render_text(report.table_rows(results["records"]))  # report.py reads old and new files alike
     assert results.get("smoke") is False, "committed results must come from a full run, not a smoke run"
 
 
 def _rec(provider, ms, mem=1.0, op="bcos_conv2d", case="c", mode="fwd", dtype="float32"):
-    return dict(op=op, case=case, dtype=dtype, mode=mode, provider=provider, median_ms=ms, peak_mem_mb=mem,
-                shape="x")
+    return dict(op=op, case=case, dtype=dtype, mode=mode, provider=provider, median_ms=ms, iqr_ms=0.1 * ms,
+                peak_mem_mb=mem, shape="x")
+
+
+def test_measure_times_a_cpu_call_and_names_bad_arguments():
+    calls = []
+    timing = measure(lambda: calls.append(1), device="cpu", min_run_time_s=0.01)
+    assert isinstance(timing, Timing) and timing.method == "torch.utils.benchmark.Timer.blocked_autorange"
+    assert timing.median_ms > 0 and timing.iqr_ms >= 0 and 1 <= timing.runs <= len(calls)
+    with pytest.raises(TypeError, match="fn"):
+        measure(None, device="cpu")
+    with pytest.raises(TypeError, match="device"):
+        measure(lambda: None, device=0)
+    with pytest.raises(ValueError, match="device"):
+        measure(lambda: None, device="meta")
+    with pytest.raises(ValueError, match="min_run_time_s"):
+        measure(lambda: None, device=torch.device("cpu"), min_run_time_s=0)
+
+
+def test_old_records_without_iqr_are_read():
+    old = [{k: v for k, v in _rec(p, ms).items() if k != "iqr_ms"} for p, ms in (("original", 4.0), ("cpu", 2.0))]
+    assert report.table_rows(old)[0]["base_over_ours"] == pytest.approx(2.0)
 
 
 def test_table_ratios():
@@ -149,7 +175,7 @@ def test_profile_case_runs_a_benchmark_case(capsys):
     """scripts/profile_case.py (what ncu profiles on the GPU) builds the suite's cases; here one step on the CPU."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import profile_case
-    profile_case.main(["bcos_conv2d", "resnet50 layer4.1.conv2 3x3 512->512 @7", "--provider", "torch",
+    profile_case.main(["bcos_conv2d", "resnet50 layer4.1.conv2 3x3 512->512 @7", "--provider", "reference",
                        "--dtype", "float32", "--batch", "1", "--warmup", "1"])
     assert "x=[1, 512, 7, 7]" in capsys.readouterr().out
     module, x = profile_case.build_step("dau_conv2d", "coda_cifar10 L9 1x1 64->10 r64 @8", "plain", torch.float32,
