@@ -71,11 +71,14 @@ def _extension():
 
 setup(
     name="bcos_kernels",
-    version="0.1.0",
+    version="0.1.0",  # the one version string: bcos_kernels.__version__ reads it from the installed metadata
     description="Fused kernels for interpretable vision networks (B-cos, CoDA, LWTA, CSG)",
     packages=find_packages(include=["bcos_kernels", "bcos_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch"],
+    # numpy: bcos_kernels.explain builds its RGBA explanation images with it
+    install_requires=["torch", "numpy"],
+    # pip install bcos-kernels[viz]: the pictures of examples/train_and_explain.py
+    extras_require={"viz": ["matplotlib", "pillow"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

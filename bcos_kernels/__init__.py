@@ -13,7 +13,11 @@ from bcos_kernels.convert import convert  # noqa: E402
 from bcos_kernels.explain import explain, explanation_mode, gradient_to_image  # noqa: E402
 from bcos_kernels.fold import fold_batchnorm, unfold_batchnorm  # noqa: E402
 
-__version__ = "0.1.0"
+try:  # the one version string is setup.py's; installed, it is in the package metadata
+    from importlib.metadata import version as _version
+    __version__ = _version("bcos_kernels")
+except ImportError:  # PackageNotFoundError: a source tree that is not installed
+    __version__ = "0+unknown"
 __all__ = ["add_inverse", "available_backends", "bcos_conv2d", "bcos_linear", "bcosify", "class_specific_gate",
            "convert", "dau_conv2d", "explain", "explanation_mode", "fold_batchnorm", "gradient_to_image", "lwta", "nn",
            "ops", "unfold_batchnorm"]

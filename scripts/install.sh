@@ -12,7 +12,8 @@ PY=${PYTHON:-python}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q triton numpy einops pytest pytest-benchmark ninja "setuptools>=64" wheel
+"$PY" -m pip install -q triton numpy einops pytest ninja "setuptools>=64" wheel
 "$PY" -m pip install -q --no-deps "bcos==0.1.3"
-"$PY" -m pip install -q --no-build-isolation -e .
+# [viz]: matplotlib and Pillow, for examples/train_and_explain.py and its test
+"$PY" -m pip install -q --no-build-isolation -e ".[viz]"
 "$PY" -c "import bcos_kernels; print('bcos_kernels backends here:', bcos_kernels.available_backends())"

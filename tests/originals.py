@@ -25,9 +25,10 @@ import types
 
 import pytest
 
-from bcos_kernels.demo import import_bcos_modules
+from bcos_kernels.originals import import_bcos_modules
 
-MIRRORS = os.environ.get("BCOS_KERNELS_MIRRORS", "/work/.mirror")
+# A folder holding <owner>+<name>/repo git mirrors of the original repositories; unset: those comparisons skip.
+MIRRORS = os.environ.get("BCOS_KERNELS_MIRRORS")
 
 
 def bcos_installed() -> bool:
@@ -59,7 +60,7 @@ def torchvision_installed() -> bool:
 
 def bcos_module(name: str):
     """Import `bcos.<name>` (e.g. "modules", "models.vgg", "models.resnet") without running bcos/__init__.py
-    (the bare packages are registered by the demo's public ``import_bcos_modules``)."""
+    (the bare packages are registered by ``bcos_kernels.originals.import_bcos_modules``)."""
     if import_bcos_modules() is None:
         pytest.skip("the original `bcos` package is not installed (pip install --no-deps bcos==0.1.3)")
     if name == "models.resnet" and not torchvision_installed():
@@ -69,6 +70,9 @@ def bcos_module(name: str):
 
 def mirror_source(repo: str, path: str) -> str:
     """Text of `path` in the local git mirror of `repo` (owner+name), or skip with the reason."""
+    if not MIRRORS:
+        pytest.skip(f"BCOS_KERNELS_MIRRORS is not set: the comparison with the original {repo} needs a folder holding "
+                    f"its git mirror as {repo}/repo")
     git_dir = os.path.join(MIRRORS, repo, "repo")
     if not os.path.isdir(git_dir):
         pytest.skip(f"no local mirror of {repo} at {git_dir} (set BCOS_KERNELS_MIRRORS to a folder holding "

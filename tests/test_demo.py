@@ -1,114 +1,93 @@
-"""`python -m bcos_kernels.demo --quick` end to end, in process: exit status, the parity report, the speed table,
-and the PNGs (decoded here with a small independent reader, so a broken writer cannot pass its own check)."""
+"""examples/train_and_explain.py run as a script (``--quick``, CPU): its exit status, its parity report, its
+speed table, and the PNGs it wrote, decoded with Pillow. The example is not importable package code, so it is
+only ever run the way a user runs it."""
 import os
-import struct
-import zlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import torch
 
-from bcos_kernels import _png, demo
+Image = pytest.importorskip("PIL.Image", reason="the example's pictures need the viz extra (pip install "
+                                                 "matplotlib pillow)")
+pytest.importorskip("matplotlib", reason="the example's pictures need the viz extra (pip install matplotlib pillow)")
 
-
-def read_png(path):
-    """(header dict, pixels (H, W, channels) uint8) of an 8-bit RGB/RGBA PNG; checks signature and CRCs.
-    Only filter type 0 ("None") rows, which is what _png writes."""
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "bad PNG signature"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, f"bad CRC in {kind!r} chunk"
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, compression, filtering, interlace) == (8, 0, 0, 0)
-    channels = {2: 3, 6: 4}[colour]
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * channels)
-    assert (rows[:, 0] == 0).all(), "reader handles filter type 0 only"
-    return {"width": width, "height": height, "colour_type": colour}, rows[:, 1:].reshape(height, width, channels)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "train_and_explain.py")
+QUICK_EXAMPLES = 3  # pictures of single examples the quick mode writes (and min(3, batch))
+BATCH = 6
 
 
-def test_png_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    for channels, colour in ((3, 2), (4, 6)):
-        image = rng.integers(0, 256, (5, 7, channels), dtype=np.uint8)
-        path = _png.write_png(str(tmp_path / f"x{channels}.png"), image)
-        header, pixels = read_png(path)
-        assert (header["width"], header["height"], header["colour_type"]) == (7, 5, colour)
-        np.testing.assert_array_equal(pixels, image)
-    with pytest.raises(ValueError):
-        _png.encode_png(np.zeros((4, 4, 3), np.float32))
-
-
-@pytest.fixture
-def one_thread():
-    # The quick demo's layers are tiny: with two OpenMP threads on a busy 2-core machine every parallel region
-    # waits for a descheduled thread, which makes it many times slower; one thread keeps the test's time stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_demo(tmp_path, capsys, *extra):
+def run_example(tmp_path, *extra, python_args=()):
     out = tmp_path / "pngs"
-    status = demo.main(["--quick", "--device", "cpu", "--batch", "6", "--out", str(out), *extra])
-    return status, capsys.readouterr().out, out
+    # One OpenMP thread: the quick model's layers are tiny, and on a busy machine every parallel region would
+    # wait for a descheduled thread, which makes the run many times slower.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    cmd = [sys.executable, *python_args, EXAMPLE, "--quick", "--device", "cpu", "--batch", str(BATCH),
+           "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+    return proc, out
 
 
-def check_outputs(status, text, out):
-    assert status == 0, text
+def check_report(proc, out):
+    text = proc.stdout
+    assert proc.returncode == 0, text + proc.stderr
     assert "parity: OK" in text
     for name in ("eval: logits", "eval: input gradient", "train: input gradient", "train: parameter gradients",
                  "explain: dynamic linear weights"):
         line = next(line for line in text.splitlines() if name in line)
         assert "max abs err" in line and "rel" in line and line.rstrip().endswith("ok"), line
-    assert "speed-up" in text and "forward+backward (train)" in text and "explain 6 images" in text
+    assert "speed-up" in text and "forward+backward (train)" in text and f"explain {BATCH} images" in text
+    assert "bcos_kernels.timing.measure" in text
 
     files = sorted(os.listdir(out))
-    assert "overview.png" in files
-    examples = [f for f in files if f.startswith("example_")]
-    assert len(examples) == demo.QUICK.examples
+    examples = [f for f in files if re.fullmatch(r"example_\d\d_true-\w+_pred-\w+\.png", f)]
+    assert "overview.png" in files and len(examples) == QUICK_EXAMPLES, files
     for name in files:
         assert str(out / name) in text  # every path is printed
-    tile = 16 * max(1, demo.TILE // 16)  # the quick demo's 16x16 inputs, upscaled
+    sizes = {}
+    for name in files:
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.mode in ("RGB", "RGBA"), (name, image.format, image.mode)
+            sizes[name] = image.size
+            pixels = np.asarray(image.convert("RGB")).astype(np.int64)
+        # not blank: four pictures of a textured input, its explanation and a colour map
+        assert pixels.std() > 10, f"{name} is (nearly) one flat colour"
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, f"{name} has too few colours"
     for name in examples:
-        header, pixels = read_png(str(out / name))
-        assert header["colour_type"] == 2
-        assert header["width"] == demo.GAP + 4 * (tile + demo.GAP)
-        # the explanation tile (second column), at the bottom of the picture: not one flat colour
-        left = demo.GAP + tile + demo.GAP
-        explanation = pixels[-tile:, left:left + tile].astype(np.int64)
-        assert explanation.std() > 1.0, f"{name}: the explanation tile is constant"
-        assert len(np.unique(explanation.reshape(-1, 3), axis=0)) > 10
-    header, overview = read_png(str(out / "overview.png"))
-    assert header["height"] > demo.QUICK.examples * tile
+        width, height = sizes[name]
+        assert width >= 400 and height >= 100 and width > 2 * height  # one row of four pictures
+    width, height = sizes["overview.png"]
+    assert width == sizes[examples[0]][0] and height > 2 * sizes[examples[0]][1]  # all rows stacked
+    return text
 
 
-def test_demo_quick(tmp_path, capsys, one_thread):
-    status, text, out = run_demo(tmp_path, capsys)
-    check_outputs(status, text, out)
+def test_example_quick(tmp_path):
+    proc, out = run_example(tmp_path)
+    text = check_report(proc, out)
     assert "bcos 0.1.3 (original)" in text or "bcos not installed" in text
 
 
-def test_demo_quick_without_bcos(tmp_path, capsys, one_thread, monkeypatch):
-    """Where `bcos` is missing, the same demo runs on our exact reference and says so."""
-    monkeypatch.setattr(demo, "import_bcos_modules", lambda: None)
-    status, text, out = run_demo(tmp_path, capsys)
-    check_outputs(status, text, out)
-    assert "bcos is not installed" in text.replace("`", "") or "bcos not installed" in text
-    assert "reference" in text
+def test_example_quick_on_the_reference(tmp_path):
+    """--original reference (what runs where `bcos` is missing): the same report, saying what it compared."""
+    proc, out = run_example(tmp_path, "--original", "reference")
+    text = check_report(proc, out)
+    assert "original layers: bcos_kernels reference" in text and "not the bcos package's code" in text
 
 
-def test_demo_reports_a_parity_failure(tmp_path, capsys, one_thread, monkeypatch):
+def test_example_reports_a_parity_failure(tmp_path):
     """The exit status is what scripts check: with a zero tolerance, fp32 rounding differences must fail it."""
-    monkeypatch.setattr(demo, "TOLERANCE", 0.0)
-    status, text, _ = run_demo(tmp_path, capsys)
-    assert status == 1
-    assert "parity: FAILED" in text and "FAILED" in text.split("parity: FAILED")[0]
+    proc, _ = run_example(tmp_path, "--tolerance", "0")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "parity: FAILED" in proc.stdout and "FAILED" in proc.stdout.split("parity: FAILED")[0]
+
+
+def test_example_says_what_to_install_without_matplotlib(tmp_path):
+    # sys.modules[name] = None makes `import name` raise ImportError, as if it were not installed
+    blocker = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc, out = run_example(tmp_path, python_args=("-c", blocker))
+    assert proc.returncode != 0
+    assert "pip install 'bcos-kernels[viz]'" in proc.stderr and "matplotlib" in proc.stderr, proc.stderr
+    assert "training" not in proc.stdout and not out.exists()  # it stops before any work

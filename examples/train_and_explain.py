@@ -1,12 +1,17 @@
-"""``python -m bcos_kernels.demo``: train a small B-cos network, convert it, check it, time it, explain it.
+"""Train a small B-cos network through bcos_kernels' fused layers, check it against the original, time it,
+and draw its explanations.
+
+    pip install 'bcos-kernels[viz]'      # matplotlib and Pillow, for the pictures
+    python examples/train_and_explain.py --out bcos_demo_out
 
 What it does, in order:
 
 1. Builds a small B-cos CNN the way the `bcos` package builds its models: ``BcosConv2d`` (b=2) each followed by
    an uncentered batch norm without bias, average pooling, a 1x1 B-cos conv classifier, global average pooling
    and a ``LogitLayer`` (logit bias -log(K-1)), on 6-channel [x, 1-x] inputs. The layers are the ORIGINAL
-   `bcos` package's when it is installed; otherwise our exact references (``backend="torch"``), and the output
-   says so.
+   `bcos` package's when it is installed (imported without torchvision by
+   ``bcos_kernels.originals.import_bcos_modules``); otherwise, or with ``--original reference``, our exact
+   references (``backend="reference"``), and the output says so.
 2. ``bcos_kernels.convert`` swaps the B-cos layers of a deep copy for our fused ones, and that copy is trained
    for a few seconds on a synthetic task where the right explanation is known: "what colour is the disc?", with
    a hollow square of another colour as a distractor on a textured background. Training the converted copy
@@ -14,25 +19,21 @@ What it does, in order:
    then loaded into the original model (same state_dict keys), so both hold the same network.
 3. Parity: outputs and input gradients of the original and the converted model (eval and training mode), and
    the explanations of ``model.explain()`` against the batched ``bcos_kernels.explain``. Exit status 1 when an
-   error is above the fp32 tolerance (1e-4 relative to the largest magnitude).
-4. Speed: original vs converted (and, where available, with the batch norms folded into the convs), forward
-   and forward+backward, and the per-image ``model.explain()`` loop vs one batched ``bcos_kernels.explain``;
-   medians of interleaved repeats.
-5. PNGs in ``--out``: each example's input, its explanation composited over black and over white (as the
-   B-cos papers show them) and its contribution map (red positive, blue negative).
+   error is above the fp32 tolerance (``--tolerance``, 1e-4 relative to the largest magnitude).
+4. Speed: original vs converted (and with the batch norms folded into the convs), forward and
+   forward+backward, and the per-image ``model.explain()`` loop vs one batched ``bcos_kernels.explain``; each
+   timed by ``bcos_kernels.timing.measure`` (median and interquartile range).
+5. PNGs in ``--out`` (matplotlib): each example's input, its explanation composited over black and over white
+   (as the B-cos papers show them) and its contribution map (red positive, blue negative).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import importlib.util
 import math
 import os
-import statistics
 import sys
 import time
-import types
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -42,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bcos_kernels
-from bcos_kernels import _png
+from bcos_kernels.originals import import_bcos_modules
+from bcos_kernels.timing import Timing, measure
 
 TOLERANCE = 1e-4  # fp32 contract of DESIGN.md section 4, relative to the largest magnitude
 
@@ -53,30 +55,24 @@ COLOURS = torch.tensor([[0.90, 0.12, 0.10],
                         [0.15, 0.30, 0.95],
                         [0.95, 0.85, 0.10]])
 
+VIZ_HINT = ("this example draws its pictures with matplotlib (and Pillow), the optional 'viz' extra of "
+            "bcos-kernels; install it with\n    pip install 'bcos-kernels[viz]'\n"
+            "or, in a source checkout,\n    pip install matplotlib pillow")
+
+
+def import_pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), or exit saying what to install."""
+    try:
+        import matplotlib
+        import PIL  # noqa: F401  (matplotlib writes PNGs through Pillow)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        sys.exit(f"error: {exc}\n{VIZ_HINT}")
+    return plt
+
 
 # --------------------------------------------------------------------------------------------- original layers
-
-def import_bcos_modules() -> Optional[types.ModuleType]:
-    """The `bcos` package's ``bcos.modules`` (layers, norms, LogitLayer; ``BcosUtilMixin`` in ``bcos.common``),
-    or None when `bcos` is not installed.
-
-    `bcos/__init__.py` imports torchvision (data presets) and every model, none of which the layers need, and
-    torchvision has no build for every torch. So unless `bcos` is already imported, a bare package named `bcos`
-    whose ``__path__`` is the installed folder is registered first: its submodules then import as usual without
-    running ``bcos/__init__.py``. Likewise a bare ``bcos.models``, so that a later ``import bcos.models.vgg``
-    in the same process skips ``bcos/models/__init__.py`` (every model, torchvision again) too.
-    """
-    if "bcos" not in sys.modules:
-        spec = importlib.util.find_spec("bcos")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        root = spec.submodule_search_locations[0]
-        for name, path in (("bcos", root), ("bcos.models", os.path.join(root, "models"))):
-            package = types.ModuleType(name)
-            package.__path__ = [path]
-            sys.modules[name] = package
-    return importlib.import_module("bcos.modules")
-
 
 @dataclass
 class LayerKit:
@@ -100,9 +96,9 @@ class _LogitBias(nn.Module):
         return x + self.logit_bias
 
 
-def layer_kit() -> LayerKit:
-    """The original `bcos` layers when installed, else our exact references."""
-    modules = import_bcos_modules()
+def layer_kit(original: str = "auto") -> LayerKit:
+    """The original `bcos` layers when installed (and ``original`` is "auto"), else our exact references."""
+    modules = import_bcos_modules() if original == "auto" else None
     if modules is not None:
         from importlib.metadata import PackageNotFoundError, version
         try:
@@ -112,8 +108,9 @@ def layer_kit() -> LayerKit:
         from bcos.common import BcosUtilMixin
         return LayerKit(label, modules.BcosConv2d, modules.norms.NoBias(modules.norms.BatchNormUncentered2d),
                         lambda logit_bias: modules.LogitLayer(logit_bias=logit_bias), BcosUtilMixin, True)
-    return LayerKit("bcos_kernels reference (bcos not installed)",
-                    lambda *a, **k: bcos_kernels.nn.BcosConv2d(*a, backend="torch", **k),
+    why = "bcos not installed" if original == "auto" else "--original reference"
+    return LayerKit(f"bcos_kernels reference ({why})",
+                    lambda *a, **k: bcos_kernels.nn.BcosConv2d(*a, backend="reference", **k),
                     lambda c: bcos_kernels.nn.BatchNormUncentered2d(c, bias=False),
                     _LogitBias, None, False)
 
@@ -236,13 +233,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 25
 
 # ----------------------------------------------------------------------------------------------------- parity
 
-def compare(name: str, ours: torch.Tensor, reference: torch.Tensor, log) -> bool:
-    """Print max abs and relative (to the reference's largest magnitude) error; True if within TOLERANCE."""
+def compare(name: str, ours: torch.Tensor, reference: torch.Tensor, tolerance: float, log) -> bool:
+    """Print max abs and relative (to the reference's largest magnitude) error; True if within ``tolerance``."""
     ours, reference = ours.detach().double(), reference.detach().double()
     abs_err = (ours - reference).abs().max().item()
     scale = reference.abs().max().item()
     rel = abs_err / scale if scale > 0 else abs_err
-    ok = rel <= TOLERANCE and math.isfinite(rel)
+    ok = rel <= tolerance and math.isfinite(rel)
     log(f"  {name:<44s} max abs err {abs_err:.2e}   rel {rel:.2e}   {'ok' if ok else 'FAILED'}")
     return ok
 
@@ -256,7 +253,7 @@ def input_gradient(model: nn.Module, x: torch.Tensor, weights: torch.Tensor):
     return out.detach(), x.grad, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
 
-def check_parity(original: nn.Module, converted: nn.Module, x: torch.Tensor, log) -> bool:
+def check_parity(original: nn.Module, converted: nn.Module, x: torch.Tensor, tolerance: float, log) -> bool:
     ok = True
     weights = torch.randn(x.shape[0], len(CLASSES), generator=torch.Generator().manual_seed(1)).to(x.device)
     for mode in ("eval", "train"):
@@ -266,12 +263,12 @@ def check_parity(original: nn.Module, converted: nn.Module, x: torch.Tensor, log
         b.train(mode == "train")
         out_a, grad_a, pgrad_a = input_gradient(a, x, weights)
         out_b, grad_b, pgrad_b = input_gradient(b, x, weights)
-        ok &= compare(f"{mode}: logits", out_b, out_a, log)
-        ok &= compare(f"{mode}: input gradient", grad_b, grad_a, log)
+        ok &= compare(f"{mode}: logits", out_b, out_a, tolerance, log)
+        ok &= compare(f"{mode}: input gradient", grad_b, grad_a, tolerance, log)
         if mode == "train":
             worst = max(pgrad_a, key=lambda k: (pgrad_b[k] - pgrad_a[k]).abs().max().item() /
                         max(pgrad_a[k].abs().max().item(), 1e-30))
-            ok &= compare(f"train: parameter gradients (worst: {worst})", pgrad_b[worst], pgrad_a[worst], log)
+            ok &= compare(f"train: parameter gradients (worst: {worst})", pgrad_b[worst], pgrad_a[worst], tolerance, log)
     return ok
 
 
@@ -313,28 +310,6 @@ def explain_loop(model: nn.Module, x: torch.Tensor, kit: LayerKit) -> Dict[str, 
 
 # ------------------------------------------------------------------------------------------------------ speed
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_side_by_side(fns: Dict[str, Callable[[], object]], repeats: int, device: torch.device) -> Dict[str, float]:
-    """Median seconds of each function; the repeats are interleaved (a, b, a, b, ...) so that a slow moment of
-    the machine hits all of them alike. One untimed warm-up call each (caches, Triton compilation)."""
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    _sync(device)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def busy_note(device: torch.device) -> Optional[str]:
     """A warning when other processes already keep the CPU cores busy: CPU timings are then noisy (a thread of
     each parallel region waits for a core), and even GPU timings suffer from a slow host."""
@@ -345,8 +320,8 @@ def busy_note(device: torch.device) -> Optional[str]:
     cores = os.cpu_count() or 1
     if load < cores - 0.5:
         return None
-    return (f"  NOTE: load average {load:.1f} on {cores} CPU cores before the demo starts: other processes compete, "
-            f"so the timings below are noisy"
+    return (f"  NOTE: load average {load:.1f} on {cores} CPU cores before the example starts: other processes "
+            f"compete, so the timings below are noisy"
             f"{' (OMP_NUM_THREADS=1 steadies them)' if device.type == 'cpu' and torch.get_num_threads() > 1 else ''}.")
 
 
@@ -365,46 +340,44 @@ def forward_only(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def backend_in_use(device: torch.device, x: torch.Tensor, requested: Optional[str]) -> str:
+def backend_in_use(x: torch.Tensor, requested: Optional[str]) -> str:
     """The backend our B-cos convs resolve to for ``x`` (backend= > BCOS_KERNELS_BACKEND > auto)."""
-    try:
-        from bcos_kernels.ops import _bcos_common
-        return bcos_kernels.backends.resolve("bcos_conv2d", requested, device, _bcos_common.fused_backends(x))
-    except Exception:  # an internal helper changed: say what auto would try first
-        usable = bcos_kernels.available_backends(device, "bcos_conv2d")
-        return next((b for b in bcos_kernels.backends.AUTO_ORDER.get(device.type, ()) if b in usable), "torch")
+    return bcos_kernels.backends.resolve("bcos_conv2d", requested, x)
 
 
-def speed_table(original: nn.Module, converted: nn.Module, x: torch.Tensor, kit: LayerKit, repeats: int,
-                device: torch.device, log) -> List[tuple]:
+def speed_table(original: nn.Module, converted: nn.Module, x: torch.Tensor, kit: LayerKit, min_run_time_s: float,
+                device: torch.device) -> List[tuple]:
+    """Rows (what, baseline, its Timing, ours, our Timing)."""
     base = "original" if kit.is_original else "reference"
-    rows = []
+
+    def timed(fn: Callable[[], object]) -> Timing:
+        fn()  # warm-up outside the timer (Triton compilation, first-call caches)
+        return measure(fn, device=device, min_run_time_s=min_run_time_s)
+
     train_a, train_b = copy.deepcopy(original).train(), copy.deepcopy(converted).train()
     eval_a, eval_b = original.eval(), converted.eval()
-
-    t = time_side_by_side({"a": forward_only(eval_a, x), "b": forward_only(eval_b, x)}, repeats, device)
-    rows.append(("forward (eval)", f"{base} model", t["a"], "converted", t["b"]))
-    if hasattr(bcos_kernels, "fold_batchnorm"):
-        folded = bcos_kernels.fold_batchnorm(copy.deepcopy(converted).eval(), x[:2])
-        t = time_side_by_side({"a": forward_only(eval_a, x), "b": forward_only(folded, x)}, repeats, device)
-        rows.append(("forward (eval)", f"{base} model", t["a"], "converted + fold_batchnorm", t["b"]))
-    t = time_side_by_side({"a": forward_backward(train_a, x), "b": forward_backward(train_b, x)}, repeats, device)
-    rows.append(("forward+backward (train)", f"{base} model", t["a"], "converted", t["b"]))
-
+    folded = bcos_kernels.fold_batchnorm(copy.deepcopy(converted).eval(), x[:2])
+    t_eval = timed(forward_only(eval_a, x))
+    rows = [("forward (eval)", f"{base} model", t_eval, "converted", timed(forward_only(eval_b, x))),
+            ("forward (eval)", f"{base} model", t_eval, "converted + fold_batchnorm", timed(forward_only(folded, x))),
+            ("forward+backward (train)", f"{base} model", timed(forward_backward(train_a, x)), "converted",
+             timed(forward_backward(train_b, x)))]
     loop_name = "model.explain() loop" if kit.mixin is not None else "explain() per image"
-    t = time_side_by_side({"a": lambda: explain_loop(eval_a, x, kit),
-                           "b": lambda: bcos_kernels.explain(eval_b, x),
-                           "c": lambda: bcos_kernels.explain(eval_a, x)}, max(repeats // 2, 1), device)
-    rows.append((f"explain {x.shape[0]} images", f"{base} {loop_name}", t["a"], "bcos_kernels.explain batched",
-                 t["b"]))
-    rows.append((f"explain {x.shape[0]} images", f"{base} {loop_name}", t["a"],
-                 f"bcos_kernels.explain, {base} layers", t["c"]))
+    t_loop = timed(lambda: explain_loop(eval_a, x, kit))
+    what = f"explain {x.shape[0]} images"
+    rows.append((what, f"{base} {loop_name}", t_loop, "bcos_kernels.explain batched",
+                 timed(lambda: bcos_kernels.explain(eval_b, x))))
+    rows.append((what, f"{base} {loop_name}", t_loop, f"bcos_kernels.explain, {base} layers",
+                 timed(lambda: bcos_kernels.explain(eval_a, x))))
     return rows
 
 
 def print_table(rows: List[tuple], log) -> None:
-    header = ("what", "baseline", "ms", "ours", "ms", "speed-up")
-    body = [(what, a, f"{ta * 1e3:.2f}", b, f"{tb * 1e3:.2f}", f"{ta / tb:.2f}x") for what, a, ta, b, tb in rows]
+    def ms(t: Timing) -> str:
+        return f"{t.median_ms:.2f} ±{t.iqr_ms:.2f}"
+
+    header = ("what", "baseline", "ms (±IQR)", "ours", "ms (±IQR)", "speed-up")
+    body = [(what, a, ms(ta), b, ms(tb), f"{ta.median_ms / tb.median_ms:.2f}x") for what, a, ta, b, tb in rows]
     widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
     line = "  ".join("{:<%d}" % w if i in (0, 1, 3) else "{:>%d}" % w for i, w in enumerate(widths))
     log("  " + line.format(*header))
@@ -415,75 +388,53 @@ def print_table(rows: List[tuple], log) -> None:
 
 # ----------------------------------------------------------------------------------------------------- images
 
+PAGE, INK = "#1f1f1f", "#ebebeb"  # dark page, light text
+COLUMNS = ("input", "explanation", "on white", "contribution\n(red +, blue -)")
+
+
 def composite(rgba: np.ndarray, background: float) -> np.ndarray:
     """RGBA explanation (H, W, 4) in [0, 1] over a uniform background (0 black, 1 white) -> RGB."""
     alpha = rgba[..., 3:4]
     return rgba[..., :3] * alpha + background * (1 - alpha)
 
 
-def contribution_rgb(contribution: np.ndarray, percentile: float = 99.5) -> np.ndarray:
-    """Contribution map (H, W) -> RGB with matplotlib's "bwr" map, symmetric range clipped at the percentile of
-    |contribution| (the `bcos` package's ``plot_contribution_map``): red positive, white 0, blue negative."""
-    cutoff = float(np.percentile(np.abs(contribution), percentile)) or 1.0
-    v = np.clip(contribution / cutoff, -1, 1)[..., None]
-    positive = np.concatenate([np.ones_like(v), 1 - v, 1 - v], axis=-1)
-    negative = np.concatenate([1 + v, 1 + v, np.ones_like(v)], axis=-1)
-    return np.where(v >= 0, positive, negative)
+def draw(plt, rows: Sequence[tuple], path: str) -> str:
+    """One PNG: a row [input | explanation over black | over white | contribution map] per (caption, input RGB,
+    explanation RGBA, contribution map) of ``rows``; returns ``path``."""
+    fig, axes = plt.subplots(len(rows), 4, figsize=(7.2, 1.9 * len(rows) + 0.4), squeeze=False, facecolor=PAGE)
+    for r, (caption, image, rgba, contribution) in enumerate(rows):
+        # symmetric range clipped at the 99.5th percentile of |contribution|, like bcos's plot_contribution_map
+        cutoff = float(np.percentile(np.abs(contribution), 99.5)) or 1.0
+        panels = [(image, {}), (composite(rgba, 0.0), {}), (composite(rgba, 1.0), {}),
+                  (contribution, dict(cmap="bwr", vmin=-cutoff, vmax=cutoff))]
+        for c, (ax, (data, style)) in enumerate(zip(axes[r], panels)):
+            ax.imshow(np.clip(data, 0, 1) if not style else data, interpolation="nearest", **style)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(COLUMNS[c], color=INK, fontsize=9)
+        axes[r, 0].set_ylabel(caption, color=INK, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, facecolor=PAGE)
+    plt.close(fig)
+    return path
 
 
-def upscale(image: np.ndarray, factor: int) -> np.ndarray:
-    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-
-
-BACKGROUND, INK, GAP = 0.12, 0.92, 4  # dark page, light text, pixels between tiles
-TILE = 160  # about this many pixels per picture: inputs are upscaled by a whole factor (sharp pixels)
-COLUMNS = ("input", "explanation", "on white", "contribution")
-
-
-def label_strip(width: int, texts: Sequence[tuple]) -> np.ndarray:
-    """A strip of the page colour with each (x, text) of ``texts`` written at x: double size when every text
-    fits its room (up to the next text's x) that way, else single size, clipped."""
-    rooms = [(texts[i + 1][0] if i + 1 < len(texts) else width) - x - 2 for i, (x, _) in enumerate(texts)]
-    scale = 2 if all(len(text) * _png.GLYPH_WIDTH * 2 <= room for (_, text), room in zip(texts, rooms)) else 1
-    strip = np.full((_png.GLYPH_HEIGHT * scale + 6, width, 3), BACKGROUND, np.float32)
-    for (x, text), room in zip(texts, rooms):
-        mask = _png.text_mask(text, scale)[:, :max(room, 0)]
-        strip[3:3 + mask.shape[0], x:x + mask.shape[1]][mask] = INK
-    return strip
-
-
-def panel_row(rgb_input: np.ndarray, rgba: np.ndarray, contribution: np.ndarray, factor: int) -> np.ndarray:
-    """[input | explanation over black | explanation over white | contribution map], upscaled, with gaps."""
-    tiles = [rgb_input, composite(rgba, 0.0), composite(rgba, 1.0), contribution_rgb(contribution)]
-    tiles = [upscale(t.astype(np.float32), factor) for t in tiles]
-    spacer = np.full((tiles[0].shape[0], GAP, 3), BACKGROUND, np.float32)
-    parts = [spacer]
-    for t in tiles:
-        parts += [t, spacer]
-    return np.concatenate(parts, axis=1)
-
-
-def write_pngs(out_dir: str, x: torch.Tensor, y: torch.Tensor, result: Dict[str, object], count: int) -> List[str]:
+def write_pngs(plt, out_dir: str, x: torch.Tensor, y: torch.Tensor, result: Dict[str, object],
+               count: int) -> List[str]:
     """overview.png (all examples) and example_NN_true-*_pred-*.png (one each); returns their paths."""
-    factor = max(1, TILE // x.shape[-1])
-    tile = x.shape[-1] * factor
+    os.makedirs(out_dir, exist_ok=True)
     images = x[:, :3].permute(0, 2, 3, 1).detach().cpu().numpy()
     contributions = result["contribution_map"].detach().cpu().numpy()
     predictions = result["prediction"].cpu().tolist()
-    width = GAP + 4 * (tile + GAP)
-    header = label_strip(width, [(GAP + i * (tile + GAP), name) for i, name in enumerate(COLUMNS)])
-    header = np.concatenate([header, np.full((2 * GAP, width, 3), BACKGROUND, np.float32)])  # apart from captions
-    paths, blocks = [], [header]
+    paths, rows = [], []
     for i in range(min(count, x.shape[0])):
         truth, predicted = CLASSES[int(y[i])], CLASSES[predictions[i]]
-        caption = label_strip(width, [(GAP, f"true: {truth}  predicted: {predicted}"
-                                            + ("" if truth == predicted else "  (wrong)"))])
-        block = np.concatenate([caption, panel_row(images[i], result["explanation"][i], contributions[i], factor)])
+        caption = f"true: {truth}\npredicted: {predicted}" + ("" if truth == predicted else "\n(wrong)")
+        rows.append((caption, images[i], result["explanation"][i], contributions[i]))
         name = f"example_{i:02d}_true-{truth}_pred-{predicted}.png"
-        paths.append(_png.write_png(os.path.join(out_dir, name), _png.to_uint8(np.concatenate([header, block]))))
-        blocks.append(block)
-    blocks.append(np.full((GAP, width, 3), BACKGROUND, np.float32))
-    paths.insert(0, _png.write_png(os.path.join(out_dir, "overview.png"), _png.to_uint8(np.concatenate(blocks))))
+        paths.append(draw(plt, rows[-1:], os.path.join(out_dir, name)))
+    paths.insert(0, draw(plt, rows, os.path.join(out_dir, "overview.png")))
     return paths
 
 
@@ -499,24 +450,30 @@ class Settings:
     epochs: int
     train_batch: int
     lr: float
-    repeats: int
+    min_run_time_s: float  # per timed function (bcos_kernels.timing.measure)
     examples: int
 
 
 FULL = Settings(size=32, widths=(16, 32, 64, 64), pool_after=(1, 2), train_images=1536, test_images=512, epochs=2,
-                train_batch=32, lr=3e-3, repeats=7, examples=8)
-QUICK = Settings(size=16, widths=(8, 16, 16), pool_after=(1,), train_images=512, test_images=128, epochs=2,
-                 train_batch=32, lr=3e-3, repeats=2, examples=3)
+                train_batch=32, lr=3e-3, min_run_time_s=0.2, examples=8)
+QUICK = Settings(size=16, widths=(8, 16, 16), pool_after=(1,), train_images=512, test_images=128, epochs=4,
+                 train_batch=32, lr=3e-3, min_run_time_s=0.02, examples=3)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bcos_kernels.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python examples/train_and_explain.py",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out", default="./bcos_demo_out", help="folder for the PNGs (default ./bcos_demo_out)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda if available, else cpu")
     parser.add_argument("--batch", type=int, default=32, help="batch for parity, timing and explanations")
-    parser.add_argument("--backend", choices=("auto",) + bcos_kernels.backends.BACKENDS, default=None,
+    parser.add_argument("--backend", choices=("auto",) + tuple(bcos_kernels.backends.BACKENDS), default=None,
                         help="our backend (default: BCOS_KERNELS_BACKEND, else auto)")
+    parser.add_argument("--original", choices=("auto", "reference"), default="auto",
+                        help="the layers to compare with: auto = the bcos package's when installed, else our "
+                             "exact references; reference = our exact references even when bcos is installed")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help=f"parity tolerance, relative to the largest magnitude (default {TOLERANCE:g})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests); every step still runs")
     args = parser.parse_args(argv)
@@ -529,6 +486,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    plt = import_pyplot()  # before training: a missing extra should fail in a second, not after a minute
     settings = QUICK if args.quick else FULL
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -537,26 +495,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    kit = layer_kit()
+    kit = layer_kit(args.original)
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
-    log(f"bcos_kernels {bcos_kernels.__version__} demo on {device_name}, torch {torch.__version__}")
+    log(f"bcos_kernels {bcos_kernels.__version__} example on {device_name}, torch {torch.__version__}")
     busy = busy_note(device)
     if busy:
         log(busy)
     log(f"original layers: {kit.label}")
     if not kit.is_original:
-        log("  NOTE: the `bcos` package is not installed, so the 'original' column below is our exact reference "
-            "(bcos_kernels.nn, backend='torch'), not the bcos package's code.")
+        log("  NOTE: the 'original' column below is our exact reference (bcos_kernels.nn, backend='reference'), "
+            "not the bcos package's code.")
 
     # 1. the model, built from the original layers; 2. a converted deep copy, trained
     original = build_model(kit, len(CLASSES), settings.widths, settings.pool_after).to(device)
     model = bcos_kernels.convert(copy.deepcopy(original), backend=args.backend)
     ours = [m for m in model.modules() if isinstance(m, bcos_kernels.nn.BcosConv2d)]
     if not kit.is_original:
-        # convert() leaves our own modules as they are: move the reference copy's layers off backend="torch"
+        # convert() leaves our own modules as they are: move the reference copy's layers off backend="reference"
         for m in ours:
             m.backend = args.backend
     log(f"model: {len(settings.widths)} B-cos conv + uncentered BN blocks {settings.widths}, 1x1 B-cos classifier, "
@@ -567,12 +525,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     x_test, y_test = make_images(settings.test_images, settings.size, generator)
     x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
     x, y = (t.to(device) for t in make_images(args.batch, settings.size, generator))  # unseen in training
-    used = backend_in_use(device, x, args.backend)
+    used = backend_in_use(x, args.backend)
     log(f"backends for bcos_conv2d on {device.type}: available {bcos_kernels.available_backends(device, 'bcos_conv2d')}"
         f", in use: {used!r}")
 
     log()
-    log(f"task: which colour is the disc? (a hollow square of another colour is a distractor)")
+    log("task: which colour is the disc? (a hollow square of another colour is a distractor)")
     log(f"training the converted model (our fused layers, forward and backward), {settings.train_images} images, "
         f"{settings.epochs} epochs, batch {settings.train_batch}, Adam + binary cross-entropy:")
     seconds = train(model, x_train, y_train, settings.epochs, settings.train_batch, settings.lr, generator, log)
@@ -586,14 +544,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # 3. parity
     log()
-    log(f"parity, original vs converted, batch {x.shape[0]}, fp32 (tolerance {TOLERANCE:g} relative):")
+    log(f"parity, original vs converted, batch {x.shape[0]}, fp32 (tolerance {args.tolerance:g} relative):")
     with exact_fp32(device):
-        ok = check_parity(original, model, x, log)
+        ok = check_parity(original, model, x, args.tolerance, log)
         per_image = explain_loop(original, x, kit)
         # the classes the loop explained (its predictions): a near-tie of two logits may flip an argmax
         batched = bcos_kernels.explain(model, x, target=per_image["prediction"].to(device))
     ok &= compare("explain: dynamic linear weights", batched["dynamic_linear_weights"],
-                  per_image["dynamic_linear_weights"], log)
+                  per_image["dynamic_linear_weights"], args.tolerance, log)
     diff = np.abs(batched["explanation"] - per_image["explanation"])
     flips = int((batched["prediction"].cpu() != per_image["prediction"]).sum())
     log(f"  {'explain: RGBA explanation images':<44s} max abs diff {diff.max():.2e} (mean {diff.mean():.1e}); "
@@ -602,13 +560,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # 4. speed
     log()
-    log(f"speed, batch {x.shape[0]}, median of {settings.repeats} interleaved repeats, device {device_name}, "
-        f"our backend {used!r}:")
-    print_table(speed_table(original, model, x, kit, settings.repeats, device, log), log)
+    log(f"speed, batch {x.shape[0]}, median and interquartile range of bcos_kernels.timing.measure "
+        f"(about {settings.min_run_time_s:g} s each), device {device_name}, our backend {used!r}:")
+    print_table(speed_table(original, model, x, kit, settings.min_run_time_s, device), log)
 
     # 5. pictures
     log()
-    paths = write_pngs(args.out, x, y, batched, settings.examples)
+    paths = write_pngs(plt, args.out, x, y, batched, settings.examples)
     log(f"wrote {len(paths)} PNGs to {os.path.abspath(args.out)} (each row: input | explanation over black | "
         f"explanation over white | contribution map, red + / blue -):")
     for path in paths:
