@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from bcos_kernels.ops._layout import memory_format_of
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import positive_int
 
@@ -37,14 +38,6 @@ def check_max_out(max_out, rows: int, rows_name: str) -> int:
         raise ValueError(f"max_out={max_out} must divide the number of {rows_name} ({rows}): "
                          f"the weight holds out_channels * max_out filters")
     return max_out
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-d channels_last (and not also NCHW-contiguous) x, else NCHW. The gradients of
-    x and of the weight have the layout of x and of the weight on every backend (the fake impls say so)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def output_memory_format(x: torch.Tensor, op: str, backend: str) -> torch.memory_format:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from bcos_kernels import _C  # noqa: F401  (defines torch.ops.bcos_kernels.*)
+from bcos_kernels.ops._layout import conv_output_size, memory_format_of
 
 
 def _scale_mode(b: float, b_is_tensor: bool) -> str:
@@ -38,31 +39,20 @@ def _scale_mode(b: float, b_is_tensor: bool) -> str:
     return "general"
 
 
-def _out_size(size, k, s, p, d):
-    span = size + 2 * p - d * (k - 1) - 1
-    torch._check(span >= 0, lambda: "the (dilated) kernel is larger than the padded input of x")
-    return span // s + 1
-
-
 @torch.library.register_fake("bcos_kernels::patch_norm")
 def _patch_norm_fake(x, kernel_size, stride, padding, dilation, groups):
     torch._check(x.dim() == 4, lambda: f"x must have 4 dimensions (N, C, H, W), got shape {tuple(x.shape)}")
     torch._check(groups >= 1 and x.shape[1] % groups == 0,
                  lambda: f"x has {x.shape[1]} channels, which is not divisible by groups={groups}")
-    n, _, h, w = x.shape
-    ho = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
-    wo = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
-    return x.new_empty((n, groups, ho, wo))
+    ho, wo = conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation)
+    torch._check(ho >= 1 and wo >= 1, lambda: "the (dilated) kernel is larger than the padded input of x")
+    return x.new_empty((x.shape[0], groups, ho, wo))
 
 
 @torch.library.register_fake("bcos_kernels::patch_norm_backward")
 def _patch_norm_backward_fake(grad_norm, x, norm, kernel_size, stride, padding, dilation, groups):
     torch._check(x.dim() == 4, lambda: f"x must have 4 dimensions (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        fmt = torch.channels_last
-    else:
-        fmt = torch.contiguous_format
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def _check_channel_scale(channel_scale, lin, out_channels):
@@ -129,13 +119,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dense_format(x) -> torch.memory_format:
-    """channels_last for a 4-D x that is channels_last-contiguous but not NCHW-contiguous, else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 if _has_op("bcos_conv_scale_forward"):
     @torch.library.register_fake("bcos_kernels::bcos_conv_scale_forward")
     def _bcos_conv_scale_forward_fake(lin, x, kernel_size, stride, padding, dilation, groups, b, b_is_tensor,
@@ -193,14 +176,14 @@ if _has_op("csg_gate_forward"):
     @torch.library.register_fake("bcos_kernels::csg_gate_forward")
     def _csg_gate_forward_fake(x, mask, labels):
         """x's shape and dtype; channels_last when x is (and is not NCHW-contiguous), else contiguous."""
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_dense_format(x))
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
     @torch.library.register_fake("bcos_kernels::csg_gate_backward")
     def _csg_gate_backward_fake(grad_out, x, mask, labels, num_classes, need_x, need_mask):
         """grad_x in grad_out's layout rule (as csg_gate_forward), grad_mask (C, num_classes); (0,) when not needed."""
         if need_x:
             grad_x = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device,
-                                 memory_format=_dense_format(grad_out))
+                                 memory_format=memory_format_of(grad_out))
         else:
             grad_x = grad_out.new_empty((0,))
         grad_mask = grad_out.new_empty((grad_out.shape[1], num_classes) if need_mask else (0,))

@@ -11,6 +11,7 @@ import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops import _bcos_common as common
+from bcos_kernels.ops._layout import conv_output_size, memory_format_of
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
 from bcos_kernels.ops.bcos_conv2d import reference as ref
 
@@ -72,11 +73,6 @@ def bcos_conv2d(x, weight, bias=None, *, b=2.0, stride=1, padding=0, dilation=1,
     return out
 
 
-def _output_size(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> List[int]:
-    return [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-            for i in range(2)]
-
-
 @torch.library.custom_op("bcos_kernels::bcos_conv2d_fused", mutates_args=())
 def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       b_tensor: Optional[torch.Tensor], channel_scale: Optional[torch.Tensor], *, b: float,
@@ -94,7 +90,7 @@ def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 @bcos_conv2d_fused.register_fake
 def _(x, weight, bias, b_tensor, channel_scale, *, b, stride, padding, dilation, groups, max_out, normalize_weight,
       scale, detach, backend):
-    ho, wo = _output_size(x, weight, stride, padding, dilation)
+    ho, wo = conv_output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     shape = (x.shape[0], weight.shape[0] // max_out, ho, wo)
     out = torch.empty(shape, dtype=x.dtype, device=x.device,
                       memory_format=common.output_memory_format(x, "bcos_conv2d", backend))
@@ -123,7 +119,7 @@ def bcos_conv2d_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
 @bcos_conv2d_fused_backward.register_fake
 def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, b, stride, padding, dilation, groups, max_out,
       normalize_weight, scale, detach, backend, needs):
-    return common.fake_grads(needs, x, weight, b_tensor, common.memory_format_of(x))
+    return common.fake_grads(needs, x, weight, b_tensor, memory_format_of(x))
 
 
 def _unscaled_output(lin_max, norm, b_tensor, b, scale):

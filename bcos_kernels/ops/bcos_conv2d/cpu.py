@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from bcos_kernels.ops._layout import memory_format_of
 from bcos_kernels.ops import _bcos_common as common
 
 
@@ -71,10 +72,10 @@ def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, b: float, 
             grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups)
     # The layouts the fake promises (copies only where convolution_backward chose another: it follows x's).
     if need_x:
-        grad_x = grad_x.contiguous(memory_format=common.memory_format_of(x))
+        grad_x = grad_x.contiguous(memory_format=memory_format_of(x))
     grad_w = None
     if need_w:
         grad_w = common.weight_norm_backward(grad_w_hat, w_hat, w_norm) if normalize_weight else grad_w_hat
-        grad_w = grad_w.contiguous(memory_format=common.memory_format_of(weight))
+        grad_w = grad_w.contiguous(memory_format=memory_format_of(weight))
     grad_b = common.grad_for_b(grad_b, b_tensor) if need_b else None
     return grad_x, grad_w, grad_bias, grad_b

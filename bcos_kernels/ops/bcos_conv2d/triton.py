@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bcos_kernels.ops._bcos_common import grad_for_b, memory_format_of, weight_and_norm, weight_norm_backward
+from bcos_kernels.ops._bcos_common import grad_for_b, weight_and_norm, weight_norm_backward
+from bcos_kernels.ops._layout import memory_format_of
 from bcos_kernels.ops.bcos_conv2d import reference as conv_ref
 from bcos_kernels.ops.bcos_linear import reference as linear_ref
 
