@@ -57,16 +57,17 @@ def load_shapes(monkeypatch, mode):
 
 def trace(model, layer_type, x, record):
     """record(path, module, input) of every `layer_type` module the forward runs, in order."""
+    paths = {m: path for path, m in model.named_modules() if isinstance(m, layer_type)}
     seen = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out, path=path: seen.append(record(path, mod, inp[0])))
-             for path, m in model.named_modules() if isinstance(m, layer_type)]
+    # one global hook (torch.nn.modules.module) that records only the layers of this model
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, inp, out: seen.append(record(paths[mod], mod, inp[0])) if mod in paths else None)
     try:
         with torch.no_grad():
             model(x)
     finally:
-        for h in hooks:
-            h.remove()
-    assert len(seen) == len(hooks), "every layer runs exactly once"
+        handle.remove()
+    assert len(seen) == len(paths), "every layer runs exactly once"
     return seen
 
 

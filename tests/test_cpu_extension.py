@@ -124,9 +124,15 @@ def make_x(n, c, h, w, dtype, layout, seed=0):
     return x
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("n,c,h,w,k,s,p,d,g", GEOMETRIES)
+def over_geometries(test):
+    """Every geometry x dtype x layout."""
+    for mark in (pytest.mark.parametrize("n,c,h,w,k,s,p,d,g", GEOMETRIES),
+                 pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str), pytest.mark.parametrize("layout", LAYOUTS)):
+        test = mark(test)
+    return test
+
+
+@over_geometries
 def test_patch_norm(n, c, h, w, k, s, p, d, g, dtype, layout):
     x = make_x(n, c, h, w, dtype, layout)
     norm = ops.patch_norm(x, list(k), list(s), list(p), list(d), g)
@@ -136,9 +142,7 @@ def test_patch_norm(n, c, h, w, k, s, p, d, g, dtype, layout):
     assert_close(norm, ref64, ref_lowp)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("n,c,h,w,k,s,p,d,g", GEOMETRIES)
+@over_geometries
 def test_patch_norm_backward(n, c, h, w, k, s, p, d, g, dtype, layout):
     x = make_x(n, c, h, w, dtype, layout)
     norm = ops.patch_norm(x, list(k), list(s), list(p), list(d), g)

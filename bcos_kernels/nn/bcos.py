@@ -16,6 +16,7 @@ from typing import Optional, Tuple, Union
 import torch.nn as nn
 from torch import Tensor
 
+from bcos_kernels.ops._checks import positive_int
 from bcos_kernels.ops.bcos_conv2d import bcos_conv2d
 from bcos_kernels.ops.bcos_linear import bcos_linear
 from bcos_kernels.ops.bcos_conv2d.reference import normalized_weight
@@ -68,8 +69,7 @@ class BcosConv2d(DetachableModule):
                  padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1, padding_mode: str = "zeros",
                  device=None, dtype=None, b: Union[int, float] = 2, max_out: int = 1, *, backend: Optional[str] = None,
                  **kwargs):
-        if max_out < 1:
-            raise ValueError(f"max_out must be >= 1, got {max_out}")
+        positive_int("max_out", max_out)
         _check_padding_mode(padding_mode)
         super().__init__()
         self.in_channels = in_channels
@@ -195,8 +195,7 @@ class BcosLinear(DetachableModule):
                  b: Union[int, float] = 2, max_out: int = 1, *, backend: Optional[str] = None):
         if bias and self._normalize_weight:
             raise ValueError("bias=True: BcosLinear has no bias (BcosifyLinear has)")
-        if max_out < 1:
-            raise ValueError(f"max_out must be >= 1, got {max_out}")
+        positive_int("max_out", max_out)
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from bcos_kernels.ops._bcos_common import grad_for_b, weight_and_norm, weight_norm_backward
-from bcos_kernels.ops._layout import memory_format_of
+from bcos_kernels.ops._layout import conv_output_size, memory_format_of
 from bcos_kernels.ops.bcos_conv2d import reference as conv_ref
 from bcos_kernels.ops.bcos_linear import reference as linear_ref
 
@@ -81,32 +81,18 @@ class Geometry(NamedTuple):
     groups: int
     max_out: int
 
-    @property
-    def channels_per_group(self) -> int:
-        return self.channels // self.groups
-
-    @property
-    def filters_per_group(self) -> int:
-        return self.filters // self.groups
-
-    @property
-    def outputs(self) -> int:
-        return self.filters // self.max_out
-
-    @property
-    def outputs_per_group(self) -> int:
-        return self.outputs // self.groups
-
-    @property
-    def out_pixels(self) -> int:
-        return self.out_h * self.out_w
+    # derived sizes (per group: the conv's sizes inside one group; outputs: channels after MaxOut)
+    channels_per_group = property(lambda self: self.channels // self.groups)
+    filters_per_group = property(lambda self: self.filters // self.groups)
+    outputs = property(lambda self: self.filters // self.max_out)
+    outputs_per_group = property(lambda self: self.outputs // self.groups)
+    out_pixels = property(lambda self: self.out_h * self.out_w)
 
 
 def conv_geometry(x, weight, stride, padding, dilation, groups, max_out) -> Geometry:
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_h, out_w = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
     return Geometry(n, c, h, w, weight.shape[0], kh, kw, out_h, out_w, tuple(stride), tuple(padding),
                     tuple(dilation), groups, max_out)
 
@@ -219,6 +205,14 @@ def _pixel_tile(pid, N, H, W, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _flat_k_tile(k0, PER_TAP, KW, K_TOTAL, BLOCK_K: tl.constexpr):
+    """Tile k0 of a K axis that walks (tap, j) as k = tap * PER_TAP + j: (in range, kh, kw, j)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    tap = k // PER_TAP
+    return k < K_TOTAL, tap // KW, tap % KW, k % PER_TAP
+
+
+@triton.jit
 def _bcos_forward_kernel(
     x_ptr, w_ptr, inv_wnorm_ptr, bias_ptr, b_ptr, cs_ptr,
     out_ptr, lin_ptr, norm_ptr, winner_ptr,
@@ -255,12 +249,8 @@ def _bcos_forward_kernel(
         # Few channels per group (first layer, depthwise): one K tile spans several taps, k = tap * CG + c.
         K_TOTAL = CG * KH * KW
         for k0 in range(0, K_TOTAL, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K_TOTAL
-            tap = k // CG
-            c = (k % CG).to(tl.int64)
-            kh = tap // KW
-            kw = tap % KW
+            k_ok, kh, kw, c = _flat_k_tile(k0, CG, KW, K_TOTAL, BLOCK_K)
+            c = c.to(tl.int64)
             h_in = h_base[:, None] + (kh * DH)[None, :]
             w_in = w_base[:, None] + (kw * DW)[None, :]
             a_mask = pix_ok[:, None] & k_ok[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
@@ -448,12 +438,8 @@ def _bcos_grad_input_kernel(
         # Few filters per group (depthwise): K walks (tap, f) as k = tap * FG + f.
         K_TOTAL = FG * KH * KW
         for k0 in range(0, K_TOTAL, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K_TOTAL
-            tap = k // FG
-            f = (group * FG + k % FG).to(tl.int64)
-            kh = tap // KW
-            kw = tap % KW
+            k_ok, kh, kw, f_local = _flat_k_tile(k0, FG, KW, K_TOTAL, BLOCK_K)
+            f = (group * FG + f_local).to(tl.int64)
             ho, wo, a_ok = _output_pixel(h_idx[:, None], w_idx[:, None], kh[None, :], kw[None, :], HO, WO,
                                          SH, SW, PH, PW, DH, DW)
             a = tl.load(g_rows[:, None] + (f * sdc)[None, :] + ho * sdh + wo * sdw,
