@@ -119,7 +119,8 @@ DAU_CUDA_MAX_RANK = 511
 
 def _dau_cuda_limits(rank: int = 0, **_) -> Optional[str]:
     if rank > DAU_CUDA_MAX_RANK:
-        return f"rank {rank} is larger than {DAU_CUDA_MAX_RANK} (the CUDA kernels' per-pixel tiles hold rank + 1 entries)"
+        return (f"rank {rank} is larger than {DAU_CUDA_MAX_RANK} "
+                "(the CUDA kernels' per-pixel tiles hold rank + 1 entries)")
     return None
 
 
@@ -129,14 +130,16 @@ class Support:
 
     dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
     limits: Optional[Callable[..., Optional[str]]] = None
-    # whether its outputs keep a channels_last input's layout (else they are NCHW-contiguous)
-    keeps_channels_last: bool = False
+    # whether its outputs keep a channels_last input's layout (False: NCHW-contiguous; None: not promised, as the
+    # ATen ops of a reference decide case by case)
+    keeps_channels_last: Optional[bool] = False
 
 
-_BCOS = {"reference": Support(), "cpu": Support(CPU_DTYPES), "triton": Support(TRITON_DTYPES, keeps_channels_last=True),
-         "cuda": Support(CUDA_DTYPES)}
-_ELEMENTWISE = {"reference": Support(), "torch": Support(), "triton": Support(TRITON_DTYPES),
-                "cuda": Support(CUDA_DTYPES)}
+_BCOS = {"reference": Support(keeps_channels_last=None), "cpu": Support(CPU_DTYPES),
+         "triton": Support(TRITON_DTYPES, keeps_channels_last=True), "cuda": Support(CUDA_DTYPES)}
+# elementwise ops: every fast backend writes its output with x's strides
+_ELEMENTWISE = {"torch": Support(keeps_channels_last=True), "triton": Support(TRITON_DTYPES, keeps_channels_last=True),
+                "cuda": Support(CUDA_DTYPES, keeps_channels_last=True)}
 
 # Which backends implement each op, and what they support.
 OPS: Dict[str, Dict[str, Support]] = {
@@ -145,8 +148,9 @@ OPS: Dict[str, Dict[str, Support]] = {
     "dau_conv2d": {"reference": Support(), "torch": Support(),
                    "triton": Support(TRITON_DTYPES, _dau_triton_limits),
                    "cuda": Support(CUDA_DTYPES, _dau_cuda_limits)},
-    "lwta": _ELEMENTWISE,
-    "class_specific_gate": _ELEMENTWISE,
+    # the LWTA reference's x * mask keeps x's layout; the gate's reference does only in eval (it returns x)
+    "lwta": {"reference": Support(keeps_channels_last=True), **_ELEMENTWISE},
+    "class_specific_gate": {"reference": Support(keeps_channels_last=None), **_ELEMENTWISE},
 }
 
 

@@ -3,11 +3,11 @@ is not an installable package, so the baseline is our exact reference of it (it 
 weights like the original), labelled "reference". "plain" is a conv2d of the same shape: the limit."""
 import pytest
 import torch
+from harness import DEVICE, DTYPES, MODES, Fn, baseline_providers, bench, our_providers
+from shapes import DAU_CASES
 
 from bcos_kernels import nn as bnn
 from bcos_kernels.ops.dau_conv2d import reference as dau_ref
-from harness import DEVICE, DTYPES, MODES, Fn, baseline_providers, bench, our_providers
-from shapes import DAU_CASES
 
 PROVIDERS = baseline_providers("dau_conv2d") + our_providers("dau_conv2d") + ["plain"]
 

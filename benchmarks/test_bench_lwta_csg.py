@@ -3,13 +3,12 @@ our exact reference of them, labelled "reference". "plain" is the cheapest op to
 that LWTA replaces in DISCOVER's networks, and for the gate a multiply by a per-(sample, channel) factor."""
 import pytest
 import torch
+from harness import DEVICE, DTYPES, MODES, Fn, baseline_providers, bench, our_providers
+from shapes import CSG_CASES, LWTA_CASES
 
 from bcos_kernels import nn as bnn
 from bcos_kernels.ops.class_specific_gate import reference as csg_ref
 from bcos_kernels.ops.lwta import reference as lwta_ref
-from harness import DEVICE, DTYPES, MODES, Fn, baseline_providers, bench, our_providers
-from shapes import CSG_CASES, LWTA_CASES
-
 
 
 def _lwta_module(provider, u):

@@ -155,16 +155,18 @@ def _lwta_csg_cases(full: bool):
                 seed = torch.empty(1, dtype=torch.int64, **meta)
                 noise = torch.empty(shape, dtype=torch.float32, **meta)
                 for noise_arg, seed_arg in ((None, seed), (noise, None), (None, None)):
-                    out, winner = lwta.lwta_forward(x, competitors, 1.0, noise_arg, seed_arg, nhwc)
-                    lwta.lwta_backward(torch.empty_like(out), x, noise_arg, seed_arg, winner, competitors, 1.0, nhwc)
+                    options = dict(competitors=competitors, temperature=1.0)
+                    out, winner = lwta.forward(x, noise_arg, seed_arg, **options)
+                    lwta.backward(torch.empty_like(out), x, noise_arg, seed_arg, winner, **options, nhwc=nhwc)
         for shape, nhwc in (((32, 2048, 4, 4), True), ((64, 512, 7, 7), False), ((16, 512), False)):
             x = torch.empty(shape, dtype=dtype, **meta)
             if nhwc:
                 x = x.contiguous(memory_format=torch.channels_last)
             mask = torch.empty(shape[1], 1000, dtype=dtype, **meta)
             labels = torch.empty(shape[0], dtype=torch.int64, **meta)
-            out = gate.gate_forward(x, mask, labels, nhwc)
-            gate.gate_backward(torch.empty_like(out), x, mask, labels, 1000, nhwc, True, True)
+            out = gate.forward(x, mask, labels)
+            gate.backward(torch.empty_like(out), x, mask, labels, num_classes=1000, nhwc=nhwc, need_x=True,
+                          need_mask=True)
 
 
 def _dau_cases(full: bool):
@@ -184,12 +186,12 @@ def _dau_cases(full: bool):
             e = torch.empty(c * k * k * o, rank, 1, 1, dtype=dtype, **meta)
             bias = torch.empty(c * k * k * o, dtype=dtype, **meta) if has_bias else None
             for norm in ("squash", "l2"):
-                out, z, s = dau.dau_forward(x, a, e, bias, k, [stride, stride], [(k - 1) // 2] * 2, norm)
-                pixels = z.shape[0]
-                dnum = torch.empty(pixels, o, dtype=torch.float32, **meta)
-                for dq in (torch.empty_like(dnum), None):
-                    needs = [True, dq is not None, dq is not None, dq is not None and has_bias]
-                    dau.dau_backward(x, a, e, bias, z, dnum, dq, k, [stride, stride], [(k - 1) // 2] * 2, needs)
+                options = dict(kernel_size=k, stride=[stride, stride], padding=[(k - 1) // 2] * 2, norm=norm)
+                out, z, s = dau.forward(x, a, e, bias, **options)
+                for detach in (False, True):
+                    needs = [True, not detach, not detach, not detach and has_bias]
+                    dau.backward(torch.empty_like(out), x, a, e, bias, z, s, out, detach=detach, needs=needs,
+                                 **options)
 
 
 CASES = [_bcos_cases, _lwta_csg_cases, _dau_cases]

@@ -110,6 +110,17 @@ def test_op_matches_reference(shape, K):
     torch.testing.assert_close(o[2], r[2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,K", SHAPES[:1] + SHAPES[3:4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backend_reference_is_the_reference_bit_for_bit(shape, K, channels_last):
+    """backend="reference" runs reference.class_specific_gate itself: output and both gradients equal."""
+    x, mask, labels, gout = _inputs(shape, K, channels_last=channels_last and len(shape) == 4)
+    r = _fwd_bwd(lambda a, m: ref.class_specific_gate(a, m, labels), x, mask, gout)
+    o = _fwd_bwd(lambda a, m: class_specific_gate(a, m, labels, backend="reference"), x, mask, gout)
+    for got, want in zip(o, r):
+        assert torch.equal(got, want)
+
+
 def test_dmask_is_per_class_sum_of_g_times_x():
     x, mask, labels, gout = _inputs((6, 5, 3, 2), 4)
     _, _, gm = _fwd_bwd(lambda a, m: class_specific_gate(a, m, labels), x, mask, gout)
@@ -163,7 +174,13 @@ def test_gradcheck_fp64():
 def test_opcheck(case):
     shape = (4, 6) if case == "linear" else (3, 6, 2, 3)
     x, mask, labels, _ = _inputs(shape, 3, channels_last=case == "channels_last")
-    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels))
+    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels), dict(backend="torch"))
+    gout = torch.randn(shape)
+    for need_x, need_mask in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate_backward.default,
+                              (gout, x.detach(), mask.detach(), labels),
+                              dict(num_classes=3, nhwc=case == "channels_last", need_x=need_x, need_mask=need_mask,
+                                   backend="torch"))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -191,21 +208,21 @@ def _ok():
 
 
 @pytest.mark.parametrize("change,exc,name", [
-    (lambda x, m, l: (x[0], m, l), ValueError, "x"),
-    (lambda x, m, l: (x.long(), m, l), TypeError, "x"),
-    (lambda x, m, l: (x, m[:3], l), ValueError, "mask"),
-    (lambda x, m, l: (x, m[:, :, None], l), ValueError, "mask"),
-    (lambda x, m, l: (x, m.double(), l), TypeError, "mask"),
-    (lambda x, m, l: (x, m.to("meta"), l), ValueError, "mask"),
-    (lambda x, m, l: (x, m, l.float()), TypeError, "labels"),
-    (lambda x, m, l: (x, m, l.bool()), TypeError, "labels"),
-    (lambda x, m, l: (x, m, [0, 1]), TypeError, "labels"),
-    (lambda x, m, l: (x, m, l[:1]), ValueError, "labels"),
-    (lambda x, m, l: (x, m, l[None]), ValueError, "labels"),
-    (lambda x, m, l: (x, m, torch.tensor([0, 3])), ValueError, "labels"),
-    (lambda x, m, l: (x, m, torch.tensor([-1, 0])), ValueError, "labels"),
-    (lambda x, m, l: (x, m, l.to("meta")), ValueError, "labels"),
-    (lambda x, m, l: (x, m, None), ValueError, "labels"),
+    (lambda x, m, lab: (x[0], m, lab), ValueError, "x"),
+    (lambda x, m, lab: (x.long(), m, lab), TypeError, "x"),
+    (lambda x, m, lab: (x, m[:3], lab), ValueError, "mask"),
+    (lambda x, m, lab: (x, m[:, :, None], lab), ValueError, "mask"),
+    (lambda x, m, lab: (x, m.double(), lab), TypeError, "mask"),
+    (lambda x, m, lab: (x, m.to("meta"), lab), ValueError, "mask"),
+    (lambda x, m, lab: (x, m, lab.float()), TypeError, "labels"),
+    (lambda x, m, lab: (x, m, lab.bool()), TypeError, "labels"),
+    (lambda x, m, lab: (x, m, [0, 1]), TypeError, "labels"),
+    (lambda x, m, lab: (x, m, lab[:1]), ValueError, "labels"),
+    (lambda x, m, lab: (x, m, lab[None]), ValueError, "labels"),
+    (lambda x, m, lab: (x, m, torch.tensor([0, 3])), ValueError, "labels"),
+    (lambda x, m, lab: (x, m, torch.tensor([-1, 0])), ValueError, "labels"),
+    (lambda x, m, lab: (x, m, lab.to("meta")), ValueError, "labels"),
+    (lambda x, m, lab: (x, m, None), ValueError, "labels"),
 ])
 def test_bad_input(change, exc, name):
     with pytest.raises(exc, match=name):

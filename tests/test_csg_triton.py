@@ -11,11 +11,12 @@ import torch
 
 pytest.importorskip("triton", reason="backend 'triton' needs the triton package")
 
+from helpers import assert_csg_compile_matches_eager, csg_inputs, on_gpu, triton_module_marks  # noqa: E402
+
 from bcos_kernels import backends  # noqa: E402
 from bcos_kernels.nn.csg import ClassSpecificGate  # noqa: E402
 from bcos_kernels.ops.class_specific_gate import class_specific_gate  # noqa: E402
 from bcos_kernels.ops.class_specific_gate import reference as ref  # noqa: E402
-from helpers import assert_csg_compile_matches_eager, csg_inputs, on_gpu, triton_module_marks  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = triton_module_marks(DEVICE)
@@ -134,11 +135,13 @@ def test_module_backend_triton_matches_torch():
 def test_opcheck(case):
     shape = (4, 6) if case == "rows" else (3, 6, 2, 3)
     x, mask, labels, gout = _inputs(shape, 3, layout="nhwc" if case == "channels_last" else "nchw")
-    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels, "triton"))
+    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels),
+                          dict(backend="triton"))
     nhwc = case == "channels_last"
     for need_x, need_mask in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate_backward.default,
-                              (gout, x.detach(), mask.detach(), labels, 3, nhwc, need_x, need_mask, "triton"))
+                              (gout, x.detach(), mask.detach(), labels),
+                              dict(num_classes=3, nhwc=nhwc, need_x=need_x, need_mask=need_mask, backend="triton"))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -181,7 +184,7 @@ def test_explicit_triton_raises_with_the_reason():
     with pytest.raises(ValueError, match="labels"):
         class_specific_gate(x, mask, torch.tensor([0, 3], device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="backend 'cuda' cannot run here"):
-        torch.ops.bcos_kernels.class_specific_gate.default(x.cpu(), mask.cpu(), labels.cpu(), "cuda")
+        torch.ops.bcos_kernels.class_specific_gate.default(x.cpu(), mask.cpu(), labels.cpu(), backend="cuda")
 
 
 def test_auto_falls_back_with_a_warning(monkeypatch):

@@ -26,6 +26,7 @@ from bcos_kernels.nn.bcos import BcosConv2d
 from bcos_kernels.nn.csg import ClassSpecificGate
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.nn.lwta import LWTA
+from bcos_kernels.ops._layout import is_channels_last
 from bcos_kernels.ops.bcos_linear import reference as linear_ref
 from bcos_kernels.ops.bcos_conv2d import reference as bcos_ref
 from bcos_kernels.ops.class_specific_gate import reference as csg_ref
@@ -40,9 +41,10 @@ from helpers import lwta_inputs as _lwta_inputs
 from helpers import make_dau_case as _dau_case
 
 # the modules themselves: bcos_kernels.ops re-exports the functions under the modules' names
-dau_ops = importlib.import_module("bcos_kernels.ops.dau_conv2d")
+dau_cuda = importlib.import_module("bcos_kernels.ops.dau_conv2d.cuda")
 lwta_ops = importlib.import_module("bcos_kernels.ops.lwta")
-csg_ops = importlib.import_module("bcos_kernels.ops.class_specific_gate")
+lwta_cuda = importlib.import_module("bcos_kernels.ops.lwta.cuda")
+csg_cuda = importlib.import_module("bcos_kernels.ops.class_specific_gate.cuda")
 bcos_conv_ops = importlib.import_module("bcos_kernels.ops.bcos_conv2d")
 bcos_linear_ops = importlib.import_module("bcos_kernels.ops.bcos_linear")
 
@@ -156,19 +158,20 @@ def test_custom_ops_reject_cpu_tensors():
     a, e = torch.randn(3, 4, 3, 3), torch.randn(4 * 9 * 2, 3, 1, 1)
     gout = torch.randn(2, 2, 5, 5)
     labels = torch.tensor([0, 1])
+    dau_options = dict(kernel_size=3, stride=[1, 1], padding=[1, 1], norm="squash", backend="cuda")
     calls = {
-        "dau_conv2d": lambda: torch.ops.bcos_kernels.dau_conv2d(x, a, e, None, 3, [1, 1], [1, 1], "squash", False,
-                                                                "cuda"),
+        "dau_conv2d": lambda: torch.ops.bcos_kernels.dau_conv2d(x, a, e, None, detach=False, **dau_options),
         "dau_conv2d_backward": lambda: torch.ops.bcos_kernels.dau_conv2d_backward(
-            gout, x, a, e, None, torch.randn(50, 3), torch.rand(50, 2), gout, 3, [1, 1], [1, 1], "squash", False,
-            "cuda", [True, True, True, False]),
-        "lwta": lambda: torch.ops.bcos_kernels.lwta(x, 2, 1.0, None, None, "cuda"),
+            gout, x, a, e, None, torch.randn(50, 3), torch.rand(50, 2), gout, detach=False,
+            needs=[True, True, True, False], **dau_options),
+        "lwta": lambda: torch.ops.bcos_kernels.lwta(x, None, None, competitors=2, temperature=1.0, backend="cuda"),
         "lwta_backward": lambda: torch.ops.bcos_kernels.lwta_backward(
-            x, x, None, torch.tensor([1]), torch.zeros(2, 2, 5, 5, dtype=torch.uint8), 2, 1.0, False, "cuda"),
+            x, x, None, torch.tensor([1]), torch.zeros(2, 2, 5, 5, dtype=torch.uint8), competitors=2,
+            temperature=1.0, nhwc=False, backend="cuda"),
         "class_specific_gate": lambda: torch.ops.bcos_kernels.class_specific_gate(x, torch.rand(4, 2), labels,
-                                                                                  "cuda"),
+                                                                                  backend="cuda"),
         "class_specific_gate_backward": lambda: torch.ops.bcos_kernels.class_specific_gate_backward(
-            x, x, torch.rand(4, 2), labels, 2, False, True, True, "cuda"),
+            x, x, torch.rand(4, 2), labels, num_classes=2, nhwc=False, need_x=True, need_mask=True, backend="cuda"),
     }
     for name, call in calls.items():
         op = name.removesuffix("_backward")
@@ -188,12 +191,13 @@ def test_capability_reasons():
 
 def test_lwta_seed_comes_from_the_cpu_generator():
     """Backend "cuda" draws its seed on the CPU generator (no device sync to read it): torch.manual_seed sets it."""
+    x = torch.empty(2, 8, device="meta")  # draw_noise reads nothing of x
     torch.manual_seed(5)
-    a = lwta_ops.draw_cuda_seed()
+    noise, a = lwta_cuda.draw_noise(x)
     torch.manual_seed(5)
-    assert a.device.type == "cpu" and a.dtype == torch.int64 and a.shape == (1,)
+    assert noise is None and a.device.type == "cpu" and a.dtype == torch.int64 and a.shape == (1,)
     assert torch.equal(a, torch.randint(0, lwta_ops.SEED_HIGH, (1,), dtype=torch.int64))
-    assert not torch.equal(lwta_ops.draw_cuda_seed(), a)
+    assert not torch.equal(lwta_cuda.draw_noise(x)[1], a)
 
 
 def _same_layout(a, b):
@@ -218,15 +222,17 @@ LAYOUT_X = {
 @pytest.mark.parametrize("layout", sorted(LAYOUT_X))
 def test_lwta_glue_layouts_match_the_fakes(layout):
     x = LAYOUT_X[layout]()
-    nhwc = lwta_ops._nhwc(x)
+    options = dict(competitors=4, temperature=0.7)
     for noise in (torch.empty(x.shape, device="meta"), None):
-        out, winner = lwta_ops._cuda_forward(x, 4, 0.7, noise, None)
-        fake_out, fake_winner = torch.ops.bcos_kernels.lwta(x, 4, 0.7, noise, None, "cuda")
+        out, winner = lwta_cuda.forward(x, noise, None, **options)
+        fake_out, fake_winner = torch.ops.bcos_kernels.lwta(x, noise, None, **options, backend="cuda")
         _same_layout(out, fake_out)
         _same_layout(winner, fake_winner)
         for g in (torch.empty(x.shape, device="meta"), torch.empty_like(x)):
-            args = (g, x if noise is not None else None, noise, None, winner, 4, 0.7, nhwc)
-            _same_layout(lwta_ops._cuda_backward(*args), torch.ops.bcos_kernels.lwta_backward(*args, "cuda"))
+            args = (g, x if noise is not None else None, noise, None, winner)
+            kw = dict(options, nhwc=is_channels_last(x))
+            _same_layout(lwta_cuda.backward(*args, **kw), torch.ops.bcos_kernels.lwta_backward(*args, **kw,
+                                                                                                backend="cuda"))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "odd", "sliced", "rows"])
@@ -234,14 +240,14 @@ def test_csg_glue_layouts_match_the_fakes(layout):
     x = LAYOUT_X[layout]()
     mask = torch.empty(8, 3, device="meta")
     labels = torch.zeros(x.shape[0], dtype=torch.int64, device="meta")
-    _same_layout(csg_ops._cuda_forward(x, mask, labels),
-                 torch.ops.bcos_kernels.class_specific_gate(x, mask, labels, "cuda"))
-    nhwc = csg_ops._nhwc(x)
+    _same_layout(csg_cuda.forward(x, mask, labels),
+                 torch.ops.bcos_kernels.class_specific_gate(x, mask, labels, backend="cuda"))
     for g in (torch.empty(x.shape, device="meta"), torch.empty_like(x)):
         for need_x, need_mask in ((True, True), (True, False), (False, True)):
-            args = (g, x, mask, labels, 3, nhwc, need_x, need_mask)
-            for got, want in zip(csg_ops._cuda_backward(*args),
-                                 torch.ops.bcos_kernels.class_specific_gate_backward(*args, "cuda")):
+            args = (g, x, mask, labels)
+            kw = dict(num_classes=3, nhwc=is_channels_last(x), need_x=need_x, need_mask=need_mask)
+            for got, want in zip(csg_cuda.backward(*args, **kw),
+                                 torch.ops.bcos_kernels.class_specific_gate_backward(*args, **kw, backend="cuda")):
                 _same_layout(got, want)
 
 
@@ -253,19 +259,20 @@ def test_dau_glue_layouts_match_the_fakes(layout, bias):
         x = x.contiguous(memory_format=torch.channels_last)
     a, e = torch.empty(4, 3, 3, 3, device="meta"), torch.empty(27 * 5, 4, 1, 1, device="meta")
     b = torch.empty(27 * 5, device="meta") if bias else None
-    options = (3, [2, 1], [1, 0], "squash")
-    got = dau_ops._cuda_forward(x, a, e, b, *options)
+    options = dict(kernel_size=3, stride=[2, 1], padding=[1, 0])
+    got = dau_cuda.forward(x, a, e, b, norm="squash", **options)
     for norm in ("squash", "l2"):
-        want = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, *options[:3], norm, False, "cuda")
+        want = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, norm=norm, detach=False, backend="cuda", **options)
         for t, w in zip(got, want):
             _same_layout(t, w)
     out, z, s = got
+    options["norm"] = "squash"
     for g in (torch.empty_like(out), out.contiguous(memory_format=torch.channels_last)):
         for detach in (False, True):
             for needs in ([True, True, True, bias], [True, False, False, False], [False, True, True, bias]):
-                grads = dau_ops._cuda_backward(g, x, a, e, b, z, s, *options, detach, needs)
-                want = torch.ops.bcos_kernels.dau_conv2d_backward(g, x, a, e, b, z, s, out, *options, detach,
-                                                                  "cuda", needs)
+                grads = dau_cuda.backward(g, x, a, e, b, z, s, out, detach=detach, needs=needs, **options)
+                want = torch.ops.bcos_kernels.dau_conv2d_backward(g, x, a, e, b, z, s, out, detach=detach,
+                                                                  backend="cuda", needs=needs, **options)
                 for t, w in zip(grads, want):
                     _same_layout(x.new_empty(0) if t is None else t, w)
 
@@ -463,7 +470,7 @@ def test_dau_chunks_of_the_batch_agree_with_one_chunk(dev, monkeypatch):
     inputs = [_leaf(t, dev, torch.float32) for t in _dau_case(3, 4, 5, 3, 3, 6, 7, seed=6)]
     fn = _dau_fn("cuda", kernel_size=3, stride=2, norm="squash")
     whole = _grads(fn, inputs)
-    monkeypatch.setattr(dau_ops, "CUDA_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(dau_cuda, "CHUNK_ELEMENTS", 1)
     chunked = _grads(fn, inputs, whole[2])
     assert torch.equal(chunked[0], whole[0])
     for got, want in zip(chunked[1], whole[1]):
@@ -483,14 +490,14 @@ def test_dau_opcheck(dev):
     for bias, norm, detach, layout in [(b, "squash", False, "nchw"), (None, "l2", False, "nhwc"),
                                        (b, "l2", True, "nchw")]:
         xx = x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
-        args = [xx, a, e, bias, 3, [2, 1], [1, 0], norm, detach, "cuda"]
+        args = [xx, a, e, bias]
+        options = dict(kernel_size=3, stride=[2, 1], padding=[1, 0], norm=norm, detach=detach, backend="cuda")
         leaves = [t.clone().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in args]
-        torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default, leaves)
-        out, z, s = torch.ops.bcos_kernels.dau_conv2d.default(*args)
+        torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default, tuple(leaves), options)
+        out, z, s = torch.ops.bcos_kernels.dau_conv2d.default(*args, **options)
         for needs in ([True, True, True, bias is not None], [True, False, False, False], [False, True, True, False]):
             torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d_backward.default,
-                                  (torch.randn_like(out), xx, a, e, bias, z, s, out, 3, [2, 1], [1, 0], norm, detach,
-                                   "cuda", needs))
+                                  (torch.randn_like(out), xx, a, e, bias, z, s, out), dict(options, needs=needs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,7 +541,7 @@ def test_lwta_seeded_call_uses_exactly_the_uniforms_it_reports(dev):
         torch.manual_seed(21)
         out_s, grad_s = _fwd_bwd(lambda t: _cuda_lwta(t, U, temperature=0.8), x, gout)
         torch.manual_seed(21)
-        u = lwta_ops.cuda_uniforms(x.detach(), lwta_ops.draw_cuda_seed())
+        u = lwta_cuda.uniforms(x.detach(), lwta_cuda.draw_noise(x)[1])
         assert u.dtype == torch.float32 and u.shape == x.shape and 0 <= u.min() and u.max() < 1
         out_n, grad_n = _fwd_bwd(lambda t: _cuda_lwta(t, U, temperature=0.8, noise=u), x, gout)
         assert torch.equal(out_s, out_n) and torch.equal(grad_s, grad_n)
@@ -559,7 +566,7 @@ def test_lwta_same_seed_reproduces_and_manual_seed_controls_it(dev):
 def test_lwta_uniforms_are_uniform(dev):
     """Dvoretzky-Kiefer-Wolfowitz (false alarm 1e-6) and the serial correlation of neighbours ~ N(0, 1/n)."""
     n = 1 << 15
-    u = lwta_ops.cuda_uniforms(torch.empty(n // 8, 8, device=dev), torch.tensor([99])).double().cpu().flatten()
+    u = lwta_cuda.uniforms(torch.empty(n // 8, 8, device=dev), torch.tensor([99])).double().cpu().flatten()
     s, _ = torch.sort(u)
     i = torch.arange(1, n + 1, dtype=F64)
     assert float(torch.maximum(i / n - s, s - (i - 1) / n).max()) < math.sqrt(math.log(2 / 1e-6) / (2 * n))
@@ -603,12 +610,13 @@ def test_lwta_opcheck(dev, case):
     x, u, _ = _lwta_inputs(dev, shape, "nhwc" if case == "channels_last" else "nchw")
     noise = u if case == "noise" else None
     seed = None if case in ("noise", "deterministic") else torch.tensor([3])
-    torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, 4, 0.8, noise, seed, "cuda"))
-    _, winner = torch.ops.bcos_kernels.lwta.default(x, 4, 0.8, noise, seed, "cuda")
+    options = dict(competitors=4, temperature=0.8, backend="cuda")
+    torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, noise, seed), options)
+    _, winner = torch.ops.bcos_kernels.lwta.default(x, noise, seed, **options)
     stochastic = noise is not None or seed is not None
     torch.library.opcheck(torch.ops.bcos_kernels.lwta_backward.default,
-                          (torch.randn(shape, device=dev), x.detach() if stochastic else None, noise, seed, winner, 4,
-                           0.8, case == "channels_last", "cuda"))
+                          (torch.randn(shape, device=dev), x.detach() if stochastic else None, noise, seed, winner),
+                          dict(options, nhwc=case == "channels_last"))
 
 
 def test_lwta_empty_input(dev):
@@ -681,11 +689,13 @@ def test_csg_bf16_within_twice_the_reference_error(dev, layout):
 def test_csg_opcheck(dev, case):
     shape = (4, 6) if case == "rows" else (3, 6, 2, 3)
     x, mask, labels, gout = _csg_inputs(dev, shape, 3, layout="nhwc" if case == "channels_last" else "nchw")
-    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels, "cuda"))
+    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels),
+                          dict(backend="cuda"))
     nhwc = case == "channels_last"
     for need_x, need_mask in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate_backward.default,
-                              (gout, x.detach(), mask.detach(), labels, 3, nhwc, need_x, need_mask, "cuda"))
+                              (gout, x.detach(), mask.detach(), labels),
+                              dict(num_classes=3, nhwc=nhwc, need_x=need_x, need_mask=need_mask, backend="cuda"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

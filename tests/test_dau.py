@@ -14,7 +14,7 @@ import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: pytest finds it here)
 
 from bcos_kernels.nn.dau import DAUConv2d
-from bcos_kernels.ops.dau_conv2d import dau_conv2d
+from bcos_kernels.ops.dau_conv2d import dau_conv2d, lowrank
 from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_lowrank, dau_conv2d_original
 
 F64 = torch.float64
@@ -150,6 +150,21 @@ def test_lowrank_and_op_match_original(norm, detach):
                     assert_close_to(got, want, dtype, f"{what} d{gname}")
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_backend_reference_is_the_original_bit_for_bit(dtype):
+    """backend="reference" runs exactly the original's formulas: the same output and gradients, to the bit."""
+    for i, (k, s, p) in enumerate([(3, 1, None), (1, 2, 0), (5, 2, 2)]):
+        a, e, b = make_params(3, 4, 5, k, bias=i != 1, dtype=dtype, seed=i)
+        x = torch.rand(2, 3, 9, 8, dtype=dtype, generator=torch.Generator().manual_seed(i))
+        for norm, detach in (("squash", False), ("l2", False), ("squash", True)):
+            kw = dict(kernel_size=k, stride=s, padding=p, norm=norm, detach=detach)
+            want_out, want, g = grads_of(dau_conv2d_original, (x, a, e, b), kw)
+            got_out, got, _ = grads_of(dau_conv2d, (x, a, e, b), dict(kw, backend="reference"), g)
+            assert torch.equal(got_out, want_out)
+            for t, w in zip(got, want):
+                assert (t is None) == (w is None) and (t is None or torch.equal(t, w))
+
+
 def test_cifar_layer_shapes_fp32():
     """Two real CoDA-Net CIFAR-10 layers (batch 2), fp32 vs the fp64 oracle."""
     for c, o, r, k, s, hw in ((6, 16, 32, 3, 1, 16), (64, 10, 64, 1, 1, 8)):
@@ -166,16 +181,16 @@ def test_cifar_layer_shapes_fp32():
 
 def test_batch_chunks_match(monkeypatch):
     """Eager runs the O*R-channel transients a chunk of the batch at a time: force one image per chunk."""
-    # the package re-exports the function under the module's name: fetch the module itself
-    op_module = importlib.import_module("bcos_kernels.ops.dau_conv2d")
+    # the backend module (the package's attribute `torch` is the library)
+    torch_backend = importlib.import_module("bcos_kernels.ops.dau_conv2d.torch")
 
     a, e, b = make_params(3, 4, 5, 3)
     x = torch.rand(3, 3, 7, 9, dtype=F64)
     for norm, detach in (("squash", False), ("l2", False), ("squash", True)):
         kw = dict(kernel_size=3, stride=2, norm=norm, detach=detach)
         ref_out, ref_grads, g = grads_of(dau_conv2d_original, (x, a, e, b), kw)
-        monkeypatch.setattr(op_module, "CHUNK_ELEMENTS", 1)
-        assert len(op_module._batch_chunks(3, 100)) == 3
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 1)
+        assert len(lowrank.batch_chunks(3, 100, torch_backend.CHUNK_ELEMENTS)) == 3
         out, grads, _ = grads_of(dau_conv2d, (x, a, e, b), kw, g)
         monkeypatch.undo()
         assert_close_to(out, ref_out, F64, "chunked out")
@@ -286,8 +301,9 @@ def test_opcheck(case):
     if "channels_last" in case:
         x = x.contiguous(memory_format=torch.channels_last)
     args = [t.requires_grad_(True) if t is not None else None for t in (x, a, e, b)]
-    torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default,
-                          (*args, 3, [2, 1], [1, 0], "squash" if dtype == F64 else "l2", "detach" in case))
+    torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default, tuple(args),
+                          dict(kernel_size=3, stride=[2, 1], padding=[1, 0], norm="squash" if dtype == F64 else "l2",
+                               detach="detach" in case, backend="torch"))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside torch.compile

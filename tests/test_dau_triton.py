@@ -15,12 +15,13 @@ import torch
 
 pytest.importorskip("triton", reason="backend 'triton' needs the triton package")
 
+from helpers import make_dau_case as make_case  # noqa: E402
+from helpers import one_intra_op_thread  # noqa: E402, F401  (autouse fixture: pytest finds it here)
+
 from bcos_kernels import backends  # noqa: E402
 from bcos_kernels.nn.dau import DAUConv2d  # noqa: E402
 from bcos_kernels.ops.dau_conv2d import dau_conv2d  # noqa: E402
 from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original  # noqa: E402
-from helpers import make_dau_case as make_case  # noqa: E402
-from helpers import one_intra_op_thread  # noqa: E402, F401  (autouse fixture: pytest finds it here)
 
 F64 = torch.float64
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -212,8 +213,8 @@ def test_auto_prefers_triton_and_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setattr(backends, "_warned", set())
     triton_dau = importlib.import_module("bcos_kernels.ops.dau_conv2d.triton")
     calls = []
-    real = triton_dau.dau_forward
-    monkeypatch.setattr(triton_dau, "dau_forward", lambda *args: calls.append(1) or real(*args))
+    real = triton_dau.forward
+    monkeypatch.setattr(triton_dau, "forward", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     x, a, e, b = _small()
     with warnings.catch_warnings():
         # our fallback warning is a RuntimeWarning; other categories (e.g. numpy deprecations raised inside
@@ -230,7 +231,8 @@ def test_auto_prefers_triton_and_falls_back_with_a_warning(monkeypatch):
 
 def test_triton_not_imported_by_the_package():
     code = ("import sys, bcos_kernels, bcos_kernels.nn; "
-            "assert 'bcos_kernels.ops.dau_conv2d.triton' not in sys.modules, 'bcos_kernels.ops.dau_conv2d.triton imported eagerly'")
+            "assert 'bcos_kernels.ops.dau_conv2d.triton' not in sys.modules, "
+            "'bcos_kernels.ops.dau_conv2d.triton imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -247,20 +249,21 @@ def test_opcheck(case):
         x = x.contiguous(memory_format=torch.channels_last)
     args = [None if t is None else t.requires_grad_(True) for t in (x, a, e, b)]
     norm = "l2" if "l2" in case else "squash"
-    torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default,
-                          (*args, 3, [2, 1], [1, 0], norm, "detach" in case, "triton"))
+    torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default, tuple(args),
+                          dict(kernel_size=3, stride=[2, 1], padding=[1, 0], norm=norm, detach="detach" in case,
+                               backend="triton"))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_opcheck_backward_op():
     x, a, e, b = _small()
-    out, z, s = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, 3, [1, 1], [1, 1], "squash", False, "triton")
+    options = dict(kernel_size=3, stride=[1, 1], padding=[1, 1], norm="squash", backend="triton")
+    out, z, s = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, detach=False, **options)
     g = torch.randn_like(out)
     for detach, needs in ((False, [True, True, True, True]), (False, [False, True, False, True]),
                           (True, [True, False, False, False])):
-        torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d_backward.default,
-                              (g, x, a, e, b, z, s, out, 3, [1, 1], [1, 1], "squash", detach, "triton", needs),
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d_backward.default, (g, x, a, e, b, z, s, out),
+                              dict(options, detach=detach, needs=needs), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.fixture

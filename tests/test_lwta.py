@@ -119,6 +119,20 @@ def test_op_matches_reference(shape, U, mode):
     torch.testing.assert_close(grad_op, grad_r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,U", [CASES[1], CASES[4], CASES[6], CASES[9]])
+@pytest.mark.parametrize("mode", MODES)
+def test_backend_reference_is_the_reference_bit_for_bit(shape, U, mode):
+    """backend="reference" runs reference.lwta itself: output and gradient equal, given noise or drawing it."""
+    x, u, gout = _inputs(shape)
+    kw = _kwargs(mode)
+    for noise in (u, None):
+        torch.manual_seed(3)
+        out_r, grad_r = _fwd_bwd(lambda t: ref.lwta(t, U, noise=noise, **kw), x, gout)
+        torch.manual_seed(3)
+        out, grad = _fwd_bwd(lambda t: lwta(t, U, noise=noise, backend="reference", **kw), x, gout)
+        assert torch.equal(out, out_r) and torch.equal(grad, grad_r)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_channels_last(mode):
     x, u, gout = _inputs((2, 8, 5, 3), channels_last=True)
@@ -241,7 +255,12 @@ def test_opcheck(case):
     shape = (2, 5, 8) if case == "linear3d" else (2, 8, 3, 3)
     x, u, _ = _inputs(shape, channels_last=case == "channels_last")
     noise = None if case == "deterministic" else u
-    torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, 4, 0.8, noise))
+    options = dict(competitors=4, temperature=0.8, backend="torch")
+    torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, noise, None), options)
+    _, winner = torch.ops.bcos_kernels.lwta.default(x, noise, None, **options)
+    torch.library.opcheck(torch.ops.bcos_kernels.lwta_backward.default,
+                          (torch.randn(shape), x.detach(), noise, None, winner),
+                          dict(options, nhwc=case == "channels_last"))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

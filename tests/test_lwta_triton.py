@@ -15,19 +15,23 @@ pytest.importorskip("triton", reason="backend 'triton' needs the triton package"
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_compiled_matches_eager_after_same_seed,
+    assert_lwta_matches_reference_given_noise,
+    assert_lwta_noise_grad_and_x_layouts,
+    lwta_inputs,
+    on_gpu,
+    triton_module_marks,
+)
+from helpers import assert_lwta_output_matches as _assert_output_matches  # noqa: E402
+from helpers import fwd_bwd as _fwd_bwd  # noqa: E402
+from helpers import saved_bytes as _saved_bytes  # noqa: E402
 
 from bcos_kernels import backends  # noqa: E402
 from bcos_kernels.nn.lwta import LWTA  # noqa: E402
 from bcos_kernels.ops.lwta import lwta  # noqa: E402
 from bcos_kernels.ops.lwta import reference as ref  # noqa: E402
 from bcos_kernels.ops.lwta import triton as kernels  # noqa: E402
-from helpers import assert_compiled_matches_eager_after_same_seed  # noqa: E402
-from helpers import assert_lwta_matches_reference_given_noise, assert_lwta_noise_grad_and_x_layouts  # noqa: E402
-from helpers import assert_lwta_output_matches as _assert_output_matches  # noqa: E402
-from helpers import fwd_bwd as _fwd_bwd  # noqa: E402
-from helpers import lwta_inputs  # noqa: E402
-from helpers import on_gpu, triton_module_marks  # noqa: E402
-from helpers import saved_bytes as _saved_bytes  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = triton_module_marks(DEVICE)
@@ -273,12 +277,13 @@ def test_opcheck(case):
     seed = torch.tensor([3], device=DEVICE)
     noise = u if case == "noise" else None
     seed = None if case in ("noise", "deterministic") else seed
-    torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, 4, 0.8, noise, seed, "triton"))
-    _, winner = torch.ops.bcos_kernels.lwta.default(x, 4, 0.8, noise, seed, "triton")
+    options = dict(competitors=4, temperature=0.8, backend="triton")
+    torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, noise, seed), options)
+    _, winner = torch.ops.bcos_kernels.lwta.default(x, noise, seed, **options)
     nhwc = case == "channels_last"
     grad = torch.randn(shape, device=DEVICE)
-    torch.library.opcheck(torch.ops.bcos_kernels.lwta_backward.default,
-                          (grad, x.detach(), noise, seed, winner, 4, 0.8, nhwc, "triton"))
+    torch.library.opcheck(torch.ops.bcos_kernels.lwta_backward.default, (grad, x.detach(), noise, seed, winner),
+                          dict(options, nhwc=nhwc))
 
 
 def test_compile_keeps_the_seed_a_graph_value():
@@ -345,12 +350,13 @@ def test_explicit_triton_raises_with_the_reason():
             lwta(torch.randn(2, 8, dtype=torch.float16), 2, backend="triton")
     with pytest.raises(ValueError, match="competitors"):
         lwta(torch.randn(2, 9, device=DEVICE), 2, backend="triton")
+    options = dict(competitors=2, temperature=1.0)
     with pytest.raises(ValueError, match="seed needs backend 'triton'"):
-        torch.ops.bcos_kernels.lwta.default(torch.randn(2, 8), 2, 1.0, None, torch.tensor([1]), "torch")
+        torch.ops.bcos_kernels.lwta.default(torch.randn(2, 8), None, torch.tensor([1]), **options, backend="torch")
     with pytest.raises(ValueError, match="backend 'cuda' cannot run here"):
-        torch.ops.bcos_kernels.lwta.default(torch.randn(2, 8), 2, 1.0, None, None, "cuda")
+        torch.ops.bcos_kernels.lwta.default(torch.randn(2, 8), None, None, **options, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
-        torch.ops.bcos_kernels.lwta.default(torch.randn(2, 8), 2, 1.0, None, None, "bogus")
+        torch.ops.bcos_kernels.lwta.default(torch.randn(2, 8), None, None, **options, backend="bogus")
 
 
 def test_auto_falls_back_with_a_warning(monkeypatch):

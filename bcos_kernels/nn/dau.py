@@ -97,8 +97,8 @@ class DAUConv2d(nn.Module):
         rank_conv, expand_conv = wm.weighting_f
         if getattr(wm, "groups", 1) != 1 or expand_conv.groups != 1:
             raise ValueError("only groups=1 DAUWeights are supported")
-        norm_name = type(wm.norm_func).__name__
-        if norm_name == "Squashing":
+        norm_class = type(wm.norm_func).__name__
+        if norm_class == "Squashing":
             norm = "squash"
         elif getattr(wm.norm_func, "p", None) == 2 and getattr(wm.norm_func, "return_norm", False):
             norm = "l2"

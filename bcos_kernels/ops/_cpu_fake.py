@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from bcos_kernels import _C  # noqa: F401  (defines torch.ops.bcos_kernels.*)
-from bcos_kernels.ops._layout import conv_output_size, memory_format_of
+from bcos_kernels.ops._layout import block_shape, conv_output_size, memory_format_of
 
 
 def _scale_mode(b: float, b_is_tensor: bool) -> str:
@@ -149,19 +149,12 @@ if _has_op("dau_combine_forward"):
         return dz, dy, m
 
 
-def _lwta_winner_shape(x, competitors):
-    dim = 1 if x.dim() == 4 else x.dim() - 1
-    shape = list(x.shape)
-    shape[dim] //= competitors
-    return shape
-
-
 if _has_op("lwta_block_forward"):
     @torch.library.register_fake("bcos_kernels::lwta_block_forward")
     def _lwta_block_forward_fake(x, competitors, temperature, deterministic, noise, seed, offset):
         """out: x's shape and dtype, contiguous; winner: uint8 with the competition dim divided by competitors."""
         torch._check(2 <= x.dim() <= 4, lambda: f"x must have 2, 3 or 4 dimensions, got shape {tuple(x.shape)}")
-        return x.new_empty(x.shape), x.new_empty(_lwta_winner_shape(x, competitors), dtype=torch.uint8)
+        return x.new_empty(x.shape), x.new_empty(block_shape(x, competitors), dtype=torch.uint8)
 
     @torch.library.register_fake("bcos_kernels::lwta_block_backward")
     def _lwta_block_backward_fake(grad_out, x, winner, competitors, temperature, deterministic, noise, seed, offset):

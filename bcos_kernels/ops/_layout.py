@@ -1,4 +1,4 @@
-"""Layout and size facts every op shares: when an x is read as channels_last, and the conv output size."""
+"""Layout and size facts every op shares: when an x is read as channels_last, per-block and conv output sizes."""
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -19,6 +19,14 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """x's layout as the kernels see it (:func:`is_channels_last`). Gradients take the layout of their input."""
     return memory_format(is_channels_last(x))
+
+
+def block_shape(x: torch.Tensor, block: int) -> List[int]:
+    """x's shape with its channel dim (1 of a 4-D x, else the last) divided by ``block``: one entry per block of
+    ``block`` consecutive channels (LWTA's winner index)."""
+    shape = list(x.shape)
+    shape[1 if x.dim() == 4 else x.dim() - 1] //= block
+    return shape
 
 
 def conv_output_size(size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],

@@ -2,29 +2,13 @@
 
 Semantics: :mod:`bcos_kernels.ops.class_specific_gate.reference`. Training:
 ``out[n, c, ...] = x[n, c, ...] * mask[c, labels[n]]``; eval: the identity
-(x itself is returned, no copy, as the original). Backend "torch" runs the
-custom op ``bcos_kernels::class_specific_gate`` below: it gathers
-``mask[:, labels]`` to (N, C) and broadcasts it, never building the full-size
-gate the original builds (and keeps for backward), and computes
-
-    d mask[c, k] = sum over samples n with labels[n] == k of sum_hw (g * x)[n, c]
-
-as a one-hot matmul (deterministic on every device), accumulated in fp32 or wider.
-
-Backend "triton" (:mod:`bcos_kernels.ops.class_specific_gate.triton`) runs the
-same custom op with one gather-multiply kernel forward; its backward (the
-custom op ``bcos_kernels::class_specific_gate_backward``) makes one pass over
-(grad_out, x) for grad_x and per-sample partial sums, then a segmented sum by
-label over the label-sorted batch: deterministic, no atomics. fp32/fp16/bf16
-(fp32 only under the Triton interpreter); a channels_last x is read in place.
-
-Backend "cuda" (the extension's ``bcos_kernels::csg_gate_forward`` /
-``csg_gate_backward``, csrc/cuda/csg_cuda.cu) runs the same two custom ops:
-one gather-multiply kernel forward; backward one pass for grad_x and per-sample
-sums, then a segmented sum by label, deterministic, no atomics. fp32/fp64/
-fp16/bf16; a contiguous or channels_last x is read in place (any other layout
-is copied, and out copied back into x's strides); the backward reads grad_out
-in x's layout (a copy when it comes in the other).
+(x itself is returned, no copy, as the original). Backend "reference" runs
+reference.py (plain autograd); the other backends ("torch", "triton", "cuda":
+one file each here, chosen by bcos_kernels.backends) run the custom op
+``bcos_kernels::class_specific_gate`` below, which never builds the full-size
+gate the original builds (and keeps for backward), with the hand-written
+backward op ``bcos_kernels::class_specific_gate_backward`` (deterministic in
+every backend); tensors are positional, options keyword-only.
 
 Unlike the original (whose gate is fp32 whatever x is), mask must have x's
 dtype and the output has it too; :class:`bcos_kernels.nn.ClassSpecificGate`
@@ -32,12 +16,18 @@ casts its fp32 parameter to x's dtype (autocast) on the way in.
 """
 from __future__ import annotations
 
+# The backend "torch" is this package's submodule ``torch``: importing it sets the package's global ``torch`` to it,
+# so it is imported here, before the library that the code below means by ``torch``.
+from bcos_kernels.ops.class_specific_gate import torch as _torch_backend  # noqa: F401
+
+# isort: split
 from typing import Optional, Tuple
 
 import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_like, check_tensor
+from bcos_kernels.ops._layout import is_channels_last, memory_format
 from bcos_kernels.ops.class_specific_gate import reference as ref
 
 
@@ -86,144 +76,63 @@ def class_specific_gate(x: torch.Tensor, mask: torch.Tensor, labels: Optional[to
         return ref.class_specific_gate(x, mask, labels, training=training)
     if not training:
         return x
-    return class_specific_gate_op(x, mask, labels, name)
-
-
-
-
-def _nhwc(x: torch.Tensor) -> bool:
-    """Whether the fused backends read x as channels_last (4-D, channels_last- but not plain-contiguous)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in ("torch", "triton", "cuda"):
-        raise ValueError(f"bcos_kernels::class_specific_gate: unknown backend {backend!r} (torch, triton, cuda)")
-
-
-# backend "cuda": the extension's ops (csrc/cuda/csg_cuda.cu) read a contiguous or a channels_last x in place and
-# write their output in that layout.
-
-
-def _cuda_forward(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    out = torch.ops.bcos_kernels.csg_gate_forward(x, mask, labels)
-    if not (x.is_contiguous() or _nhwc(x)):
-        # the kernel read a contiguous copy of x and wrote a contiguous out; the op returns x's strides (the fake
-        # impl's empty_like)
-        out = torch.empty_like(x).copy_(out)
-    return out
-
-
-def _cuda_backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                   labels: torch.Tensor, num_classes: int, nhwc: bool, need_x: bool, need_mask: bool):
-    # The kernels walk grad_out's layout and write grad_x in it: give them grad_out in the layout the fake
-    # promises (x's), a copy only when it comes in the other one; x is read in that layout too (the extension
-    # copies it if it differs).
-    if grad_out.dim() == 4:
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-    grad_x, grad_mask = torch.ops.bcos_kernels.csg_gate_backward(grad_out, x if need_mask else None,
-                                                                 mask if need_x else None, labels, num_classes,
-                                                                 need_x, need_mask)
-    return grad_x, grad_mask
+    return class_specific_gate_op(x, mask, labels, backend=name)
 
 
 # ---------------------------------------------------------------------------
-# the custom op (backend "torch" in plain torch ops below)
-
-
-def _gathered(mask: torch.Tensor, labels: torch.Tensor, ndim: int) -> torch.Tensor:
-    """mask[:, labels] as (N, C) broadcastable against x of rank ndim."""
-    g = mask.index_select(1, labels).t()
-    return g.reshape(g.shape + (1,) * (ndim - 2))
+# the custom ops: each backend's forward and backward in its file here (bcos_kernels.backends.kernels)
 
 
 @torch.library.custom_op("bcos_kernels::class_specific_gate", mutates_args=())
-def class_specific_gate_op(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                           backend: str = "torch") -> torch.Tensor:
-    """x * mask[:, labels] broadcast per sample (training mode)."""
-    _check_backend(backend)
-    if backend == "triton":
-        from bcos_kernels.ops.class_specific_gate import triton as kernels  # imported on first use
-        return kernels.gate_forward(x, mask, labels, _nhwc(x))
-    if backend == "cuda":
-        backends.check_device("class_specific_gate", "cuda", x.device)
-        return _cuda_forward(x, mask, labels)
-    out = torch.empty_like(x)
-    torch.mul(x, _gathered(mask, labels, x.dim()), out=out)
-    return out
+def class_specific_gate_op(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, backend: str) -> torch.Tensor:
+    """x * mask[:, labels] broadcast per sample (training mode); labels int64."""
+    kernels = backends.kernels("class_specific_gate", backend)  # first: it names an unknown backend
+    backends.check_device("class_specific_gate", backend, x.device)
+    return kernels.forward(x, mask, labels)
 
 
 @class_specific_gate_op.register_fake
-def _(x, mask, labels, backend="torch"):
-    _check_backend(backend)
+def _(x, mask, labels, *, backend):
+    backends.kernels("class_specific_gate", backend)  # an unknown backend fails when traced too
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("bcos_kernels::class_specific_gate_backward", mutates_args=())
 def class_specific_gate_backward_op(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                                    labels: torch.Tensor, num_classes: int, nhwc: bool, need_x: bool,
+                                    labels: torch.Tensor, *, num_classes: int, nhwc: bool, need_x: bool,
                                     need_mask: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_mask) of a fused backend; an empty tensor for a gradient not asked for. grad_x is
-    channels_last if ``nhwc`` else contiguous; grad_mask (C, num_classes) contiguous; both in grad_out's dtype.
-    x is needed for grad_mask, mask for grad_x."""
-    if backend == "cuda":
-        backends.check_device("class_specific_gate", "cuda", grad_out.device)
-        return _cuda_backward(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask)
-    if backend != "triton":
-        raise ValueError(f"bcos_kernels::class_specific_gate_backward: unknown backend {backend!r} (triton, cuda)")
-    from bcos_kernels.ops.class_specific_gate import triton as kernels
-    grad_x, grad_mask = kernels.gate_backward(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask)
-    empty = grad_out.new_empty(0)
-    return grad_x if grad_x is not None else empty, grad_mask if grad_mask is not None else empty
+    """(grad_x, grad_mask); an empty tensor for a gradient not asked for. grad_x is channels_last if ``nhwc`` else
+    contiguous; grad_mask (C, num_classes) contiguous; both in grad_out's dtype. x is needed for grad_mask, mask
+    for grad_x."""
+    kernels = backends.kernels("class_specific_gate", backend)
+    backends.check_device("class_specific_gate", backend, grad_out.device)
+    grads = kernels.backward(grad_out, x, mask, labels, num_classes=num_classes, nhwc=nhwc, need_x=need_x,
+                             need_mask=need_mask)
+    return tuple(g if g is not None else grad_out.new_empty(0) for g in grads)  # a custom op cannot return None
 
 
 @class_specific_gate_backward_op.register_fake
-def _(grad_out, x, mask, labels, num_classes, nhwc, need_x, need_mask, backend):
-    fmt = torch.channels_last if nhwc else torch.contiguous_format
+def _(grad_out, x, mask, labels, *, num_classes, nhwc, need_x, need_mask, backend):
     grad_x = torch.empty(grad_out.shape if need_x else (0,), dtype=grad_out.dtype, device=grad_out.device,
-                         memory_format=fmt if need_x else torch.contiguous_format)
+                         memory_format=memory_format(nhwc and need_x))
     grad_mask = grad_out.new_empty((grad_out.shape[1], num_classes) if need_mask else (0,))
     return grad_x, grad_mask
 
 
-def _setup_context(ctx, inputs, output):
-    x, mask, labels, backend = inputs
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    x, mask, labels = inputs
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, mask if ctx.needs_input_grad[0] else None,
                           labels)
-    ctx.mask_shape = mask.shape
-    ctx.mask_dtype = mask.dtype
-    ctx.backend = backend
-    ctx.nhwc = _nhwc(x)
-
-
-def class_specific_gate_backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                                 labels: torch.Tensor, mask_shape, need_x: bool, need_mask: bool):
-    """(d x, d mask) in plain torch ops."""
-    grad_x = grad_mask = None
-    if need_x:
-        grad_x = grad_out * _gathered(mask, labels, grad_out.dim())
-    if need_mask:
-        acc = torch.promote_types(x.dtype, torch.float32)
-        per_sample = grad_out.to(acc) * x.to(acc)
-        if per_sample.dim() == 4:
-            per_sample = per_sample.sum((2, 3))
-        onehot = torch.nn.functional.one_hot(labels, mask_shape[1]).to(acc)  # (N, K)
-        grad_mask = (per_sample.t() @ onehot).to(x.dtype)  # (C, K)
-    return grad_x, grad_mask
+    ctx.options = dict(keyword_only_inputs, num_classes=mask.shape[1], nhwc=is_channels_last(x))
 
 
 def _backward(ctx, grad_out):
-    x, mask, labels = ctx.saved_tensors
     need_x, need_mask = ctx.needs_input_grad[:2]
-    if ctx.backend == "torch":
-        grad_x, grad_mask = class_specific_gate_backward(grad_out, x, mask, labels, ctx.mask_shape, need_x,
-                                                         need_mask)
-    else:
-        grad_x, grad_mask = class_specific_gate_backward_op(grad_out, x, mask, labels, ctx.mask_shape[1], ctx.nhwc,
-                                                            need_x, need_mask, ctx.backend)
-        grad_x = grad_x if need_x else None
-        grad_mask = grad_mask if need_mask else None
-    return grad_x, grad_mask, None, None
+    if not (need_x or need_mask):
+        return None, None, None
+    grad_x, grad_mask = class_specific_gate_backward_op(grad_out, *ctx.saved_tensors, **ctx.options, need_x=need_x,
+                                                        need_mask=need_mask)
+    return grad_x if need_x else None, grad_mask if need_mask else None, None
 
 
 class_specific_gate_op.register_autograd(_backward, setup_context=_setup_context)

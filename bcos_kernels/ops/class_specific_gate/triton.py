@@ -15,6 +15,9 @@ Backward, deterministic whatever the device (no atomics):
    class k adds the rows of P of its segment one after the other:
    d mask[c, k] = sum over samples n with labels[n] == k of P[n, c]. Classes
    without samples get 0.
+
+fp32/fp16/bf16 (fp32 only under the Triton interpreter); a channels_last x is
+read in place.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import triton
 import triton.language as tl
 
 from bcos_kernels import backends
+from bcos_kernels.ops._layout import is_channels_last, memory_format
 
 TILE_ELEMENTS = 2048
 TILE_ELEMENTS_INTERPRETED = 8192
@@ -116,10 +120,6 @@ def _segment_sum_kernel(partial_ptr, order_ptr, starts_ptr, grad_mask_ptr, C, K,
 # host side
 
 
-def _memory_format(nhwc: bool) -> torch.memory_format:
-    return torch.channels_last if nhwc else torch.contiguous_format
-
-
 def _sizes(x: torch.Tensor, nhwc: bool) -> Tuple[int, int, int]:
     """(N, C, S) of the [N, C, S] reading of x."""
     spatial = x.shape[2] * x.shape[3] if x.dim() == 4 else 1
@@ -136,13 +136,14 @@ def _blocks(channels: int, spatial: int, channels_inner: bool) -> Tuple[int, int
     return min(triton.next_power_of_2(channels), max(1, tile // block_s)), block_s
 
 
-def gate_forward(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, nhwc: bool) -> torch.Tensor:
-    """x * mask[:, labels] per sample, like ``torch.empty_like(x)``. ``nhwc``: x is a 4-D channels_last (and not
-    contiguous) tensor, read in place; otherwise x is read (or copied) as contiguous. labels: int64."""
+def forward(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """x * mask[:, labels] per sample, like ``torch.empty_like(x)``. A 4-D channels_last (and not contiguous) x
+    is read in place; any other x is read (or copied) as contiguous. labels: int64."""
+    nhwc = is_channels_last(x)
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    layout = _memory_format(nhwc)
+    layout = memory_format(nhwc)
     x_in = x.contiguous(memory_format=layout)
     direct = out.is_contiguous(memory_format=layout)  # empty_like keeps the strides of any dense x
     out_in = out if direct else torch.empty_like(x_in, memory_format=layout)
@@ -158,12 +159,12 @@ def gate_forward(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, nhwc
     return out
 
 
-def gate_backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                  labels: torch.Tensor, num_classes: int, nhwc: bool, need_x: bool,
-                  need_mask: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor], labels: torch.Tensor, *,
+             num_classes: int, nhwc: bool, need_x: bool, need_mask: bool
+             ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_x or None, grad_mask or None). grad_x: channels_last if ``nhwc`` else contiguous, grad_out's dtype;
     grad_mask: (C, num_classes) contiguous, grad_out's dtype. x is needed for grad_mask, mask for grad_x."""
-    layout = _memory_format(nhwc)
+    layout = memory_format(nhwc)
     grad_in = grad_out.contiguous(memory_format=layout)
     n, channels, spatial = _sizes(grad_in, nhwc)
     grad_x = torch.empty_like(grad_in, memory_format=layout) if need_x else None

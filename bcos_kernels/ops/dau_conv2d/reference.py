@@ -58,7 +58,11 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from bcos_kernels.ops.dau_conv2d import lowrank
+from bcos_kernels.ops.dau_conv2d.lowrank import bias_to_filters, expand_to_filters  # noqa: F401  (public here too)
+
 NORMS = ("squash", "l2")
+
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -104,65 +108,31 @@ def dau_conv2d_original(x: torch.Tensor, rank_weight: torch.Tensor, expand_weigh
     return out / f.squeeze(1)
 
 
-def expand_to_filters(expand_weight: torch.Tensor, in_channels: int, kernel_size: int) -> torch.Tensor:
-    """expand_weight (D*O, r, 1, 1) -> conv filters (O, r, C, k, k): filter (o, q) is column q of E_o."""
-    rows, rank = expand_weight.shape[:2]
-    d = in_channels * kernel_size * kernel_size
-    return expand_weight.reshape(d, rows // d, rank).permute(1, 2, 0).reshape(
-        rows // d, rank, in_channels, kernel_size, kernel_size)
-
-
-def bias_to_filters(expand_bias: torch.Tensor, in_channels: int, kernel_size: int) -> torch.Tensor:
-    """expand_bias (D*O,) -> conv filters (O, C, k, k): filter o is b_o."""
-    d = in_channels * kernel_size * kernel_size
-    return expand_bias.reshape(d, -1).t().reshape(-1, in_channels, kernel_size, kernel_size)
-
-
 def dau_conv2d_lowrank(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
                        expand_bias: Optional[torch.Tensor], *, kernel_size: int, stride: IntPair = 1,
                        padding: Optional[IntPair] = None, norm: str = "squash",
                        detach: bool = False) -> torch.Tensor:
-    """The same function without per-pixel weights (DESIGN.md section 3), plain autograd.
+    """The same function without per-pixel weights (DESIGN.md section 3, the algebra of lowrank.py), plain
+    autograd. With za = [z, 1] (z alone without a bias) and the filters [E_o | b_o]:
 
-        w_o . x_patch = sum_q z_q (E_o[:, q] . x_patch) + b_o . x_patch   -> convs with O*r and O filters
-        ||w_o||^2     = z^T G_o z + 2 h_o . z + c_o,   G_o = E_o^T E_o, h_o = E_o^T b_o, c_o = ||b_o||^2
+        w_o . x_patch = sum_q za_q ([E_o | b_o][:, q] . x_patch)     -> one conv with O*R filters
+        ||w_o||^2     = za^T G_o za,   G_o = [E_o | b_o]^T [E_o | b_o]   (R x R)
     """
     _check_norm(norm)
     padding = _pad(kernel_size, padding)
     n, c = x.shape[:2]
-    rank = rank_weight.shape[0]
-    filt = expand_to_filters(expand_weight, c, kernel_size)          # (O, r, C, k, k)
-    o = filt.shape[0]
-    bfilt = None if expand_bias is None else bias_to_filters(expand_bias, c, kernel_size)  # (O, C, k, k)
-
-    z = F.conv2d(x, rank_weight, None, stride, padding)              # (N, r, Ho, Wo)
+    filt = lowrank.filters(expand_weight, expand_bias, c, kernel_size)  # (O, R, C, k, k)
+    o, big_r = filt.shape[:2]
+    z = F.conv2d(x, rank_weight, None, stride, padding)                 # (N, r, Ho, Wo)
     ho, wo = z.shape[-2:]
-    ew, eb = filt, bfilt
-    if detach:  # w = E z + b is a constant; x stays live inside the numerator's convs
-        z = z.detach()
-        ew = filt.detach()
-        eb = None if bfilt is None else bfilt.detach()
-
-    # Numerator: O*r filters combined with z, plus the O bias filters.
-    y = F.conv2d(x, ew.reshape(o * rank, c, kernel_size, kernel_size), None, stride, padding)
-    num = (y.view(n, o, rank, ho, wo) * z.unsqueeze(1)).sum(2)
-    if eb is not None:
-        num = num + F.conv2d(x, eb, None, stride, padding)
-
-    # Squared norm of the dynamic weights from r x r Gram matrices.
-    e = filt.reshape(o, rank, -1)                                    # (O, r, D): row q = E_o[:, q]
-    gram = e @ e.transpose(1, 2)                                     # (O, r, r)
-    q = torch.einsum("nshw,ost,nthw->nohw", z, gram, z)
-    if bfilt is not None:
-        bvec = bfilt.reshape(o, -1)                                  # (O, D)
-        h = (e @ bvec.unsqueeze(2)).squeeze(2)                       # (O, r)
-        q = q + 2 * torch.einsum("os,nshw->nohw", h, z) + bvec.square().sum(1).view(1, o, 1, 1)
-    if detach:
-        q = q.detach()
-    q = q.clamp_min(0)
-    # Exactly-zero weights: output 0 and zero gradient (the original gives NaN there).
+    if detach:  # w = E z + b (and its norm) is a constant; x stays live inside the numerator's conv
+        z, filt = z.detach(), filt.detach()
+    za = lowrank.augment(z, expand_bias is not None)                    # (N, R, Ho, Wo)
+    y = F.conv2d(x, filt.reshape(o * big_r, c, kernel_size, kernel_size), None, stride, padding)
+    num = (y.view(n, o, big_r, ho, wo) * za.unsqueeze(1)).sum(2)
+    q = torch.einsum("nshw,ost,nthw->nohw", za, lowrank.gram(filt.reshape(o, big_r, -1)), za).clamp_min(0)
+    # Exactly-zero weights: output 0 and zero gradient (the original gives NaN there); sqrt(0) is kept out of
+    # the graph because its gradient is infinite.
     live = q > 0
-    q_safe = torch.where(live, q, torch.ones_like(q))
-    s = q_safe.sqrt()
-    inv_f = s / (1 + q_safe) if norm == "squash" else 1 / s
+    inv_f, _ = lowrank.inverse_norm(torch.where(live, q, torch.ones_like(q)).sqrt(), norm)
     return torch.where(live, num * inv_f, torch.zeros_like(num))

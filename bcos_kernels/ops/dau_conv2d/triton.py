@@ -1,8 +1,9 @@
 """Backend "triton" of the CoDA DAU convolution (``bcos_kernels.dau_conv2d``).
 
 Math and parameter layout: ``bcos_kernels/ops/dau_conv2d/reference.py``; the low-rank form: DESIGN.md section 3 and
-``bcos_kernels/ops/dau_conv2d.py``. Notation (P = N*Ho*Wo output pixels, D = C*k*k patch entries, O units,
-rank r):
+``bcos_kernels/ops/dau_conv2d/lowrank.py`` (whose parameter tables and backward epilogue the host code here uses).
+Fused kernels that do not build the O*r intermediate: the per-pixel products live in registers. Notation
+(P = N*Ho*Wo output pixels, D = C*k*k patch entries, O units, rank r):
 
     x_p   = input patch of pixel p (D,), read by implicit im2col (never stored)
     z_p   = A x_p                        (r,)     A = rank_weight viewed as (r, D)
@@ -47,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bcos_kernels import backends
+from bcos_kernels.ops._layout import conv_output_size
+from bcos_kernels.ops.dau_conv2d import lowrank
 
 # Every tl.dot tile dimension is >= 16 (the GPU minimum) and a power of two.
 UNITS_PER_PROGRAM = 16          # units of the forward / columns of the bias dot
@@ -55,6 +57,8 @@ MIN_DOT = 16
 # The big-tile kernels: 8 warps and 2 stages keep their fp32 accumulators and pipelined gather addresses in
 # registers (at 4 warps / 3 stages they spill on sm_90: checked with cuobjdump --dump-resource-usage).
 LAUNCH = dict(num_warps=8, num_stages=2)
+
+OPAQUE_BACKWARD = True  # kernels autograd cannot trace: the backward runs as bcos_kernels::dau_conv2d_backward
 
 
 def _pow2(n: int, lo: int = MIN_DOT, hi: int = 64) -> int:
@@ -79,6 +83,28 @@ def _pixel_origin(pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w, pad_h, 
 
 
 @triton.jit
+def _pixels(start, end, BLOCK_P: tl.constexpr):
+    """int32 pixel indices start + [0, BLOCK_P) and which of them are below end."""
+    pix = start + tl.arange(0, BLOCK_P)
+    return pix, pix < end
+
+
+@triton.jit
+def _program_pixels(num_pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w, BLOCK_P: tl.constexpr):
+    """This program's tile of output pixels (grid axis 0): indices, mask, int64 rows and patch origins."""
+    pix, pix_ok = _pixels(tl.program_id(0) * BLOCK_P, num_pix, BLOCK_P)
+    base, h0, w0 = _pixel_origin(pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w)
+    return pix, pix_ok, pix.to(tl.int64), base, h0, w0
+
+
+@triton.jit
+def _split_range(pix_per_split, num_pix):
+    """The pixels [begin, end) of this program's split (grid axis 2) of a split-K reduction over pixels."""
+    begin = tl.program_id(2) * pix_per_split
+    return begin, tl.minimum(begin + pix_per_split, num_pix)
+
+
+@triton.jit
 def _load_patches(x_ptr, base, h0, w0, pix_ok, dd, dd_ok, height, width, sxc, sxh, sxw, KS: tl.constexpr):
     """Implicit im2col: X[p, d] (len(base), len(dd)) = x[n, c, h0 + i, w0 + j] for patch entry
     d = c*k*k + i*k + j (the conv filter order); 0 in the padding."""
@@ -91,6 +117,21 @@ def _load_patches(x_ptr, base, h0, w0, pix_ok, dd, dd_ok, height, width, sxc, sx
     w = w0[:, None] + kj[None, :]
     mask = pix_ok[:, None] & dd_ok[None, :] & (h >= 0) & (h < height) & (w >= 0) & (w < width)
     return tl.load(x_ptr + (base[:, None] + d_off[None, :]), mask=mask, other=0.0)
+
+
+@triton.jit
+def _patch_dot(acc, x_ptr, base, h0, w0, pix_ok, height, width, sxc, sxh, sxw, patch_size, w_ptr, w_sd, w_sn, cols,
+               cols_ok, KS: tl.constexpr, BLOCK_D: tl.constexpr, DATA_DOT: tl.constexpr):
+    """acc + X W: the patches X (pixels, D) of x (implicit im2col) times W[d, n] = w_ptr[d * w_sd + cols[n] * w_sn],
+    BLOCK_D patch entries at a time."""
+    for d0 in range(0, patch_size, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dd_ok = dd < patch_size
+        patches = _load_patches(x_ptr, base, h0, w0, pix_ok, dd, dd_ok, height, width, sxc, sxh, sxw, KS)
+        w_tile = tl.load(w_ptr + dd.to(tl.int64)[:, None] * w_sd + cols.to(tl.int64)[None, :] * w_sn,
+                         mask=dd_ok[:, None] & cols_ok[None, :], other=0.0)
+        acc = tl.dot(patches, w_tile, acc, input_precision=DATA_DOT)
+    return acc
 
 
 @triton.jit
@@ -143,21 +184,13 @@ def _rank_kernel(x_ptr, a_ptr, z_ptr, num_pix, channels, height, width, out_w, o
                  KS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                  DATA_DOT: tl.constexpr):
     """z (P, r) fp32 = conv(x, rank_weight), pixel-major."""
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = pix < num_pix
-    prow = pix.to(tl.int64)
-    base, h0, w0 = _pixel_origin(pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w)
+    pix, pix_ok, prow, base, h0, w0 = _program_pixels(num_pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w,
+                                                      pad_h, pad_w, BLOCK_P)
     t = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     t_ok = t < rank
     patch_size = channels * KS * KS
-    acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
-    for d0 in range(0, patch_size, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dd_ok = dd < patch_size
-        patches = _load_patches(x_ptr, base, h0, w0, pix_ok, dd, dd_ok, height, width, sxc, sxh, sxw, KS)
-        a_tile = tl.load(a_ptr + t.to(tl.int64)[None, :] * patch_size + dd[:, None],
-                         mask=dd_ok[:, None] & t_ok[None, :], other=0.0)
-        acc = tl.dot(patches, a_tile, acc, input_precision=DATA_DOT)
+    acc = _patch_dot(tl.zeros((BLOCK_P, BLOCK_R), tl.float32), x_ptr, base, h0, w0, pix_ok, height, width, sxc, sxh,
+                     sxw, patch_size, a_ptr, 1, patch_size, t, t_ok, KS, BLOCK_D, DATA_DOT)   # A^T: (D, r)
     tl.store(z_ptr + prow[:, None] * rank + t[None, :], acc, mask=pix_ok[:, None] & t_ok[None, :])
 
 
@@ -173,10 +206,8 @@ def _forward_kernel(x_ptr, e_ptr, b_ptr, z_ptr, gram_ptr, h2_ptr, c_ptr, out_ptr
     The (pixel, unit, rank) products Y are built for RANK_CHUNK ranks at a time, as a dot whose columns are
     (unit, rank-in-chunk) pairs, and reduced against z right away: they never leave registers. gram_ptr holds
     G as (r, O*r) (G_o[t, s] at [t, o*r + s]) so that the same columns index it; h2 = 2 h as (O*r,)."""
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = pix < num_pix
-    prow = pix.to(tl.int64)
-    base, h0, w0 = _pixel_origin(pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w)
+    pix, pix_ok, prow, base, h0, w0 = _program_pixels(num_pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w,
+                                                      pad_h, pad_w, BLOCK_P)
     unit0 = tl.program_id(1) * BLOCK_U
     patch_size = channels * KS * KS
     n_weight = num_units * rank                                    # one row of expand_weight per patch entry
@@ -189,14 +220,9 @@ def _forward_kernel(x_ptr, e_ptr, b_ptr, z_ptr, gram_ptr, h2_ptr, c_ptr, out_ptr
         q = q0 + cols % RANK_CHUNK
         col_ok = (col_unit < num_units) & (q < rank)
         col_off = col_unit * rank + q
-        y = tl.zeros((BLOCK_P, BLOCK_U * RANK_CHUNK), tl.float32)  # Y[p, (o, s)] = E_o[:, s] . x_p
-        for d0 in range(0, patch_size, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dd_ok = dd < patch_size
-            patches = _load_patches(x_ptr, base, h0, w0, pix_ok, dd, dd_ok, height, width, sxc, sxh, sxw, KS)
-            e_tile = tl.load(e_ptr + dd.to(tl.int64)[:, None] * n_weight + col_off[None, :],
-                             mask=dd_ok[:, None] & col_ok[None, :], other=0.0)
-            y = tl.dot(patches, e_tile, y, input_precision=DATA_DOT)
+        # Y[p, (o, s)] = E_o[:, s] . x_p
+        y = _patch_dot(tl.zeros((BLOCK_P, BLOCK_U * RANK_CHUNK), tl.float32), x_ptr, base, h0, w0, pix_ok, height,
+                       width, sxc, sxh, sxw, patch_size, e_ptr, n_weight, 1, col_off, col_ok, KS, BLOCK_D, DATA_DOT)
         qs = q0 + tl.arange(0, RANK_CHUNK)
         z_q = tl.load(z_ptr + prow[:, None] * rank + qs[None, :], mask=pix_ok[:, None] & (qs < rank)[None, :],
                       other=0.0)[:, None, :]
@@ -216,15 +242,9 @@ def _forward_kernel(x_ptr, e_ptr, b_ptr, z_ptr, gram_ptr, h2_ptr, c_ptr, out_ptr
     units = unit0 + tl.arange(0, BLOCK_U)
     unit_ok = units < num_units
     if HAS_BIAS:
-        beta = tl.zeros((BLOCK_P, BLOCK_U), tl.float32)            # b_o . x_p
-        for d0 in range(0, patch_size, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dd_ok = dd < patch_size
-            patches = _load_patches(x_ptr, base, h0, w0, pix_ok, dd, dd_ok, height, width, sxc, sxh, sxw, KS)
-            b_tile = tl.load(b_ptr + dd.to(tl.int64)[:, None] * num_units + units[None, :],
-                             mask=dd_ok[:, None] & unit_ok[None, :], other=0.0)
-            beta = tl.dot(patches, b_tile, beta, input_precision=DATA_DOT)
-        num += beta
+        num += _patch_dot(tl.zeros((BLOCK_P, BLOCK_U), tl.float32), x_ptr, base, h0, w0, pix_ok, height, width,
+                          sxc, sxh, sxw, patch_size, b_ptr, num_units, 1, units, unit_ok, KS, BLOCK_D,
+                          DATA_DOT)                                # b_o . x_p
         sq += tl.load(c_ptr + units, mask=unit_ok, other=0.0)[None, :]
 
     # Rounding can push ||w||^2 slightly below 0; an exactly-zero weight gives 0 (and zero gradient).
@@ -258,10 +278,8 @@ def _rank_grad_kernel(x_ptr, dnum_ptr, dq_ptr, z_ptr, e_ptr, g2_ptr, dz_ptr,
 
     First term: a dot over k = d*O + o (the row order of expand_weight (D*O, r)) of x_p[d] * dnum_o, built per
     tile. Second: a dot over the virtual columns [E | b] of dq_o * za_s with g2 = 2 [G_o; h_o^T] rows."""
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = pix < num_pix
-    prow = pix.to(tl.int64)
-    base, h0, w0 = _pixel_origin(pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w)
+    pix, pix_ok, prow, base, h0, w0 = _program_pixels(num_pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w,
+                                                      pad_h, pad_w, BLOCK_P)
     t = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     t_ok = t < rank
     patch_size = channels * KS * KS
@@ -352,12 +370,10 @@ def _weight_grad_kernel(x_ptr, dnum_ptr, z_ptr, dz_ptr, part_ptr,
     cols = col_start + local
     cols_ok = local < num_cols
     split = tl.program_id(2)
-    p_begin = split * pix_per_split
-    p_end = tl.minimum(p_begin + pix_per_split, num_pix)
+    p_begin, p_end = _split_range(pix_per_split, num_pix)
     acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for it in range(0, tiles_per_split):
-        pix = p_begin + it * BLOCK_P + tl.arange(0, BLOCK_P)
-        pix_ok = pix < p_end
+        pix, pix_ok = _pixels(p_begin + it * BLOCK_P, p_end, BLOCK_P)
         base, h0, w0 = _pixel_origin(pix, out_w, out_hw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w)
         patches = _load_patches(x_ptr, base, h0, w0, pix_ok, dd, dd_ok, height, width, sxc, sxh, sxw, KS)
         t = _column_factors(dnum_ptr, z_ptr, dz_ptr, pix, pix_ok, cols, num_units, rank, n_weight, n_bias_end,
@@ -376,12 +392,10 @@ def _norm_grad_kernel(dq_ptr, z_ptr, part_ptr, num_pix, num_units, rank, n_weigh
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     split = tl.program_id(2)
-    p_begin = split * pix_per_split
-    p_end = tl.minimum(p_begin + pix_per_split, num_pix)
+    p_begin, p_end = _split_range(pix_per_split, num_pix)
     acc = tl.zeros((BLOCK_N, BLOCK_T), tl.float32)
     for it in range(0, tiles_per_split):
-        pix = p_begin + it * BLOCK_P + tl.arange(0, BLOCK_P)
-        pix_ok = pix < p_end
+        pix, pix_ok = _pixels(p_begin + it * BLOCK_P, p_end, BLOCK_P)
         tq = _column_factors(dq_ptr, z_ptr, z_ptr, pix, pix_ok, cols, num_units, rank, n_weight, n_bias_end,
                              n_bias_end, False)
         za = tl.load(z_ptr + pix.to(tl.int64)[:, None] * rank + t[None, :],
@@ -415,30 +429,34 @@ def _splits(x: torch.Tensor, other_programs: int, pix_tiles: int, out_numel: int
     return max(1, min(pix_tiles, -(-target // max(other_programs, 1)), (1 << 24) // max(out_numel, 1)))
 
 
+def _split_k(x: torch.Tensor, num_pix: int, block_p: int, other_programs: int, shape: Tuple[int, int]):
+    """(splits, tiles per split, zeroed fp32 partials (splits, *shape)) of a split-K reduction over pixels."""
+    pix_tiles = max(1, triton.cdiv(num_pix, block_p))
+    splits = _splits(x, other_programs, pix_tiles, shape[0] * shape[1])
+    part = torch.zeros((splits, *shape), device=x.device, dtype=torch.float32)
+    return splits, triton.cdiv(pix_tiles, splits), part
+
+
 def _geometry(x: torch.Tensor, kernel_size: int, stride: List[int], padding: List[int]):
-    ho = (x.shape[2] + 2 * padding[0] - kernel_size) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - kernel_size) // stride[1] + 1
+    ho, wo = conv_output_size(x.shape[2:], (kernel_size, kernel_size), stride, padding)
     # the arguments every im2col kernel takes after num_pix, channels
     conv = (x.shape[2], x.shape[3], wo, ho * wo, *x.stride(), stride[0], stride[1], padding[0], padding[1])
     return ho, wo, conv
 
 
-def _parameter_tables(expand_weight: torch.Tensor, expand_bias: Optional[torch.Tensor], patch_size: int):
-    """fp32 E_o as (O, r, D), the Gram matrices G_o = E_o^T E_o (O, r, r), and with a bias b_o (O, D),
-    h_o = E_o^T b_o (O, r), c_o = ||b_o||^2 (O,). Parameter-sized work only."""
-    rank = expand_weight.shape[1]
-    e3 = expand_weight.float().reshape(patch_size, -1, rank).permute(1, 2, 0)     # (O, r, D)
-    gram = e3 @ e3.transpose(1, 2)
-    if expand_bias is None:
-        return e3, gram, None, None, None
-    bvec = expand_bias.float().reshape(patch_size, -1).t()                        # (O, D)
-    h = (e3 @ bvec.unsqueeze(2)).squeeze(2)
-    return e3, gram, bvec, h, bvec.square().sum(1)
+def _parameter_tables(expand_weight: torch.Tensor, expand_bias: Optional[torch.Tensor], channels: int,
+                      kernel_size: int):
+    """fp32 rows [E_o | b_o] (O, R, D) and Gram matrices G_o (O, R, R) (lowrank.py): the r x r block is
+    E_o^T E_o, with a bias column r holds h_o = E_o^T b_o and entry (r, r) c_o = ||b_o||^2. Parameter-sized."""
+    filt = lowrank.filters(expand_weight.float(), None if expand_bias is None else expand_bias.float(), channels,
+                           kernel_size)
+    rows = filt.reshape(*filt.shape[:2], -1)
+    return rows, lowrank.gram(rows)
 
 
-def dau_forward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
-                expand_bias: Optional[torch.Tensor], kernel_size: int, stride: List[int], padding: List[int],
-                norm: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
+            expand_bias: Optional[torch.Tensor], *, kernel_size: int, stride: List[int], padding: List[int],
+            norm: str, **_) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (N, O, Ho, Wo) contiguous in x's dtype, z (P, r) fp32, s = ||w|| (P, O) fp32)."""
     n, c = x.shape[:2]
     rank = rank_weight.shape[0]
@@ -454,9 +472,12 @@ def dau_forward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch
     a = rank_weight.contiguous()
     e = expand_weight.contiguous()
     b = None if expand_bias is None else expand_bias.contiguous()
-    _, gram, _, h, csq = _parameter_tables(e, b, patch_size)
-    gram_cols = gram.permute(1, 0, 2).reshape(rank, units * rank).contiguous()    # G_o[t, s] at [t, o*r + s]
-    h2 = z if h is None else (2 * h).reshape(-1).contiguous()
+    _, gram = _parameter_tables(e, b, c, kernel_size)
+    gram_cols = gram[:, :rank, :rank].permute(1, 0, 2).reshape(rank, units * rank).contiguous()  # [t, o*r + s]
+    h2 = csq = z                                                    # placeholders, never read without a bias
+    if b is not None:
+        h2 = (2 * gram[:, :rank, rank]).reshape(-1).contiguous()
+        csq = gram[:, rank, rank].contiguous()
     data_dot = _data_dot(x.dtype)
 
     block_r = _pow2(rank)
@@ -469,7 +490,7 @@ def dau_forward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch
     block_p = 64
     grid = (triton.cdiv(num_pix, block_p), triton.cdiv(units, UNITS_PER_PROGRAM))
     _forward_kernel[grid](
-        x, e, e if b is None else b, z, gram_cols, h2, z if csq is None else csq, out, s,
+        x, e, e if b is None else b, z, gram_cols, h2, csq, out, s,
         num_pix, c, *conv, units, rank,
         KS=kernel_size, SQUASH=norm == "squash", HAS_BIAS=b is not None, BLOCK_P=block_p,
         BLOCK_D=16 if x.dtype == torch.float32 else 32, BLOCK_U=UNITS_PER_PROGRAM, RANK_CHUNK=rank_chunk,
@@ -477,13 +498,14 @@ def dau_forward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch
     return out, z, s
 
 
-def dau_backward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
-                 expand_bias: Optional[torch.Tensor], z: torch.Tensor, dnum: torch.Tensor,
-                 dq: Optional[torch.Tensor], kernel_size: int, stride: List[int], padding: List[int],
-                 needs: List[bool]) -> List[Optional[torch.Tensor]]:
-    """Gradients for (x, rank_weight, expand_weight, expand_bias) (None where ``needs`` is False) from the
-    per-pixel fp32 dnum (P, O) and dq (P, O) (None in explanation mode: w and ||w|| are constants, only x gets
-    a gradient, through x_patch)."""
+def backward(grad_out: torch.Tensor, x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
+             expand_bias: Optional[torch.Tensor], z: torch.Tensor, s: torch.Tensor, out: torch.Tensor, *,
+             kernel_size: int, stride: List[int], padding: List[int], norm: str, detach: bool, needs: List[bool],
+             **_) -> List[Optional[torch.Tensor]]:
+    """Gradients for (x, rank_weight, expand_weight, expand_bias) (None where ``needs`` is False). The kernels
+    read the per-pixel fp32 dnum (P, O) and dq (P, O) (lowrank.output_grads; no dq in explanation mode: w and
+    ||w|| are constants, only x gets a gradient, through x_patch)."""
+    dnum, dq = lowrank.output_grads(grad_out, out, s, norm, detach)
     need_x, need_a, need_e, need_b = needs
     need_b = need_b and expand_bias is not None
     if dq is None:
@@ -511,11 +533,12 @@ def dau_backward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torc
     block_p = 64
 
     need_dz = dq is not None and (need_x or need_a)
-    tables = _parameter_tables(e, b, patch_size) if need_dz or need_f else None
+    rows, gram = _parameter_tables(e, b, c, kernel_size) if need_dz or need_f else (None, None)
     dz = None
     if need_dz:
-        _, gram, _, h, _ = tables
-        g2 = gram.reshape(n_weight, rank) if h is None else torch.cat([gram.reshape(n_weight, rank), h])
+        g2 = gram[:, :rank, :rank].reshape(n_weight, rank)
+        if has_bias:
+            g2 = torch.cat([g2, gram[:, :rank, rank]])
         g2 = (2 * g2).contiguous()                                  # rows of 2 [G_o; h_o^T] per virtual column
         dz = torch.empty((num_pix, rank), device=x.device, dtype=torch.float32)
         block_r = _pow2(rank)
@@ -547,10 +570,7 @@ def dau_backward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torc
         num_cols = col_end - col_start
         block_d, block_n = 64, 64
         other = triton.cdiv(patch_size, block_d) * triton.cdiv(num_cols, block_n)
-        pix_tiles = max(1, triton.cdiv(num_pix, block_p))
-        splits = _splits(x, other, pix_tiles, patch_size * num_cols)
-        tiles_per_split = triton.cdiv(pix_tiles, splits)
-        part = torch.zeros((splits, patch_size, num_cols), device=x.device, dtype=torch.float32)
+        splits, tiles_per_split, part = _split_k(x, num_pix, block_p, other, (patch_size, num_cols))
         _weight_grad_kernel[(triton.cdiv(patch_size, block_d), triton.cdiv(num_cols, block_n), splits)](
             x, dnum, z, z if dz is None else dz, part, num_pix, c, *conv, units, rank, n_weight, n_bias_end,
             n_end, col_start, num_cols, tiles_per_split * block_p, tiles_per_split,
@@ -560,38 +580,27 @@ def dau_backward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torc
         if need_a:
             grads[1] = raw[:, col_end - col_start - rank:].t().reshape(a.shape).to(rank_weight.dtype)
         if need_f:
-            grads[2], grads[3] = _expand_grads(raw, tables, x, dq, z, e, b, patch_size, units, rank, n_weight,
-                                               n_bias_end, block_p, need_e, need_b)
+            m = _norm_grads(x, dq, z, units, rank, n_weight, n_bias_end, has_bias, block_p)
+            gfilt = raw[:, :n_weight].reshape(patch_size, units, rank)     # the X^T T part, as (D, O, R)
+            if has_bias:
+                gfilt = torch.cat([gfilt, raw[:, n_weight:n_bias_end].unsqueeze(2)], 2)
+            grads[2], grads[3] = lowrank.expand_grads(gfilt.permute(1, 2, 0), m, rows, e, b, need_e, need_b)
     # contiguous, as the fake impl of the backward op says (dA is a transposed view of the split-K sum)
     return [g if g is None or i == 0 else g.contiguous() for i, g in enumerate(grads)]
 
 
-def _expand_grads(raw, tables, x, dq, z, e, b, patch_size, units, rank, n_weight, n_bias_end, block_p, need_e,
-                  need_b):
-    """dE, db = the X^T T part (raw, columns [E | b]) + 2 [E_o | b_o] M_o with M_o from _norm_grad_kernel."""
-    has_bias = b is not None
+def _norm_grads(x, dq, z, units, rank, n_weight, n_bias_end, has_bias, block_p):
+    """M_o = sum_p dq_o za za^T (O, R, R) from _norm_grad_kernel: the part of d||w||^2 / d[E_o | b_o]."""
     aug_rank = rank + (1 if has_bias else 0)
     num_pix = z.shape[0]
     block_n, block_t = 64, _pow2(aug_rank)
-    pix_tiles = max(1, triton.cdiv(num_pix, block_p))
     other = triton.cdiv(n_bias_end, block_n) * triton.cdiv(aug_rank, block_t)
-    splits = _splits(x, other, pix_tiles, n_bias_end * aug_rank)
-    tiles_per_split = triton.cdiv(pix_tiles, splits)
-    part = torch.zeros((splits, n_bias_end, aug_rank), device=x.device, dtype=torch.float32)
+    splits, tiles_per_split, part = _split_k(x, num_pix, block_p, other, (n_bias_end, aug_rank))
     _norm_grad_kernel[(triton.cdiv(n_bias_end, block_n), triton.cdiv(aug_rank, block_t), splits)](
         dq, z, part, num_pix, units, rank, n_weight, n_bias_end, aug_rank, tiles_per_split * block_p,
         tiles_per_split, HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_T=block_t, **LAUNCH)
     msum = part.sum(0) if splits > 1 else part[0]                 # (O*r [+ O], R): rows = virtual columns
     m = msum[:n_weight].reshape(units, rank, aug_rank)
     if has_bias:
-        m = torch.cat([m, msum[n_weight:].unsqueeze(1)], 1)        # (O, R, R): M_o = sum_p dq_o za za^T
-    e3, _, bvec, _, _ = tables
-    filt = e3 if bvec is None else torch.cat([e3, bvec.unsqueeze(1)], 1)           # (O, R, D): rows of [E_o | b_o]
-    corr = 2 * torch.bmm(m, filt)                                                   # (O, R, D)
-    grad_e = grad_b = None
-    if need_e:
-        grad_e = (raw[:, :n_weight].reshape(patch_size, units, rank) + corr[:, :rank].permute(2, 0, 1))
-        grad_e = grad_e.reshape(e.shape).to(e.dtype)
-    if need_b:
-        grad_b = (raw[:, n_weight:n_bias_end] + corr[:, rank].t()).reshape(-1).to(b.dtype)
-    return grad_e, grad_b
+        m = torch.cat([m, msum[n_weight:].unsqueeze(1)], 1)
+    return m

@@ -1,6 +1,26 @@
 """Backend "triton" of the LWTA op: one kernel each way, one tile of competition blocks per program.
 
-Every supported layout is a dense tensor that reads, in memory order, as
+Without ``noise`` it draws u in the kernel (Philox) from a seed and re-draws
+the same u in backward, so it keeps only x, the seed and the uint8 winner
+(1.06x the bytes of an fp32 x at U=4; deterministic mode: the winner alone).
+The front door draws the seed, ``torch.randint(0, 2**63 - 1, (1,))``, on x's
+device (so ``torch.manual_seed`` controls it) and passes it to the op as a
+1-element int64 *tensor*: torch.compile then keeps it a graph value (a Python
+int argument would be baked into the graph as a constant, giving every call
+the same noise). The kernel's u of an element is Philox(seed, its logical
+row-major index): the same for a channels_last x and its contiguous copy, but
+other numbers than the "torch" backend's (same distribution).
+:func:`draw_uniforms` returns the uniforms a seed gives.
+
+Dtypes: fp32/fp16/bf16 x (fp32 only under the Triton interpreter), computed
+in fp32; its exp/log are the device's, so y_soft may differ from the
+reference's in the last bits: the winners agree (up to exact near-ties), the
+output at the winner x * ((1 - p) + p) may differ by one ulp where that factor
+is not exactly 1 (never at U = 2, where p >= 1/2), the gradient is within
+rounding.
+
+Layouts: a contiguous or a 4-D channels_last x is read in place, any other is
+copied. Every supported layout is a dense tensor that reads, in memory order, as
 [R, U, Q]: R = (outer index, block) pairs, U competitors, Q inner positions.
 
 * [..., D] contiguous:          R = numel / U,         Q = 1 (a block is U consecutive elements)
@@ -38,7 +58,9 @@ import triton
 import triton.language as tl
 
 from bcos_kernels import backends
-from bcos_kernels.ops.lwta.reference import GUMBEL_EPS
+from bcos_kernels.ops._layout import block_shape, is_channels_last, memory_format
+from bcos_kernels.ops.lwta._seed import draw_seed
+from bcos_kernels.ops.lwta.reference import GUMBEL_EPS, competition_dim
 
 # What the kernels do with the competition: keep the argmax of x; Gumbel noise from an explicit
 # tensor of uniforms; Gumbel noise drawn from the seed.
@@ -49,6 +71,9 @@ MODE_DETERMINISTIC, MODE_NOISE, MODE_SEED = 0, 1, 2
 TILE_ELEMENTS = 1024
 TILE_ELEMENTS_INTERPRETED = 8192
 MAX_BLOCK_Q = 128
+
+# The deterministic backward reads the winner alone: the autograd context does not keep x then.
+KEEPS_X_WHEN_DETERMINISTIC = False
 
 
 @triton.jit
@@ -190,13 +215,14 @@ def _uniforms_kernel(seed_ptr, out_ptr, R, Q, U: tl.constexpr, U_PAD: tl.constex
 # host side
 
 
-def _memory_format(nhwc: bool) -> torch.memory_format:
-    return torch.channels_last if nhwc else torch.contiguous_format
+def draw_noise(x: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(noise, seed) of a stochastic call without explicit noise: no noise, a seed on x's device."""
+    return None, draw_seed(x.device)
 
 
 def _geometry(x: torch.Tensor, competitors: int, nhwc: bool) -> Tuple[int, int, int, int]:
     """(R, Q, G, HW) of the [R, U, Q] reading of x (see the module docstring)."""
-    dim = 1 if x.dim() == 4 else x.dim() - 1
+    dim = competition_dim(x)
     groups = x.shape[dim] // competitors
     if nhwc:
         return x.numel() // competitors, 1, groups, x.shape[2] * x.shape[3]
@@ -231,20 +257,17 @@ def _mode(noise: Optional[torch.Tensor], seed: Optional[torch.Tensor]) -> int:
 
 def _in_layout(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
     """t dense in the kernels' reading (a copy only when its layout differs)."""
-    return t.contiguous(memory_format=_memory_format(nhwc))
+    return t.contiguous(memory_format=memory_format(nhwc))
 
 
-def lwta_forward(x: torch.Tensor, competitors: int, temperature: float, noise: Optional[torch.Tensor],
-                 seed: Optional[torch.Tensor], nhwc: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def forward(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], *, competitors: int,
+            temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, winner). out: like ``torch.empty_like(x)``; winner: uint8, x's shape with the channel dim divided
-    by U, channels_last if ``nhwc`` else contiguous. ``nhwc``: read x as channels_last (it must be a 4-D
-    channels_last-contiguous x; else x is read, or copied, as contiguous). noise (uniforms) wins over seed
-    (a 1-element int64 tensor); neither: deterministic."""
-    dim = 1 if x.dim() == 4 else x.dim() - 1
-    winner_shape = list(x.shape)
-    winner_shape[dim] //= competitors
-    layout = _memory_format(nhwc)
-    winner = torch.empty(winner_shape, dtype=torch.uint8, device=x.device, memory_format=layout)
+    by U, channels_last if x is read so (:func:`~bcos_kernels.ops._layout.is_channels_last`) else contiguous.
+    noise (uniforms) wins over seed (a 1-element int64 tensor); neither: deterministic."""
+    nhwc = is_channels_last(x)
+    layout = memory_format(nhwc)
+    winner = torch.empty(block_shape(x, competitors), dtype=torch.uint8, device=x.device, memory_format=layout)
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out, winner
@@ -262,12 +285,12 @@ def lwta_forward(x: torch.Tensor, competitors: int, temperature: float, noise: O
     return out, winner
 
 
-def lwta_backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-                  seed: Optional[torch.Tensor], winner: torch.Tensor, competitors: int, temperature: float,
-                  nhwc: bool) -> torch.Tensor:
+def backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+             seed: Optional[torch.Tensor], winner: torch.Tensor, *, competitors: int, temperature: float,
+             nhwc: bool) -> torch.Tensor:
     """d L / d x, channels_last if ``nhwc`` else contiguous, with grad_out's dtype (x's), re-drawing the
     forward's uniforms from ``seed``. x may be None in deterministic mode (neither noise nor seed)."""
-    layout = _memory_format(nhwc)
+    layout = memory_format(nhwc)
     grad_in = _in_layout(grad_out, nhwc)
     grad_x = torch.empty_like(grad_in, memory_format=layout)
     if grad_x.numel() == 0:
