@@ -144,6 +144,22 @@ def csg_inputs(device, shape, K, dtype=torch.float32, seed=0, layout="nchw", lab
     return x.requires_grad_(), mask.requires_grad_(), labels, gout
 
 
+CSG_OPCHECK_CASES = ["conv", "channels_last", "rows"]
+
+
+def opcheck_class_specific_gate(device, case, backend):
+    """torch.library.opcheck of the gate's forward and backward custom ops on one of CSG_OPCHECK_CASES."""
+    shape = (4, 6) if case == "rows" else (3, 6, 2, 3)
+    nhwc = case == "channels_last"
+    x, mask, labels, gout = csg_inputs(device, shape, 3, layout="nhwc" if nhwc else "nchw")
+    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels),
+                          dict(backend=backend))
+    for need_x, need_mask in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate_backward.default,
+                              (gout, x.detach(), mask.detach(), labels),
+                              dict(num_classes=3, nhwc=nhwc, need_x=need_x, need_mask=need_mask, backend=backend))
+
+
 def assert_csg_compile_matches_eager(layer, x, labels, gout):
     """The ClassSpecificGate layer under torch.compile(fullgraph=True) gives eager's output, regulariser and
     gradients (x and mask), bit for bit."""

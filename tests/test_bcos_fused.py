@@ -67,11 +67,17 @@ def _compare(backend, fn_fused, fn_ref, inputs, b, dtype, tol):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("shape", CONV_SHAPES)
-@pytest.mark.parametrize("b", B_VALUES)
-@pytest.mark.parametrize("detach", [False, True])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def over_options(shapes):
+    """backend x shapes x b x explanation mode x dtype (with its tolerance)."""
+    def parametrize(test):
+        for name, values in (("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)]),
+                             ("detach", [False, True]), ("b", B_VALUES), ("shape", shapes), ("backend", FUSED)):
+            test = pytest.mark.parametrize(name, values)(test)
+        return test
+    return parametrize
+
+
+@over_options(CONV_SHAPES)
 def test_conv_matches_reference(backend, shape, b, detach, dtype, tol):
     inputs, kw = _conv_inputs(shape, dtype)
     scale = 0.37 if shape[7] == 2 else 1.0  # v1's divisor on some cases
@@ -92,11 +98,7 @@ def test_conv_channels_last(backend, b):
 LINEAR_SHAPES = [((5, 7), 4, 1, False), ((2, 3, 7), 5, 2, True), ((1, 16), 3, 3, False), ((2, 197, 24), 8, 1, True)]
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("shape", LINEAR_SHAPES)
-@pytest.mark.parametrize("b", B_VALUES)
-@pytest.mark.parametrize("detach", [False, True])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@over_options(LINEAR_SHAPES)
 def test_linear_matches_reference(backend, shape, b, detach, dtype, tol):
     x_shape, out_features, m, bias = shape
     x = torch.randn(*x_shape, dtype=dtype, requires_grad=True)

@@ -11,7 +11,14 @@ import torch
 
 pytest.importorskip("triton", reason="backend 'triton' needs the triton package")
 
-from helpers import assert_csg_compile_matches_eager, csg_inputs, on_gpu, triton_module_marks  # noqa: E402
+from helpers import (  # noqa: E402
+    CSG_OPCHECK_CASES,
+    assert_csg_compile_matches_eager,
+    csg_inputs,
+    on_gpu,
+    opcheck_class_specific_gate,
+    triton_module_marks,
+)
 
 from bcos_kernels import backends  # noqa: E402
 from bcos_kernels.nn.csg import ClassSpecificGate  # noqa: E402
@@ -131,17 +138,9 @@ def test_module_backend_triton_matches_torch():
     torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["conv", "channels_last", "rows"])
+@pytest.mark.parametrize("case", CSG_OPCHECK_CASES)
 def test_opcheck(case):
-    shape = (4, 6) if case == "rows" else (3, 6, 2, 3)
-    x, mask, labels, gout = _inputs(shape, 3, layout="nhwc" if case == "channels_last" else "nchw")
-    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels),
-                          dict(backend="triton"))
-    nhwc = case == "channels_last"
-    for need_x, need_mask in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate_backward.default,
-                              (gout, x.detach(), mask.detach(), labels),
-                              dict(num_classes=3, nhwc=nhwc, need_x=need_x, need_mask=need_mask, backend="triton"))
+    opcheck_class_specific_gate(DEVICE, case, "triton")
 
 
 def test_compile_fullgraph_matches_eager():

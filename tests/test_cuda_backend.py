@@ -34,7 +34,7 @@ from bcos_kernels.ops.lwta import reference as lwta_ref
 from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original
 from helpers import assert_lwta_matches_reference_given_noise, assert_lwta_noise_grad_and_x_layouts
 from helpers import assert_lwta_output_matches as _assert_lwta_output_matches
-from helpers import conv_fused_args, fused_backward_args, linear_fused_args
+from helpers import CSG_OPCHECK_CASES, conv_fused_args, fused_backward_args, linear_fused_args, opcheck_class_specific_gate
 from helpers import csg_inputs as _csg_inputs
 from helpers import fwd_bwd as _fwd_bwd
 from helpers import lwta_inputs as _lwta_inputs
@@ -685,17 +685,9 @@ def test_csg_bf16_within_twice_the_reference_error(dev, layout):
     assert err <= 2 * err_ref + 1e-6, (err, err_ref)
 
 
-@pytest.mark.parametrize("case", ["conv", "channels_last", "rows"])
+@pytest.mark.parametrize("case", CSG_OPCHECK_CASES)
 def test_csg_opcheck(dev, case):
-    shape = (4, 6) if case == "rows" else (3, 6, 2, 3)
-    x, mask, labels, gout = _csg_inputs(dev, shape, 3, layout="nhwc" if case == "channels_last" else "nchw")
-    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels),
-                          dict(backend="cuda"))
-    nhwc = case == "channels_last"
-    for need_x, need_mask in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate_backward.default,
-                              (gout, x.detach(), mask.detach(), labels),
-                              dict(num_classes=3, nhwc=nhwc, need_x=need_x, need_mask=need_mask, backend="cuda"))
+    opcheck_class_specific_gate(dev, case, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------------
