@@ -7,11 +7,11 @@ if backends.cpu_extension() is not None:
     from bcos_kernels.ops import _cpu_fake  # noqa: F401  (fake impls of the C++ ops)
 
 from bcos_kernels import nn, ops  # noqa: E402
-from bcos_kernels.ops import bcos_conv2d, bcos_linear, class_specific_gate, dau_conv2d, lwta  # noqa: E402
 from bcos_kernels.bcosify import add_inverse, bcosify  # noqa: E402
 from bcos_kernels.convert import convert  # noqa: E402
 from bcos_kernels.explain import explain, explanation_mode, gradient_to_image  # noqa: E402
 from bcos_kernels.fold import fold_batchnorm, unfold_batchnorm  # noqa: E402
+from bcos_kernels.ops import bcos_conv2d, bcos_linear, class_specific_gate, dau_conv2d, lwta  # noqa: E402
 
 try:  # the one version string is setup.py's; installed, it is in the package metadata
     from importlib.metadata import version as _version

@@ -28,8 +28,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from bcos_kernels import nn as ours
 from bcos_kernels import backends
+from bcos_kernels import nn as ours
 
 __all__ = ["convert"]
 

@@ -49,11 +49,11 @@ MIN_RUN_TIME_S = 0.01 if SMOKE else 0.2
 # code is not installable, so their baseline is our exact reference of it, labelled "reference".
 _ORIGINAL_OPS = ("bcos_conv2d", "bcos_linear", "model:bcos")
 _REFERENCE_OF = {
-    "dau_conv2d": "bcos_kernels.ops.dau_conv2d.reference.dau_conv2d_original: exact re-implementation of moboehle/CoDA-Nets "
-                  "CoDAConv2d(DAUWeights) (materialises the per-pixel weights like the original)",
+    "dau_conv2d": "bcos_kernels.ops.dau_conv2d.reference.dau_conv2d_original: exact re-implementation of "
+                  "moboehle/CoDA-Nets CoDAConv2d(DAUWeights) (materialises the per-pixel weights like the original)",
     "lwta": "bcos_kernels.ops.lwta.reference.lwta: exact re-implementation of konpanousis/DISCOVER's LWTA activation",
-    "class_specific_gate": "bcos_kernels.ops.class_specific_gate.reference.class_specific_gate: exact re-implementation of "
-                           "hyliang96/CSGCNN's LearnableMaskLayer",
+    "class_specific_gate": "bcos_kernels.ops.class_specific_gate.reference.class_specific_gate: exact "
+                           "re-implementation of hyliang96/CSGCNN's LearnableMaskLayer",
     "model:coda": "CoDA-Net CIFAR-10 9L (make_coda_net) whose layers run the DAU reference above",
 }
 

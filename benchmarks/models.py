@@ -20,13 +20,13 @@ import math
 from typing import Callable, Optional
 
 import torch
+from harness import Workload, sync
+from originals import bcos_module  # tests/ is on sys.path: harness puts it there
+from shapes import CODA_CIFAR10_ARCH, CODA_CIFAR10_LOGIT_BIAS, CODA_CIFAR10_LOGIT_TEMPERATURE
 from torch import nn
 
 from bcos_kernels import nn as bnn
 from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original
-from harness import Workload, sync
-from shapes import CODA_CIFAR10_ARCH, CODA_CIFAR10_LOGIT_BIAS, CODA_CIFAR10_LOGIT_TEMPERATURE
-from originals import bcos_module  # tests/ is on sys.path: harness puts it there
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -292,9 +292,10 @@ def _coda_batches(gpu: bool, smoke: bool) -> Tuple[int, int]:
 # Batches on GPU: 64 for CIFAR-10 (the task's common benchmark batch), 16 for ImageNet-100 (below: at 64 the
 # reference alone would need ~60 GB for one layer). The originals train smaller steps with
 # gradient accumulation: CIFAR-10 batch_size 8 / virtual 16 (experiments/CIFAR10/final/experiment_parameters.py),
-# ImageNet-100 batch_size 4 / virtual 64 (experiments/Imagenet/final/experiment_parameters.py). The reference (bcos_kernels.ops.dau_conv2d.reference
-# .dau_conv2d_original) materialises N * O*C*k*k * Ho*Wo floats and its fwd+bwd peaks at ~4.3x that (measured on
-# CPU at batch 1: L1 0.5 GB, L3 and L5 0.96 GB, L4 0.5 GB, L9 0.4 GB), so at batch 64 L3/L5 need ~60 GB.
+# ImageNet-100 batch_size 4 / virtual 64 (experiments/Imagenet/final/experiment_parameters.py). The reference
+# (bcos_kernels.ops.dau_conv2d.reference.dau_conv2d_original) materialises N * O*C*k*k * Ho*Wo floats and its
+# fwd+bwd peaks at ~4.3x that (measured on CPU at batch 1: L1 0.5 GB, L3 and L5 0.96 GB, L4 0.5 GB, L9 0.4 GB), so
+# at batch 64 L3/L5 need ~60 GB.
 CODA_CIFAR10_BATCH, CODA_IMAGENET100_BATCH = _coda_batches(GPU, SMOKE)
 
 

@@ -3,11 +3,11 @@ original `bcos` modules (else our reference, labelled so), torch.compile of them
 conv2d/linear of the same shape (the limit a B-cos layer cannot beat)."""
 import pytest
 import torch
-
-from bcos_kernels import nn as bnn
 from harness import DEVICE, DTYPES, MODES, baseline_providers, bench, our_providers, reference_backend
 from originals import bcos_module
 from shapes import BCOS_CONV_BATCH, BCOS_CONVS, BCOS_LINEAR_BATCH, BCOS_LINEARS
+
+from bcos_kernels import nn as bnn
 
 CONV_PROVIDERS = baseline_providers("bcos_conv2d") + our_providers("bcos_conv2d") + ["plain"]
 LINEAR_PROVIDERS = baseline_providers("bcos_linear") + our_providers("bcos_linear") + ["plain"]

@@ -15,15 +15,25 @@ image, which is all it holds at a time).
 import copy
 import functools
 
+import models
 import pytest
 import torch
+from harness import (
+    DEVICE,
+    MIN_RUN_TIME_S,
+    RECORDS,
+    SMOKE,
+    Record,
+    Workload,
+    bcos_installed,
+    our_providers,
+    peak_memory_mb,
+    sync,
+)
+from shapes import RESNET50_MODEL_IMAGE
 
 import bcos_kernels
-import models
 from bcos_kernels.timing import measure
-from harness import (DEVICE, MIN_RUN_TIME_S, RECORDS, SMOKE, Record, Workload, bcos_installed, our_providers,
-                     peak_memory_mb, sync)
-from shapes import RESNET50_MODEL_IMAGE
 
 CASE = "B-cos ResNet-50 explain"
 GPU = DEVICE.type == "cuda"

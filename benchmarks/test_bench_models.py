@@ -11,16 +11,28 @@ import contextlib
 import copy
 import functools
 
+import models
 import pytest
 import torch
-
-import bcos_kernels
-import models
-from bcos_kernels.timing import measure
-from harness import (DEVICE, DTYPES, MIN_RUN_TIME_S, MODES, RECORDS, SMOKE, Record, Workload, baseline_providers,
-                     bcos_installed, bench, our_providers, sync)
+from harness import (
+    DEVICE,
+    DTYPES,
+    MIN_RUN_TIME_S,
+    MODES,
+    RECORDS,
+    SMOKE,
+    Record,
+    Workload,
+    baseline_providers,
+    bcos_installed,
+    bench,
+    our_providers,
+    sync,
+)
 from shapes import CODA_CIFAR10_IMAGE, CODA_CIFAR10_MODEL_BATCH, RESNET50_MODEL_BATCH, RESNET50_MODEL_IMAGE
 
+import bcos_kernels
+from bcos_kernels.timing import measure
 
 RESNET = "B-cos ResNet-50 train step"
 CODA = "CoDA-Net CIFAR-10 9L train step"

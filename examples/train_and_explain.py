@@ -268,7 +268,8 @@ def check_parity(original: nn.Module, converted: nn.Module, x: torch.Tensor, tol
         if mode == "train":
             worst = max(pgrad_a, key=lambda k: (pgrad_b[k] - pgrad_a[k]).abs().max().item() /
                         max(pgrad_a[k].abs().max().item(), 1e-30))
-            ok &= compare(f"train: parameter gradients (worst: {worst})", pgrad_b[worst], pgrad_a[worst], tolerance, log)
+            ok &= compare(f"train: parameter gradients (worst: {worst})", pgrad_b[worst], pgrad_a[worst], tolerance,
+                          log)
     return ok
 
 

@@ -119,10 +119,10 @@ def _bcos_cases(full: bool):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             for i, (b, learnable, detach) in enumerate(modes):
                 b_tensor = torch.empty(1, **meta) if learnable else None
-                out, lin, norm, winner = kernels.fused_forward(x, w, bias, b_tensor, b, geo, True, 1.0, kernels.NORM_CONV,
-                                                         fmt)
-                kernels.fused_backward(torch.empty_like(out), x, w, b_tensor, lin, norm, winner, b, geo, True, 1.0, detach,
-                                 [True, True, True, learnable], kernels.NORM_CONV)
+                out, lin, norm, winner = kernels.fused_forward(x, w, bias, b_tensor, b, geo, True, 1.0,
+                                                               kernels.NORM_CONV, fmt)
+                kernels.fused_backward(torch.empty_like(out), x, w, b_tensor, lin, norm, winner, b, geo, True, 1.0,
+                                       detach, [True, True, True, learnable], kernels.NORM_CONV)
                 # The epilogue's extra load and multiply (the backward does not change): without MaxOut and with
                 # MaxOut 3 in CI (the first layer adds ~30 s of compiling and nothing new to the epilogue).
                 if full or (i == 0 and ci != 1):

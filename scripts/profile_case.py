@@ -6,7 +6,8 @@
 The case is looked up by its benchmark name (benchmarks/shapes.py; `--list` prints them) and built by the
 benchmark suite's own builders, at the benchmark's batch (DAU layers: their GPU batch). The step runs `--warmup`
 times first (Triton compiles, cuDNN picks its algorithms), then once more between cudaProfilerStart and
-cudaProfilerStop, so `--profile-from-start off` sees that step alone. On a CPU the same step runs without the profiler range (for checking this script).
+cudaProfilerStop, so `--profile-from-start off` sees that step alone. On a CPU the same step runs without the
+profiler range (for checking this script).
 """
 from __future__ import annotations
 

@@ -2,11 +2,11 @@
 (x, weight, bias, learnable b), awkward shapes, explanation mode, dtypes, opcheck."""
 import pytest
 import torch
+from helpers import assert_zero_output_and_finite_grads, conv_fused_args, fused_backward_args, linear_fused_args
 
 import bcos_kernels
-from bcos_kernels.ops.bcos_linear import reference as linear_ref
 from bcos_kernels.ops.bcos_conv2d import reference as ref
-from helpers import assert_zero_output_and_finite_grads, conv_fused_args, fused_backward_args, linear_fused_args
+from bcos_kernels.ops.bcos_linear import reference as linear_ref
 
 # The fused backends that run on CPU tensors natively; "triton" (the interpreter here) has its own file,
 # tests/test_bcos_triton.py, with cases small enough for the interpreter.

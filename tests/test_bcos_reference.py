@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
+from originals import bcos_module, load_source, mirror_source
 
 from bcos_kernels import nn as bnn
 from bcos_kernels.ops.bcos_conv2d import reference as ref
-from originals import bcos_module, load_source, mirror_source
 
 DT = torch.float64
 

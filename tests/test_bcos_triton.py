@@ -6,14 +6,13 @@ shapes and the bf16 numerics contract.
 """
 import pytest
 import torch
+from helpers import assert_zero_output_and_finite_grads, conv_fused_args, fused_backward_args, linear_fused_args
+from test_bcos_fused import CONV_SHAPES, LINEAR_SHAPES
 
 import bcos_kernels
 from bcos_kernels import backends
-from bcos_kernels.ops.bcos_linear import reference as linear_ref
 from bcos_kernels.ops.bcos_conv2d import reference as ref
-from helpers import assert_zero_output_and_finite_grads
-from helpers import conv_fused_args, fused_backward_args, linear_fused_args
-from test_bcos_fused import CONV_SHAPES, LINEAR_SHAPES
+from bcos_kernels.ops.bcos_linear import reference as linear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if backends.device_reason("triton", torch.device(DEVICE)) is not None:
@@ -140,7 +139,12 @@ LINEAR_CASES = [(s, b, False) for s in LINEAR_SHAPES for b in B_VALUES] + \
                [(s, b, True) for s in LINEAR_SHAPES for b in (2, B_VALUES[-1])]
 
 
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{c[0]}-b{c[1] if not isinstance(c[1], torch.Tensor) else 'tensor'}{'-detach' if c[2] else ''}")
+def _linear_case_id(case):
+    b = "tensor" if isinstance(case[1], torch.Tensor) else case[1]
+    return f"{case[0]}-b{b}{'-detach' if case[2] else ''}"
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=_linear_case_id)
 def test_linear_matches_reference(case):
     (x_shape, out_features, m, bias), b, detach = case
     x = torch.randn(*x_shape, dtype=torch.float64)

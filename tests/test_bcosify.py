@@ -10,13 +10,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import one_intra_op_thread  # noqa: F401  (autouse: tiny tensors, one intra-op thread)
+from originals import load_source, mirror_source
 from torch import nn
 
 import bcos_kernels
 from bcos_kernels import nn as bnn
 from bcos_kernels.bcosify import add_inverse, bcosify
-from helpers import one_intra_op_thread  # noqa: F401  (autouse: tiny tensors, one intra-op thread)
-from originals import load_source, mirror_source
 
 DT = torch.float64
 REPO = "shrebox+B-cosification"

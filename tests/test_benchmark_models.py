@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from originals import bcos_module
 
 import bcos_kernels
 from bcos_kernels import nn as bnn
-from originals import bcos_module
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 if BENCH_DIR not in sys.path:

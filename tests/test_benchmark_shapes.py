@@ -19,7 +19,6 @@ import warnings
 
 import pytest
 import torch
-
 from originals import bcos_module
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")

@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import report  # noqa: E402
+
 from bcos_kernels.timing import Timing, measure  # noqa: E402
 
 OPS = {"bcos_conv2d", "bcos_linear", "dau_conv2d", "lwta", "class_specific_gate", "model", "explain"}

@@ -11,8 +11,8 @@ machine:
 * "cpu": ``torch.ops.bcos_kernels.bcos_scale_forward(..., channel_scale)`` (both its P > 1 and its P == 1 rows
   path) and a whole conv through the ATen conv + patch_norm + that op; also on CUDA tensors where the extension
   has CUDA kernels (the same op, its CUDA implementation) and there ``bcos_conv_scale_forward``;
-* "triton": ``bcos_kernels.ops.bcos_conv2d.triton.fused_forward(..., channel_scale=...)`` (the interpreter without a GPU: tiny fp32
-  shapes);
+* "triton": ``bcos_kernels.ops.bcos_conv2d.triton.fused_forward(..., channel_scale=...)`` (the interpreter
+  without a GPU: tiny fp32 shapes);
 * the CUDA kernels only where a GPU is present (without one, scripts/check_cuda.sh compiles them and the C++
   test csrc/tests/test_launch_geometry.cpp checks their launch geometry).
 
@@ -24,9 +24,9 @@ bad factors raise errors that name ``channel_scale``; the fake impls accept the 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import one_intra_op_thread  # noqa: F401  (autouse: one intra-op thread for tiny tensors)
 
 from bcos_kernels import backends
-from helpers import one_intra_op_thread  # noqa: F401  (autouse: one intra-op thread for tiny tensors)
 
 F64 = torch.float64
 EPS = 1e-6

@@ -19,6 +19,20 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    CSG_OPCHECK_CASES,
+    assert_lwta_matches_reference_given_noise,
+    assert_lwta_noise_grad_and_x_layouts,
+    conv_fused_args,
+    fused_backward_args,
+    linear_fused_args,
+    opcheck_class_specific_gate,
+)
+from helpers import assert_lwta_output_matches as _assert_lwta_output_matches
+from helpers import csg_inputs as _csg_inputs
+from helpers import fwd_bwd as _fwd_bwd
+from helpers import lwta_inputs as _lwta_inputs
+from helpers import make_dau_case as _dau_case
 
 import bcos_kernels
 from bcos_kernels import backends
@@ -27,18 +41,11 @@ from bcos_kernels.nn.csg import ClassSpecificGate
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.nn.lwta import LWTA
 from bcos_kernels.ops._layout import is_channels_last
-from bcos_kernels.ops.bcos_linear import reference as linear_ref
 from bcos_kernels.ops.bcos_conv2d import reference as bcos_ref
+from bcos_kernels.ops.bcos_linear import reference as linear_ref
 from bcos_kernels.ops.class_specific_gate import reference as csg_ref
-from bcos_kernels.ops.lwta import reference as lwta_ref
 from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original
-from helpers import assert_lwta_matches_reference_given_noise, assert_lwta_noise_grad_and_x_layouts
-from helpers import assert_lwta_output_matches as _assert_lwta_output_matches
-from helpers import CSG_OPCHECK_CASES, conv_fused_args, fused_backward_args, linear_fused_args, opcheck_class_specific_gate
-from helpers import csg_inputs as _csg_inputs
-from helpers import fwd_bwd as _fwd_bwd
-from helpers import lwta_inputs as _lwta_inputs
-from helpers import make_dau_case as _dau_case
+from bcos_kernels.ops.lwta import reference as lwta_ref
 
 # the modules themselves: bcos_kernels.ops re-exports the functions under the modules' names
 dau_cuda = importlib.import_module("bcos_kernels.ops.dau_conv2d.cuda")

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from bcos_kernels.ops._checks import positive_int
 from bcos_kernels.ops.bcos_conv2d import bcos_conv2d
-from bcos_kernels.ops.bcos_linear import bcos_linear
 from bcos_kernels.ops.bcos_conv2d.reference import normalized_weight
+from bcos_kernels.ops.bcos_linear import bcos_linear
 
 IntOrPair = Union[int, Tuple[int, int]]
 

@@ -46,8 +46,8 @@ def batch_norm_uncentered_2d(input: Tensor, running_var: Optional[Tensor], weigh
 class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
     """`bcos.modules.norms.BatchNormUncentered2d`; ``bias=False`` is the original's ``NoBias(...)``.
 
-    ``detach`` (explanation mode, ``set_explanation_mode`` of DetachableModule) detaches the batch statistics in training mode, as
-    the original. ``folded`` is set by ``bcos_kernels.fold_batchnorm``: see the module docstring.
+    ``detach`` (explanation mode, ``set_explanation_mode`` of DetachableModule) detaches the batch statistics in
+    training mode, as the original. ``folded`` is set by ``bcos_kernels.fold_batchnorm``: see the module docstring.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,

@@ -6,9 +6,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from bcos_kernels.ops._layout import memory_format_of
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import positive_int
+from bcos_kernels.ops._layout import memory_format_of
+
 
 def check_b(b, x: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
     """(b as a float, b as a tensor or None). A tensor b (learnable) stays a tensor."""

@@ -11,8 +11,8 @@ import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops import _bcos_common as common
-from bcos_kernels.ops._layout import conv_output_size, memory_format_of
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
+from bcos_kernels.ops._layout import conv_output_size, memory_format_of
 from bcos_kernels.ops.bcos_conv2d import reference as ref
 
 

@@ -3,13 +3,13 @@
 
 Backend "cuda" runs the same path with cuDNN and its own forward scale pass (see cuda.py)."""
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn.functional as F
 
-from bcos_kernels.ops._layout import memory_format_of
 from bcos_kernels.ops import _bcos_common as common
+from bcos_kernels.ops._layout import memory_format_of
 
 
 def scaled_forward(lin, x, weight, b_val, b_is_tensor, *, stride, padding, dilation, groups, max_out, scale,

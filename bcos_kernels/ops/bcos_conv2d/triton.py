@@ -610,9 +610,9 @@ def _check_channel_scale(channel_scale: Optional[torch.Tensor], x4: torch.Tensor
     return channel_scale.contiguous()
 
 
-def fused_forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor], b_tensor: Optional[torch.Tensor],
-            b: float, geo: Geometry, normalize_weight: bool, scale: float, norm_kind: int, memory_format,
-            channel_scale: Optional[torch.Tensor] = None):
+def fused_forward(x4: torch.Tensor, weight4: torch.Tensor, bias: Optional[torch.Tensor],
+                  b_tensor: Optional[torch.Tensor], b: float, geo: Geometry, normalize_weight: bool, scale: float,
+                  norm_kind: int, memory_format, channel_scale: Optional[torch.Tensor] = None):
     """Runs the fused forward. x4/weight4 are 4-d (or 2-d for a linear: rows x features, read as 1x1 images).
 
     ``channel_scale``: None or an (O,) tensor on x's device (any float dtype, read as fp32), conv only: out[:, o]
