@@ -9,8 +9,34 @@
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
+
+#include "common/bcos_math.h"
 
 namespace bcos_checks {
+
+// The checks below that take a `Device` parameter use the backend's device
+// checks, a struct with
+//   static void check(const at::Tensor& t, const char* name);
+//       t is on the backend's device (the op's first tensor);
+//   static void check_with(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
+//       t may be used with ref (a further tensor of the op).
+// (bcos_kernels::cpu::CpuDevice, bcos_kernels::cuda_ops::CudaDevice.)
+
+// The storage dtypes of the kernels.
+inline void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, name,
+              " must be float32, float64, bfloat16 or float16, got ", dt);
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has dtype ", ref.scalar_type());
+}
+
+// The accumulation dtype of the kernels for storage dtype st.
+inline at::ScalarType acc_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The optional per-output-channel factor of the B-cos forward: (O,) with O the
 // output channels after MaxOut, lin's dtype and device.  Returns it contiguous,
@@ -63,6 +89,140 @@ Geom make_geometry(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArra
   g.Ho = span_h / g.sh + 1;
   g.Wo = span_w / g.sw + 1;
   return g;
+}
+
+// x of patch_norm: on the device, a float dtype, and its checked geometry.
+template <typename Device, typename Geom>
+Geom check_patch_norm_args(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  Device::check(x, "x");
+  check_float_dtype(x, "x");
+  return make_geometry<Geom>(x, kernel_size, stride, padding, dilation, groups);
+}
+
+// The arguments of patch_norm_backward: x as in patch_norm, grad_norm and norm
+// (N, G, Ho, Wo) with x's device and dtype.
+template <typename Device, typename Geom>
+Geom check_patch_norm_backward_args(const at::Tensor& grad_norm, const at::Tensor& x, const at::Tensor& norm,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups) {
+  Device::check(x, "x");
+  Device::check_with(grad_norm, "grad_norm", x, "x");
+  Device::check_with(norm, "norm", x, "x");
+  check_float_dtype(x, "x");
+  const Geom g = make_geometry<Geom>(x, kernel_size, stride, padding, dilation, groups);
+  const std::vector<int64_t> norm_shape{g.N, g.G, g.Ho, g.Wo};
+  TORCH_CHECK(grad_norm.sizes() == at::IntArrayRef(norm_shape), "grad_norm must have shape ", norm_shape, ", got ",
+              grad_norm.sizes());
+  TORCH_CHECK(norm.sizes() == at::IntArrayRef(norm_shape), "norm must have shape ", norm_shape, ", got ",
+              norm.sizes());
+  check_same_dtype(grad_norm, "grad_norm", x, "x");
+  check_same_dtype(norm, "norm", x, "x");
+  return g;
+}
+
+// ---------------------------------------------------------------------------
+// The dynamic scale ops (bcos_scale_forward / bcos_scale_backward).
+// ---------------------------------------------------------------------------
+
+// Checks shared by forward and backward.  `lin_name`/`lin` is lin (forward,
+// (N, O * M, P)) or lin_max (backward, (N, O, P)); `lin_channels_per_out` is M
+// or 1.  Shapes: a struct with the int64 fields N, O, M, P, G (set here; any
+// others are value-initialised).  mode: bcos_math::ScaleMode (mode one reads
+// no norm).
+template <typename Device, typename Shapes>
+Shapes check_scale_args(const char* lin_name, const at::Tensor& lin, int64_t lin_channels_per_out,
+                        const at::Tensor& norm, int mode, int64_t max_out, double scale) {
+  Device::check(lin, lin_name);
+  check_float_dtype(lin, lin_name);
+  TORCH_CHECK(lin.dim() == 3, lin_name, " must have 3 dimensions (N, channels, positions), got shape ", lin.sizes());
+  TORCH_CHECK(max_out >= 1 && max_out <= 255, "max_out must be in [1, 255], got ", max_out);
+  TORCH_CHECK(scale != 0.0, "scale must be non-zero");
+  Shapes s{};
+  s.N = lin.size(0);
+  s.P = lin.size(2);
+  s.M = max_out;
+  TORCH_CHECK(lin.size(1) % lin_channels_per_out == 0, lin_name, " has ", lin.size(1),
+              " channels, which is not divisible by max_out=", max_out);
+  s.O = lin.size(1) / lin_channels_per_out;
+  s.G = 1;
+  if (mode != bcos_math::kModeOne) {
+    Device::check_with(norm, "norm", lin, lin_name);
+    TORCH_CHECK(norm.dim() == 3, "norm must have 3 dimensions (N, G, positions), got shape ", norm.sizes());
+    check_same_dtype(norm, "norm", lin, lin_name);
+    TORCH_CHECK(norm.size(0) == s.N && norm.size(2) == s.P, "norm must have shape (", s.N, ", G, ", s.P, "), got ",
+                norm.sizes());
+    s.G = norm.size(1);
+    TORCH_CHECK(s.G >= 1 && s.O % s.G == 0, "norm has ", s.G, " channels (groups), which does not divide the ", s.O,
+                " output channels");
+  }
+  return s;
+}
+
+// The outputs of the forward, (N, O, P) like lin: out, and lin_max and winner
+// (uint8) with max_out > 1.  With max_out == 1 the latter two are empty: an
+// output may not alias an input of the op (its schema has no alias
+// annotation), so lin_max is not returned as `lin` itself; the caller uses lin
+// as lin_max.
+template <typename Shapes>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_forward_outputs(const at::Tensor& lin, const Shapes& s) {
+  const std::vector<int64_t> shape = s.M > 1 ? std::vector<int64_t>{s.N, s.O, s.P} : std::vector<int64_t>{0};
+  return {at::empty({s.N, s.O, s.P}, lin.options()), at::empty(shape, lin.options()),
+          at::empty(shape, lin.options().dtype(at::kByte))};
+}
+
+// grad_out (lin_max's shape and dtype) and winner (uint8, lin_max's shape,
+// checked only with max_out > 1) of the backward.
+template <typename Device>
+void check_scale_backward_args(const at::Tensor& grad_out, const at::Tensor& lin_max, const at::Tensor& winner,
+                               int64_t max_out) {
+  Device::check_with(grad_out, "grad_out", lin_max, "lin_max");
+  TORCH_CHECK(grad_out.sizes() == lin_max.sizes(), "grad_out must have the shape of lin_max ", lin_max.sizes(),
+              ", got ", grad_out.sizes());
+  check_same_dtype(grad_out, "grad_out", lin_max, "lin_max");
+  if (max_out > 1) {
+    Device::check_with(winner, "winner", lin_max, "lin_max");
+    TORCH_CHECK(winner.scalar_type() == at::kByte, "winner must be uint8, got ", winner.scalar_type());
+    TORCH_CHECK(winner.sizes() == lin_max.sizes(), "winner must have the shape of lin_max ", lin_max.sizes(),
+                ", got ", winner.sizes());
+  }
+}
+
+// The tensors of the backward: which gradients are computed (need_dn:
+// grad_norm, not with detach or in mode one; need_db: grad_b, general mode
+// only), the inputs made contiguous and the outputs -- grad_lin (N, O * M, P),
+// grad_norm (N, G, P) or empty, grad_b (a scalar in the accumulation dtype)
+// or empty.  When grad_lin is empty, grad_norm and grad_b are zeroed (empty
+// sums) and the op returns outputs() at once.
+struct ScaleBackwardTensors {
+  bool need_dn, need_db;
+  at::Tensor grad_out, lin_max, norm, winner;
+  at::Tensor grad_lin, grad_norm, grad_b;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {grad_lin, grad_norm, grad_b}; }
+};
+
+template <typename Shapes>
+ScaleBackwardTensors scale_backward_tensors(const at::Tensor& grad_out, const at::Tensor& lin_max,
+                                            const at::Tensor& norm, const at::Tensor& winner, const Shapes& s,
+                                            int mode, bool detach, bool need_grad_norm, bool need_grad_b) {
+  ScaleBackwardTensors t;
+  t.need_dn = need_grad_norm && !detach && mode != bcos_math::kModeOne;
+  t.need_db = need_grad_b && mode == bcos_math::kModeGeneral;
+  t.grad_out = grad_out.contiguous();
+  t.lin_max = lin_max.contiguous();
+  t.norm = mode == bcos_math::kModeOne ? norm : norm.contiguous();
+  t.winner = s.M > 1 ? winner.contiguous() : winner;
+  const auto opts = t.grad_out.options();
+  const auto b_opts = opts.dtype(acc_dtype(t.grad_out.scalar_type()));
+  t.grad_lin = at::empty({s.N, s.O * s.M, s.P}, opts);
+  t.grad_norm = t.need_dn ? at::empty({s.N, s.G, s.P}, opts) : at::empty({0}, opts);
+  t.grad_b = t.need_db ? at::empty({}, b_opts) : at::empty({0}, b_opts);
+  if (t.grad_lin.numel() == 0) {
+    t.grad_norm.zero_();
+    t.grad_b.zero_();
+  }
+  return t;
 }
 
 // NHWC memory (channels_last but not NCHW-contiguous): both backends then walk

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace bcos_math {
 
@@ -265,6 +266,19 @@ BCOS_HD inline ScaleGrads<T> scale_grads_general(T l, T inv_n, T bm1, T inv_scal
   return g;
 }
 
+// The derivatives in the compile-time mode kMode, two or general (the
+// kernels' inner loops; mode one needs no l and 1 / n: scale_grads_one).
+template <int kMode, bool kDetach, typename T>
+BCOS_HD inline ScaleGrads<T> scale_grads_of(T l, T inv_n, T bm1, T inv_scale) {
+  static_assert(kMode == kModeTwo || kMode == kModeGeneral, "scale_grads_of: mode two or general");
+  if constexpr (kMode == kModeTwo) {
+    (void)bm1;
+    return scale_grads_two(l, inv_n, inv_scale, kDetach);
+  } else {
+    return scale_grads_general(l, inv_n, bm1, inv_scale, kDetach);
+  }
+}
+
 // Mode dispatch (b and n, not b - 1 and 1 / n).
 template <typename T>
 BCOS_HD inline ScaleGrads<T> scale_grads(int mode, T l, T n, T b, T scale, bool detach) {
@@ -273,6 +287,31 @@ BCOS_HD inline ScaleGrads<T> scale_grads(int mode, T l, T n, T b, T scale, bool 
   const T inv_n = static_cast<T>(1) / n;
   if (mode == kModeTwo) return scale_grads_two(l, inv_n, inv_scale, detach);
   return scale_grads_general(l, inv_n, b - static_cast<T>(1), inv_scale, detach);
+}
+
+// The scale backward kernels (CPU and CUDA) are built for these
+// combinations of (mode, detach, need_dn, need_db): in mode one nothing but
+// d out / d l; in mode two grad_norm only without detach, no grad_b; in the
+// general mode grad_b with and without detach.  Calls
+// fn(mode, detach, need_dn, need_db) with each argument a compile-time
+// constant (std::integral_constant), the flags reduced to those combinations
+// (need_dn is ignored with detach, need_db outside the general mode).
+template <typename Fn>
+auto dispatch_scale_backward(int mode, bool detach, bool need_dn, bool need_db, const Fn& fn) {
+  using One = std::integral_constant<int, kModeOne>;
+  using Two = std::integral_constant<int, kModeTwo>;
+  using Gen = std::integral_constant<int, kModeGeneral>;
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (mode == kModeOne) return fn(One{}, N{}, N{}, N{});
+  if (mode == kModeTwo) {
+    if (detach) return fn(Two{}, Y{}, N{}, N{});
+    if (need_dn) return fn(Two{}, N{}, Y{}, N{});
+    return fn(Two{}, N{}, N{}, N{});
+  }
+  if (detach) return need_db ? fn(Gen{}, Y{}, N{}, Y{}) : fn(Gen{}, Y{}, N{}, N{});
+  if (need_dn) return need_db ? fn(Gen{}, N{}, Y{}, Y{}) : fn(Gen{}, N{}, Y{}, N{});
+  return need_db ? fn(Gen{}, N{}, N{}, Y{}) : fn(Gen{}, N{}, N{}, N{});
 }
 
 }  // namespace bcos_math

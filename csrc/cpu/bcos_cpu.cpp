@@ -175,15 +175,13 @@ class ScratchBuffer {
   T* ptr_;
 };
 
-void check_float_dtype(const at::Tensor& t, const char* name) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, name,
-              " must be float32, float64, bfloat16 or float16, got ", dt);
-}
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
-}
+// The device checks of bcos_checks (arg_checks.h): every tensor on the CPU.
+struct CpuDevice {
+  static void check(const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  }
+  static void check_with(const at::Tensor& t, const char* name, const at::Tensor&, const char*) { check(t, name); }
+};
 
 // ---------------------------------------------------------------------------
 // Patch geometry.
@@ -196,8 +194,28 @@ struct Geometry {
   int64_t Wpad() const { return std::max(pw + W, (Wo - 1) * sw + (kw - 1) * dw + 1); }
 };
 
-using bcos_checks::make_geometry;
+using bcos_checks::acc_dtype;
 using bcos_checks::use_channels_last;
+
+// Passes over the positions p = h * W + w of NHWC x (the C channels of a
+// position contiguous): fn(n, p) for every image n and position p, in units
+// of kNhwcBlock positions.  fn is called from a unit body: declare it
+// BCOS_UNIT_BODY.
+constexpr int64_t kNhwcBlock = 64;
+
+template <typename Fn>
+void parallel_positions_nhwc(const Geometry& g, const Fn& fn) {
+  const int64_t HW = g.H * g.W;
+  const int64_t nblk = div_up(HW, kNhwcBlock);
+  parallel_units(g.N * nblk, grain_for(g.C * kNhwcBlock), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / nblk;
+      const int64_t p0 = (u % nblk) * kNhwcBlock;
+      const int64_t p1 = std::min(HW, p0 + kNhwcBlock);
+      for (int64_t p = p0; p < p1; ++p) fn(n, p);
+    }
+  });
+}
 
 // ---------------------------------------------------------------------------
 // patch_norm, pass 1: sq[n, g, h, w] = sum over the channels of group g of x^2.
@@ -272,19 +290,10 @@ BCOS_FORCE_INLINE acc_type<scalar_t> run_sum_squares(const scalar_t* src, int64_
 template <typename scalar_t>
 void sum_squares_nhwc(const scalar_t* x, acc_type<scalar_t>* sq, const Geometry& g) {
   const int64_t HW = g.H * g.W;
-  constexpr int64_t kBlock = 64;  // positions per unit
-  const int64_t nblk = div_up(HW, kBlock);
-  parallel_units(g.N * nblk, grain_for(g.C * kBlock), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / nblk;
-      const int64_t p0 = (u % nblk) * kBlock;
-      const int64_t p1 = std::min(HW, p0 + kBlock);
-      for (int64_t p = p0; p < p1; ++p) {
-        const scalar_t* px = x + (n * HW + p) * g.C;
-        for (int64_t grp = 0; grp < g.G; ++grp) {
-          sq[(n * g.G + grp) * HW + p] = run_sum_squares(px + grp * g.Cg, g.Cg);
-        }
-      }
+  parallel_positions_nhwc(g, [&](int64_t n, int64_t p) BCOS_UNIT_BODY {
+    const scalar_t* px = x + (n * HW + p) * g.C;
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      sq[(n * g.G + grp) * HW + p] = run_sum_squares(px + grp * g.Cg, g.Cg);
     }
   });
 }
@@ -410,23 +419,14 @@ template <typename scalar_t>
 void mul_by_group_nhwc(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t* gx, const Geometry& g) {
   using acc_t = acc_type<scalar_t>;
   const int64_t HW = g.H * g.W;
-  constexpr int64_t kBlock = 64;
-  const int64_t nblk = div_up(HW, kBlock);
-  parallel_units(g.N * nblk, grain_for(g.C * kBlock), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / nblk;
-      const int64_t p0 = (u % nblk) * kBlock;
-      const int64_t p1 = std::min(HW, p0 + kBlock);
-      for (int64_t p = p0; p < p1; ++p) {
-        const scalar_t* src = x + (n * HW + p) * g.C;
-        scalar_t* dst = gx + (n * HW + p) * g.C;
-        for (int64_t grp = 0; grp < g.G; ++grp) {
-          const acc_t r = R[(n * g.G + grp) * HW + p];
-          const scalar_t* s = src + grp * g.Cg;
-          scalar_t* d = dst + grp * g.Cg;
-          for (int64_t c = 0; c < g.Cg; ++c) d[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * r);
-        }
-      }
+  parallel_positions_nhwc(g, [&](int64_t n, int64_t p) BCOS_UNIT_BODY {
+    const scalar_t* src = x + (n * HW + p) * g.C;
+    scalar_t* dst = gx + (n * HW + p) * g.C;
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      const acc_t r = R[(n * g.G + grp) * HW + p];
+      const scalar_t* s = src + grp * g.Cg;
+      scalar_t* d = dst + grp * g.Cg;
+      for (int64_t c = 0; c < g.Cg; ++c) d[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * r);
     }
   });
 }
@@ -438,6 +438,23 @@ void mul_by_group_nhwc(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t*
 // ---------------------------------------------------------------------------
 constexpr int64_t kPosBlock = 2048;
 constexpr int64_t kTile = 256;
+
+// A tile of the forward's MaxOut, in local arrays: the maxima lm and the
+// winning units win of kTile outputs.
+template <typename acc_t>
+struct MaxOutTile {
+  alignas(64) acc_t lm[kTile];
+  alignas(64) int32_t win[kTile];
+
+  // lin_max[i] and winner[i] of the tile's first len outputs.
+  template <typename scalar_t>
+  BCOS_FORCE_INLINE void store(int64_t len, scalar_t* lin_max, uint8_t* winner) const {
+    for (int64_t i = 0; i < len; ++i) {
+      lin_max[i] = static_cast<scalar_t>(lm[i]);
+      winner[i] = static_cast<uint8_t>(win[i]);
+    }
+  }
+};
 
 // The forward epilogue's last step: times channel_scale[o] when the op got
 // one (kChannelScale), else the value untouched -- not a multiply by 1, so
@@ -513,8 +530,7 @@ void scale_forward_kernel(const scalar_t* lin, const scalar_t* norm, const scala
   constexpr bool kComputeBound = kMode == bcos_math::kModeGeneral;
   const int64_t grain = grain_for(kPosBlock * M);
   parallel_units<kComputeBound>(N * O * nblk, grain, [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
-    alignas(64) acc_t lm[kTile];
-    alignas(64) int32_t win[kTile];
+    MaxOutTile<acc_t> tile;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t no = u / nblk;  // n * O + o
       const int64_t n = no / O;
@@ -524,37 +540,32 @@ void scale_forward_kernel(const scalar_t* lin, const scalar_t* norm, const scala
       for (int64_t t0 = pb0; t0 < pb1; t0 += kTile) {
         const int64_t len = std::min(kTile, pb1 - t0);
         const scalar_t* l0 = lin + no * M * P + t0;
-        for (int64_t p = 0; p < len; ++p) lm[p] = static_cast<acc_t>(l0[p]);
+        for (int64_t p = 0; p < len; ++p) tile.lm[p] = static_cast<acc_t>(l0[p]);
         if (M > 1) {
-          for (int64_t p = 0; p < len; ++p) win[p] = 0;
+          for (int64_t p = 0; p < len; ++p) tile.win[p] = 0;
           for (int64_t m = 1; m < M; ++m) {
             const scalar_t* lmr = l0 + m * P;
             const int32_t mi = static_cast<int32_t>(m);
             for (int64_t p = 0; p < len; ++p) {
               const acc_t v = static_cast<acc_t>(lmr[p]);
-              const bool gt = v > lm[p];  // strict: the first maximum wins
-              lm[p] = gt ? v : lm[p];
-              win[p] = gt ? mi : win[p];
+              const bool gt = v > tile.lm[p];  // strict: the first maximum wins
+              tile.lm[p] = gt ? v : tile.lm[p];
+              tile.win[p] = gt ? mi : tile.win[p];
             }
           }
-          scalar_t* lmo = lin_max + no * P + t0;
-          uint8_t* wo = winner + no * P + t0;
-          for (int64_t p = 0; p < len; ++p) {
-            lmo[p] = static_cast<scalar_t>(lm[p]);
-            wo[p] = static_cast<uint8_t>(win[p]);
-          }
+          tile.store(len, lin_max + no * P + t0, winner + no * P + t0);
         }
         scalar_t* dst = out + no * P + t0;
         // A unit is one output channel: its factor is one value for the whole tile.
         const acc_t cv = kChannelScale ? static_cast<acc_t>(channel_scale[o]) : acc_t(1);
         auto channel_scale_at = [cv](int64_t) BCOS_UNIT_BODY { return cv; };
         if constexpr (kMode == bcos_math::kModeOne) {
-          scale_forward_tile<kMode, kChannelScale>(lm, [](int64_t) { return acc_t(1); }, channel_scale_at, dst, len,
+          scale_forward_tile<kMode, kChannelScale>(tile.lm, [](int64_t) { return acc_t(1); }, channel_scale_at, dst, len,
                                                    bm1, sc, unit_scale);
         } else {
           const scalar_t* nr = norm + (n * G + o / Og) * P + t0;
           auto norm_at = [nr](int64_t p) BCOS_UNIT_BODY { return static_cast<acc_t>(nr[p]); };
-          scale_forward_tile<kMode, kChannelScale>(lm, norm_at, channel_scale_at, dst, len, bm1, sc, unit_scale);
+          scale_forward_tile<kMode, kChannelScale>(tile.lm, norm_at, channel_scale_at, dst, len, bm1, sc, unit_scale);
         }
       }
     }
@@ -578,8 +589,7 @@ void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, const scalar_
   constexpr bool kComputeBound = kMode == bcos_math::kModeGeneral;
   parallel_units<kComputeBound>(N * Gu * nblk, grain_for(kPosBlock * M), [&](int64_t begin, int64_t end)
                                     BCOS_UNIT_BODY {
-    alignas(64) acc_t lm[kTile];
-    alignas(64) int32_t win[kTile];
+    MaxOutTile<acc_t> tile;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t ng = u / nblk;  // row * Gu + group
       const int64_t n = ng / Gu;
@@ -591,7 +601,7 @@ void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, const scalar_
         const int64_t len = std::min(kTile, o1 - t0);
         const scalar_t* l0 = lin + (n * O + t0) * M;
         if (M == 1) {
-          for (int64_t i = 0; i < len; ++i) lm[i] = static_cast<acc_t>(l0[i]);
+          for (int64_t i = 0; i < len; ++i) tile.lm[i] = static_cast<acc_t>(l0[i]);
         } else {
           for (int64_t i = 0; i < len; ++i) {
             acc_t best = static_cast<acc_t>(l0[i * M]);
@@ -602,21 +612,16 @@ void scale_forward_rows(const scalar_t* lin, const scalar_t* norm, const scalar_
               best = gt ? v : best;
               arg = gt ? static_cast<int32_t>(m) : arg;
             }
-            lm[i] = best;
-            win[i] = arg;
+            tile.lm[i] = best;
+            tile.win[i] = arg;
           }
-          scalar_t* lmo = lin_max + n * O + t0;
-          uint8_t* wo = winner + n * O + t0;
-          for (int64_t i = 0; i < len; ++i) {
-            lmo[i] = static_cast<scalar_t>(lm[i]);
-            wo[i] = static_cast<uint8_t>(win[i]);
-          }
+          tile.store(len, lin_max + n * O + t0, winner + n * O + t0);
         }
         auto norm_at = [nv](int64_t) BCOS_UNIT_BODY { return nv; };
         // Here the tile runs over output channels t0 + i: the factor is a contiguous load.
         const scalar_t* cs = kChannelScale ? channel_scale + t0 : nullptr;
         auto channel_scale_at = [cs](int64_t i) BCOS_UNIT_BODY { return static_cast<acc_t>(cs[i]); };
-        scale_forward_tile<kMode, kChannelScale>(lm, norm_at, channel_scale_at, out + n * O + t0, len, bm1, sc,
+        scale_forward_tile<kMode, kChannelScale>(tile.lm, norm_at, channel_scale_at, out + n * O + t0, len, bm1, sc,
                                                  unit_scale);
       }
     }
@@ -671,12 +676,7 @@ void scale_backward_rows(const scalar_t* grad_out, const scalar_t* lin_max, cons
           for (int64_t i = 0; i < len; ++i) {
             const acc_t l = static_cast<acc_t>(lmx[i]);
             const acc_t gv = static_cast<acc_t>(go[i]);
-            bcos_math::ScaleGrads<acc_t> d;
-            if constexpr (kMode == bcos_math::kModeTwo) {
-              d = bcos_math::scale_grads_two(l, rn, inv_scale, kDetach);
-            } else {
-              d = bcos_math::scale_grads_general(l, rn, bm1, inv_scale, kDetach);
-            }
+            const bcos_math::ScaleGrads<acc_t> d = bcos_math::scale_grads_of<kMode, kDetach>(l, rn, bm1, inv_scale);
             dl[i] = gv * d.dl;
             if constexpr (kNeedDn) dn[i] = gv * d.dn;
             if constexpr (kNeedDb) db[i] = gv * d.db;
@@ -758,12 +758,8 @@ void scale_backward_kernel(const scalar_t* grad_out, const scalar_t* lin_max, co
               const acc_t l = static_cast<acc_t>(lmx[p]);
               const acc_t rn = inv_n[p];
               const acc_t gv = static_cast<acc_t>(go[p]);
-              bcos_math::ScaleGrads<acc_t> d;
-              if constexpr (kMode == bcos_math::kModeTwo) {
-                d = bcos_math::scale_grads_two(l, rn, inv_scale, kDetach);
-              } else {
-                d = bcos_math::scale_grads_general(l, rn, bm1, inv_scale, kDetach);
-              }
+              const bcos_math::ScaleGrads<acc_t> d =
+                  bcos_math::scale_grads_of<kMode, kDetach>(l, rn, bm1, inv_scale);
               dst[p] = static_cast<dst_t>(gv * d.dl);
               if constexpr (kNeedDn) dn[p] += gv * d.dn;
               if constexpr (kNeedDb) db[p] = gv * d.db;
@@ -800,15 +796,13 @@ void scale_backward_kernel(const scalar_t* grad_out, const scalar_t* lin_max, co
 // ===========================================================================
 at::Tensor patch_norm(const at::Tensor& x_in, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  check_cpu(x_in, "x");
-  check_float_dtype(x_in, "x");
-  const Geometry g = make_geometry<Geometry>(x_in, kernel_size, stride, padding, dilation, groups);
+  const Geometry g = bcos_checks::check_patch_norm_args<CpuDevice, Geometry>(x_in, kernel_size, stride, padding,
+                                                                             dilation, groups);
   const bool cl = use_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   at::Tensor norm = at::empty({g.N, g.G, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (norm.numel() == 0) return norm;
-  const auto acc_dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor sq = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dt));
+  at::Tensor sq = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dtype(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bcos_patch_norm", [&] {
     using acc_t = acc_type<scalar_t>;
     acc_t* sqp = sq.data_ptr<acc_t>();
@@ -827,20 +821,8 @@ at::Tensor patch_norm(const at::Tensor& x_in, at::IntArrayRef kernel_size, at::I
 at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor& x_in, const at::Tensor& norm_in,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups) {
-  check_cpu(x_in, "x");
-  check_cpu(grad_norm_in, "grad_norm");
-  check_cpu(norm_in, "norm");
-  check_float_dtype(x_in, "x");
-  const Geometry g = make_geometry<Geometry>(x_in, kernel_size, stride, padding, dilation, groups);
-  const std::vector<int64_t> norm_shape{g.N, g.G, g.Ho, g.Wo};
-  TORCH_CHECK(grad_norm_in.sizes() == at::IntArrayRef(norm_shape), "grad_norm must have shape ", norm_shape,
-              ", got ", grad_norm_in.sizes());
-  TORCH_CHECK(norm_in.sizes() == at::IntArrayRef(norm_shape), "norm must have shape ", norm_shape, ", got ",
-              norm_in.sizes());
-  TORCH_CHECK(grad_norm_in.scalar_type() == x_in.scalar_type(), "grad_norm has dtype ", grad_norm_in.scalar_type(),
-              " but x has dtype ", x_in.scalar_type());
-  TORCH_CHECK(norm_in.scalar_type() == x_in.scalar_type(), "norm has dtype ", norm_in.scalar_type(),
-              " but x has dtype ", x_in.scalar_type());
+  const Geometry g = bcos_checks::check_patch_norm_backward_args<CpuDevice, Geometry>(
+      grad_norm_in, x_in, norm_in, kernel_size, stride, padding, dilation, groups);
   const bool cl = use_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   const auto grad_x_format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -848,8 +830,7 @@ at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor&
   if (grad_x.numel() == 0) return grad_x;
   const at::Tensor grad_norm = grad_norm_in.contiguous();
   const at::Tensor norm = norm_in.contiguous();
-  const auto acc_dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor R = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dt));
+  at::Tensor R = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dtype(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bcos_patch_norm_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     scatter_planes(grad_norm.const_data_ptr<scalar_t>(), norm.const_data_ptr<scalar_t>(), R.data_ptr<acc_t>(), g);
@@ -870,39 +851,6 @@ struct ScaleShapes {
   int64_t N, O, M, P, G;
 };
 
-// Checks shared by forward and backward.  `lin_name`/`lin` is lin (forward)
-// or lin_max (backward, (N, O, P)); `lin_channels_per_out` is M or 1.
-ScaleShapes check_scale_args(const char* lin_name, const at::Tensor& lin, int64_t lin_channels_per_out,
-                             const at::Tensor& norm, int mode, int64_t max_out, double scale) {
-  check_cpu(lin, lin_name);
-  check_float_dtype(lin, lin_name);
-  TORCH_CHECK(lin.dim() == 3, lin_name, " must have 3 dimensions (N, channels, positions), got shape ", lin.sizes());
-  TORCH_CHECK(max_out >= 1 && max_out <= 255, "max_out must be in [1, 255], got ", max_out);
-  TORCH_CHECK(scale != 0.0, "scale must be non-zero");
-  ScaleShapes s{};
-  s.N = lin.size(0);
-  s.P = lin.size(2);
-  s.M = max_out;
-  TORCH_CHECK(lin.size(1) % lin_channels_per_out == 0, lin_name, " has ", lin.size(1),
-              " channels, which is not divisible by max_out=", max_out);
-  s.O = lin.size(1) / lin_channels_per_out;
-  s.G = 1;
-  if (mode != bcos_math::kModeOne) {
-    check_cpu(norm, "norm");
-    TORCH_CHECK(norm.dim() == 3, "norm must have 3 dimensions (N, G, positions), got shape ", norm.sizes());
-    TORCH_CHECK(norm.scalar_type() == lin.scalar_type(), "norm has dtype ", norm.scalar_type(), " but ", lin_name,
-                " has dtype ", lin.scalar_type());
-    TORCH_CHECK(norm.size(0) == s.N && norm.size(2) == s.P, "norm must have shape (", s.N, ", G, ", s.P, "), got ",
-                norm.sizes());
-    s.G = norm.size(1);
-    TORCH_CHECK(s.G >= 1 && s.O % s.G == 0, "norm has ", s.G, " channels (groups), which does not divide the ", s.O,
-                " output channels");
-  }
-  return s;
-}
-
-using bcos_checks::check_channel_scale;
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tensor& lin_in, const at::Tensor& norm_in,
@@ -910,23 +858,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tens
                                                                   double scale,
                                                                   const std::optional<at::Tensor>& channel_scale_in) {
   const int mode = bcos_math::scale_mode(b, b_is_tensor);
-  const ScaleShapes s = check_scale_args("lin", lin_in, max_out, norm_in, mode, max_out, scale);
-  const at::Tensor channel_scale = check_channel_scale(channel_scale_in, lin_in, s.O);
+  const auto s = bcos_checks::check_scale_args<CpuDevice, ScaleShapes>("lin", lin_in, max_out, norm_in, mode,
+                                                                       max_out, scale);
+  const at::Tensor channel_scale = bcos_checks::check_channel_scale(channel_scale_in, lin_in, s.O);
   const bool has_cs = channel_scale.defined();
   const at::Tensor lin = lin_in.contiguous();
   const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
-  at::Tensor out = at::empty({s.N, s.O, s.P}, lin.options());
-  at::Tensor lin_max, winner;
-  if (s.M > 1) {
-    lin_max = at::empty({s.N, s.O, s.P}, lin.options());
-    winner = at::empty({s.N, s.O, s.P}, lin.options().dtype(at::kByte));
-  } else {
-    // Not returned as `lin` itself: an output may not alias an input of the
-    // op (its schema has no alias annotation).  With max_out == 1 the caller
-    // uses lin as lin_max.
-    lin_max = at::empty({0}, lin.options());
-    winner = at::empty({0}, lin.options().dtype(at::kByte));
-  }
+  auto [out, lin_max, winner] = bcos_checks::scale_forward_outputs(lin, s);
   if (out.numel() == 0) return {out, lin_max, winner};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lin.scalar_type(), "bcos_scale_forward", [&] {
     const scalar_t* lp = lin.const_data_ptr<scalar_t>();
@@ -963,89 +901,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_backward(
     const at::Tensor& winner_in, double b, bool b_is_tensor, int64_t max_out, double scale, bool detach,
     bool need_grad_norm, bool need_grad_b) {
   const int mode = bcos_math::scale_mode(b, b_is_tensor);
-  const ScaleShapes s = check_scale_args("lin_max", lin_max_in, 1, norm_in, mode, max_out, scale);
-  check_cpu(grad_out_in, "grad_out");
-  TORCH_CHECK(grad_out_in.sizes() == lin_max_in.sizes(), "grad_out must have the shape of lin_max ",
-              lin_max_in.sizes(), ", got ", grad_out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == lin_max_in.scalar_type(), "grad_out has dtype ",
-              grad_out_in.scalar_type(), " but lin_max has dtype ", lin_max_in.scalar_type());
-  if (s.M > 1) {
-    check_cpu(winner_in, "winner");
-    TORCH_CHECK(winner_in.scalar_type() == at::kByte, "winner must be uint8, got ", winner_in.scalar_type());
-    TORCH_CHECK(winner_in.sizes() == lin_max_in.sizes(), "winner must have the shape of lin_max ",
-                lin_max_in.sizes(), ", got ", winner_in.sizes());
-  }
-  const bool need_dn = need_grad_norm && !detach && mode != bcos_math::kModeOne;
-  const bool need_db = need_grad_b && mode == bcos_math::kModeGeneral;
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  const at::Tensor lin_max = lin_max_in.contiguous();
-  const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
-  const at::Tensor winner = s.M > 1 ? winner_in.contiguous() : winner_in;
-  const auto opts = grad_out.options();
-  const auto b_dtype = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-
-  at::Tensor grad_lin = at::empty({s.N, s.O * s.M, s.P}, opts);
-  at::Tensor grad_norm = need_dn ? at::empty({s.N, s.G, s.P}, opts) : at::empty({0}, opts);
-  at::Tensor grad_b = need_db ? at::empty({}, opts.dtype(b_dtype)) : at::empty({0}, opts.dtype(b_dtype));
-  if (grad_lin.numel() == 0) {
-    grad_norm.zero_();
-    grad_b.zero_();
-    return {grad_lin, grad_norm, grad_b};
-  }
+  const auto s = bcos_checks::check_scale_args<CpuDevice, ScaleShapes>("lin_max", lin_max_in, 1, norm_in, mode,
+                                                                       max_out, scale);
+  bcos_checks::check_scale_backward_args<CpuDevice>(grad_out_in, lin_max_in, winner_in, s.M);
+  const bcos_checks::ScaleBackwardTensors t = bcos_checks::scale_backward_tensors(
+      grad_out_in, lin_max_in, norm_in, winner_in, s, mode, detach, need_grad_norm, need_grad_b);
+  if (t.grad_lin.numel() == 0) return t.outputs();
+  const bool need_dn = t.need_dn;
+  const bool need_db = t.need_db;
   const int64_t nunits = s.N * (mode == bcos_math::kModeOne ? 1 : s.G) * div_up(s.P, kPosBlock);
   std::vector<double> partial_db(need_db ? nunits : 0, 0.0);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "bcos_scale_backward", [&] {
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* lp = lin_max.const_data_ptr<scalar_t>();
-    const scalar_t* np = mode == bcos_math::kModeOne ? nullptr : norm.const_data_ptr<scalar_t>();
-    const uint8_t* wp = s.M > 1 ? winner.const_data_ptr<uint8_t>() : nullptr;
-    scalar_t* glp = grad_lin.data_ptr<scalar_t>();
-    scalar_t* gnp = need_dn ? grad_norm.data_ptr<scalar_t>() : nullptr;
-    auto run = [&](auto mode_c, auto detach_c, auto dn_c, auto db_c) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.grad_out.scalar_type(), "bcos_scale_backward", [&] {
+    const scalar_t* gp = t.grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* lp = t.lin_max.const_data_ptr<scalar_t>();
+    const scalar_t* np = mode == bcos_math::kModeOne ? nullptr : t.norm.const_data_ptr<scalar_t>();
+    const uint8_t* wp = s.M > 1 ? t.winner.const_data_ptr<uint8_t>() : nullptr;
+    scalar_t* glp = t.grad_lin.data_ptr<scalar_t>();
+    scalar_t* gnp = need_dn ? t.grad_norm.data_ptr<scalar_t>() : nullptr;
+    bcos_math::dispatch_scale_backward(mode, detach, need_dn, need_db, [&](auto mode_c, auto detach_c, auto dn_c,
+                                                                           auto db_c) {
       scale_backward_kernel<scalar_t, decltype(mode_c)::value, decltype(detach_c)::value, decltype(dn_c)::value,
                             decltype(db_c)::value>(gp, lp, np, wp, glp, gnp, partial_db, s.N, s.O, s.M, s.P, s.G, b,
                                                    scale);
-    };
-    using One = std::integral_constant<int, bcos_math::kModeOne>;
-    using Two = std::integral_constant<int, bcos_math::kModeTwo>;
-    using Gen = std::integral_constant<int, bcos_math::kModeGeneral>;
-    using T = std::true_type;
-    using F = std::false_type;
-    if (mode == bcos_math::kModeOne) {
-      run(One{}, F{}, F{}, F{});
-    } else if (mode == bcos_math::kModeTwo) {
-      if (detach) {
-        run(Two{}, T{}, F{}, F{});
-      } else if (need_dn) {
-        run(Two{}, F{}, T{}, F{});
-      } else {
-        run(Two{}, F{}, F{}, F{});
-      }
-    } else if (detach) {
-      if (need_db) {
-        run(Gen{}, T{}, F{}, T{});
-      } else {
-        run(Gen{}, T{}, F{}, F{});
-      }
-    } else if (need_dn) {
-      if (need_db) {
-        run(Gen{}, F{}, T{}, T{});
-      } else {
-        run(Gen{}, F{}, T{}, F{});
-      }
-    } else if (need_db) {
-      run(Gen{}, F{}, F{}, T{});
-    } else {
-      run(Gen{}, F{}, F{}, F{});
-    }
+    });
   });
   if (need_db) {
     double total = 0.0;  // ordered combine of the per-unit partial sums
     for (double v : partial_db) total += v;
-    grad_b.fill_(total);
+    t.grad_b.fill_(total);
   }
-  return {grad_lin, grad_norm, grad_b};
+  return t.outputs();
 }
 
 }  // namespace cpu

@@ -10,8 +10,6 @@
 // Summation orders follow the CPU kernels where they are cheap to follow
 // (box sums: over kernel rows inside, kernel columns outside); the last bits
 // can still differ where the compiler fuses multiply-adds.
-#include <type_traits>
-
 #include "common/bcos_math.h"
 #include "cuda/cuda_common.cuh"
 
@@ -25,6 +23,37 @@ using namespace detail;
 // Patch norm.
 // ---------------------------------------------------------------------------
 
+// Digits of t in the mixed radix (d0 fastest, d1, d2) and the rest.
+struct Digits {
+  int64_t i0, i1, i2, rest;
+};
+
+__device__ __forceinline__ Digits digits(int64_t t, int64_t d0, int64_t d1, int64_t d2) {
+  Digits d;
+  d.i0 = t % d0;
+  t /= d0;
+  d.i1 = t % d1;
+  t /= d1;
+  d.i2 = t % d2;
+  d.rest = t / d2;
+  return d;
+}
+
+// (n, c, h, w) of element t of an (N, C, H, W) iteration: w fastest (NCHW
+// order), or c fastest (NHWC order) with channels_last.
+struct Index4 {
+  int64_t n, c, h, w;
+};
+
+__device__ __forceinline__ Index4 unflatten(int64_t t, int64_t C, int64_t H, int64_t W, bool channels_last) {
+  if (channels_last) {
+    const Digits d = digits(t, C, W, H);
+    return Index4{d.rest, d.i0, d.i2, d.i1};
+  }
+  const Digits d = digits(t, W, H, C);
+  return Index4{d.rest, d.i2, d.i1, d.i0};
+}
+
 // sq[n, g, h, w] = sum over the channels c of group g of x[n, c, h, w]^2.
 // Iterates (n, g, h, w) with w fastest, or (n, h, w, g) with g fastest for
 // channels_last x, so that neighbouring threads read neighbouring memory.
@@ -33,24 +62,8 @@ __global__ void sum_squares_kernel(const T* __restrict__ x, Strides4 xs, PatchGe
                                    acc_t<T>* __restrict__ sq) {
   using A = acc_t<T>;
   const int64_t total = g.N * g.G * g.H * g.W;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, grp, h, w, t = idx;
-    if (channels_last) {
-      grp = t % g.G;
-      t /= g.G;
-      w = t % g.W;
-      t /= g.W;
-      h = t % g.H;
-      n = t / g.H;
-    } else {
-      w = t % g.W;
-      t /= g.W;
-      h = t % g.H;
-      t /= g.H;
-      grp = t % g.G;
-      n = t / g.G;
-    }
+  for (int64_t idx = grid_stride_begin(); idx < total; idx += grid_stride_step()) {
+    const auto [n, grp, h, w] = unflatten(idx, g.G, g.H, g.W, channels_last);
     const T* px = x + n * xs.n + grp * g.Cg * xs.c + h * xs.h + w * xs.w;
     A acc = A(0);
     for (int64_t c = 0; c < g.Cg; ++c) {
@@ -83,8 +96,7 @@ __device__ __forceinline__ A box_sum(const A* __restrict__ plane, const PatchGeo
 template <typename T>
 __global__ void box_norm_kernel(const acc_t<T>* __restrict__ sq, PatchGeometry g, T* __restrict__ norm) {
   const int64_t total = g.N * g.G * g.Ho * g.Wo;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t idx = grid_stride_begin(); idx < total; idx += grid_stride_step()) {
     const int64_t j = idx % g.Wo;
     const int64_t i = (idx / g.Wo) % g.Ho;
     const int64_t ng = idx / (g.Wo * g.Ho);
@@ -100,8 +112,7 @@ __global__ void scatter_norm_grad_kernel(const T* __restrict__ grad_norm, const 
                                          PatchGeometry g, acc_t<T>* __restrict__ R) {
   using A = acc_t<T>;
   const int64_t total = g.N * g.G * g.H * g.W;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t idx = grid_stride_begin(); idx < total; idx += grid_stride_step()) {
     const int64_t w = idx % g.W;
     const int64_t h = (idx / g.W) % g.H;
     const int64_t ng = idx / (g.W * g.H);
@@ -133,24 +144,8 @@ template <typename T>
 __global__ void mul_by_group_kernel(const T* __restrict__ x, Strides4 xs, const acc_t<T>* __restrict__ R,
                                     PatchGeometry g, bool channels_last, T* __restrict__ gx, Strides4 gs) {
   const int64_t total = g.N * g.C * g.H * g.W;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, h, w, t = idx;
-    if (channels_last) {
-      c = t % g.C;
-      t /= g.C;
-      w = t % g.W;
-      t /= g.W;
-      h = t % g.H;
-      n = t / g.H;
-    } else {
-      w = t % g.W;
-      t /= g.W;
-      h = t % g.H;
-      t /= g.H;
-      c = t % g.C;
-      n = t / g.C;
-    }
+  for (int64_t idx = grid_stride_begin(); idx < total; idx += grid_stride_step()) {
+    const auto [n, c, h, w] = unflatten(idx, g.C, g.H, g.W, channels_last);
     const auto r = R[((n * g.G + c / g.Cg) * g.H + h) * g.W + w];
     const auto v = IO<T>::load(x[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
     gx[n * gs.n + c * gs.c + h * gs.h + w * gs.w] = IO<T>::store(v * r);
@@ -177,7 +172,35 @@ __device__ __forceinline__ A scale_value(A l, A n, A bm1, A scale) {
   }
 }
 
-struct ScaleForwardArgs {
+// The shapes, b and scale of the scale kernels, and their tiling (scale_grid).
+struct ScaleDims {
+  int64_t N, O, M, P, G, ptiles, units;
+  double b, scale;
+};
+
+ScaleDims scale_dims(const ScaleProblem& s) {
+  const ScaleGrid l = scale_grid(s);
+  return ScaleDims{s.N, s.O, s.M, s.P, s.G, l.ptiles, l.units, s.b, s.scale};
+}
+
+// Where the thread's block is in the scale pass: unit = (n, group, tile of
+// positions) -> ng = n * groups + grp and the thread's position p.
+struct ScaleUnit {
+  int64_t ng, n, grp, p;
+  bool active;  // p < P
+};
+
+__device__ __forceinline__ ScaleUnit scale_unit(const ScaleDims& a, int64_t unit, int64_t groups, int tp) {
+  ScaleUnit u;
+  u.ng = unit / a.ptiles;
+  u.n = u.ng / groups;
+  u.grp = u.ng % groups;
+  u.p = (unit % a.ptiles) * blockDim.x + tp;
+  u.active = u.p < a.P;
+  return u;
+}
+
+struct ScaleForwardTensors {
   const void* lin;
   const void* norm;  // read (not kNormFromSq)
   const void* sq;    // kNormFromSq only: channel sums of squares
@@ -186,8 +209,9 @@ struct ScaleForwardArgs {
   void* lin_max;
   uint8_t* winner;
   const void* channel_scale;  // kChannelScale only: (O,) factors of out
-  int64_t N, O, M, P, G, ptiles, units;
-  double b, scale;
+};
+
+struct ScaleForwardArgs : ScaleForwardTensors, ScaleDims {
   PatchGeometry geom;  // kNormFromSq only
 };
 
@@ -206,11 +230,7 @@ __global__ void __launch_bounds__(kThreads) scale_forward_kernel(ScaleForwardArg
   const int tp = threadIdx.x;
   const int ty = threadIdx.y;
   for (int64_t unit = blockIdx.x; unit < a.units; unit += gridDim.x) {
-    const int64_t ng = unit / a.ptiles;  // n * groups + group
-    const int64_t n = ng / groups;
-    const int64_t grp = ng % groups;
-    const int64_t p = (unit % a.ptiles) * blockDim.x + tp;
-    const bool active = p < a.P;
+    const auto [ng, n, grp, p, active] = scale_unit(a, unit, groups, tp);
     A nv = A(1);
     if constexpr (kMode != bcos_math::kModeOne) {
       if constexpr (kNormFromSq) {
@@ -256,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) scale_forward_kernel(ScaleForwardArg
   }
 }
 
-struct ScaleBackwardArgs {
+struct ScaleBackwardTensors {
   const void* grad_out;
   const void* lin_max;
   const void* norm;
@@ -264,9 +284,9 @@ struct ScaleBackwardArgs {
   void* grad_lin;
   void* grad_norm;
   double* db_partials;
-  int64_t N, O, M, P, G, ptiles, units;
-  double b, scale;
 };
+
+struct ScaleBackwardArgs : ScaleBackwardTensors, ScaleDims {};
 
 // Each thread accumulates d out / d norm over its channels of the group; the
 // TY partial sums of a position are added in ty order.  d out / d b: each
@@ -290,11 +310,7 @@ __global__ void __launch_bounds__(kThreads) scale_backward_kernel(ScaleBackwardA
   __shared__ double db_buf[kThreads];
   double db_thread = 0.0;
   for (int64_t unit = blockIdx.x; unit < a.units; unit += gridDim.x) {
-    const int64_t ng = unit / a.ptiles;
-    const int64_t n = ng / groups;
-    const int64_t grp = ng % groups;
-    const int64_t p = (unit % a.ptiles) * blockDim.x + tp;
-    const bool active = p < a.P;
+    const auto [ng, n, grp, p, active] = scale_unit(a, unit, groups, tp);
     A inv_n = A(1);
     if constexpr (kReadNorm) {
       if (active) inv_n = A(1) / IO<T>::load(static_cast<const T*>(a.norm)[ng * a.P + p]);
@@ -359,10 +375,8 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const double* __
 }
 
 template <typename T, int kMode, bool kNormFromSq>
-cudaError_t launch_scale_forward(ScaleForwardArgs args, const ScaleProblem& s, cudaStream_t stream) {
+cudaError_t launch_scale_forward(const ScaleForwardArgs& args, const ScaleProblem& s, cudaStream_t stream) {
   const ScaleGrid l = scale_grid(s);
-  args.ptiles = l.ptiles;
-  args.units = l.units;
   if (args.channel_scale != nullptr) {
     return launch_kernel(scale_forward_kernel<T, kMode, kNormFromSq, true>, l.grid, block_of(l), 0, stream, args);
   }
@@ -379,12 +393,15 @@ cudaError_t scale_forward_by_mode(const ScaleForwardArgs& args, const ScaleProbl
   return launch_scale_forward<T, bcos_math::kModeGeneral, kNormFromSq>(args, s, stream);
 }
 
+// sq (N, G, H, W) acc = the channel sums of squares of x (zeros when the
+// groups have no channels).
 template <typename T>
-cudaError_t launch_sum_squares(const T* x, Strides4 xs, bool channels_last, const PatchGeometry& g, void* sq,
+cudaError_t launch_sum_squares(const void* x, Strides4 xs, bool channels_last, const PatchGeometry& g, void* sq,
                                cudaStream_t stream) {
   const int64_t total = g.N * g.G * g.H * g.W;
-  return launch_kernel(sum_squares_kernel<T>, grid_for(total, kThreads), kThreads, 0, stream, x, xs, g, channels_last,
-                       static_cast<acc_t<T>*>(sq));
+  if (g.Cg == 0) return cudaMemsetAsync(sq, 0, total * sizeof(acc_t<T>), stream);
+  return launch_kernel(sum_squares_kernel<T>, grid_for(total, kThreads), kThreads, 0, stream,
+                       static_cast<const T*>(x), xs, g, channels_last, static_cast<acc_t<T>*>(sq));
 }
 
 }  // namespace
@@ -397,16 +414,8 @@ cudaError_t patch_norm(DType dtype, const void* x, Strides4 x_strides, bool x_ch
   if (g.N * g.G * g.Ho * g.Wo == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int64_t planes = g.N * g.G * g.H * g.W;
-    if (g.Cg == 0) {
-      // no channels: every sum of squares is 0
-      cudaError_t err = cudaMemsetAsync(sq_workspace, 0, planes * sizeof(acc_t<T>), stream);
-      if (err != cudaSuccess) return err;
-    } else {
-      cudaError_t err = launch_sum_squares(static_cast<const T*>(x), x_strides, x_channels_last, g, sq_workspace,
-                                           stream);
-      if (err != cudaSuccess) return err;
-    }
+    const cudaError_t err = launch_sum_squares<T>(x, x_strides, x_channels_last, g, sq_workspace, stream);
+    if (err != cudaSuccess) return err;
     const int64_t total = g.N * g.G * g.Ho * g.Wo;
     return launch_kernel(box_norm_kernel<T>, grid_for(total, kThreads), kThreads, 0, stream,
                          static_cast<const acc_t<T>*>(sq_workspace), g, static_cast<T*>(norm));
@@ -436,20 +445,7 @@ cudaError_t bcos_scale_forward(DType dtype, const void* lin, const void* norm, v
                                cudaStream_t stream) {
   if (!valid_problem(s)) return cudaErrorInvalidValue;
   if (s.N * s.O * s.P == 0) return cudaSuccess;
-  ScaleForwardArgs args{};
-  args.lin = lin;
-  args.norm = norm;
-  args.out = out;
-  args.lin_max = lin_max;
-  args.winner = winner;
-  args.channel_scale = channel_scale;
-  args.N = s.N;
-  args.O = s.O;
-  args.M = s.M;
-  args.P = s.P;
-  args.G = s.G;
-  args.b = s.b;
-  args.scale = s.scale;
+  const ScaleForwardArgs args{{lin, norm, nullptr, nullptr, out, lin_max, winner, channel_scale}, scale_dims(s), {}};
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return scale_forward_by_mode<T, false>(args, s, stream);
@@ -462,30 +458,11 @@ cudaError_t bcos_conv_scale_forward(DType dtype, const void* lin, const void* x,
                                     const ScaleProblem& s, cudaStream_t stream) {
   if (!valid_problem(s) || s.mode == bcos_math::kModeOne) return cudaErrorInvalidValue;
   if (s.P != g.Ho * g.Wo || s.G != g.G || s.N != g.N) return cudaErrorInvalidValue;
-  ScaleForwardArgs args{};
-  args.lin = lin;
-  args.norm_out = norm;
-  args.sq = sq_workspace;
-  args.out = out;
-  args.lin_max = lin_max;
-  args.winner = winner;
-  args.channel_scale = channel_scale;
-  args.N = s.N;
-  args.O = s.O;
-  args.M = s.M;
-  args.P = s.P;
-  args.G = s.G;
-  args.b = s.b;
-  args.scale = s.scale;
-  args.geom = g;
+  const ScaleForwardArgs args{{lin, nullptr, sq_workspace, norm, out, lin_max, winner, channel_scale}, scale_dims(s), g};
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (s.N * s.G * s.P == 0) return cudaSuccess;
-    const int64_t planes = g.N * g.G * g.H * g.W;
-    cudaError_t err = g.Cg == 0
-                          ? cudaMemsetAsync(sq_workspace, 0, planes * sizeof(acc_t<T>), stream)
-                          : launch_sum_squares(static_cast<const T*>(x), x_strides, x_channels_last, g, sq_workspace,
-                                               stream);
+    const cudaError_t err = launch_sum_squares<T>(x, x_strides, x_channels_last, g, sq_workspace, stream);
     if (err != cudaSuccess) return err;
     // O == 0: the pass still runs, to write the norms
     return scale_forward_by_mode<T, true>(args, s, stream);
@@ -503,23 +480,7 @@ cudaError_t bcos_scale_backward(DType dtype, const void* grad_out, const void* l
   if (need_dn && (detach || s.mode == bcos_math::kModeOne)) return cudaErrorInvalidValue;
   if (need_db && s.mode != bcos_math::kModeGeneral) return cudaErrorInvalidValue;
   const detail::ScaleGrid l = detail::scale_grid(s);
-  ScaleBackwardArgs args{};
-  args.grad_out = grad_out;
-  args.lin_max = lin_max;
-  args.norm = norm;
-  args.winner = winner;
-  args.grad_lin = grad_lin;
-  args.grad_norm = grad_norm;
-  args.db_partials = db_partials;
-  args.N = s.N;
-  args.O = s.O;
-  args.M = s.M;
-  args.P = s.P;
-  args.G = s.G;
-  args.ptiles = l.ptiles;
-  args.units = l.units;
-  args.b = s.b;
-  args.scale = s.scale;
+  const ScaleBackwardArgs args{{grad_out, lin_max, norm, winner, grad_lin, grad_norm, db_partials}, scale_dims(s)};
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     if (s.N * s.O * s.P == 0) {
@@ -531,34 +492,12 @@ cudaError_t bcos_scale_backward(DType dtype, const void* grad_out, const void* l
       if (need_db) return cudaMemsetAsync(grad_b, 0, sizeof(acc_t<T>), stream);
       return cudaSuccess;
     }
-    auto run = [&](auto mode_c, auto detach_c, auto dn_c, auto db_c) {
-      return launch_kernel(scale_backward_kernel<T, decltype(mode_c)::value, decltype(detach_c)::value,
-                                                 decltype(dn_c)::value, decltype(db_c)::value>,
-                           l.grid, block_of(l), 0, stream, args);
-    };
-    using One = std::integral_constant<int, bcos_math::kModeOne>;
-    using Two = std::integral_constant<int, bcos_math::kModeTwo>;
-    using Gen = std::integral_constant<int, bcos_math::kModeGeneral>;
-    using Y = std::true_type;
-    using N = std::false_type;
-    cudaError_t err;
-    if (s.mode == bcos_math::kModeOne) {
-      err = run(One{}, N{}, N{}, N{});
-    } else if (s.mode == bcos_math::kModeTwo) {
-      if (detach) {
-        err = run(Two{}, Y{}, N{}, N{});
-      } else if (need_dn) {
-        err = run(Two{}, N{}, Y{}, N{});
-      } else {
-        err = run(Two{}, N{}, N{}, N{});
-      }
-    } else if (detach) {
-      err = need_db ? run(Gen{}, Y{}, N{}, Y{}) : run(Gen{}, Y{}, N{}, N{});
-    } else if (need_dn) {
-      err = need_db ? run(Gen{}, N{}, Y{}, Y{}) : run(Gen{}, N{}, Y{}, N{});
-    } else {
-      err = need_db ? run(Gen{}, N{}, N{}, Y{}) : run(Gen{}, N{}, N{}, N{});
-    }
+    const cudaError_t err = bcos_math::dispatch_scale_backward(
+        s.mode, detach, need_dn, need_db, [&](auto mode_c, auto detach_c, auto dn_c, auto db_c) {
+          return launch_kernel(scale_backward_kernel<T, decltype(mode_c)::value, decltype(detach_c)::value,
+                                                     decltype(dn_c)::value, decltype(db_c)::value>,
+                               l.grid, block_of(l), 0, stream, args);
+        });
     if (err != cudaSuccess || !need_db) return err;
     return launch_kernel(sum_partials_kernel<acc_t<T>>, 1, kThreads, 0, stream, db_partials,
                          static_cast<int64_t>(l.grid), static_cast<acc_t<T>*>(grad_b));

@@ -30,79 +30,70 @@ __global__ void __launch_bounds__(kThreads) csg_forward_kernel(const T* __restri
                                                                const int64_t* __restrict__ labels, CsgProblem p,
                                                                T* __restrict__ out) {
   const int64_t total = p.N * p.C * p.HW;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t idx = grid_stride_begin(); idx < total; idx += grid_stride_step()) {
     const int64_t n = idx / (p.C * p.HW);
     const int64_t c = p.channels_last ? idx % p.C : (idx / p.HW) % p.C;
     out[idx] = IO<T>::store(IO<T>::load(x[idx]) * gate_value(mask, labels, n, c, p.K));
   }
 }
 
-// Backward (1), NCHW: a warp per (n, c) row of HW contiguous elements; each
-// lane sums a strided subset in order, then a fixed shuffle tree.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) csg_backward_rows_kernel(const T* __restrict__ grad_out,
-                                                                     const T* __restrict__ x,
-                                                                     const T* __restrict__ mask,
-                                                                     const int64_t* __restrict__ labels, CsgProblem p,
-                                                                     T* __restrict__ grad_x,
-                                                                     acc_t<T>* __restrict__ per_sample) {
-  using A = acc_t<T>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps_per_block = blockDim.x / kWarp;
-  const int64_t rows = p.N * p.C;
-  // rows is the same for every lane of a warp, so whole warps take the loop
-  // together (the shuffles need all 32 lanes).
-  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarp; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    const int64_t n = row / p.C;
-    const int64_t c = row % p.C;
-    const T* g = grad_out + row * p.HW;
-    A acc = A(0);
-    if (grad_x != nullptr) {
-      const A gate = gate_value(mask, labels, n, c, p.K);
-      T* gx = grad_x + row * p.HW;
-      for (int64_t i = lane; i < p.HW; i += kWarp) gx[i] = IO<T>::store(IO<T>::load(g[i]) * gate);
-    }
-    if (per_sample != nullptr) {
-      const T* xr = x + row * p.HW;
-      for (int64_t i = lane; i < p.HW; i += kWarp) acc += IO<T>::load(g[i]) * IO<T>::load(xr[i]);
-      for (int width = kWarp / 2; width > 0; width >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, width);
-      if (lane == 0) per_sample[row] = acc;
-    }
-  }
-}
-
-// Backward (1), channels_last (N, HW, C): a thread per (n, c) walks hw in
-// order (neighbouring threads read neighbouring channels).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) csg_backward_cols_kernel(const T* __restrict__ grad_out,
-                                                                     const T* __restrict__ x,
-                                                                     const T* __restrict__ mask,
-                                                                     const int64_t* __restrict__ labels, CsgProblem p,
-                                                                     T* __restrict__ grad_x,
-                                                                     acc_t<T>* __restrict__ per_sample) {
+// Backward (1), per (n, c) row: grad_x = grad_out * gate and
+// per_sample[n, c] = sum over hw of grad_out * x (either may be null).
+//   kByColumns, (N, HW, C): a thread per row walks hw in order (neighbouring
+//     threads read neighbouring channels);
+//   otherwise, (N, C, HW): a warp per row of HW contiguous elements; each
+//     lane sums a strided subset in order, then a fixed shuffle tree.
+template <typename T, bool kByColumns>
+__global__ void __launch_bounds__(kThreads) csg_backward_kernel(const T* __restrict__ grad_out,
+                                                                const T* __restrict__ x, const T* __restrict__ mask,
+                                                                const int64_t* __restrict__ labels, CsgProblem p,
+                                                                T* __restrict__ grad_x,
+                                                                acc_t<T>* __restrict__ per_sample) {
   using A = acc_t<T>;
   const int64_t rows = p.N * p.C;
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = row / p.C;
-    const int64_t c = row % p.C;
-    const int64_t first = n * p.HW * p.C + c;
-    if (grad_x != nullptr) {
-      const A gate = gate_value(mask, labels, n, c, p.K);
-      for (int64_t i = 0; i < p.HW; ++i) {
-        const int64_t e = first + i * p.C;
-        grad_x[e] = IO<T>::store(IO<T>::load(grad_out[e]) * gate);
+  if constexpr (kByColumns) {
+    for (int64_t row = grid_stride_begin(); row < rows; row += grid_stride_step()) {
+      const int64_t n = row / p.C;
+      const int64_t c = row % p.C;
+      const int64_t first = n * p.HW * p.C + c;
+      if (grad_x != nullptr) {
+        const A gate = gate_value(mask, labels, n, c, p.K);
+        for (int64_t i = 0; i < p.HW; ++i) {
+          const int64_t e = first + i * p.C;
+          grad_x[e] = IO<T>::store(IO<T>::load(grad_out[e]) * gate);
+        }
+      }
+      if (per_sample != nullptr) {
+        A acc = A(0);
+        for (int64_t i = 0; i < p.HW; ++i) {
+          const int64_t e = first + i * p.C;
+          acc += IO<T>::load(grad_out[e]) * IO<T>::load(x[e]);
+        }
+        per_sample[row] = acc;
       }
     }
-    if (per_sample != nullptr) {
+  } else {
+    const int lane = threadIdx.x % kWarp;
+    const int64_t warps_per_block = blockDim.x / kWarp;
+    // rows is the same for every lane of a warp, so whole warps take the loop
+    // together (the shuffles need all 32 lanes).
+    for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarp; row < rows;
+         row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+      const int64_t n = row / p.C;
+      const int64_t c = row % p.C;
+      const T* g = grad_out + row * p.HW;
       A acc = A(0);
-      for (int64_t i = 0; i < p.HW; ++i) {
-        const int64_t e = first + i * p.C;
-        acc += IO<T>::load(grad_out[e]) * IO<T>::load(x[e]);
+      if (grad_x != nullptr) {
+        const A gate = gate_value(mask, labels, n, c, p.K);
+        T* gx = grad_x + row * p.HW;
+        for (int64_t i = lane; i < p.HW; i += kWarp) gx[i] = IO<T>::store(IO<T>::load(g[i]) * gate);
       }
-      per_sample[row] = acc;
+      if (per_sample != nullptr) {
+        const T* xr = x + row * p.HW;
+        for (int64_t i = lane; i < p.HW; i += kWarp) acc += IO<T>::load(g[i]) * IO<T>::load(xr[i]);
+        for (int width = kWarp / 2; width > 0; width >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, width);
+        if (lane == 0) per_sample[row] = acc;
+      }
     }
   }
 }
@@ -114,8 +105,7 @@ __global__ void __launch_bounds__(kThreads) csg_mask_grad_kernel(const acc_t<T>*
                                                                  T* __restrict__ grad_mask) {
   using A = acc_t<T>;
   const int64_t total = p.C * p.K;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t idx = grid_stride_begin(); idx < total; idx += grid_stride_step()) {
     const int64_t c = idx / p.K;
     const int64_t k = idx % p.K;
     A acc = A(0);
@@ -154,16 +144,13 @@ cudaError_t csg_backward(DType dtype, const void* grad_out, const void* x, const
       if (p.HW == 0) {
         // empty feature maps: nothing to gate, the per-sample sums are 0
         if (per_sample != nullptr) err = cudaMemsetAsync(per_sample, 0, rows * sizeof(A), stream);
-      } else if (csg_backward_by_columns(p)) {
-        // (N, HW, C); also (N, C) inputs (HW == 1), where both layouts agree
-        err = launch_kernel(csg_backward_cols_kernel<T>, csg_backward_grid(p), kThreads, 0, stream,
-                            static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const T*>(mask),
-                            labels, p, static_cast<T*>(grad_x), per_sample);
       } else {
-        // (N, C, HW): a warp per row
-        err = launch_kernel(csg_backward_rows_kernel<T>, csg_backward_grid(p), kThreads, 0, stream,
-                            static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const T*>(mask),
-                            labels, p, static_cast<T*>(grad_x), per_sample);
+        // by columns for (N, HW, C), and for (N, C) inputs (HW == 1), where both layouts agree;
+        // else (N, C, HW), a warp per row
+        err = launch_kernel(csg_backward_by_columns(p) ? csg_backward_kernel<T, true> : csg_backward_kernel<T, false>,
+                            csg_backward_grid(p), kThreads, 0, stream, static_cast<const T*>(grad_out),
+                            static_cast<const T*>(x), static_cast<const T*>(mask), labels, p,
+                            static_cast<T*>(grad_x), per_sample);
       }
       if (err != cudaSuccess) return err;
     }

@@ -79,6 +79,13 @@ cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
   return cudaErrorInvalidValue;
 }
 
+// Grid-stride loops over n work items:
+//   for (int64_t i = grid_stride_begin(); i < n; i += grid_stride_step()) ...
+__device__ __forceinline__ int64_t grid_stride_begin() {
+  return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_stride_step() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
 // Launches kernel<<<grid, block, smem_bytes, stream>>>(args...) and returns
 // the launch status (cudaGetLastError()).
 template <typename... Params, typename... Args>

@@ -23,12 +23,14 @@ using namespace detail;
 constexpr int kPix = kDauPix;
 constexpr int kUnitThreads = kDauUnitThreads;
 
-struct DauArgs {
+// The inputs of the kernels (grad_out and s: backward only).
+struct DauInputs {
   Matrix grad_out, y, z, s;
   const void* gram;
-  int64_t P, O;
-  int r, R, norm;
-  bool detach;
+};
+
+// Inputs, problem (P, O, r, R, norm), outputs and workspaces of every kernel.
+struct DauArgs : DauInputs, DauProblem {
   void* out;     // forward: (P, O) dtype
   void* s_out;   // forward: (P, O) acc
   void* dz;      // backward (2)
@@ -38,6 +40,7 @@ struct DauArgs {
   void* dq;      // workspace (P, O) acc
   void* m_part;  // workspace (chunks, O, R, R) acc
   int64_t chunks, chunk_len;
+  bool detach;
 };
 
 template <typename T>
@@ -175,24 +178,17 @@ __global__ void __launch_bounds__(kThreads) dau_backward_m_partial_kernel(DauArg
 template <typename A>
 __global__ void __launch_bounds__(kThreads) dau_backward_m_sum_kernel(const A* __restrict__ part, int64_t chunks,
                                                                      int64_t per_chunk, A* __restrict__ m) {
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < per_chunk;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t idx = grid_stride_begin(); idx < per_chunk; idx += grid_stride_step()) {
     A acc = A(0);
     for (int64_t c = 0; c < chunks; ++c) acc += part[c * per_chunk + idx];
     m[idx] = acc;
   }
 }
 
-DauArgs make_args(Matrix y, Matrix z, const void* gram, const DauProblem& d) {
+DauArgs make_args(const DauInputs& in, const DauProblem& d) {
   DauArgs a{};
-  a.y = y;
-  a.z = z;
-  a.gram = gram;
-  a.P = d.P;
-  a.O = d.O;
-  a.r = d.r;
-  a.R = d.R;
-  a.norm = d.norm;
+  static_cast<DauInputs&>(a) = in;
+  static_cast<DauProblem&>(a) = d;
   return a;
 }
 
@@ -202,7 +198,7 @@ cudaError_t dau_forward(DType dtype, Matrix y, Matrix z, const void* gram, const
                         cudaStream_t stream) {
   if (!valid_problem(d)) return cudaErrorInvalidValue;
   if (d.P * d.O == 0) return cudaSuccess;
-  DauArgs a = make_args(y, z, gram, d);
+  DauArgs a = make_args(DauInputs{Matrix{}, y, z, Matrix{}, gram}, d);
   a.out = out;
   a.s_out = s;
   const size_t smem = kPix * d.R * detail::acc_size(dtype);
@@ -219,9 +215,7 @@ cudaError_t dau_backward(DType dtype, Matrix grad_out, Matrix y, Matrix z, Matri
                          cudaStream_t stream) {
   if (!valid_problem(d)) return cudaErrorInvalidValue;
   if (detach && (dz != nullptr || m != nullptr)) return cudaErrorInvalidValue;
-  DauArgs a = make_args(y, z, gram, d);
-  a.grad_out = grad_out;
-  a.s = s;
+  DauArgs a = make_args(DauInputs{grad_out, y, z, s, gram}, d);
   a.detach = detach;
   a.dz = dz;
   a.dy = dy;

@@ -40,12 +40,19 @@ struct TensorNoise {
   }
 };
 
-struct LwtaArgs {
+// The tensors of the kernels (forward: x, out, winner_out; backward: x,
+// grad_out, out = grad_x, winner_in).
+struct LwtaTensors {
   const void* x;
   const void* grad_out;
   void* out;  // forward: out; backward: grad_x
   const uint8_t* winner_in;
   uint8_t* winner_out;
+};
+
+// The tensors and what the kernels read of the LwtaProblem (seed and offset
+// travel in PhiloxNoise).
+struct LwtaArgs : LwtaTensors {
   int64_t outer, C, inner;
   int U;
   double temperature;
@@ -71,17 +78,25 @@ __device__ __forceinline__ void with_logits(int U, const Live& live, const Fn& f
   }
 }
 
+// Calls body(idx, base, U, temperature) for each competition block idx of the
+// thread (grid-stride), base = the element index of its unit 0; U is kU when
+// that is a compile-time constant (kU > 0).
+template <int kU, typename A, typename Body>
+__device__ __forceinline__ void for_each_block(const LwtaArgs& a, const Body& body) {
+  const int U = kU > 0 ? kU : a.U;
+  const int64_t total = a.outer * (a.C / U) * a.inner;
+  const A temperature = static_cast<A>(a.temperature);
+  for (int64_t idx = grid_stride_begin(); idx < total; idx += grid_stride_step()) {
+    body(idx, block_base(a, idx, U), U, temperature);
+  }
+}
+
 template <typename T, typename Noise, int kU>
 __global__ void __launch_bounds__(kThreads) lwta_forward_kernel(LwtaArgs a, Noise noise) {
   using A = acc_t<T>;
   const T* __restrict__ x = static_cast<const T*>(a.x);
   T* __restrict__ out = static_cast<T*>(a.out);
-  const int U = kU > 0 ? kU : a.U;
-  const int64_t total = a.outer * (a.C / U) * a.inner;
-  const A temperature = static_cast<A>(a.temperature);
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t base = block_base(a, idx, U);
+  for_each_block<kU, A>(a, [&](int64_t idx, int64_t base, int U, A temperature) {
     auto x_at = [&](int k) { return IO<T>::load(x[base + k * a.inner]); };
     int win;
     A win_value;
@@ -97,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) lwta_forward_kernel(LwtaArgs a, Nois
     }
     for (int k = 0; k < U; ++k) out[base + k * a.inner] = IO<T>::store(k == win ? win_value : A(0));
     a.winner_out[idx] = static_cast<uint8_t>(win);
-  }
+  });
 }
 
 template <typename T, typename Noise, int kU>
@@ -106,18 +121,13 @@ __global__ void __launch_bounds__(kThreads) lwta_backward_kernel(LwtaArgs a, Noi
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const T* __restrict__ grad_out = static_cast<const T*>(a.grad_out);
   T* __restrict__ grad_x = static_cast<T*>(a.out);
-  const int U = kU > 0 ? kU : a.U;
-  const int64_t total = a.outer * (a.C / U) * a.inner;
-  const A temperature = static_cast<A>(a.temperature);
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t base = block_base(a, idx, U);
+  for_each_block<kU, A>(a, [&](int64_t idx, int64_t base, int U, A temperature) {
     const int win = a.winner_in[idx];
     auto up = [&](int k) { return IO<T>::load(grad_out[base + k * a.inner]); };
     auto store = [&](int k, A v) { grad_x[base + k * a.inner] = IO<T>::store(v); };
     if (a.deterministic) {
       for (int k = 0; k < U; ++k) store(k, k == win ? up(k) : A(0));
-      continue;
+      return;
     }
     auto x_at = [&](int k) { return IO<T>::load(x[base + k * a.inner]); };
     auto v = [&](int k) { return up(k) * x_at(k); };
@@ -125,26 +135,14 @@ __global__ void __launch_bounds__(kThreads) lwta_backward_kernel(LwtaArgs a, Noi
     with_logits<kU, A>(U, live, [&](const auto& logit) {
       bcos_math::lwta_soft_backward<A>(U, win, temperature, logit, v, up, store);
     });
-  }
+  });
 }
 
 __global__ void __launch_bounds__(kThreads) lwta_uniform_kernel(float* __restrict__ u, int64_t numel, uint64_t seed,
                                                                 uint64_t offset) {
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < numel;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t idx = grid_stride_begin(); idx < numel; idx += grid_stride_step()) {
     u[idx] = bcos_math::lwta_uniform(seed, offset, static_cast<uint64_t>(idx));
   }
-}
-
-LwtaArgs make_args(const LwtaProblem& p) {
-  LwtaArgs a{};
-  a.outer = p.outer;
-  a.C = p.C;
-  a.inner = p.inner;
-  a.U = p.U;
-  a.temperature = p.temperature;
-  a.deterministic = p.deterministic;
-  return a;
 }
 
 // Runs launch(noise, kU constant) with the noise source and a compile-time U
@@ -163,43 +161,42 @@ cudaError_t dispatch_noise_and_units(const void* noise, DType dtype, DType noise
   return cudaErrorInvalidValue;
 }
 
-}  // namespace
-
-cudaError_t lwta_forward(DType dtype, const void* x, const void* noise, DType noise_dtype, const LwtaProblem& p,
-                         void* out, uint8_t* winner, cudaStream_t stream) {
+// Launches pick(TypeTag<T>{}, noise source, kU constant) -- the forward or
+// the backward kernel of that dtype, noise source and U -- over the blocks of p.
+template <typename PickKernel>
+cudaError_t launch_blocks(DType dtype, const LwtaTensors& tensors, const void* noise, DType noise_dtype,
+                          const LwtaProblem& p, cudaStream_t stream, const PickKernel& pick) {
   if (!valid_problem(p)) return cudaErrorInvalidValue;
   const int64_t total = lwta_blocks(p);
   if (total == 0) return cudaSuccess;
-  LwtaArgs a = make_args(p);
-  a.x = x;
-  a.out = out;
-  a.winner_out = winner;
+  const LwtaArgs a{tensors, p.outer, p.C, p.inner, p.U, p.temperature, p.deterministic};
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return dispatch_noise_and_units<T>(noise, dtype, noise_dtype, p, [&](auto noise_source, auto units) {
-      return launch_kernel(lwta_forward_kernel<T, decltype(noise_source), decltype(units)::value>,
-                           grid_for(total, kThreads), kThreads, 0, stream, a, noise_source);
+      return launch_kernel(pick(tag, noise_source, units), grid_for(total, kThreads), kThreads, 0, stream, a,
+                           noise_source);
     });
   });
 }
 
+}  // namespace
+
+cudaError_t lwta_forward(DType dtype, const void* x, const void* noise, DType noise_dtype, const LwtaProblem& p,
+                         void* out, uint8_t* winner, cudaStream_t stream) {
+  return launch_blocks(dtype, LwtaTensors{x, nullptr, out, nullptr, winner}, noise, noise_dtype, p, stream,
+                       [](auto tag, auto noise_source, auto units) {
+                         return lwta_forward_kernel<typename decltype(tag)::type, decltype(noise_source),
+                                                    decltype(units)::value>;
+                       });
+}
+
 cudaError_t lwta_backward(DType dtype, const void* grad_out, const void* x, const uint8_t* winner, const void* noise,
                           DType noise_dtype, const LwtaProblem& p, void* grad_x, cudaStream_t stream) {
-  if (!valid_problem(p)) return cudaErrorInvalidValue;
-  const int64_t total = lwta_blocks(p);
-  if (total == 0) return cudaSuccess;
-  LwtaArgs a = make_args(p);
-  a.x = x;
-  a.grad_out = grad_out;
-  a.out = grad_x;
-  a.winner_in = winner;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return dispatch_noise_and_units<T>(noise, dtype, noise_dtype, p, [&](auto noise_source, auto units) {
-      return launch_kernel(lwta_backward_kernel<T, decltype(noise_source), decltype(units)::value>,
-                           grid_for(total, kThreads), kThreads, 0, stream, a, noise_source);
-    });
-  });
+  return launch_blocks(dtype, LwtaTensors{x, grad_out, grad_x, winner, nullptr}, noise, noise_dtype, p, stream,
+                       [](auto tag, auto noise_source, auto units) {
+                         return lwta_backward_kernel<typename decltype(tag)::type, decltype(noise_source),
+                                                     decltype(units)::value>;
+                       });
 }
 
 cudaError_t lwta_uniform(float* u, int64_t numel, uint64_t seed, uint64_t offset, cudaStream_t stream) {

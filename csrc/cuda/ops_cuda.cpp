@@ -29,6 +29,8 @@ namespace cuda_ops {
 namespace {
 
 namespace kc = bcos_kernels::cuda;
+using bcos_checks::acc_dtype;
+using bcos_checks::check_same_dtype;
 using bcos_checks::make_geometry;
 using bcos_checks::use_channels_last;
 
@@ -39,6 +41,15 @@ void check_cuda(const at::Tensor& t, const char* name) {
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
 }
+
+// The device checks of bcos_checks (arg_checks.h): the op's first tensor on a
+// CUDA device, the others on its device.
+struct CudaDevice {
+  static void check(const at::Tensor& t, const char* name) { check_cuda(t, name); }
+  static void check_with(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+    check_same_device(t, name, ref, ref_name);
+  }
+};
 
 kc::DType dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -57,14 +68,6 @@ kc::DType dtype_of(const at::Tensor& t, const char* name) {
   return kc::DType::kFloat32;  // not reached
 }
 
-// The accumulation dtype of the kernels for storage dtype st.
-at::ScalarType acc_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
-              " has dtype ", ref.scalar_type());
-}
-
 cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
 // ---------------------------------------------------------------------------
@@ -74,9 +77,9 @@ kc::Strides4 strides4(const at::Tensor& t) { return kc::Strides4{t.stride(0), t.
 
 at::Tensor patch_norm(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  check_cuda(x, "x");
+  const auto g = bcos_checks::check_patch_norm_args<CudaDevice, kc::PatchGeometry>(x, kernel_size, stride, padding,
+                                                                                  dilation, groups);
   const kc::DType dt = dtype_of(x, "x");
-  const kc::PatchGeometry g = make_geometry<kc::PatchGeometry>(x, kernel_size, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor norm = at::empty({g.N, g.G, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (norm.numel() == 0) return norm;
@@ -89,18 +92,9 @@ at::Tensor patch_norm(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntA
 at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor& x, const at::Tensor& norm_in,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups) {
-  check_cuda(x, "x");
-  check_same_device(grad_norm_in, "grad_norm", x, "x");
-  check_same_device(norm_in, "norm", x, "x");
+  const auto g = bcos_checks::check_patch_norm_backward_args<CudaDevice, kc::PatchGeometry>(
+      grad_norm_in, x, norm_in, kernel_size, stride, padding, dilation, groups);
   const kc::DType dt = dtype_of(x, "x");
-  const kc::PatchGeometry g = make_geometry<kc::PatchGeometry>(x, kernel_size, stride, padding, dilation, groups);
-  const std::vector<int64_t> norm_shape{g.N, g.G, g.Ho, g.Wo};
-  TORCH_CHECK(grad_norm_in.sizes() == at::IntArrayRef(norm_shape), "grad_norm must have shape ", norm_shape,
-              ", got ", grad_norm_in.sizes());
-  TORCH_CHECK(norm_in.sizes() == at::IntArrayRef(norm_shape), "norm must have shape ", norm_shape, ", got ",
-              norm_in.sizes());
-  check_same_dtype(grad_norm_in, "grad_norm", x, "x");
-  check_same_dtype(norm_in, "norm", x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const bool cl = use_channels_last(x);
   at::Tensor grad_x = at::empty(
@@ -115,37 +109,14 @@ at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor&
   return grad_x;
 }
 
-// Checks shared by the scale ops (as the CPU's check_scale_args).  `lin_name`
-// is lin (forward, (N, O * M, P)) or lin_max (backward, (N, O, P));
-// lin_channels_per_out is M or 1.
+// The checks of bcos_checks::check_scale_args, and the problem they describe.
 kc::ScaleProblem check_scale_args(const char* lin_name, const at::Tensor& lin, int64_t lin_channels_per_out,
                                   const at::Tensor& norm, int mode, int64_t max_out, double b, double scale) {
-  check_cuda(lin, lin_name);
-  dtype_of(lin, lin_name);
-  TORCH_CHECK(lin.dim() == 3, lin_name, " must have 3 dimensions (N, channels, positions), got shape ", lin.sizes());
-  TORCH_CHECK(max_out >= 1 && max_out <= 255, "max_out must be in [1, 255], got ", max_out);
-  TORCH_CHECK(scale != 0.0, "scale must be non-zero");
-  kc::ScaleProblem s{};
-  s.N = lin.size(0);
-  s.P = lin.size(2);
-  s.M = max_out;
-  TORCH_CHECK(lin.size(1) % lin_channels_per_out == 0, lin_name, " has ", lin.size(1),
-              " channels, which is not divisible by max_out=", max_out);
-  s.O = lin.size(1) / lin_channels_per_out;
-  s.G = 1;
+  auto s = bcos_checks::check_scale_args<CudaDevice, kc::ScaleProblem>(lin_name, lin, lin_channels_per_out, norm,
+                                                                       mode, max_out, scale);
   s.mode = mode;
   s.b = b;
   s.scale = scale;
-  if (mode != bcos_math::kModeOne) {
-    check_same_device(norm, "norm", lin, lin_name);
-    TORCH_CHECK(norm.dim() == 3, "norm must have 3 dimensions (N, G, positions), got shape ", norm.sizes());
-    check_same_dtype(norm, "norm", lin, lin_name);
-    TORCH_CHECK(norm.size(0) == s.N && norm.size(2) == s.P, "norm must have shape (", s.N, ", G, ", s.P, "), got ",
-                norm.sizes());
-    s.G = norm.size(1);
-    TORCH_CHECK(s.G >= 1 && s.O % s.G == 0, "norm has ", s.G, " channels (groups), which does not divide the ", s.O,
-                " output channels");
-  }
   return s;
 }
 
@@ -163,16 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tens
   const c10::cuda::CUDAGuard guard(lin_in.device());
   const at::Tensor lin = lin_in.contiguous();
   const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
-  at::Tensor out = at::empty({s.N, s.O, s.P}, lin.options());
-  at::Tensor lin_max, winner;
-  if (s.M > 1) {
-    lin_max = at::empty({s.N, s.O, s.P}, lin.options());
-    winner = at::empty({s.N, s.O, s.P}, lin.options().dtype(at::kByte));
-  } else {
-    // an output may not alias an input: with max_out == 1 the caller uses lin as lin_max
-    lin_max = at::empty({0}, lin.options());
-    winner = at::empty({0}, lin.options().dtype(at::kByte));
-  }
+  auto [out, lin_max, winner] = bcos_checks::scale_forward_outputs(lin, s);
   if (out.numel() == 0) return {out, lin_max, winner};
   C10_CUDA_CHECK(kc::bcos_scale_forward(dtype_of(lin, "lin"), lin.const_data_ptr(),
                                         mode == bcos_math::kModeOne ? nullptr : norm.const_data_ptr(),
@@ -218,10 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bcos_conv_scale_forwa
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor lin = lin_in.contiguous();
   at::Tensor norm = at::empty({g.N, g.G, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor out = at::empty({s.N, s.O, s.P}, lin.options());
-  at::Tensor lin_max = at::empty(s.M > 1 ? std::vector<int64_t>{s.N, s.O, s.P} : std::vector<int64_t>{0}, lin.options());
-  at::Tensor winner = at::empty(s.M > 1 ? std::vector<int64_t>{s.N, s.O, s.P} : std::vector<int64_t>{0},
-                                lin.options().dtype(at::kByte));
+  auto [out, lin_max, winner] = bcos_checks::scale_forward_outputs(lin, s);
   if (norm.numel() == 0) return {out, lin_max, winner, norm};
   at::Tensor sq = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dtype(x.scalar_type())));
   C10_CUDA_CHECK(kc::bcos_conv_scale_forward(
@@ -237,43 +196,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_backward(
     bool need_grad_norm, bool need_grad_b) {
   const int mode = bcos_math::scale_mode(b, b_is_tensor);
   const kc::ScaleProblem s = check_scale_args("lin_max", lin_max_in, 1, norm_in, mode, max_out, b, scale);
-  check_same_device(grad_out_in, "grad_out", lin_max_in, "lin_max");
-  TORCH_CHECK(grad_out_in.sizes() == lin_max_in.sizes(), "grad_out must have the shape of lin_max ",
-              lin_max_in.sizes(), ", got ", grad_out_in.sizes());
-  check_same_dtype(grad_out_in, "grad_out", lin_max_in, "lin_max");
-  if (s.M > 1) {
-    check_same_device(winner_in, "winner", lin_max_in, "lin_max");
-    TORCH_CHECK(winner_in.scalar_type() == at::kByte, "winner must be uint8, got ", winner_in.scalar_type());
-    TORCH_CHECK(winner_in.sizes() == lin_max_in.sizes(), "winner must have the shape of lin_max ",
-                lin_max_in.sizes(), ", got ", winner_in.sizes());
-  }
-  const bool need_dn = need_grad_norm && !detach && mode != bcos_math::kModeOne;
-  const bool need_db = need_grad_b && mode == bcos_math::kModeGeneral;
+  bcos_checks::check_scale_backward_args<CudaDevice>(grad_out_in, lin_max_in, winner_in, s.M);
   const c10::cuda::CUDAGuard guard(lin_max_in.device());
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  const at::Tensor lin_max = lin_max_in.contiguous();
-  const at::Tensor norm = mode == bcos_math::kModeOne ? norm_in : norm_in.contiguous();
-  const at::Tensor winner = s.M > 1 ? winner_in.contiguous() : winner_in;
-  const auto opts = grad_out.options();
-  const auto b_dtype = acc_dtype(grad_out.scalar_type());
-
-  at::Tensor grad_lin = at::empty({s.N, s.O * s.M, s.P}, opts);
-  at::Tensor grad_norm = need_dn ? at::empty({s.N, s.G, s.P}, opts) : at::empty({0}, opts);
-  at::Tensor grad_b = need_db ? at::empty({}, opts.dtype(b_dtype)) : at::empty({0}, opts.dtype(b_dtype));
-  if (grad_lin.numel() == 0) {
-    grad_norm.zero_();
-    grad_b.zero_();
-    return {grad_lin, grad_norm, grad_b};
-  }
-  at::Tensor partials = need_db ? at::empty({kc::bcos_scale_backward_partials(s)}, opts.dtype(at::kDouble))
-                                : at::empty({0}, opts.dtype(at::kDouble));
+  const bcos_checks::ScaleBackwardTensors t = bcos_checks::scale_backward_tensors(
+      grad_out_in, lin_max_in, norm_in, winner_in, s, mode, detach, need_grad_norm, need_grad_b);
+  if (t.grad_lin.numel() == 0) return t.outputs();
+  const auto double_opts = t.grad_out.options().dtype(at::kDouble);
+  at::Tensor partials = t.need_db ? at::empty({kc::bcos_scale_backward_partials(s)}, double_opts)
+                                  : at::empty({0}, double_opts);
   C10_CUDA_CHECK(kc::bcos_scale_backward(
-      dtype_of(grad_out, "grad_out"), grad_out.const_data_ptr(), lin_max.const_data_ptr(),
-      mode == bcos_math::kModeOne ? nullptr : norm.const_data_ptr(),
-      s.M > 1 ? winner.const_data_ptr<uint8_t>() : nullptr, grad_lin.data_ptr(),
-      need_dn ? grad_norm.data_ptr() : nullptr, need_db ? grad_b.data_ptr() : nullptr,
-      need_db ? partials.data_ptr<double>() : nullptr, s, detach, current_stream(grad_out)));
-  return {grad_lin, grad_norm, grad_b};
+      dtype_of(t.grad_out, "grad_out"), t.grad_out.const_data_ptr(), t.lin_max.const_data_ptr(),
+      mode == bcos_math::kModeOne ? nullptr : t.norm.const_data_ptr(),
+      s.M > 1 ? t.winner.const_data_ptr<uint8_t>() : nullptr, t.grad_lin.data_ptr(),
+      t.need_dn ? t.grad_norm.data_ptr() : nullptr, t.need_db ? t.grad_b.data_ptr() : nullptr,
+      t.need_db ? partials.data_ptr<double>() : nullptr, s, detach, current_stream(t.grad_out)));
+  return t.outputs();
 }
 
 // ---------------------------------------------------------------------------
@@ -562,18 +499,23 @@ std::tuple<at::Tensor, at::Tensor> csg_gate_backward(const at::Tensor& grad_out_
 }  // namespace cuda_ops
 }  // namespace bcos_kernels
 
+// Each op is registered under the name of its function here (the schema's
+// name: csrc/ops.cpp, csrc/cuda_schemas.cpp).
+#define BCOS_KERNELS_CUDA_IMPL(op) m.impl(#op, &bcos_kernels::cuda_ops::op)
+
 TORCH_LIBRARY_IMPL(bcos_kernels, CUDA, m) {
-  namespace ops = bcos_kernels::cuda_ops;
-  m.impl("patch_norm", &ops::patch_norm);
-  m.impl("patch_norm_backward", &ops::patch_norm_backward);
-  m.impl("bcos_scale_forward", &ops::bcos_scale_forward);
-  m.impl("bcos_scale_backward", &ops::bcos_scale_backward);
-  m.impl("bcos_conv_scale_forward", &ops::bcos_conv_scale_forward);
-  m.impl("dau_combine_forward", &ops::dau_combine_forward);
-  m.impl("dau_combine_backward", &ops::dau_combine_backward);
-  m.impl("lwta_block_forward", &ops::lwta_block_forward);
-  m.impl("lwta_block_backward", &ops::lwta_block_backward);
-  m.impl("lwta_uniform", &ops::lwta_uniform);
-  m.impl("csg_gate_forward", &ops::csg_gate_forward);
-  m.impl("csg_gate_backward", &ops::csg_gate_backward);
+  BCOS_KERNELS_CUDA_IMPL(patch_norm);
+  BCOS_KERNELS_CUDA_IMPL(patch_norm_backward);
+  BCOS_KERNELS_CUDA_IMPL(bcos_scale_forward);
+  BCOS_KERNELS_CUDA_IMPL(bcos_scale_backward);
+  BCOS_KERNELS_CUDA_IMPL(bcos_conv_scale_forward);
+  BCOS_KERNELS_CUDA_IMPL(dau_combine_forward);
+  BCOS_KERNELS_CUDA_IMPL(dau_combine_backward);
+  BCOS_KERNELS_CUDA_IMPL(lwta_block_forward);
+  BCOS_KERNELS_CUDA_IMPL(lwta_block_backward);
+  BCOS_KERNELS_CUDA_IMPL(lwta_uniform);
+  BCOS_KERNELS_CUDA_IMPL(csg_gate_forward);
+  BCOS_KERNELS_CUDA_IMPL(csg_gate_backward);
 }
+
+#undef BCOS_KERNELS_CUDA_IMPL
