@@ -141,7 +141,9 @@ def _bcos_cases(full: bool):
 
 def _lwta_csg_cases(full: bool):
     """LWTA (seeded, explicit noise, deterministic; NCHW, channels_last, [..., D]) and the class-specific gate."""
+    from bcos_kernels.ops.class_specific_gate import GateBackwardOptions
     from bcos_kernels.ops.class_specific_gate import triton as gate
+    from bcos_kernels.ops.lwta import LwtaOptions
     from bcos_kernels.ops.lwta import triton as lwta
 
     meta = dict(device="meta")
@@ -155,9 +157,9 @@ def _lwta_csg_cases(full: bool):
                 seed = torch.empty(1, dtype=torch.int64, **meta)
                 noise = torch.empty(shape, dtype=torch.float32, **meta)
                 for noise_arg, seed_arg in ((None, seed), (noise, None), (None, None)):
-                    options = dict(competitors=competitors, temperature=1.0)
-                    out, winner = lwta.forward(x, noise_arg, seed_arg, **options)
-                    lwta.backward(torch.empty_like(out), x, noise_arg, seed_arg, winner, **options, nhwc=nhwc)
+                    opts = LwtaOptions(competitors=competitors, temperature=1.0, backend="triton")
+                    out, winner = lwta.forward(x, noise_arg, seed_arg, opts)
+                    lwta.backward(torch.empty_like(out), x, noise_arg, seed_arg, winner, opts, nhwc=nhwc)
         for shape, nhwc in (((32, 2048, 4, 4), True), ((64, 512, 7, 7), False), ((16, 512), False)):
             x = torch.empty(shape, dtype=dtype, **meta)
             if nhwc:
@@ -165,12 +167,14 @@ def _lwta_csg_cases(full: bool):
             mask = torch.empty(shape[1], 1000, dtype=dtype, **meta)
             labels = torch.empty(shape[0], dtype=torch.int64, **meta)
             out = gate.forward(x, mask, labels)
-            gate.backward(torch.empty_like(out), x, mask, labels, num_classes=1000, nhwc=nhwc, need_x=True,
-                          need_mask=True)
+            gate.backward(torch.empty_like(out), x, mask, labels,
+                          GateBackwardOptions(num_classes=1000, nhwc=nhwc, need_x=True, need_mask=True,
+                                              backend="triton"))
 
 
 def _dau_cases(full: bool):
     """DAU forward and backward (training and explanation mode) on CoDA-Net CIFAR-10 / ImageNet-like layers."""
+    from bcos_kernels.ops.dau_conv2d import DauOptions
     from bcos_kernels.ops.dau_conv2d import triton as dau
 
     meta = dict(device="meta")
@@ -186,12 +190,12 @@ def _dau_cases(full: bool):
             e = torch.empty(c * k * k * o, rank, 1, 1, dtype=dtype, **meta)
             bias = torch.empty(c * k * k * o, dtype=dtype, **meta) if has_bias else None
             for norm in ("squash", "l2"):
-                options = dict(kernel_size=k, stride=[stride, stride], padding=[(k - 1) // 2] * 2, norm=norm)
-                out, z, s = dau.forward(x, a, e, bias, **options)
+                opts = DauOptions(kernel_size=k, stride=[stride, stride], padding=[(k - 1) // 2] * 2, norm=norm,
+                                  detach=False, backend="triton")
+                out, z, s = dau.forward(x, a, e, bias, opts)
                 for detach in (False, True):
                     needs = [True, not detach, not detach, not detach and has_bias]
-                    dau.backward(torch.empty_like(out), x, a, e, bias, z, s, out, detach=detach, needs=needs,
-                                 **options)
+                    dau.backward(torch.empty_like(out), x, a, e, bias, z, s, out, opts._replace(detach=detach), needs)
 
 
 CASES = [_bcos_cases, _lwta_csg_cases, _dau_cases]

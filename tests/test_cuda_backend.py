@@ -43,8 +43,11 @@ from bcos_kernels.nn.lwta import LWTA
 from bcos_kernels.ops._layout import is_channels_last
 from bcos_kernels.ops.bcos_conv2d import reference as bcos_ref
 from bcos_kernels.ops.bcos_linear import reference as linear_ref
+from bcos_kernels.ops.class_specific_gate import GateBackwardOptions
 from bcos_kernels.ops.class_specific_gate import reference as csg_ref
+from bcos_kernels.ops.dau_conv2d import DauOptions
 from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original
+from bcos_kernels.ops.lwta import LwtaOptions
 from bcos_kernels.ops.lwta import reference as lwta_ref
 
 # the modules themselves: bcos_kernels.ops re-exports the functions under the modules' names
@@ -229,17 +232,17 @@ LAYOUT_X = {
 @pytest.mark.parametrize("layout", sorted(LAYOUT_X))
 def test_lwta_glue_layouts_match_the_fakes(layout):
     x = LAYOUT_X[layout]()
-    options = dict(competitors=4, temperature=0.7)
+    opts = LwtaOptions(competitors=4, temperature=0.7, backend="cuda")
+    nhwc = is_channels_last(x)
     for noise in (torch.empty(x.shape, device="meta"), None):
-        out, winner = lwta_cuda.forward(x, noise, None, **options)
-        fake_out, fake_winner = torch.ops.bcos_kernels.lwta(x, noise, None, **options, backend="cuda")
+        out, winner = lwta_cuda.forward(x, noise, None, opts)
+        fake_out, fake_winner = torch.ops.bcos_kernels.lwta(x, noise, None, **opts._asdict())
         _same_layout(out, fake_out)
         _same_layout(winner, fake_winner)
         for g in (torch.empty(x.shape, device="meta"), torch.empty_like(x)):
             args = (g, x if noise is not None else None, noise, None, winner)
-            kw = dict(options, nhwc=is_channels_last(x))
-            _same_layout(lwta_cuda.backward(*args, **kw), torch.ops.bcos_kernels.lwta_backward(*args, **kw,
-                                                                                                backend="cuda"))
+            _same_layout(lwta_cuda.backward(*args, opts, nhwc=nhwc),
+                         torch.ops.bcos_kernels.lwta_backward(*args, **opts._asdict(), nhwc=nhwc))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "odd", "sliced", "rows"])
@@ -253,7 +256,7 @@ def test_csg_glue_layouts_match_the_fakes(layout):
         for need_x, need_mask in ((True, True), (True, False), (False, True)):
             args = (g, x, mask, labels)
             kw = dict(num_classes=3, nhwc=is_channels_last(x), need_x=need_x, need_mask=need_mask)
-            for got, want in zip(csg_cuda.backward(*args, **kw),
+            for got, want in zip(csg_cuda.backward(*args, GateBackwardOptions(**kw, backend="cuda")),
                                  torch.ops.bcos_kernels.class_specific_gate_backward(*args, **kw, backend="cuda")):
                 _same_layout(got, want)
 
@@ -266,20 +269,19 @@ def test_dau_glue_layouts_match_the_fakes(layout, bias):
         x = x.contiguous(memory_format=torch.channels_last)
     a, e = torch.empty(4, 3, 3, 3, device="meta"), torch.empty(27 * 5, 4, 1, 1, device="meta")
     b = torch.empty(27 * 5, device="meta") if bias else None
-    options = dict(kernel_size=3, stride=[2, 1], padding=[1, 0])
-    got = dau_cuda.forward(x, a, e, b, norm="squash", **options)
+    opts = DauOptions(kernel_size=3, stride=[2, 1], padding=[1, 0], norm="squash", detach=False, backend="cuda")
+    got = dau_cuda.forward(x, a, e, b, opts)
     for norm in ("squash", "l2"):
-        want = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, norm=norm, detach=False, backend="cuda", **options)
+        want = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, **opts._replace(norm=norm)._asdict())
         for t, w in zip(got, want):
             _same_layout(t, w)
     out, z, s = got
-    options["norm"] = "squash"
     for g in (torch.empty_like(out), out.contiguous(memory_format=torch.channels_last)):
         for detach in (False, True):
             for needs in ([True, True, True, bias], [True, False, False, False], [False, True, True, bias]):
-                grads = dau_cuda.backward(g, x, a, e, b, z, s, out, detach=detach, needs=needs, **options)
-                want = torch.ops.bcos_kernels.dau_conv2d_backward(g, x, a, e, b, z, s, out, detach=detach,
-                                                                  backend="cuda", needs=needs, **options)
+                grads = dau_cuda.backward(g, x, a, e, b, z, s, out, opts._replace(detach=detach), needs)
+                want = torch.ops.bcos_kernels.dau_conv2d_backward(g, x, a, e, b, z, s, out, needs=needs,
+                                                                  **opts._replace(detach=detach)._asdict())
                 for t, w in zip(grads, want):
                     _same_layout(x.new_empty(0) if t is None else t, w)
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 from bcos_kernels.ops.class_specific_gate import torch as _torch_backend  # noqa: F401
 
 # isort: split
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_like, check_tensor
 from bcos_kernels.ops._layout import is_channels_last, memory_format
+from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.class_specific_gate import reference as ref
 
 
@@ -97,25 +98,35 @@ def _(x, mask, labels, *, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("bcos_kernels::class_specific_gate_backward", mutates_args=())
-def class_specific_gate_backward_op(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                                    labels: torch.Tensor, *, num_classes: int, nhwc: bool, need_x: bool,
-                                    need_mask: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+class GateBackwardOptions(NamedTuple):
+    """The options of the backward op (keyword-only in its schema; its backends get them as one object)."""
+
+    num_classes: int
+    nhwc: bool  # grad_x channels_last (else contiguous)
+    need_x: bool
+    need_mask: bool
+    backend: str
+
+
+@custom_op("bcos_kernels::class_specific_gate_backward", "Tensor grad_out, Tensor? x, Tensor? mask, Tensor labels",
+           GateBackwardOptions, "(Tensor, Tensor)")
+def class_specific_gate_backward_op(grad_out, x, mask, labels, **options):
     """(grad_x, grad_mask); an empty tensor for a gradient not asked for. grad_x is channels_last if ``nhwc`` else
     contiguous; grad_mask (C, num_classes) contiguous; both in grad_out's dtype. x is needed for grad_mask, mask
     for grad_x."""
-    kernels = backends.kernels("class_specific_gate", backend)
-    backends.check_device("class_specific_gate", backend, grad_out.device)
-    grads = kernels.backward(grad_out, x, mask, labels, num_classes=num_classes, nhwc=nhwc, need_x=need_x,
-                             need_mask=need_mask)
+    opts = GateBackwardOptions(**options)
+    kernels = backends.kernels("class_specific_gate", opts.backend)
+    backends.check_device("class_specific_gate", opts.backend, grad_out.device)
+    grads = kernels.backward(grad_out, x, mask, labels, opts)
     return tuple(g if g is not None else grad_out.new_empty(0) for g in grads)  # a custom op cannot return None
 
 
 @class_specific_gate_backward_op.register_fake
-def _(grad_out, x, mask, labels, *, num_classes, nhwc, need_x, need_mask, backend):
-    grad_x = torch.empty(grad_out.shape if need_x else (0,), dtype=grad_out.dtype, device=grad_out.device,
-                         memory_format=memory_format(nhwc and need_x))
-    grad_mask = grad_out.new_empty((grad_out.shape[1], num_classes) if need_mask else (0,))
+def _(grad_out, x, mask, labels, **options):
+    opts = GateBackwardOptions(**options)
+    grad_x = torch.empty(grad_out.shape if opts.need_x else (0,), dtype=grad_out.dtype, device=grad_out.device,
+                         memory_format=memory_format(opts.nhwc and opts.need_x))
+    grad_mask = grad_out.new_empty((grad_out.shape[1], opts.num_classes) if opts.need_mask else (0,))
     return grad_x, grad_mask
 
 

@@ -10,8 +10,6 @@ in the other).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from bcos_kernels.ops._layout import is_channels_last, memory_format
@@ -26,8 +24,9 @@ def forward(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.
     return out
 
 
-def backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor], labels: torch.Tensor, *,
-             num_classes: int, nhwc: bool, need_x: bool, need_mask: bool):
+def backward(grad_out, x, mask, labels, opts):
+    """opts: GateBackwardOptions (the op's __init__)."""
+    num_classes, nhwc, need_x, need_mask = opts.num_classes, opts.nhwc, opts.need_x, opts.need_mask
     # The kernels walk grad_out's layout and write grad_x in it: give them grad_out in the layout the fake
     # promises (x's), a copy only when it comes in the other one; x is read in that layout too (the extension
     # copies it if it differs).

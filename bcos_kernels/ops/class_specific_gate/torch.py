@@ -9,8 +9,6 @@ as a one-hot matmul (deterministic on every device), accumulated in fp32 or wide
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from bcos_kernels.ops._layout import memory_format
@@ -28,9 +26,10 @@ def forward(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.
     return out
 
 
-def backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor], labels: torch.Tensor, *,
-             num_classes: int, nhwc: bool, need_x: bool, need_mask: bool):
-    """(d x or None, d mask or None); d x channels_last if ``nhwc`` else contiguous."""
+def backward(grad_out, x, mask, labels, opts):
+    """(d x or None, d mask or None); d x channels_last if ``opts.nhwc`` else contiguous. opts:
+    GateBackwardOptions (the op's __init__)."""
+    num_classes, nhwc, need_x, need_mask = opts.num_classes, opts.nhwc, opts.need_x, opts.need_mask
     grad_x = grad_mask = None
     if need_x:
         grad_x = grad_out * _gathered(mask, labels, grad_out.dim())

@@ -21,7 +21,7 @@ read in place.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
@@ -159,11 +159,11 @@ def forward(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.
     return out
 
 
-def backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], mask: Optional[torch.Tensor], labels: torch.Tensor, *,
-             num_classes: int, nhwc: bool, need_x: bool, need_mask: bool
-             ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(grad_x or None, grad_mask or None). grad_x: channels_last if ``nhwc`` else contiguous, grad_out's dtype;
-    grad_mask: (C, num_classes) contiguous, grad_out's dtype. x is needed for grad_mask, mask for grad_x."""
+def backward(grad_out, x, mask, labels, opts):
+    """(grad_x or None, grad_mask or None). grad_x: channels_last if ``opts.nhwc`` else contiguous, grad_out's
+    dtype; grad_mask: (C, num_classes) contiguous, grad_out's dtype. x is needed for grad_mask, mask for grad_x.
+    opts: GateBackwardOptions (the op's __init__)."""
+    num_classes, nhwc, need_x, need_mask = opts.num_classes, opts.nhwc, opts.need_x, opts.need_mask
     layout = memory_format(nhwc)
     grad_in = grad_out.contiguous(memory_format=layout)
     n, channels, spatial = _sizes(grad_in, nhwc)

@@ -10,11 +10,12 @@ op ``bcos_kernels::dau_conv2d_backward``; tensors are positional, options keywor
 # this package's namespace, and the `import torch` after it binds the name to the library again for good.
 import bcos_kernels.ops.dau_conv2d.torch  # noqa: I001, F401
 import torch
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
 from bcos_kernels.ops._layout import conv_output_size
+from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.dau_conv2d.lowrank import compute_dtype
 from bcos_kernels.ops.dau_conv2d.reference import NORMS, dau_conv2d_original, default_padding
 
@@ -84,25 +85,38 @@ def dau_conv2d(x, rank_weight, expand_weight, expand_bias=None, *, kernel_size, 
 # custom ops
 
 
-@torch.library.custom_op("bcos_kernels::dau_conv2d", mutates_args=())
-def dau_conv2d_op(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
-                  expand_bias: Optional[torch.Tensor], *, kernel_size: int, stride: List[int], padding: List[int],
-                  norm: str, detach: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class DauOptions(NamedTuple):
+    """The options of the DAU ops (keyword-only in their schemas; the backends get them as one object)."""
+
+    kernel_size: int
+    stride: List[int]
+    padding: List[int]
+    norm: str
+    detach: bool  # for the backward only
+    backend: str
+
+
+_FORWARD_INPUTS = "Tensor x, Tensor rank_weight, Tensor expand_weight, Tensor? expand_bias"
+
+
+@custom_op("bcos_kernels::dau_conv2d", _FORWARD_INPUTS, DauOptions, "(Tensor, Tensor, Tensor)")
+def dau_conv2d_op(x, rank_weight, expand_weight, expand_bias, **options):
     """Returns (out, z, s): out (N, O, Ho, Wo) contiguous in x's dtype; z (N*Ho*Wo, r) and s = ||w||
     (N*Ho*Wo, O), pixel-major, in the compute dtype (fp32 for half inputs): what the backward needs, not
-    differentiable. ``detach`` is for the backward only."""
-    backends.check_device("dau_conv2d", backend, x.device)
-    return backends.kernels("dau_conv2d", backend).forward(
-        x, rank_weight, expand_weight, expand_bias, kernel_size=kernel_size, stride=stride, padding=padding,
-        norm=norm)
+    differentiable."""
+    opts = DauOptions(**options)
+    backends.check_device("dau_conv2d", opts.backend, x.device)
+    return backends.kernels("dau_conv2d", opts.backend).forward(x, rank_weight, expand_weight, expand_bias, opts)
 
 
 @dau_conv2d_op.register_fake
-def _(x, rank_weight, expand_weight, expand_bias, *, kernel_size, stride, padding, norm, detach, backend):
+def _(x, rank_weight, expand_weight, expand_bias, **options):
+    opts = DauOptions(**options)
+    k = opts.kernel_size
     cdt = compute_dtype(x.dtype)
-    ho, wo = conv_output_size(x.shape[2:], (kernel_size, kernel_size), stride, padding)
+    ho, wo = conv_output_size(x.shape[2:], (k, k), opts.stride, opts.padding)
     n, c = x.shape[:2]
-    o = expand_weight.shape[0] // (c * kernel_size * kernel_size)
+    o = expand_weight.shape[0] // (c * k * k)
     return (x.new_empty((n, o, ho, wo)), x.new_empty((n * ho * wo, rank_weight.shape[0]), dtype=cdt),
             x.new_empty((n * ho * wo, o), dtype=cdt))
 
@@ -125,33 +139,33 @@ def _backward(ctx, grad_out, _grad_z, _grad_s):
     if not any(needs):
         return (None,) * 4
     impl = backends.kernels("dau_conv2d", ctx.options["backend"])
-    backward = dau_conv2d_backward_op if impl.OPAQUE_BACKWARD else impl.backward
-    grads = backward(grad_out, *ctx.saved_tensors, **ctx.options, needs=needs)
+    if impl.OPAQUE_BACKWARD:
+        grads = dau_conv2d_backward_op(grad_out, *ctx.saved_tensors, **ctx.options, needs=needs)
+    else:
+        grads = impl.backward(grad_out, *ctx.saved_tensors, DauOptions(**ctx.options), needs)
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 dau_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("bcos_kernels::dau_conv2d_backward", mutates_args=())
-def dau_conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, rank_weight: torch.Tensor,
-                           expand_weight: torch.Tensor, expand_bias: Optional[torch.Tensor], z: torch.Tensor,
-                           s: torch.Tensor, out: torch.Tensor, *, kernel_size: int, stride: List[int],
-                           padding: List[int], norm: str, detach: bool, backend: str, needs: List[bool]
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@custom_op("bcos_kernels::dau_conv2d_backward",
+           f"Tensor grad_out, {_FORWARD_INPUTS}, Tensor z, Tensor s, Tensor out", DauOptions,
+           "(Tensor, Tensor, Tensor, Tensor)", extra="bool[] needs")
+def dau_conv2d_backward_op(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, *, needs, **options):
     """Gradients for (x, rank_weight, expand_weight, expand_bias) of the forward op; an empty tensor where
     ``needs`` is False (and for the parameters in explanation mode). A custom op of its own so that compiled
     graphs keep the kernels opaque."""
-    backends.check_device("dau_conv2d", backend, x.device)
-    grads = backends.kernels("dau_conv2d", backend).backward(
-        grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, kernel_size=kernel_size, stride=stride,
-        padding=padding, norm=norm, detach=detach, needs=list(needs))
+    opts = DauOptions(**options)
+    backends.check_device("dau_conv2d", opts.backend, x.device)
+    grads = backends.kernels("dau_conv2d", opts.backend).backward(
+        grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, list(needs))
     return tuple(x.new_empty(0) if t is None else t for t in grads)
 
 
 @dau_conv2d_backward_op.register_fake
-def _(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, *, kernel_size, stride, padding, norm, detach,
-      backend, needs):
+def _(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, *, needs, **options):
+    detach = options["detach"]
     like = (x, rank_weight, expand_weight, expand_bias)
     return tuple(torch.empty_like(t) if need and t is not None and not (detach and i > 0) else x.new_empty(0)
                  for i, (t, need) in enumerate(zip(like, needs)))

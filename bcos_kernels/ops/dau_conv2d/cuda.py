@@ -52,8 +52,8 @@ def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like).copy_(t)
 
 
-def forward(x, rank_weight, expand_weight, expand_bias, *, kernel_size: int, stride: List[int], padding: List[int],
-            norm: str, **_):
+def forward(x, rank_weight, expand_weight, expand_bias, opts):
+    kernel_size, stride, padding, norm = opts.kernel_size, opts.stride, opts.padding, opts.norm
     n, c = x.shape[:2]
     rank = rank_weight.shape[0]
     filt2d, _, gram = _tables(expand_weight, expand_bias, c, kernel_size)
@@ -80,8 +80,8 @@ def forward(x, rank_weight, expand_weight, expand_bias, *, kernel_size: int, str
     return out, z, s
 
 
-def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, *, kernel_size: int,
-             stride: List[int], padding: List[int], norm: str, detach: bool, needs: List[bool], **_):
+def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, needs):
+    kernel_size, stride, padding, norm, detach = opts.kernel_size, opts.stride, opts.padding, opts.norm, opts.detach
     need_x, need_a, need_e, need_b = needs
     need_b = need_b and expand_bias is not None
     if detach:  # explanation mode: the dynamic weights are constants; only x gets a gradient (through x_patch)

@@ -45,8 +45,8 @@ def _operands(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.T
     return xc, rank_weight.to(cdt), filt.reshape(o * big_r, c, kernel_size, kernel_size), rows, gram_t
 
 
-def forward(x, rank_weight, expand_weight, expand_bias, *, kernel_size: int, stride: List[int], padding: List[int],
-            norm: str, **_):
+def forward(x, rank_weight, expand_weight, expand_bias, opts):
+    kernel_size, stride, padding, norm = opts.kernel_size, opts.stride, opts.padding, opts.norm
     xc, a, filt2d, rows, gram_t = _operands(x, rank_weight, expand_weight, expand_bias, kernel_size)
     n = x.shape[0]
     rank = a.shape[0]
@@ -71,8 +71,8 @@ def forward(x, rank_weight, expand_weight, expand_bias, *, kernel_size: int, str
     return out, z, s
 
 
-def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, *, kernel_size: int,
-             stride: List[int], padding: List[int], norm: str, detach: bool, needs: List[bool], **_):
+def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, needs):
+    kernel_size, stride, padding, norm, detach = opts.kernel_size, opts.stride, opts.padding, opts.norm, opts.detach
     need_x, need_a, need_e, need_b = needs
     need_z = need_x or need_a          # the paths through z = conv(x, rank_weight)
     need_f = need_e or need_b          # grads of the filters [E_o | b_o]

@@ -454,10 +454,9 @@ def _parameter_tables(expand_weight: torch.Tensor, expand_bias: Optional[torch.T
     return rows, lowrank.gram(rows)
 
 
-def forward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
-            expand_bias: Optional[torch.Tensor], *, kernel_size: int, stride: List[int], padding: List[int],
-            norm: str, **_) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(x, rank_weight, expand_weight, expand_bias, opts):
     """(out (N, O, Ho, Wo) contiguous in x's dtype, z (P, r) fp32, s = ||w|| (P, O) fp32)."""
+    kernel_size, stride, padding, norm = opts.kernel_size, opts.stride, opts.padding, opts.norm
     n, c = x.shape[:2]
     rank = rank_weight.shape[0]
     patch_size = c * kernel_size * kernel_size
@@ -498,13 +497,11 @@ def forward(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Ten
     return out, z, s
 
 
-def backward(grad_out: torch.Tensor, x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
-             expand_bias: Optional[torch.Tensor], z: torch.Tensor, s: torch.Tensor, out: torch.Tensor, *,
-             kernel_size: int, stride: List[int], padding: List[int], norm: str, detach: bool, needs: List[bool],
-             **_) -> List[Optional[torch.Tensor]]:
+def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, needs):
     """Gradients for (x, rank_weight, expand_weight, expand_bias) (None where ``needs`` is False). The kernels
     read the per-pixel fp32 dnum (P, O) and dq (P, O) (lowrank.output_grads; no dq in explanation mode: w and
     ||w|| are constants, only x gets a gradient, through x_patch)."""
+    kernel_size, stride, padding, norm, detach = opts.kernel_size, opts.stride, opts.padding, opts.norm, opts.detach
     dnum, dq = lowrank.output_grads(grad_out, out, s, norm, detach)
     need_x, need_a, need_e, need_b = needs
     need_b = need_b and expand_bias is not None

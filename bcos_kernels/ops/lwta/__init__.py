@@ -42,13 +42,14 @@ from __future__ import annotations
 from bcos_kernels.ops.lwta import torch as _torch_backend  # noqa: F401
 
 # isort: split
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_tensor, positive_int
 from bcos_kernels.ops._layout import block_shape, is_channels_last, memory_format, memory_format_of
+from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.lwta import _by_name
 from bcos_kernels.ops.lwta import reference as ref
 from bcos_kernels.ops.lwta._seed import SEED_HIGH  # noqa: F401  (re-exported: the range of the drawn seeds)
@@ -115,41 +116,49 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
 # the custom ops: each backend's forward and backward in its file here (bcos_kernels.backends.kernels)
 
 
-@torch.library.custom_op("bcos_kernels::lwta", mutates_args=())
-def lwta_op(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], *, competitors: int,
-            temperature: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+class LwtaOptions(NamedTuple):
+    """The options of the LWTA ops (keyword-only in their schemas; the backends get them as one object)."""
+
+    competitors: int
+    temperature: float
+    backend: str
+
+
+@custom_op("bcos_kernels::lwta", "Tensor x, Tensor? noise, Tensor? seed", LwtaOptions, "(Tensor, Tensor)")
+def lwta_op(x, noise, seed, **options):
     """(out, winner): winner is the uint8 index of the winning unit of each block (channels_last if x is).
 
     noise given: the stochastic LWTA with uniforms ``noise``; else seed given (backends "triton", "cuda": a
     1-element int64 tensor): uniforms drawn in the kernel from it; neither: deterministic (argmax of x).
     """
-    kernels = backends.kernels("lwta", backend)  # first: it names an unknown backend
-    backends.check_device("lwta", backend, x.device)
-    return kernels.forward(x, noise, seed, competitors=competitors, temperature=temperature)
+    opts = LwtaOptions(**options)
+    kernels = backends.kernels("lwta", opts.backend)  # first: it names an unknown backend
+    backends.check_device("lwta", opts.backend, x.device)
+    return kernels.forward(x, noise, seed, opts)
 
 
 @lwta_op.register_fake
-def _(x, noise, seed, *, competitors, temperature, backend):
-    backends.kernels("lwta", backend)  # an unknown backend fails when traced too
-    winner = torch.empty(block_shape(x, competitors), dtype=torch.uint8, device=x.device,
+def _(x, noise, seed, **options):
+    opts = LwtaOptions(**options)
+    backends.kernels("lwta", opts.backend)  # an unknown backend fails when traced too
+    winner = torch.empty(block_shape(x, opts.competitors), dtype=torch.uint8, device=x.device,
                          memory_format=memory_format_of(x))
     return torch.empty_like(x), winner
 
 
-@torch.library.custom_op("bcos_kernels::lwta_backward", mutates_args=())
-def lwta_backward_op(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-                     seed: Optional[torch.Tensor], winner: torch.Tensor, *, competitors: int, temperature: float,
-                     nhwc: bool, backend: str) -> torch.Tensor:
+@custom_op("bcos_kernels::lwta_backward", "Tensor grad_out, Tensor? x, Tensor? noise, Tensor? seed, Tensor winner",
+           LwtaOptions, "Tensor", extra="bool nhwc")
+def lwta_backward_op(grad_out, x, noise, seed, winner, *, nhwc, **options):
     """d L / d x of the forward (channels_last if ``nhwc`` else contiguous). x is None in deterministic mode
     (neither noise nor seed) for a backend whose backward reads the winner alone."""
-    kernels = backends.kernels("lwta", backend)
-    backends.check_device("lwta", backend, grad_out.device)
-    return kernels.backward(grad_out, x, noise, seed, winner, competitors=competitors, temperature=temperature,
-                            nhwc=nhwc)
+    opts = LwtaOptions(**options)
+    kernels = backends.kernels("lwta", opts.backend)
+    backends.check_device("lwta", opts.backend, grad_out.device)
+    return kernels.backward(grad_out, x, noise, seed, winner, opts, nhwc=nhwc)
 
 
 @lwta_backward_op.register_fake
-def _(grad_out, x, noise, seed, winner, *, competitors, temperature, nhwc, backend):
+def _(grad_out, x, noise, seed, winner, *, nhwc, **options):
     return torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device,
                        memory_format=memory_format(nhwc))
 

@@ -79,8 +79,8 @@ def uniforms(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     return _unview(u, x.shape, nhwc)
 
 
-def forward(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], *, competitors: int,
-            temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def forward(x, noise, seed, opts):
+    competitors, temperature = opts.competitors, opts.temperature
     nhwc = is_channels_last(x)
     deterministic = noise is None and seed is None
     out, winner = torch.ops.bcos_kernels.lwta_block_forward(
@@ -93,9 +93,8 @@ def forward(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch
     return out, winner
 
 
-def backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-             seed: Optional[torch.Tensor], winner: torch.Tensor, *, competitors: int, temperature: float,
-             nhwc: bool) -> torch.Tensor:
+def backward(grad_out, x, noise, seed, winner, opts, *, nhwc):
+    competitors, temperature = opts.competitors, opts.temperature
     deterministic = noise is None and seed is None
     g = _view(grad_out.contiguous(memory_format=memory_format(nhwc)) if grad_out.dim() == 4 else grad_out, nhwc)
     # x is not saved in deterministic mode, nor read by the kernel then: grad_out stands in for it

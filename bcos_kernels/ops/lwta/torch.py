@@ -49,9 +49,9 @@ def _soft(xb: torch.Tensor, ub: torch.Tensor, temperature: float, axis: int, ct:
     return a.add_(xb).div_(temperature).softmax(axis)
 
 
-def forward(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], *, competitors: int,
-            temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def forward(x, noise, seed, opts):
     """(out, winner); noise None: deterministic."""
+    competitors, temperature = opts.competitors, opts.temperature
     if seed is not None:
         raise ValueError("bcos_kernels::lwta: a seed needs backend 'triton' or 'cuda' (backend 'torch' takes noise)")
     ct = _compute_dtype(x, noise)
@@ -71,10 +71,10 @@ def forward(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch
     return out, winner
 
 
-def backward(grad_out: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-             winner: torch.Tensor, *, competitors: int, temperature: float, nhwc: bool) -> torch.Tensor:
+def backward(grad_out, x, noise, seed, winner, opts, *, nhwc):
     """d L / d x from the saved x, u and winner (see the op's docstring), channels_last if ``nhwc`` else
     contiguous."""
+    competitors, temperature = opts.competitors, opts.temperature
     ct = _compute_dtype(x, noise)
     xb, axis = _block_view(x, competitors)
     gb = _block_view(grad_out, competitors)[0].to(ct)  # may be grad_out itself: never modified

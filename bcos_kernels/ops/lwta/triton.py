@@ -260,11 +260,11 @@ def _in_layout(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
     return t.contiguous(memory_format=memory_format(nhwc))
 
 
-def forward(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], *, competitors: int,
-            temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def forward(x, noise, seed, opts):
     """(out, winner). out: like ``torch.empty_like(x)``; winner: uint8, x's shape with the channel dim divided
     by U, channels_last if x is read so (:func:`~bcos_kernels.ops._layout.is_channels_last`) else contiguous.
     noise (uniforms) wins over seed (a 1-element int64 tensor); neither: deterministic."""
+    competitors, temperature = opts.competitors, opts.temperature
     nhwc = is_channels_last(x)
     layout = memory_format(nhwc)
     winner = torch.empty(block_shape(x, competitors), dtype=torch.uint8, device=x.device, memory_format=layout)
@@ -285,11 +285,10 @@ def forward(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch
     return out, winner
 
 
-def backward(grad_out: torch.Tensor, x: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-             seed: Optional[torch.Tensor], winner: torch.Tensor, *, competitors: int, temperature: float,
-             nhwc: bool) -> torch.Tensor:
+def backward(grad_out, x, noise, seed, winner, opts, *, nhwc):
     """d L / d x, channels_last if ``nhwc`` else contiguous, with grad_out's dtype (x's), re-drawing the
     forward's uniforms from ``seed``. x may be None in deterministic mode (neither noise nor seed)."""
+    competitors, temperature = opts.competitors, opts.temperature
     layout = memory_format(nhwc)
     grad_in = _in_layout(grad_out, nhwc)
     grad_x = torch.empty_like(grad_in, memory_format=layout)

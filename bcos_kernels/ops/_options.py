@@ -1,0 +1,26 @@
+"""The options of a custom op, declared once.
+
+Each op folder declares its options as a NamedTuple: its fields, in order and with their types, are the
+keyword-only part of the op's custom-op schemas (:func:`custom_op` writes them), and the backends get them as one
+object (``opts.stride``), so that adding an option is one field plus the code that reads it.
+"""
+import typing
+from typing import List
+
+import torch
+
+# Python type -> schema type, as torch.library's schema inference writes them.
+_SCHEMA_TYPES = {float: "float", int: "SymInt", bool: "bool", str: "str", List[int]: "SymInt[]",
+                 List[bool]: "bool[]"}
+
+
+def schema_fields(options: type) -> str:
+    """``"float b, SymInt[] stride, ..."`` for the fields of the NamedTuple ``options``."""
+    return ", ".join(f"{_SCHEMA_TYPES[t]} {name}" for name, t in typing.get_type_hints(options).items())
+
+
+def custom_op(name: str, tensors: str, options: type, returns: str, extra: str = ""):
+    """``torch.library.custom_op`` with the schema ``(tensors, *, options' fields, extra) -> returns``; the
+    decorated function takes the tensors positionally and the options as keywords (``**options``)."""
+    fields = schema_fields(options) + (", " + extra if extra else "")
+    return torch.library.custom_op(name, mutates_args=(), schema=f"({tensors}, *, {fields}) -> {returns}")
