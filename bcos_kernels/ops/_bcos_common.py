@@ -103,6 +103,12 @@ def fake_grads(needs, x: torch.Tensor, weight: torch.Tensor, b_tensor: Optional[
 # gradients. The conv op's extra input (channel_scale) is saved as an ``extra`` tensor and handled by its own
 # backward wrapper.
 
+# The schemas' shared parts: the four outputs of the fused ops and the inputs of their backward ops.
+FUSED_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor)"
+BACKWARD_INPUTS = ("Tensor grad_out, Tensor x, Tensor weight, Tensor? b_tensor, Tensor lin_max, Tensor norm, "
+                   "Tensor winner")
+
+
 def setup_fused_context(ctx, inputs, keyword_only_inputs, output, extra=()):
     x, weight, bias, b_tensor = inputs[:4]
     _, lin_max, norm, winner = output

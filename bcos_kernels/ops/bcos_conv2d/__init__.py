@@ -5,7 +5,7 @@ backend "reference" runs reference.py (plain autograd). The fused backends
 run the custom op ``bcos_kernels::bcos_conv2d_fused`` with a hand-written
 backward op; tensors are positional, options keyword-only.
 """
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple
 
 import torch
 
@@ -13,6 +13,7 @@ from bcos_kernels import backends
 from bcos_kernels.ops import _bcos_common as common
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
 from bcos_kernels.ops._layout import conv_output_size, memory_format_of
+from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.bcos_conv2d import reference as ref
 
 
@@ -73,52 +74,58 @@ def bcos_conv2d(x, weight, bias=None, *, b=2.0, stride=1, padding=0, dilation=1,
     return out
 
 
-@torch.library.custom_op("bcos_kernels::bcos_conv2d_fused", mutates_args=())
-def bcos_conv2d_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      b_tensor: Optional[torch.Tensor], channel_scale: Optional[torch.Tensor], *, b: float,
-                      stride: List[int], padding: List[int], dilation: List[int], groups: int, max_out: int,
-                      normalize_weight: bool, scale: float, detach: bool, backend: str
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+class ConvOptions(NamedTuple):
+    """The options of the fused conv ops (keyword-only in their schemas; the backends get them as one object)."""
+
+    b: float  # NaN when b is the tensor b_tensor
+    stride: List[int]
+    padding: List[int]
+    dilation: List[int]
+    groups: int
+    max_out: int
+    normalize_weight: bool
+    scale: float
+    detach: bool  # for the backward only
+    backend: str
+
+
+@custom_op("bcos_kernels::bcos_conv2d_fused", "Tensor x, Tensor weight, Tensor? bias, Tensor? b_tensor, "
+           "Tensor? channel_scale", ConvOptions, common.FUSED_OUTPUTS)
+def bcos_conv2d_fused(x, weight, bias, b_tensor, channel_scale, **options):
     """Returns (out, lin after MaxOut, patch norms (N, G, Ho, Wo), MaxOut winner index uint8); the last three
     are what the backward needs, are not differentiable and do not include ``channel_scale``."""
-    backends.check_device("bcos_conv2d", backend, x.device)
-    return backends.kernels("bcos_conv2d", backend).forward(
-        x, weight, bias, b_tensor, channel_scale, b=b, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, max_out=max_out, normalize_weight=normalize_weight, scale=scale)
+    opts = ConvOptions(**options)
+    backends.check_device("bcos_conv2d", opts.backend, x.device)
+    return backends.kernels("bcos_conv2d", opts.backend).forward(x, weight, bias, b_tensor, channel_scale, opts)
 
 
 @bcos_conv2d_fused.register_fake
-def _(x, weight, bias, b_tensor, channel_scale, *, b, stride, padding, dilation, groups, max_out, normalize_weight,
-      scale, detach, backend):
-    ho, wo = conv_output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    shape = (x.shape[0], weight.shape[0] // max_out, ho, wo)
+def _(x, weight, bias, b_tensor, channel_scale, **options):
+    opts = ConvOptions(**options)
+    ho, wo = conv_output_size(x.shape[2:], weight.shape[2:], opts.stride, opts.padding, opts.dilation)
+    shape = (x.shape[0], weight.shape[0] // opts.max_out, ho, wo)
     out = torch.empty(shape, dtype=x.dtype, device=x.device,
-                      memory_format=common.output_memory_format(x, "bcos_conv2d", backend))
-    has_norm = b_tensor is not None or b != 1
-    norm = x.new_empty((x.shape[0], groups, ho, wo) if has_norm else (0,))
-    winner = torch.empty_like(out, dtype=torch.uint8) if max_out > 1 else x.new_empty(0, dtype=torch.uint8)
+                      memory_format=common.output_memory_format(x, "bcos_conv2d", opts.backend))
+    has_norm = b_tensor is not None or opts.b != 1
+    norm = x.new_empty((x.shape[0], opts.groups, ho, wo) if has_norm else (0,))
+    winner = torch.empty_like(out, dtype=torch.uint8) if opts.max_out > 1 else x.new_empty(0, dtype=torch.uint8)
     return out, torch.empty_like(out), norm, winner
 
 
-@torch.library.custom_op("bcos_kernels::bcos_conv2d_fused_backward", mutates_args=())
-def bcos_conv2d_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                               b_tensor: Optional[torch.Tensor], lin_max: torch.Tensor, norm: torch.Tensor,
-                               winner: torch.Tensor, *, b: float, stride: List[int], padding: List[int],
-                               dilation: List[int], groups: int, max_out: int, normalize_weight: bool, scale: float,
-                               detach: bool, backend: str, needs: List[bool]
-                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@custom_op("bcos_kernels::bcos_conv2d_fused_backward", common.BACKWARD_INPUTS, ConvOptions, common.FUSED_OUTPUTS,
+           extra="bool[] needs")
+def bcos_conv2d_fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
     """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False. A custom op of its
     own so that compiled graphs never look at the value of a tensor b."""
-    backends.check_device("bcos_conv2d", backend, x.device)
-    grads = backends.kernels("bcos_conv2d", backend).backward(
-        grad_out, x, weight, b_tensor, lin_max, norm, winner, b=b, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, max_out=max_out, normalize_weight=normalize_weight, scale=scale, detach=detach, needs=needs)
+    opts = ConvOptions(**options)
+    backends.check_device("bcos_conv2d", opts.backend, x.device)
+    grads = backends.kernels("bcos_conv2d", opts.backend).backward(
+        grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs)
     return common.or_empty(grads, x)
 
 
 @bcos_conv2d_fused_backward.register_fake
-def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, b, stride, padding, dilation, groups, max_out,
-      normalize_weight, scale, detach, backend, needs):
+def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
     return common.fake_grads(needs, x, weight, b_tensor, memory_format_of(x))
 
 

@@ -3,8 +3,6 @@
 
 Backend "cuda" runs the same path with cuDNN and its own forward scale pass (see cuda.py)."""
 
-from typing import List
-
 import torch
 import torch.nn.functional as F
 
@@ -12,31 +10,29 @@ from bcos_kernels.ops import _bcos_common as common
 from bcos_kernels.ops._layout import memory_format_of
 
 
-def scaled_forward(lin, x, weight, b_val, b_is_tensor, *, stride, padding, dilation, groups, max_out, scale,
-                   channel_scale):
+def scaled_forward(lin, x, weight, b_val, b_is_tensor, opts, channel_scale):
     """(out, lin_max, winner, norm) of the extension's separate patch-norm and scale passes."""
+    stride, padding, dilation, groups = opts.stride, opts.padding, opts.dilation, opts.groups
     n, _, p = lin.shape
     if b_val == 1 and not b_is_tensor:
         norm = x.new_empty(0)
     else:
         norm = torch.ops.bcos_kernels.patch_norm(x, list(weight.shape[2:]), stride, padding, dilation, groups)
     out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
-        lin, norm.reshape(n, groups, p) if norm.numel() else norm, b_val, b_is_tensor, max_out, scale, channel_scale)
+        lin, norm.reshape(n, groups, p) if norm.numel() else norm, b_val, b_is_tensor, opts.max_out, opts.scale,
+        channel_scale)
     return out, lin_max, winner, norm
 
 
-def aten_forward(x, weight, bias, b_tensor, channel_scale, scaled, *, b: float, stride: List[int],
-                 padding: List[int], dilation: List[int], groups: int, max_out: int, normalize_weight: bool,
-                 scale: float, **_):
+def aten_forward(x, weight, bias, b_tensor, channel_scale, scaled, opts):
     """The ATen convolution, then ``scaled`` (the backend's scale pass) for the rest."""
-    b_val, b_is_tensor = common.b_value(b, b_tensor)
-    w_hat, _ = common.weight_and_norm(weight, normalize_weight)
-    lin = F.conv2d(x, w_hat, bias, stride, padding, dilation, groups)
+    max_out = opts.max_out
+    b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
+    w_hat, _ = common.weight_and_norm(weight, opts.normalize_weight)
+    lin = F.conv2d(x, w_hat, bias, opts.stride, opts.padding, opts.dilation, opts.groups)
     n, filters, ho, wo = lin.shape
     lin = lin.reshape(n, filters, ho * wo).contiguous()
-    out, lin_max, winner, norm = scaled(lin, x, weight, b_val, b_is_tensor, stride=stride, padding=padding,
-                                        dilation=dilation, groups=groups, max_out=max_out, scale=scale,
-                                        channel_scale=channel_scale)
+    out, lin_max, winner, norm = scaled(lin, x, weight, b_val, b_is_tensor, opts, channel_scale)
     if max_out == 1:
         lin_max = lin  # the kernel does not copy lin when there is no MaxOut
     shape = (n, filters // max_out, ho, wo)
@@ -47,21 +43,21 @@ def aten_forward(x, weight, bias, b_tensor, channel_scale, scaled, *, b: float, 
     return reshape(out, shape), reshape(lin_max, shape), norm, reshape(winner, shape) if max_out > 1 else winner
 
 
-def forward(x, weight, bias, b_tensor, channel_scale, **options):
-    return aten_forward(x, weight, bias, b_tensor, channel_scale, scaled_forward, **options)
+def forward(x, weight, bias, b_tensor, channel_scale, opts):
+    return aten_forward(x, weight, bias, b_tensor, channel_scale, scaled_forward, opts)
 
 
-def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, b: float, stride: List[int],
-             padding: List[int], dilation: List[int], groups: int, max_out: int, normalize_weight: bool,
-             scale: float, detach: bool, needs: List[bool], **_):
+def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
+    stride, padding, dilation, groups = opts.stride, opts.padding, opts.dilation, opts.groups
+    max_out, normalize_weight = opts.max_out, opts.normalize_weight
     need_x, need_w, need_bias, need_b = needs
-    b_val, b_is_tensor = common.b_value(b, b_tensor)
+    b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
     n, out_channels, ho, wo = lin_max.shape
     grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
         grad_out.reshape(n, out_channels, ho * wo).contiguous(), lin_max.reshape(n, out_channels, ho * wo),
         norm.reshape(n, groups, ho * wo) if norm.numel() else norm,
-        winner.view(n, out_channels, ho * wo) if max_out > 1 else winner, b_val, b_is_tensor, max_out, scale,
-        detach, need_x, need_b)
+        winner.view(n, out_channels, ho * wo) if max_out > 1 else winner, b_val, b_is_tensor, max_out, opts.scale,
+        opts.detach, need_x, need_b)
     grad_lin = grad_lin.view(n, out_channels * max_out, ho, wo)
     w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)
     grad_x, grad_w_hat, grad_bias = torch.ops.aten.convolution_backward(

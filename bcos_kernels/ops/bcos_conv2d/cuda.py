@@ -8,13 +8,12 @@ from bcos_kernels.ops.bcos_conv2d import cpu
 from bcos_kernels.ops.bcos_conv2d.cpu import backward  # noqa: F401  (the same ops, CUDA kernels)
 
 
-def _scaled_forward(lin, x, weight, b_val, b_is_tensor, *, stride, padding, dilation, groups, max_out, scale,
-                    channel_scale):
+def _scaled_forward(lin, x, weight, b_val, b_is_tensor, opts, channel_scale):
     out, lin_max, winner, norm = torch.ops.bcos_kernels.bcos_conv_scale_forward(
-        lin, x, list(weight.shape[2:]), stride, padding, dilation, groups, b_val, b_is_tensor, max_out, scale,
-        channel_scale)
+        lin, x, list(weight.shape[2:]), opts.stride, opts.padding, opts.dilation, opts.groups, b_val, b_is_tensor,
+        opts.max_out, opts.scale, channel_scale)
     return out, lin_max, winner, norm
 
 
-def forward(x, weight, bias, b_tensor, channel_scale, **options):
-    return cpu.aten_forward(x, weight, bias, b_tensor, channel_scale, _scaled_forward, **options)
+def forward(x, weight, bias, b_tensor, channel_scale, opts):
+    return cpu.aten_forward(x, weight, bias, b_tensor, channel_scale, _scaled_forward, opts)

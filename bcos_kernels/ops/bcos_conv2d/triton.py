@@ -761,18 +761,17 @@ def _grad_weight(grad_lin: torch.Tensor, x4: torch.Tensor, geo: Geometry, interp
 # Backend "triton" of the op bcos_conv2d (the registry calls these).
 
 
-def forward(x, weight, bias, b_tensor, channel_scale, *, b, stride, padding, dilation, groups, max_out,
-            normalize_weight, scale, **_):
-    geo = conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
-    return fused_forward(x, weight, bias, b_tensor, b, geo, normalize_weight, scale, NORM_CONV,
+def forward(x, weight, bias, b_tensor, channel_scale, opts):
+    geo = conv_geometry(x, weight, opts.stride, opts.padding, opts.dilation, opts.groups, opts.max_out)
+    return fused_forward(x, weight, bias, b_tensor, opts.b, geo, opts.normalize_weight, opts.scale, NORM_CONV,
                          memory_format_of(x), channel_scale=channel_scale)
 
 
-def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, b, stride, padding, dilation, groups,
-             max_out, normalize_weight, scale, detach, needs, **_):
-    geo = conv_geometry(x, weight, stride, padding, dilation, groups, max_out)
-    grad_x, grad_w, grad_bias, grad_b = fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, b, geo,
-                                                       normalize_weight, scale, detach, needs, NORM_CONV)
+def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
+    geo = conv_geometry(x, weight, opts.stride, opts.padding, opts.dilation, opts.groups, opts.max_out)
+    grad_x, grad_w, grad_bias, grad_b = fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts.b,
+                                                       geo, opts.normalize_weight, opts.scale, opts.detach, needs,
+                                                       NORM_CONV)
     need_x, need_w, _, need_b = needs
     grad_x = grad_x.contiguous(memory_format=memory_format_of(x)) if need_x else None
     grad_w = grad_w.contiguous(memory_format=memory_format_of(weight)) if need_w else None

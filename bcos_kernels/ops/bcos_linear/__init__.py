@@ -4,13 +4,14 @@ backend "reference" runs reference.py; the fused backends (one file each
 here) run the custom op ``bcos_kernels::bcos_linear_fused`` with a
 hand-written backward op; tensors positional, options keyword-only.
 """
-from typing import List, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops import _bcos_common as common
 from bcos_kernels.ops._checks import check_like, check_tensor
+from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.bcos_linear import reference as ref
 
 
@@ -40,44 +41,50 @@ def bcos_linear(x, weight, bias=None, *, b=2.0, max_out=1, normalize_weight=True
     return out
 
 
-@torch.library.custom_op("bcos_kernels::bcos_linear_fused", mutates_args=())
-def bcos_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      b_tensor: Optional[torch.Tensor], *, b: float, max_out: int, normalize_weight: bool,
-                      scale: float, detach: bool, backend: str
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+class LinearOptions(NamedTuple):
+    """The options of the fused linear ops (keyword-only in their schemas; the backends get them as one object)."""
+
+    b: float  # NaN when b is the tensor b_tensor
+    max_out: int
+    normalize_weight: bool
+    scale: float
+    detach: bool  # for the backward only
+    backend: str
+
+
+@custom_op("bcos_kernels::bcos_linear_fused", "Tensor x, Tensor weight, Tensor? bias, Tensor? b_tensor",
+           LinearOptions, common.FUSED_OUTPUTS)
+def bcos_linear_fused(x, weight, bias, b_tensor, **options):
     """Returns (out, lin after MaxOut (R, O), ||x|| + 1e-12 (R,), winner uint8); R = rows of x."""
-    backends.check_device("bcos_linear", backend, x.device)
-    return backends.kernels("bcos_linear", backend).forward(x, weight, bias, b_tensor, b=b, max_out=max_out,
-                                                            normalize_weight=normalize_weight, scale=scale)
+    opts = LinearOptions(**options)
+    backends.check_device("bcos_linear", opts.backend, x.device)
+    return backends.kernels("bcos_linear", opts.backend).forward(x, weight, bias, b_tensor, opts)
 
 
 @bcos_linear_fused.register_fake
-def _(x, weight, bias, b_tensor, *, b, max_out, normalize_weight, scale, detach, backend):
-    out_features = weight.shape[0] // max_out
+def _(x, weight, bias, b_tensor, **options):
+    opts = LinearOptions(**options)
+    out_features = weight.shape[0] // opts.max_out
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    has_norm = b_tensor is not None or b != 1
+    has_norm = b_tensor is not None or opts.b != 1
     norm = x.new_empty((rows,) if has_norm else (0,))
-    winner = x.new_empty((rows, out_features) if max_out > 1 else (0,), dtype=torch.uint8)
+    winner = x.new_empty((rows, out_features) if opts.max_out > 1 else (0,), dtype=torch.uint8)
     return x.new_empty(*x.shape[:-1], out_features), x.new_empty(rows, out_features), norm, winner
 
 
-@torch.library.custom_op("bcos_kernels::bcos_linear_fused_backward", mutates_args=())
-def bcos_linear_fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                               b_tensor: Optional[torch.Tensor], lin_max: torch.Tensor, norm: torch.Tensor,
-                               winner: torch.Tensor, *, b: float, max_out: int, normalize_weight: bool, scale: float,
-                               detach: bool, backend: str, needs: List[bool]
-                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@custom_op("bcos_kernels::bcos_linear_fused_backward", common.BACKWARD_INPUTS, LinearOptions, common.FUSED_OUTPUTS,
+           extra="bool[] needs")
+def bcos_linear_fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
     """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False."""
-    backends.check_device("bcos_linear", backend, x.device)
-    grads = backends.kernels("bcos_linear", backend).backward(
-        grad_out, x, weight, b_tensor, lin_max, norm, winner, b=b, max_out=max_out,
-        normalize_weight=normalize_weight, scale=scale, detach=detach, needs=needs)
+    opts = LinearOptions(**options)
+    backends.check_device("bcos_linear", opts.backend, x.device)
+    grads = backends.kernels("bcos_linear", opts.backend).backward(
+        grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs)
     return common.or_empty(grads, x)
 
 
 @bcos_linear_fused_backward.register_fake
-def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, b, max_out, normalize_weight, scale, detach, backend,
-      needs):
+def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
     return common.fake_grads(needs, x, weight, b_tensor)
 
 

@@ -2,8 +2,6 @@
 scale) each way; the row norms and the GEMMs of the backward are ATen's. Backend "cuda" is the same code on
 cuBLAS and the extension's CUDA kernels (cuda.py)."""
 
-from typing import List
-
 import torch
 import torch.nn.functional as F
 
@@ -11,9 +9,10 @@ from bcos_kernels.ops import _bcos_common as common
 from bcos_kernels.ops.bcos_linear import reference as ref
 
 
-def forward(x, weight, bias, b_tensor, *, b: float, max_out: int, normalize_weight: bool, scale: float, **_):
-    b_val, b_is_tensor = common.b_value(b, b_tensor)
-    w_hat, _ = common.weight_and_norm(weight, normalize_weight)
+def forward(x, weight, bias, b_tensor, opts):
+    max_out = opts.max_out
+    b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
+    w_hat, _ = common.weight_and_norm(weight, opts.normalize_weight)
     rows = x.reshape(-1, x.shape[-1])
     lin = F.linear(rows, w_hat, bias)
     if b_val == 1 and not b_is_tensor:
@@ -21,7 +20,7 @@ def forward(x, weight, bias, b_tensor, *, b: float, max_out: int, normalize_weig
     else:
         norm = torch.linalg.vector_norm(rows, dim=-1) + ref.LINEAR_NORM_EPS
     out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
-        lin.unsqueeze(-1), norm.view(-1, 1, 1) if norm.numel() else norm, b_val, b_is_tensor, max_out, scale)
+        lin.unsqueeze(-1), norm.view(-1, 1, 1) if norm.numel() else norm, b_val, b_is_tensor, max_out, opts.scale)
     if max_out == 1:
         lin_max = lin  # the kernel does not copy lin when there is no MaxOut
     out_features = weight.shape[0] // max_out
@@ -30,15 +29,15 @@ def forward(x, weight, bias, b_tensor, *, b: float, max_out: int, normalize_weig
     return out.view(*x.shape[:-1], out_features), lin_max.view(-1, out_features), norm, winner
 
 
-def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, b: float, max_out: int,
-             normalize_weight: bool, scale: float, detach: bool, needs: List[bool], **_):
+def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
+    max_out, normalize_weight = opts.max_out, opts.normalize_weight
     need_x, need_w, need_bias, need_b = needs
-    b_val, b_is_tensor = common.b_value(b, b_tensor)
+    b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
     rows, out_features = lin_max.shape
     grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
         grad_out.reshape(rows, out_features, 1).contiguous(), lin_max.unsqueeze(-1),
         norm.view(-1, 1, 1) if norm.numel() else norm, winner.view(rows, out_features, 1) if max_out > 1 else winner,
-        b_val, b_is_tensor, max_out, scale, detach, need_x, need_b)
+        b_val, b_is_tensor, max_out, opts.scale, opts.detach, need_x, need_b)
     grad_lin = grad_lin.view(rows, out_features * max_out)
     x_rows = x.reshape(rows, x.shape[-1])
     w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)
