@@ -10,6 +10,7 @@ BCOS_WITH_CUDA defined (GPU architectures: TORCH_CUDA_ARCH_LIST, as torch
 decides).  scripts/check_cuda.sh checks the CUDA sources on machines without
 CUDA torch.
 """
+
 import glob
 import os
 
@@ -51,8 +52,7 @@ def _extension():
         link_flags.append("-fopenmp")
     define_macros = [("BCOS_PYTHON_MODULE", None)]
     # define_macros reach both the C++ and the nvcc command lines.
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros,
-                  extra_link_args=link_flags)
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros, extra_link_args=link_flags)
     if with_cuda:
         # kernels (plain CUDA) and the glue that registers them (C++ with torch's CUDA headers)
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")

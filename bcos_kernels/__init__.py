@@ -1,4 +1,5 @@
 """bcos-kernels: fused kernels for the layers of inherently interpretable vision networks."""
+
 from bcos_kernels import backends
 from bcos_kernels.backends import available_backends
 
@@ -15,9 +16,25 @@ from bcos_kernels.ops import bcos_conv2d, bcos_linear, class_specific_gate, dau_
 
 try:  # the one version string is setup.py's; installed, it is in the package metadata
     from importlib.metadata import version as _version
+
     __version__ = _version("bcos_kernels")
 except ImportError:  # PackageNotFoundError: a source tree that is not installed
     __version__ = "0+unknown"
-__all__ = ["add_inverse", "available_backends", "bcos_conv2d", "bcos_linear", "bcosify", "class_specific_gate",
-           "convert", "dau_conv2d", "explain", "explanation_mode", "fold_batchnorm", "gradient_to_image", "lwta", "nn",
-           "ops", "unfold_batchnorm"]
+__all__ = [
+    "add_inverse",
+    "available_backends",
+    "bcos_conv2d",
+    "bcos_linear",
+    "bcosify",
+    "class_specific_gate",
+    "convert",
+    "dau_conv2d",
+    "explain",
+    "explanation_mode",
+    "fold_batchnorm",
+    "gradient_to_image",
+    "lwta",
+    "nn",
+    "ops",
+    "unfold_batchnorm",
+]

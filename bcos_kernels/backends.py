@@ -119,8 +119,9 @@ DAU_CUDA_MAX_RANK = 511
 
 def _dau_cuda_limits(rank: int = 0, **_) -> Optional[str]:
     if rank > DAU_CUDA_MAX_RANK:
-        return (f"rank {rank} is larger than {DAU_CUDA_MAX_RANK} "
-                "(the CUDA kernels' per-pixel tiles hold rank + 1 entries)")
+        return (
+            f"rank {rank} is larger than {DAU_CUDA_MAX_RANK} (the CUDA kernels' per-pixel tiles hold rank + 1 entries)"
+        )
     return None
 
 
@@ -135,19 +136,29 @@ class Support:
     keeps_channels_last: Optional[bool] = False
 
 
-_BCOS = {"reference": Support(keeps_channels_last=None), "cpu": Support(CPU_DTYPES),
-         "triton": Support(TRITON_DTYPES, keeps_channels_last=True), "cuda": Support(CUDA_DTYPES)}
+_BCOS = {
+    "reference": Support(keeps_channels_last=None),
+    "cpu": Support(CPU_DTYPES),
+    "triton": Support(TRITON_DTYPES, keeps_channels_last=True),
+    "cuda": Support(CUDA_DTYPES),
+}
 # elementwise ops: every fast backend writes its output with x's strides
-_ELEMENTWISE = {"torch": Support(keeps_channels_last=True), "triton": Support(TRITON_DTYPES, keeps_channels_last=True),
-                "cuda": Support(CUDA_DTYPES, keeps_channels_last=True)}
+_ELEMENTWISE = {
+    "torch": Support(keeps_channels_last=True),
+    "triton": Support(TRITON_DTYPES, keeps_channels_last=True),
+    "cuda": Support(CUDA_DTYPES, keeps_channels_last=True),
+}
 
 # Which backends implement each op, and what they support.
 OPS: Dict[str, Dict[str, Support]] = {
     "bcos_conv2d": _BCOS,
     "bcos_linear": _BCOS,
-    "dau_conv2d": {"reference": Support(), "torch": Support(),
-                   "triton": Support(TRITON_DTYPES, _dau_triton_limits),
-                   "cuda": Support(CUDA_DTYPES, _dau_cuda_limits)},
+    "dau_conv2d": {
+        "reference": Support(),
+        "torch": Support(),
+        "triton": Support(TRITON_DTYPES, _dau_triton_limits),
+        "cuda": Support(CUDA_DTYPES, _dau_cuda_limits),
+    },
     # the LWTA reference's x * mask keeps x's layout; the gate's reference does only in eval (it returns x)
     "lwta": {"reference": Support(keeps_channels_last=True), **_ELEMENTWISE},
     "class_specific_gate": {"reference": Support(keeps_channels_last=None), **_ELEMENTWISE},
@@ -207,8 +218,7 @@ def _warn_once(op: str, chosen: str, reason: str) -> None:
     key = (op, reason)
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"bcos_kernels.{op}: falling back to backend {chosen!r}: {reason}", RuntimeWarning,
-                      stacklevel=4)
+        warnings.warn(f"bcos_kernels.{op}: falling back to backend {chosen!r}: {reason}", RuntimeWarning, stacklevel=4)
 
 
 def check_name(name) -> None:
@@ -223,8 +233,9 @@ def resolve(op: str, requested: Optional[str], x: torch.Tensor, **facts) -> str:
     check_name(name)
     if name != "auto":
         if name not in OPS[op]:
-            raise ValueError(f"bcos_kernels.{op}: backend {name!r} does not implement this op "
-                             f"(implemented: {list(OPS[op])})")
+            raise ValueError(
+                f"bcos_kernels.{op}: backend {name!r} does not implement this op (implemented: {list(OPS[op])})"
+            )
         reason = call_reason(op, name, x, **facts)
         if reason is not None:
             raise ValueError(f"bcos_kernels.{op}: backend {name!r} cannot run this call: {reason}")

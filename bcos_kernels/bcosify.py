@@ -7,6 +7,7 @@ reads the B-cos input encoding ``[x, 1 - x]``. ``bcosify`` does this conversion 
 built from standard layers (torchvision ResNets, DenseNets, VGGs, home-made CNNs), using this package's fused
 modules. What it does to each layer, and where it follows or departs from the original, is in its docstring.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,17 +29,24 @@ _BCOS_MODULES = (BcosConv2d, BcosLinear, BcosConv2dV1, BatchNormUncentered2d)
 
 # Weighted layers the original does not convert and that we cannot convert faithfully: refused, so that a model
 # is never silently left half-converted.
-_UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                nn.MultiheadAttention)
+_UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.MultiheadAttention)
 
 # Centered norms that the original leaves in place for CNNs; they keep the network from being dynamic linear,
 # so we say so once.
-_CENTERED_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.BatchNorm1d, nn.BatchNorm3d,
-                   nn.SyncBatchNorm, nn.modules.instancenorm._InstanceNorm)
+_CENTERED_NORMS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 
-def add_inverse(x: Tensor, dim: int = 1, *, mean: Optional[Sequence[float]] = None,
-                std: Optional[Sequence[float]] = None) -> Tensor:
+def add_inverse(
+    x: Tensor, dim: int = 1, *, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
+) -> Tensor:
     """The B-cos input encoding ``cat([x, 1 - x], dim)`` (the `bcos` package's ``AddInverse``), for images
     ``x`` in [0, 1].
 
@@ -52,8 +60,10 @@ def add_inverse(x: Tensor, dim: int = 1, *, mean: Optional[Sequence[float]] = No
     encoded input) do not sum to its output exactly.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating point tensor, got {type(x).__name__}"
-                        + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else ""))
+        raise TypeError(
+            f"x must be a floating point tensor, got {type(x).__name__}"
+            + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else "")
+        )
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim={dim} is out of range for x with {x.dim()} dimensions")
     dim = dim % x.dim()
@@ -68,8 +78,9 @@ def add_inverse(x: Tensor, dim: int = 1, *, mean: Optional[Sequence[float]] = No
     def per_channel(name: str, values) -> Tensor:
         t = torch.as_tensor(values, dtype=x.dtype, device=x.device).flatten()
         if t.numel() != channels:
-            raise ValueError(f"{name} must have one value per channel of x along dim {dim} ({channels}), "
-                             f"got {t.numel()}")
+            raise ValueError(
+                f"{name} must have one value per channel of x along dim {dim} ({channels}), got {t.numel()}"
+            )
         return t
 
     if mean is not None:
@@ -100,8 +111,10 @@ def _conv_padding(conv: nn.Conv2d, name: str) -> Tuple[int, int]:
     for k, d in zip(conv.kernel_size, conv.dilation):
         total = d * (k - 1)
         if total % 2:
-            raise ValueError(f"layer {name!r}: padding='same' with an even kernel span pads asymmetrically, which "
-                             "the B-cos patch norm does not support")
+            raise ValueError(
+                f"layer {name!r}: padding='same' with an even kernel span pads asymmetrically, which "
+                "the B-cos patch norm does not support"
+            )
         pads.append(total // 2)
     return tuple(pads)
 
@@ -123,13 +136,18 @@ class _Plan:
     """Everything ``bcosify`` will do, worked out (and every error raised) before the model is touched."""
 
     def __init__(self, model, add_channels, last_layer_name, keep_bias, maxpool_to_avgpool, keep_relu):
-        replaced = (nn.Conv2d, nn.Linear, nn.BatchNorm2d) + ((nn.MaxPool2d,) if maxpool_to_avgpool else ()) + (
-            () if keep_relu else (nn.ReLU,))
+        replaced = (
+            (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+            + ((nn.MaxPool2d,) if maxpool_to_avgpool else ())
+            + (() if keep_relu else (nn.ReLU,))
+        )
         if isinstance(model, replaced) and not isinstance(model, _BCOS_MODULES):
             # a module cannot change its class in place
-            raise ValueError(f"model is itself a {type(model).__name__}: bcosify converts the layers inside a "
-                             "model; wrap it, e.g. in nn.Sequential")
-        self.widen: set = set()           # ids of the convs that get the [x, 1 - x] input
+            raise ValueError(
+                f"model is itself a {type(model).__name__}: bcosify converts the layers inside a "
+                "model; wrap it, e.g. in nn.Sequential"
+            )
+        self.widen: set = set()  # ids of the convs that get the [x, 1 - x] input
         self.last_layer: Optional[int] = None
         self.left_alone: List[str] = []
         first_convs: List[str] = []
@@ -139,37 +157,44 @@ class _Plan:
             where = name or "<model>"
             if isinstance(add_channels, str) and name == add_channels:
                 if not isinstance(module, nn.Conv2d) or isinstance(module, _BCOS_MODULES):
-                    raise ValueError(f"add_channels={add_channels!r} names a {type(module).__name__}, not an "
-                                     "nn.Conv2d")
+                    raise ValueError(f"add_channels={add_channels!r} names a {type(module).__name__}, not an nn.Conv2d")
                 self._check_widenable(module, where)
                 self.widen.add(id(module))
                 first_convs.append(name)
             if last_layer_name is not None and name == last_layer_name:
                 if not isinstance(module, nn.Linear):
-                    raise ValueError(f"last_layer_name={last_layer_name!r} names a {type(module).__name__}, not "
-                                     "an nn.Linear")
+                    raise ValueError(
+                        f"last_layer_name={last_layer_name!r} names a {type(module).__name__}, not an nn.Linear"
+                    )
                 self.last_layer = id(module)
                 found_last = True
             if id(module) in seen:  # registered at several places: checked once
                 continue
             seen.add(id(module))
             if isinstance(module, _UNSUPPORTED):
-                raise ValueError(f"layer {where!r} ({type(module).__name__}) cannot be B-cosified: the original "
-                                 "B-cosification of CNNs converts only nn.Conv2d, nn.Linear and nn.BatchNorm2d "
-                                 "(attention needs its dedicated B-cos ViT/CLIP models)")
+                raise ValueError(
+                    f"layer {where!r} ({type(module).__name__}) cannot be B-cosified: the original "
+                    "B-cosification of CNNs converts only nn.Conv2d, nn.Linear and nn.BatchNorm2d "
+                    "(attention needs its dedicated B-cos ViT/CLIP models)"
+                )
             if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-                raise ValueError(f"layer {where!r} has uninitialised (lazy) parameters: run one forward pass "
-                                 "before bcosify")
+                raise ValueError(
+                    f"layer {where!r} has uninitialised (lazy) parameters: run one forward pass before bcosify"
+                )
             if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) and not isinstance(module, _BCOS_MODULES):
                 if any(not isinstance(getattr(module, p), (nn.Parameter, type(None))) for p in ("weight", "bias")):
                     # weight norm, spectral norm, parametrizations: the weight is recomputed from other
                     # parameters, which a B-cos layer would not do
-                    raise ValueError(f"layer {where!r}: its weight or bias is not a plain nn.Parameter (weight norm "
-                                     "or a parametrization?); remove that before bcosify")
+                    raise ValueError(
+                        f"layer {where!r}: its weight or bias is not a plain nn.Parameter (weight norm "
+                        "or a parametrization?); remove that before bcosify"
+                    )
             if isinstance(module, nn.Conv2d) and not isinstance(module, _BCOS_MODULES):
                 if module.padding_mode != "zeros":
-                    raise ValueError(f"layer {where!r}: padding_mode={module.padding_mode!r} is not supported "
-                                     "(the B-cos patch norm pads with zeros)")
+                    raise ValueError(
+                        f"layer {where!r}: padding_mode={module.padding_mode!r} is not supported "
+                        "(the B-cos patch norm pads with zeros)"
+                    )
                 _conv_padding(module, where)
                 if add_channels is True and module.in_channels == 3:
                     first_convs.append(name)
@@ -177,12 +202,16 @@ class _Plan:
                     self.widen.add(id(module))
             if isinstance(module, nn.BatchNorm2d) and not isinstance(module, BatchNormUncentered2d) and keep_bias:
                 if module.running_mean is None or not module.affine:
-                    raise ValueError(f"layer {where!r}: keep_bias=True folds the running mean of a BatchNorm2d "
-                                     "into its bias, which needs affine=True and track_running_stats=True")
+                    raise ValueError(
+                        f"layer {where!r}: keep_bias=True folds the running mean of a BatchNorm2d "
+                        "into its bias, which needs affine=True and track_running_stats=True"
+                    )
             if isinstance(module, nn.MaxPool2d) and maxpool_to_avgpool:
                 if module.return_indices or _pair(module.dilation) != (1, 1):
-                    raise ValueError(f"layer {where!r}: a MaxPool2d with return_indices or dilation has no "
-                                     "AvgPool2d equivalent (pass maxpool_to_avgpool=False to keep it)")
+                    raise ValueError(
+                        f"layer {where!r}: a MaxPool2d with return_indices or dilation has no "
+                        "AvgPool2d equivalent (pass maxpool_to_avgpool=False to keep it)"
+                    )
             if isinstance(module, _CENTERED_NORMS):
                 self.left_alone.append(f"{where} ({type(module).__name__})")
         if isinstance(add_channels, str) and not first_convs:
@@ -191,18 +220,21 @@ class _Plan:
             raise ValueError(f"last_layer_name={last_layer_name!r}: the model has no module of that name")
         if add_channels is True and len(first_convs) != 1:
             # the original warns in both cases and goes on
-            what = ("no nn.Conv2d with 3 input channels: the input encoding [x, 1 - x] is not added"
-                    if not first_convs else
-                    f"several nn.Conv2d with 3 input channels ({', '.join(first_convs)}): all of them get the "
-                    "[x, 1 - x] input; pass add_channels='<name of the first conv>' to widen only that one")
+            what = (
+                "no nn.Conv2d with 3 input channels: the input encoding [x, 1 - x] is not added"
+                if not first_convs
+                else f"several nn.Conv2d with 3 input channels ({', '.join(first_convs)}): all of them get the "
+                "[x, 1 - x] input; pass add_channels='<name of the first conv>' to widen only that one"
+            )
             warnings.warn(f"bcosify: {what}", UserWarning, stacklevel=3)
 
     @staticmethod
     def _check_widenable(conv: nn.Conv2d, where: str) -> None:
         if conv.groups != 1:
             # the widened input is [x, 1 - x]: a channel's two halves are C channels apart, never in one group
-            raise ValueError(f"layer {where!r}: a grouped first conv (groups={conv.groups}) cannot take the "
-                             "[x, 1 - x] input")
+            raise ValueError(
+                f"layer {where!r}: a grouped first conv (groups={conv.groups}) cannot take the [x, 1 - x] input"
+            )
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -210,8 +242,16 @@ def _pair(v) -> Tuple[int, int]:
 
 
 class _Converter:
-    def __init__(self, plan: _Plan, b_kwargs: dict, b_param_init: Optional[float], keep_bias: bool,
-                 maxpool_to_avgpool: bool, keep_relu: bool, backend: Optional[str]):
+    def __init__(
+        self,
+        plan: _Plan,
+        b_kwargs: dict,
+        b_param_init: Optional[float],
+        keep_bias: bool,
+        maxpool_to_avgpool: bool,
+        keep_relu: bool,
+        backend: Optional[str],
+    ):
         self.plan = plan
         self.b_kwargs = b_kwargs
         self.b_param_init = b_param_init
@@ -243,9 +283,20 @@ class _Converter:
             weight = nn.Parameter(wide, requires_grad=conv.weight.requires_grad)
             in_channels *= 2
         bias = self._bias(conv.bias)
-        new = BcosifyConv2d(in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
-                            _conv_padding(conv, name), tuple(conv.dilation), conv.groups, device=weight.device,
-                            dtype=weight.dtype, bias=bias is not None, backend=self.backend, **self.b_kwargs)
+        new = BcosifyConv2d(
+            in_channels,
+            conv.out_channels,
+            tuple(conv.kernel_size),
+            tuple(conv.stride),
+            _conv_padding(conv, name),
+            tuple(conv.dilation),
+            conv.groups,
+            device=weight.device,
+            dtype=weight.dtype,
+            bias=bias is not None,
+            backend=self.backend,
+            **self.b_kwargs,
+        )
         # The pretrained parameters themselves (not copies): their values, dtype, device, requires_grad and
         # hooks carry over, and an optimizer built on them before still points at them.
         new.linear.weight = weight
@@ -254,8 +305,16 @@ class _Converter:
 
     def linear(self, lin: nn.Linear) -> BcosifyLinear:
         bias = self._bias(lin.bias)
-        new = BcosifyLinear(lin.in_features, lin.out_features, bias=bias is not None, device=lin.weight.device,
-                            dtype=lin.weight.dtype, max_out=1, backend=self.backend, **self.b_kwargs)
+        new = BcosifyLinear(
+            lin.in_features,
+            lin.out_features,
+            bias=bias is not None,
+            device=lin.weight.device,
+            dtype=lin.weight.dtype,
+            max_out=1,
+            backend=self.backend,
+            **self.b_kwargs,
+        )
         new.linear.weight = lin.weight
         new.linear.bias = bias
         return self._finish(new, lin, lin.weight)
@@ -264,11 +323,20 @@ class _Converter:
         # The original's "GAP reorder" for its ResNet/DenseNet: the classifier becomes a 1x1 B-cos conv applied
         # to the feature map before global average pooling. The weight is a (O, C, 1, 1) view of the Linear's,
         # so the storage is shared (the Parameter object cannot be: its shape differs).
-        weight = nn.Parameter(lin.weight.detach().view(lin.out_features, lin.in_features, 1, 1),
-                              requires_grad=lin.weight.requires_grad)
+        weight = nn.Parameter(
+            lin.weight.detach().view(lin.out_features, lin.in_features, 1, 1), requires_grad=lin.weight.requires_grad
+        )
         bias = self._bias(lin.bias)
-        new = BcosifyConv2d(lin.in_features, lin.out_features, 1, device=weight.device, dtype=weight.dtype,
-                            bias=bias is not None, backend=self.backend, **self.b_kwargs)
+        new = BcosifyConv2d(
+            lin.in_features,
+            lin.out_features,
+            1,
+            device=weight.device,
+            dtype=weight.dtype,
+            bias=bias is not None,
+            backend=self.backend,
+            **self.b_kwargs,
+        )
         new.linear.weight = weight
         new.linear.bias = bias
         return self._finish(new, lin, weight)
@@ -323,10 +391,20 @@ class _Converter:
         return module
 
 
-def bcosify(model: nn.Module, b: float = 2.0, *, learn_b: bool = False, clamping: bool = False,
-            b_loss: bool = False, keep_bias: bool = False, add_channels: Union[bool, str] = True,
-            last_layer_name: Optional[str] = None, maxpool_to_avgpool: bool = True, keep_relu: bool = True,
-            backend: Optional[str] = None) -> nn.Module:
+def bcosify(
+    model: nn.Module,
+    b: float = 2.0,
+    *,
+    learn_b: bool = False,
+    clamping: bool = False,
+    b_loss: bool = False,
+    keep_bias: bool = False,
+    add_channels: Union[bool, str] = True,
+    last_layer_name: Optional[str] = None,
+    maxpool_to_avgpool: bool = True,
+    keep_relu: bool = True,
+    backend: Optional[str] = None,
+) -> nn.Module:
     """B-cosify a standard CNN in place, as B-cosification (shrebox/B-cosification) does, and return it.
 
     Feed the result ``add_inverse(x, mean=..., std=...)`` with the mean and std the standard model was trained
@@ -400,8 +478,14 @@ def bcosify(model: nn.Module, b: float = 2.0, *, learn_b: bool = False, clamping
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 1:
         raise ValueError(f"b must be a finite number >= 1, got {b!r}")
-    for flag, value in (("learn_b", learn_b), ("clamping", clamping), ("b_loss", b_loss), ("keep_bias", keep_bias),
-                        ("maxpool_to_avgpool", maxpool_to_avgpool), ("keep_relu", keep_relu)):
+    for flag, value in (
+        ("learn_b", learn_b),
+        ("clamping", clamping),
+        ("b_loss", b_loss),
+        ("keep_bias", keep_bias),
+        ("maxpool_to_avgpool", maxpool_to_avgpool),
+        ("keep_relu", keep_relu),
+    ):
         _check_flag(flag, value)
     if clamping and not learn_b:
         raise ValueError("clamping=True clamps a learnable b: it needs learn_b=True")
@@ -415,8 +499,12 @@ def bcosify(model: nn.Module, b: float = 2.0, *, learn_b: bool = False, clamping
 
     plan = _Plan(model, add_channels, last_layer_name, keep_bias, maxpool_to_avgpool, keep_relu)
     if plan.left_alone:
-        warnings.warn("bcosify: left unchanged (centered norms: the network is not dynamic linear): "
-                      + ", ".join(plan.left_alone), UserWarning, stacklevel=2)
+        warnings.warn(
+            "bcosify: left unchanged (centered norms: the network is not dynamic linear): "
+            + ", ".join(plan.left_alone),
+            UserWarning,
+            stacklevel=2,
+        )
 
     b_param_init = None
     if learn_b:

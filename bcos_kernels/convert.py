@@ -18,6 +18,7 @@ A subclass we do not know (it may override ``forward``) and an option our module
 ``padding_mode="reflect"``) are left as they are with one warning under ``backend=None`` / "auto", and raise
 ``ValueError`` when a backend was asked for explicitly.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,8 +35,7 @@ from bcos_kernels import nn as ours
 __all__ = ["convert"]
 
 # Our modules are never converted again (convert is idempotent).
-_OUR_TYPES = (ours.BcosConv2d, ours.BcosConv2dV1, ours.BcosLinear, ours.DAUConv2d, ours.LWTA,
-              ours.ClassSpecificGate)
+_OUR_TYPES = (ours.BcosConv2d, ours.BcosConv2dV1, ours.BcosLinear, ours.DAUConv2d, ours.LWTA, ours.ClassSpecificGate)
 
 
 class Unsupported(ValueError):
@@ -46,9 +46,9 @@ class Unsupported(ValueError):
 class _Rule:
     """One original layer class and how to build ours from an instance of it."""
 
-    name: str                                     # the original class name
-    modules: Tuple[str, ...]                      # where it lives when its package is importable
-    has_structure: Callable[[nn.Module], bool]    # the attributes its __init__ defines (match by structure)
+    name: str  # the original class name
+    modules: Tuple[str, ...]  # where it lives when its package is importable
+    has_structure: Callable[[nn.Module], bool]  # the attributes its __init__ defines (match by structure)
     build: Callable[[nn.Module, Optional[str]], nn.Module]
 
     def original_classes(self) -> List[type]:
@@ -85,16 +85,24 @@ def _adopt_b(new: nn.Module, original: nn.Module) -> None:
 # Each builds ours on the meta device (nothing is allocated) and then adopts the original's parameters.
 def _bcos_conv(original: nn.Module, backend: Optional[str]) -> nn.Module:
     """bcos.modules.BcosConv2d / BcosConv2dWithScale (v2) and B-cosification's BcosifyConv2d."""
-    args = (original.in_channels, original.out_channels, original.kernel_size, original.stride, original.padding,
-            original.dilation, original.groups, original.padding_mode)
+    args = (
+        original.in_channels,
+        original.out_channels,
+        original.kernel_size,
+        original.stride,
+        original.padding,
+        original.dilation,
+        original.groups,
+        original.padding_mode,
+    )
     with torch.device("meta"):
         try:
             if type(original).__name__ == "BcosifyConv2d":
-                new = ours.BcosifyConv2d(*args, max_out=original.max_out, clamping=original.clamping,
-                                         b_loss=original.b_loss, backend=backend)
+                new = ours.BcosifyConv2d(
+                    *args, max_out=original.max_out, clamping=original.clamping, b_loss=original.b_loss, backend=backend
+                )
             elif type(original).__name__ == "BcosConv2dWithScale":
-                new = ours.BcosConv2dWithScale(*args, max_out=original.max_out, scale=original.scale,
-                                               backend=backend)
+                new = ours.BcosConv2dWithScale(*args, max_out=original.max_out, scale=original.scale, backend=backend)
             else:
                 new = ours.BcosConv2d(*args, max_out=original.max_out, backend=backend)
         except ValueError as error:
@@ -107,9 +115,16 @@ def _bcos_conv(original: nn.Module, backend: Optional[str]) -> nn.Module:
 def _bcos_conv_v1(original: nn.Module, backend: Optional[str]) -> nn.Module:
     """moboehle/B-cos modules.bcosconv2d.BcosConv2d (v1: MaxOut and a scale divisor)."""
     with torch.device("meta"):
-        new = ours.BcosConv2dV1(original.inc, original.outc // original.max_out, original.kernel_size,
-                                original.stride, original.padding, max_out=original.max_out, scale=original.scale,
-                                backend=backend)
+        new = ours.BcosConv2dV1(
+            original.inc,
+            original.outc // original.max_out,
+            original.kernel_size,
+            original.stride,
+            original.padding,
+            max_out=original.max_out,
+            scale=original.scale,
+            backend=backend,
+        )
     new.linear = original.linear
     _adopt_b(new, original)
     return new
@@ -119,11 +134,18 @@ def _bcos_linear(original: nn.Module, backend: Optional[str]) -> nn.Module:
     """bcos.modules.BcosLinear (v2) and B-cosification's BcosifyLinear."""
     with torch.device("meta"):
         if type(original).__name__ == "BcosifyLinear":
-            new = ours.BcosifyLinear(original.in_features, original.out_features, max_out=original.max_out,
-                                     clamping=original.clamping, b_loss=original.b_loss, backend=backend)
+            new = ours.BcosifyLinear(
+                original.in_features,
+                original.out_features,
+                max_out=original.max_out,
+                clamping=original.clamping,
+                b_loss=original.b_loss,
+                backend=backend,
+            )
         else:
-            new = ours.BcosLinear(original.in_features, original.out_features, max_out=original.max_out,
-                                  backend=backend)
+            new = ours.BcosLinear(
+                original.in_features, original.out_features, max_out=original.max_out, backend=backend
+            )
     new.linear = original.linear
     _adopt_b(new, original)
     return new
@@ -133,8 +155,9 @@ def _coda_conv(original: nn.Module, backend: Optional[str]) -> nn.Module:
     """CoDA-Nets CoDAConv2d(DAUWeights(...))."""
     for flag in ("save_matrix", "explain", "reuse"):
         if getattr(original, flag, False):
-            raise Unsupported(f"CoDAConv2d.{flag}=True needs the per-pixel dynamic weights, which DAUConv2d never "
-                              f"builds")
+            raise Unsupported(
+                f"CoDAConv2d.{flag}=True needs the per-pixel dynamic weights, which DAUConv2d never builds"
+            )
     if type(original.weight_mod).__name__ != "DAUWeights":
         raise Unsupported(f"CoDAConv2d with a {type(original.weight_mod).__name__} weighting module (only DAUWeights)")
     try:
@@ -145,8 +168,14 @@ def _coda_conv(original: nn.Module, backend: Optional[str]) -> nn.Module:
 
 def _lwta(original: nn.Module, backend: Optional[str]) -> nn.Module:
     """DISCOVER's LWTA activation (no parameters)."""
-    new = ours.LWTA(inplace=original.inplace, deterministic=original.deterministic, U=original.U,
-                    kl=original.kl_flag, temp=original.temp, backend=backend)
+    new = ours.LWTA(
+        inplace=original.inplace,
+        deterministic=original.deterministic,
+        U=original.U,
+        kl=original.kl_flag,
+        temp=original.temp,
+        backend=backend,
+    )
     new.temp_test = original.temp_test
     return new
 
@@ -161,8 +190,19 @@ def _csg_gate(original: nn.Module, backend: Optional[str]) -> nn.Module:
     return new
 
 
-_V2_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-            "padding_mode", "b", "max_out", "linear")
+_V2_CONV = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "b",
+    "max_out",
+    "linear",
+)
 _V2_LINEAR = ("in_features", "out_features", "b", "max_out", "linear")
 
 # Order matters only where two originals share a class name (B-cos v1 and v2 "BcosConv2d"): the structure tells.
@@ -172,11 +212,19 @@ _RULES = (
     _Rule("BcosifyConv2d", ("bcos.modules.bcosifyconv2d",), _has(*_V2_CONV, "clamping", "b_loss"), _bcos_conv),
     _Rule("BcosLinear", ("bcos.modules.bcoslinear",), _has(*_V2_LINEAR), _bcos_linear),
     _Rule("BcosifyLinear", ("bcos.modules.bcosifylinear",), _has(*_V2_LINEAR, "clamping", "b_loss"), _bcos_linear),
-    _Rule("BcosConv2d", ("modules.bcosconv2d",), _has("inc", "outc", "kssq", "scale", "max_out", "b", "linear"),
-          _bcos_conv_v1),
+    _Rule(
+        "BcosConv2d",
+        ("modules.bcosconv2d",),
+        _has("inc", "outc", "kssq", "scale", "max_out", "b", "linear"),
+        _bcos_conv_v1,
+    ),
     _Rule("CoDAConv2d", ("modules.coda_conv",), _has("weight_mod", "detach"), _coda_conv),
-    _Rule("LWTA", ("models.ResNet.activations", "activations"),
-          _has("U", "temp", "temp_test", "deterministic", "kl_flag", "inplace"), _lwta),
+    _Rule(
+        "LWTA",
+        ("models.ResNet.activations", "activations"),
+        _has("U", "temp", "temp_test", "deterministic", "kl_flag", "inplace"),
+        _lwta,
+    ),
     _Rule("LearnableMaskLayer", ("resnet_std", "VOCPart.train.resnet_std"), _has("mask", "avg_pool"), _csg_gate),
 )
 
@@ -190,8 +238,9 @@ def _rule_for(module: nn.Module) -> Tuple[Optional[_Rule], Optional[str]]:
             return rule, None
     for rule in _RULES:
         if rule.is_base_of(module):
-            return None, (f"{type(module).__name__} subclasses {rule.name} but is not a subclass we know "
-                          f"(its forward may differ)")
+            return None, (
+                f"{type(module).__name__} subclasses {rule.name} but is not a subclass we know (its forward may differ)"
+            )
     return None, None
 
 
@@ -201,8 +250,15 @@ def _carry_over(original: nn.Module, new: nn.Module) -> nn.Module:
     if hasattr(original, "detach") and not callable(original.detach):
         new.detach = original.detach
     # The hook dicts themselves (not copies): handles the user holds still remove them.
-    for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"):
+    for name in (
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+    ):
         hooks = getattr(original, name, None)
         if hooks:
             setattr(new, name, hooks)
@@ -221,7 +277,7 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     """
     backends.check_name(backend)
     explicit = backend not in (None, "auto")
-    done: Dict[int, nn.Module] = {}   # a layer used at several places is converted once
+    done: Dict[int, nn.Module] = {}  # a layer used at several places is converted once
     left: List[str] = []
 
     def converted(path: str, module: nn.Module) -> Optional[nn.Module]:
@@ -259,6 +315,8 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     if root is None:
         visit(model, "", set())
     if left:
-        warnings.warn("bcos_kernels.convert left these layers as they are (they run the original code):\n  "
-                      + "\n  ".join(left), stacklevel=2)
+        warnings.warn(
+            "bcos_kernels.convert left these layers as they are (they run the original code):\n  " + "\n  ".join(left),
+            stacklevel=2,
+        )
     return model if root is None else root

@@ -7,6 +7,7 @@ the gradient of the sum over samples of each sample's chosen logit, which gives 
 as the samples do not interact (eval mode; batch norm in training mode mixes them, as it would the
 predictions).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -22,8 +23,9 @@ __all__ = ["explain", "explanation_mode", "gradient_to_image"]
 Target = Union[None, int, Sequence[int], Tensor]
 
 
-def gradient_to_image(image: Tensor, linear_mapping: Tensor, smooth: int = 15,
-                      alpha_percentile: float = 99.5) -> np.ndarray:
+def gradient_to_image(
+    image: Tensor, linear_mapping: Tensor, smooth: int = 15, alpha_percentile: float = 99.5
+) -> np.ndarray:
     """The RGBA explanation of the B-cos papers (the `bcos` package's ``gradient_to_image``) for one image
     (C, H, W) -> (H, W, 4) or a batch (N, C, H, W) -> (N, H, W, 4), each image normalised on its own.
 
@@ -36,11 +38,14 @@ def gradient_to_image(image: Tensor, linear_mapping: Tensor, smooth: int = 15,
     if single:
         image, linear_mapping = image[None], linear_mapping[None]
     if image.dim() != 4 or image.shape != linear_mapping.shape:
-        raise ValueError(f"image and linear_mapping must both be (C, H, W) or (N, C, H, W) with the same shape, got "
-                         f"{tuple(image.shape)} and {tuple(linear_mapping.shape)}")
+        raise ValueError(
+            f"image and linear_mapping must both be (C, H, W) or (N, C, H, W) with the same shape, got "
+            f"{tuple(image.shape)} and {tuple(linear_mapping.shape)}"
+        )
     if image.shape[1] != 6:
-        raise ValueError(f"gradient_to_image needs the 6-channel (x, 1 - x) input encoding, got {image.shape[1]} "
-                         f"channels")
+        raise ValueError(
+            f"gradient_to_image needs the 6-channel (x, 1 - x) input encoding, got {image.shape[1]} channels"
+        )
     contributions = (image * linear_mapping).sum(1, keepdim=True)
     rgb = linear_mapping / (linear_mapping.abs().max(1, keepdim=True).values + 1e-12)
     rgb = rgb.clamp(min=0)
@@ -75,8 +80,9 @@ class explanation_mode:
     def __enter__(self) -> nn.Module:
         for module in self.model.modules():
             switchable = hasattr(module, "set_explanation_mode") or (
-                callable(getattr(module, "explanation_mode", None)) and isinstance(getattr(module, "detach", None),
-                                                                                   bool))
+                callable(getattr(module, "explanation_mode", None))
+                and isinstance(getattr(module, "detach", None), bool)
+            )
             if switchable:
                 self.saved.append((module, bool(getattr(module, "detach", False))))
                 self._set(module, True)
@@ -116,16 +122,19 @@ def _targets(target: Target, prediction: Tensor, classes: int) -> Tensor:
     else:
         chosen = torch.as_tensor(target, device=prediction.device)
         if chosen.dtype.is_floating_point or chosen.dtype == torch.bool or chosen.dim() != 1 or chosen.shape[0] != n:
-            raise ValueError(f"target must be None, an int or {n} integer classes (one per sample), got a "
-                             f"{chosen.dtype} tensor of shape {tuple(chosen.shape)}")
+            raise ValueError(
+                f"target must be None, an int or {n} integer classes (one per sample), got a "
+                f"{chosen.dtype} tensor of shape {tuple(chosen.shape)}"
+            )
         chosen = chosen.long()
     if ((chosen < 0) | (chosen >= classes)).any():
         raise ValueError(f"target classes must lie in [0, {classes}), got {chosen.tolist()}")
     return chosen
 
 
-def explain(model: nn.Module, x: Tensor, target: Target = None, *, smooth: int = 15,
-            alpha_percentile: float = 99.5) -> Dict[str, object]:
+def explain(
+    model: nn.Module, x: Tensor, target: Target = None, *, smooth: int = 15, alpha_percentile: float = 99.5
+) -> Dict[str, object]:
     """Explanations of a batch, in one forward and one backward pass of ``model`` in explanation mode.
 
     x: (N, C, H, W) (the caller's tensor gets no gradient). target: None (explain each sample's prediction),
@@ -138,19 +147,25 @@ def explain(model: nn.Module, x: Tensor, target: Target = None, *, smooth: int =
       "logits" (N, classes).
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a (N, C, H, W) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"x must be a (N, C, H, W) tensor, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+        )
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if model.training:
-        warnings.warn("explain: the model is in training mode; its explanations differ from eval mode and the "
-                      "samples of the batch may interact (batch norm). Call model.eval() first.", stacklevel=2)
+        warnings.warn(
+            "explain: the model is in training mode; its explanations differ from eval mode and the "
+            "samples of the batch may interact (batch norm). Call model.eval() first.",
+            stacklevel=2,
+        )
     inputs = x.detach().requires_grad_(True)
     with torch.enable_grad(), explanation_mode(model), _parameters_frozen(model):
         logits = model(inputs)
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError(f"explain needs a model returning (N, classes) logits, got "
-                             f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+            raise ValueError(
+                f"explain needs a model returning (N, classes) logits, got "
+                f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
+            )
         prediction = logits.detach().max(1).indices
         explained = _targets(target, prediction, logits.shape[1])
         # each sample's logit only depends on its own input, so one backward gives all the rows
@@ -158,5 +173,11 @@ def explain(model: nn.Module, x: Tensor, target: Target = None, *, smooth: int =
         (weights,) = torch.autograd.grad(chosen, inputs)
     contribution_map = (x.detach() * weights).sum(1)
     explanation = gradient_to_image(x.detach(), weights, smooth, alpha_percentile) if x.shape[1] == 6 else None
-    return {"prediction": prediction, "explained_class": explained, "dynamic_linear_weights": weights,
-            "contribution_map": contribution_map, "explanation": explanation, "logits": logits.detach()}
+    return {
+        "prediction": prediction,
+        "explained_class": explained,
+        "dynamic_linear_weights": weights,
+        "contribution_map": contribution_map,
+        "explanation": explanation,
+        "logits": logits.detach(),
+    }

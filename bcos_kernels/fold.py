@@ -13,6 +13,7 @@ is folded.
 Training mode is untouched: a folded pair runs unfolded whenever the norm uses batch statistics, and the
 running_var update stays the norm's.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,7 +31,8 @@ __all__ = ["fold_batchnorm", "unfold_batchnorm"]
 def _is_uncentered_batch_norm(module: nn.Module) -> bool:
     # ours, or the `bcos` package's (same name and buffers; recognised by structure, it is not imported here)
     return isinstance(module, BatchNormUncentered2d) or (
-        isinstance(module, nn.BatchNorm2d) and type(module).__name__ == "BatchNormUncentered2d")
+        isinstance(module, nn.BatchNorm2d) and type(module).__name__ == "BatchNormUncentered2d"
+    )
 
 
 def _replace_children(model: nn.Module, replacements: Dict[int, nn.Module]) -> None:
@@ -102,8 +104,11 @@ def fold_batchnorm(model: nn.Module, example_input, rtol: float = 1e-4) -> nn.Mo
             expected = model(example_input)
         pairs = _conv_norm_pairs(model, example_input)
         # the `bcos` package's norm -> ours, the same parameters and buffers
-        swaps = {id(norm): BatchNormUncentered2d.from_module(norm) for _, norm in pairs
-                 if not isinstance(norm, BatchNormUncentered2d)}
+        swaps = {
+            id(norm): BatchNormUncentered2d.from_module(norm)
+            for _, norm in pairs
+            if not isinstance(norm, BatchNormUncentered2d)
+        }
         _replace_children(model, swaps)
         for conv, norm in pairs:
             new_norm = swaps.get(id(norm), norm)
@@ -112,8 +117,11 @@ def fold_batchnorm(model: nn.Module, example_input, rtol: float = 1e-4) -> nn.Mo
                 continue  # no fixed eval-mode scale (batch statistics in eval mode too)
             conv.fold_norm(new_norm)
         if not pairs:
-            warnings.warn("fold_batchnorm found no bcos_kernels B-cos conv followed by an uncentered batch norm "
-                          "(convert the model with bcos_kernels.convert first)", stacklevel=2)
+            warnings.warn(
+                "fold_batchnorm found no bcos_kernels B-cos conv followed by an uncentered batch norm "
+                "(convert the model with bcos_kernels.convert first)",
+                stacklevel=2,
+            )
             return model
         with torch.no_grad():
             folded = model(example_input)
@@ -121,9 +129,11 @@ def fold_batchnorm(model: nn.Module, example_input, rtol: float = 1e-4) -> nn.Mo
         limit = rtol * expected.double().abs().max().item()
         if not err <= limit:
             unfold_batchnorm(model)
-            raise RuntimeError(f"fold_batchnorm: the folded model's output differs from the unfolded one by {err:.3g}"
-                               f" (limit {limit:.3g}); a conv output probably also feeds something other than its "
-                               f"norm. Nothing was folded.")
+            raise RuntimeError(
+                f"fold_batchnorm: the folded model's output differs from the unfolded one by {err:.3g}"
+                f" (limit {limit:.3g}); a conv output probably also feeds something other than its "
+                f"norm. Nothing was folded."
+            )
     finally:
         for module, training in modes.items():
             module.training = training

@@ -7,6 +7,7 @@ torch (e.g. not for the CPU wheel this project is tested on). :func:`import_bcos
 tests' comparisons with the original code use; users on CPU machines without torchvision can use it
 the same way (``pip install --no-deps bcos``, then ``import_bcos_modules().BcosConv2d``).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """Collects every benchmark's record, prints the ratio table at the end and writes the results JSON."""
+
 import datetime
 import json
 import os
@@ -16,8 +17,9 @@ from report import render_text, table_rows  # noqa: E402
 
 _START = time.perf_counter()
 # What median_ms / iqr_ms are (bcos_kernels.timing.measure's two timers).
-TIMING = (("triton.testing.do_bench" if DEVICE.type == "cuda" else "torch.utils.benchmark.Timer.blocked_autorange")
-          + f", min_run_time_s={MIN_RUN_TIME_S}: median and interquartile range of the per-call times in ms")
+TIMING = (
+    "triton.testing.do_bench" if DEVICE.type == "cuda" else "torch.utils.benchmark.Timer.blocked_autorange"
+) + f", min_run_time_s={MIN_RUN_TIME_S}: median and interquartile range of the per-call times in ms"
 
 
 def device_name() -> str:
@@ -36,6 +38,7 @@ def device_name() -> str:
 def _results(tr):
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None

@@ -15,6 +15,7 @@ Memory ("peak_mem_mb"):
     plus the output, excluding the inputs and parameters themselves. That is the
     quantity that limits the batch size; it is the same for every mode.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -50,10 +51,10 @@ MIN_RUN_TIME_S = 0.01 if SMOKE else 0.2
 _ORIGINAL_OPS = ("bcos_conv2d", "bcos_linear", "model:bcos")
 _REFERENCE_OF = {
     "dau_conv2d": "bcos_kernels.ops.dau_conv2d.reference.dau_conv2d_original: exact re-implementation of "
-                  "moboehle/CoDA-Nets CoDAConv2d(DAUWeights) (materialises the per-pixel weights like the original)",
+    "moboehle/CoDA-Nets CoDAConv2d(DAUWeights) (materialises the per-pixel weights like the original)",
     "lwta": "bcos_kernels.ops.lwta.reference.lwta: exact re-implementation of konpanousis/DISCOVER's LWTA activation",
     "class_specific_gate": "bcos_kernels.ops.class_specific_gate.reference.class_specific_gate: exact "
-                           "re-implementation of hyliang96/CSGCNN's LearnableMaskLayer",
+    "re-implementation of hyliang96/CSGCNN's LearnableMaskLayer",
     "model:coda": "CoDA-Net CIFAR-10 9L (make_coda_net) whose layers run the DAU reference above",
 }
 
@@ -81,14 +82,19 @@ def baseline_description() -> dict:
     if bcos_installed():
         bcos = f"bcos {importlib.metadata.version('bcos')} (PyPI) modules and models"
         if not torchvision_installed():
-            bcos += ("; bcos.models.resnet imported with a stand-in torchvision.ops.StochasticDepth (torchvision is "
-                     "missing; the published ResNets never build it)")
+            bcos += (
+                "; bcos.models.resnet imported with a stand-in torchvision.ops.StochasticDepth (torchvision is "
+                "missing; the published ResNets never build it)"
+            )
     else:
         bcos = "bcos not installed: bcos ops ran against our reference, labelled reference"
-    return {"original": bcos, **{f"reference ({op})": text for op, text in _REFERENCE_OF.items()},
-            "plain": "a plain op of the same shape (conv2d / linear / relu / per-channel multiply): the limit",
-            "memory": "GPU: torch.cuda.max_memory_allocated over a forward+backward minus what was allocated before; "
-                      "CPU: bytes saved for backward plus the output (inputs and parameters excluded)"}
+    return {
+        "original": bcos,
+        **{f"reference ({op})": text for op, text in _REFERENCE_OF.items()},
+        "plain": "a plain op of the same shape (conv2d / linear / relu / per-channel multiply): the limit",
+        "memory": "GPU: torch.cuda.max_memory_allocated over a forward+backward minus what was allocated before; "
+        "CPU: bytes saved for backward plus the output (inputs and parameters excluded)",
+    }
 
 
 def sync():
@@ -99,6 +105,7 @@ def sync():
 @dataclass
 class Workload:
     """A forward closure over fixed inputs; ``leaves`` are the tensors that receive gradients."""
+
     forward: Callable[[], torch.Tensor]
     leaves: Sequence[torch.Tensor]
 
@@ -114,9 +121,11 @@ def run_mode(work: Workload, mode: str, min_run_time_s: float = MIN_RUN_TIME_S) 
     if mode == "fwd":
         fn = work.forward
     elif mode == "bwd":
+
         def fn():
             work.backward(out, grad, retain_graph=True)
     elif mode == "fwd+bwd":
+
         def fn():
             work.backward(work.forward(), grad)
     else:
@@ -188,8 +197,18 @@ class Fn(torch.nn.Module):
 _modules: dict = {}  # (op, case, dtype, provider) -> module: the modes of a case share one (compiled) module
 
 
-def bench(op: str, case: str, dtype: torch.dtype, mode: str, provider: str, build, inputs, shape: str,
-          grad_inputs=None, min_run_time_s: float = MIN_RUN_TIME_S):
+def bench(
+    op: str,
+    case: str,
+    dtype: torch.dtype,
+    mode: str,
+    provider: str,
+    build,
+    inputs,
+    shape: str,
+    grad_inputs=None,
+    min_run_time_s: float = MIN_RUN_TIME_S,
+):
     """Time ``build(provider)(*inputs)`` in ``mode`` and record it with its memory.
 
     ``build`` makes the module once per (op, case, dtype, provider); "*_compiled" providers get the module

@@ -11,6 +11,7 @@ convolutions (the limit a B-cos / CoDA network cannot beat):
 - ``largest_batch`` / ``gpu_step_fits``: the largest batch whose training step fits in GPU memory.
 - ``check_parity``: the benchmark refuses to time a model that disagrees with the original.
 """
+
 from __future__ import annotations
 
 import copy
@@ -83,8 +84,17 @@ def with_plain_layers(model: nn.Module) -> nn.Module:
         weight = m.linear.weight
         kw = dict(bias=False, device=weight.device, dtype=weight.dtype)
         if isinstance(m, conv_type):
-            new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                            padding_mode=m.padding_mode, **kw)
+            new = nn.Conv2d(
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                m.groups,
+                padding_mode=m.padding_mode,
+                **kw,
+            )
         else:
             new = nn.Linear(m.in_features, m.out_features, **kw)
         if m.max_out == 1:  # same parameters where the shapes agree (MaxOut layers have max_out times more filters)
@@ -104,9 +114,17 @@ class OriginalDAUConv2d(bnn.DAUConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rank_conv, expand_conv = self.weight_mod.weighting_f
-        return dau_conv2d_original(x, rank_conv.weight, expand_conv.weight, expand_conv.bias,
-                                   kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                                   norm=self.norm, detach=bool(self.detach))
+        return dau_conv2d_original(
+            x,
+            rank_conv.weight,
+            expand_conv.weight,
+            expand_conv.bias,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            norm=self.norm,
+            detach=bool(self.detach),
+        )
 
 
 class AdaptiveSumPool2d(nn.AdaptiveAvgPool2d):
@@ -152,8 +170,9 @@ def coda_net_cifar10(provider: str, seed: int = 0) -> nn.Sequential:
                 layers.append(OriginalDAUConv2d(cin, cout, rank, k, s, p, norm="squash"))
             else:
                 layers.append(bnn.DAUConv2d(cin, cout, rank, k, s, p, norm="squash", backend=provider))
-    return nn.Sequential(*layers, AdaptiveSumPool2d((1, 1)),
-                         FinalLayer(CODA_CIFAR10_LOGIT_TEMPERATURE, CODA_CIFAR10_LOGIT_BIAS))
+    return nn.Sequential(
+        *layers, AdaptiveSumPool2d((1, 1)), FinalLayer(CODA_CIFAR10_LOGIT_TEMPERATURE, CODA_CIFAR10_LOGIT_BIAS)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +207,8 @@ def largest_batch(fits: Callable[[int], bool], start: int = 1, limit: int = 4096
 def _is_oom(error: BaseException) -> bool:
     # cuDNN / cuBLAS workspace allocations that fail surface as a RuntimeError saying "out of memory".
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error))
+        isinstance(error, RuntimeError) and "out of memory" in str(error)
+    )
 
 
 def _train_step(make_workload: Callable[[int], Workload], batch: int) -> None:
@@ -243,8 +263,9 @@ def _max_error(name: str, ours: torch.Tensor, ref: torch.Tensor, rtol: float, at
     return None
 
 
-def check_parity(reference_model: nn.Module, our_model: nn.Module, x: torch.Tensor, rtol: float,
-                 atol: float = 0.0) -> None:
+def check_parity(
+    reference_model: nn.Module, our_model: nn.Module, x: torch.Tensor, rtol: float, atol: float = 0.0
+) -> None:
     """Forward outputs and input gradients of the two models on ``x`` (and one fixed random output gradient) agree
     to ``atol + rtol * max |reference|``; AssertionError with the max error otherwise."""
     results = []
@@ -258,7 +279,13 @@ def check_parity(reference_model: nn.Module, our_model: nn.Module, x: torch.Tens
         (grad,) = torch.autograd.grad(out, xi, grad_out)
         results.append((out.detach(), grad))
     (ref_out, ref_grad), (out, grad) = results
-    errors = [e for e in (_max_error("output", out, ref_out, rtol, atol),
-                          _max_error("input gradient", grad, ref_grad, rtol, atol)) if e]
+    errors = [
+        e
+        for e in (
+            _max_error("output", out, ref_out, rtol, atol),
+            _max_error("input gradient", grad, ref_grad, rtol, atol),
+        )
+        if e
+    ]
     if errors:
         raise AssertionError("model parity with the original failed: " + "; ".join(errors))

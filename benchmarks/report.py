@@ -11,6 +11,7 @@ Per (op, case, dtype, mode): each provider's median ms, then
 "ours" is the fastest of our backends that ran ("cuda", "triton", "cpu", "torch").
 Records carry "iqr_ms" next to "median_ms" (files written before bcos_kernels.timing lack it; both are read).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,18 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
 
 OURS = ("cuda", "triton", "cpu", "torch")
-PROVIDER_ORDER = ("original", "original_compiled", "original_batched", "reference", "reference_compiled", "torch",
-                  "cpu", "triton", "cuda", "plain")
+PROVIDER_ORDER = (
+    "original",
+    "original_compiled",
+    "original_batched",
+    "reference",
+    "reference_compiled",
+    "torch",
+    "cpu",
+    "triton",
+    "cuda",
+    "plain",
+)
 
 
 def _get(r, key):
@@ -44,13 +55,21 @@ def table_rows(records: Iterable, mode: Optional[str] = None, dtype: Optional[st
         mem = {p: _get(r, "peak_mem_mb") for p, r in by.items()}
         ours = min((p for p in OURS if p in by), key=lambda p: ms[p], default=None)
         base = "original" if "original" in by else ("reference" if "reference" in by else None)
-        rows.append(dict(
-            op=op, case=case, dtype=dt, mode=md, ms=ms, ours=ours, base=base,
-            base_over_ours=_ratio(ms.get(base), ms.get(ours)),
-            ours_over_plain=_ratio(ms.get(ours), ms.get("plain")),
-            mem_base_over_ours=_ratio(mem.get(base), mem.get(ours)),
-            mem_ours_over_plain=_ratio(mem.get(ours), mem.get("plain")),
-        ))
+        rows.append(
+            dict(
+                op=op,
+                case=case,
+                dtype=dt,
+                mode=md,
+                ms=ms,
+                ours=ours,
+                base=base,
+                base_over_ours=_ratio(ms.get(base), ms.get(ours)),
+                ours_over_plain=_ratio(ms.get(ours), ms.get("plain")),
+                mem_base_over_ours=_ratio(mem.get(base), mem.get(ours)),
+                mem_ours_over_plain=_ratio(mem.get(ours), mem.get("plain")),
+            )
+        )
     return rows
 
 
@@ -63,16 +82,23 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-RATIO_COLUMNS = (("base/ours", "base_over_ours"), ("ours/plain", "ours_over_plain"),
-                 ("mem base/ours", "mem_base_over_ours"), ("mem ours/plain", "mem_ours_over_plain"))
+RATIO_COLUMNS = (
+    ("base/ours", "base_over_ours"),
+    ("ours/plain", "ours_over_plain"),
+    ("mem base/ours", "mem_base_over_ours"),
+    ("mem ours/plain", "mem_ours_over_plain"),
+)
 
 
 def render_text(rows: List[Dict]) -> str:
     providers = _providers(rows)
     head = f"{'op':<20} {'case':<44} {'dtype':<9} {'mode':<8}" + "".join(f"{p[:17]:>18}" for p in providers)
     head += "".join(f"{title:>15}" for title, _ in RATIO_COLUMNS) + f"  {'ours':<6}"
-    lines = ["median ms per provider; ours = the fastest of " + "/".join(OURS) + " that ran; "
-             "base = original (else our reference of it)", head]
+    lines = [
+        "median ms per provider; ours = the fastest of " + "/".join(OURS) + " that ran; "
+        "base = original (else our reference of it)",
+        head,
+    ]
     for row in rows:
         line = f"{row['op']:<20} {row['case'][:44]:<44} {row['dtype']:<9} {row['mode']:<8}"
         line += "".join(f"{_fmt(row['ms'].get(p), 3):>18}" for p in providers)
@@ -96,17 +122,52 @@ def render_markdown(rows: List[Dict]) -> str:
 # The speed goals set for the GPU run (issue 9), as (goal, op, case prefix, dtype, ratio key, "at most"/"at least",
 # bound). Each goal must hold for every case it covers; the reported figure is the worst one.
 GOALS = (
-    ("B-cos conv fwd+bwd, ResNet-50 layers, bf16: at most 1.15x a plain conv", "bcos_conv2d", "resnet50 ", "bfloat16",
-     "ours_over_plain", "at most", 1.15),
-    ("B-cos conv fwd+bwd, ResNet-50 layers, bf16: at least 2x faster than the original", "bcos_conv2d", "resnet50 ",
-     "bfloat16", "base_over_ours", "at least", 2.0),
-    ("CoDA-Net CIFAR-10 train step: at least 5x faster than the original", "model", "CoDA-Net CIFAR-10 9L train step",
-     None, "base_over_ours", "at least", 5.0),
-    ("CoDA-Net CIFAR-10 train step: at least 10x less peak memory than the original", "model",
-     "CoDA-Net CIFAR-10 9L train step", None, "mem_base_over_ours", "at least", 10.0),
+    (
+        "B-cos conv fwd+bwd, ResNet-50 layers, bf16: at most 1.15x a plain conv",
+        "bcos_conv2d",
+        "resnet50 ",
+        "bfloat16",
+        "ours_over_plain",
+        "at most",
+        1.15,
+    ),
+    (
+        "B-cos conv fwd+bwd, ResNet-50 layers, bf16: at least 2x faster than the original",
+        "bcos_conv2d",
+        "resnet50 ",
+        "bfloat16",
+        "base_over_ours",
+        "at least",
+        2.0,
+    ),
+    (
+        "CoDA-Net CIFAR-10 train step: at least 5x faster than the original",
+        "model",
+        "CoDA-Net CIFAR-10 9L train step",
+        None,
+        "base_over_ours",
+        "at least",
+        5.0,
+    ),
+    (
+        "CoDA-Net CIFAR-10 train step: at least 10x less peak memory than the original",
+        "model",
+        "CoDA-Net CIFAR-10 9L train step",
+        None,
+        "mem_base_over_ours",
+        "at least",
+        10.0,
+    ),
     ("LWTA fwd+bwd: at least 4x faster than the original", "lwta", "", None, "base_over_ours", "at least", 4.0),
-    ("Class-specific gate fwd+bwd: at least 20x faster than the original", "class_specific_gate", "", None,
-     "base_over_ours", "at least", 20.0),
+    (
+        "Class-specific gate fwd+bwd: at least 20x faster than the original",
+        "class_specific_gate",
+        "",
+        None,
+        "base_over_ours",
+        "at least",
+        20.0,
+    ),
 )
 
 
@@ -115,16 +176,30 @@ def goal_rows(records: Iterable) -> List[Dict]:
     rows = table_rows(records, mode="fwd+bwd")
     out = []
     for goal, op, prefix, dtype, key, direction, bound in GOALS:
-        covered = [r for r in rows if r["op"] == op and r["case"].startswith(prefix) and not r["case"].endswith(
-            "largest batch") and (dtype is None or r["dtype"] == dtype) and r[key] is not None]
+        covered = [
+            r
+            for r in rows
+            if r["op"] == op
+            and r["case"].startswith(prefix)
+            and not r["case"].endswith("largest batch")
+            and (dtype is None or r["dtype"] == dtype)
+            and r[key] is not None
+        ]
         if not covered:
             out.append(dict(goal=goal, measured=None, met=None, worst_case=None, cases=0))
             continue
         at_most = direction == "at most"
         worst = (max if at_most else min)(covered, key=lambda r: r[key])
         value = worst[key]
-        out.append(dict(goal=goal, measured=value, met=value <= bound if at_most else value >= bound,
-                        worst_case=f"{worst['case']} ({worst['dtype']}, {worst['ours']})", cases=len(covered)))
+        out.append(
+            dict(
+                goal=goal,
+                measured=value,
+                met=value <= bound if at_most else value >= bound,
+                worst_case=f"{worst['case']} ({worst['dtype']}, {worst['ours']})",
+                cases=len(covered),
+            )
+        )
     return out
 
 
@@ -132,8 +207,9 @@ def render_goals(rows: List[Dict]) -> str:
     lines = ["| goal | measured (worst case) | met | worst case | cases |", "|---|---|---|---|---|"]
     for row in rows:
         met = "not measured" if row["met"] is None else ("yes" if row["met"] else "NO")
-        lines.append(f"| {row['goal']} | {_fmt(row['measured'])} | {met} | {row['worst_case'] or '-'} | "
-                     f"{row['cases']} |")
+        lines.append(
+            f"| {row['goal']} | {_fmt(row['measured'])} | {met} | {row['worst_case'] or '-'} | {row['cases']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -159,8 +235,11 @@ def _header(results: Dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="a results JSON written by `pytest benchmarks/` (with --merge: "
-                        "the output file, then the parts)")
+    parser.add_argument(
+        "results",
+        nargs="+",
+        help="a results JSON written by `pytest benchmarks/` (with --merge: the output file, then the parts)",
+    )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--goals", action="store_true", help="the speed goals against the figures in the file")
     parser.add_argument("--merge", action="store_true", help="write RESULTS[0] from the parts RESULTS[1:]")
@@ -184,8 +263,10 @@ def main(argv=None):
     if args.goals:
         print(_header(results))
         if results["device"].startswith("CPU"):
-            print("These goals are set for a GPU at batch 64; this file was measured elsewhere, at the sizes in its "
-                  "records' shapes.\n")
+            print(
+                "These goals are set for a GPU at batch 64; this file was measured elsewhere, at the sizes in its "
+                "records' shapes.\n"
+            )
         print(render_goals(goal_rows(results["records"])), end="")
         return
     rows = table_rows(results["records"], args.mode, args.dtype)

@@ -8,6 +8,7 @@ The case lists are generated from the architectures by small generator functions
 function of (gpu, smoke, all_shapes) so tests/test_benchmark_shapes.py can check every mode on any machine, and
 checks the generated layers against the original models (traced with forward hooks).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,6 +56,7 @@ def _by_name(cases: Sequence, names: Iterable[str]) -> list:
 @dataclass(frozen=True)
 class LayerCase:
     """A convolution-like layer of a model (the B-cos and CoDA cases add their own fields)."""
+
     model: str
     name: str
     cin: int
@@ -67,6 +69,7 @@ class LayerCase:
 @dataclass(frozen=True)
 class ConvCase(LayerCase):
     """One distinct BcosConv2d of a model; `count` = how many of the model's layers have exactly this shape."""
+
     hw: int  # H = W of the layer's input
     count: int
 
@@ -75,15 +78,21 @@ class ConvCase(LayerCase):
 ConvLayer = Tuple[str, int, int, int, int, int, int]
 
 
-def _resnet50_convs(image: int = 224, in_chans: int = 6, blocks: Sequence[int] = (3, 4, 6, 3), width: int = 64,
-                    expansion: int = 4, classes: int = 1000) -> Iterator[ConvLayer]:
+def _resnet50_convs(
+    image: int = 224,
+    in_chans: int = 6,
+    blocks: Sequence[int] = (3, 4, 6, 3),
+    width: int = 64,
+    expansion: int = 4,
+    classes: int = 1000,
+) -> Iterator[ConvLayer]:
     """BcosResNet(Bottleneck, [3, 4, 6, 3]) of bcos/models/resnet.py, every BcosConv2d in forward order."""
     hw = image
     yield "conv1", in_chans, width, 7, 2, 3, hw  # stem: 7x7 s2 p3 (small_inputs=False)
     hw = _out_hw(_out_hw(hw, 7, 2, 3), 3, 2, 1)  # then AvgPool2d(3, 2, 1): 224 -> 112 -> 56
     cin = width
     for stage, n_blocks in enumerate(blocks):
-        planes = width * 2 ** stage
+        planes = width * 2**stage
         cout = planes * expansion
         for b in range(n_blocks):
             stride = 2 if stage > 0 and b == 0 else 1  # v1.5 / B-cos v2: the stride sits on the 3x3 conv
@@ -98,9 +107,15 @@ def _resnet50_convs(image: int = 224, in_chans: int = 6, blocks: Sequence[int] =
     yield "fc", cin, classes, 1, 1, 0, hw  # classifier: a 1x1 BcosConv2d on the 7x7 map, before the avg pool
 
 
-def _densenet121_convs(image: int = 224, in_chans: int = 6, blocks: Sequence[int] = (6, 12, 24, 16),
-                       growth: int = 32, bn_size: int = 4, init_features: int = 64,
-                       classes: int = 1000) -> Iterator[ConvLayer]:
+def _densenet121_convs(
+    image: int = 224,
+    in_chans: int = 6,
+    blocks: Sequence[int] = (6, 12, 24, 16),
+    growth: int = 32,
+    bn_size: int = 4,
+    init_features: int = 64,
+    classes: int = 1000,
+) -> Iterator[ConvLayer]:
     """BcosDenseNet(32, (6, 12, 24, 16), 64) of bcos/models/densenet.py, every BcosConv2d in forward order."""
     hw = image
     yield "features.conv0", in_chans, init_features, 7, 2, 3, hw
@@ -126,8 +141,9 @@ def _distinct_convs(model: str, layers: Iterable[ConvLayer]) -> List[ConvCase]:
     """One case per distinct (cin, cout, k, stride, padding, hw), named after its first layer, with the count."""
     cases = []
     for (cin, cout, k, stride, padding, hw), (path, count) in _group(layers).items():
-        cases.append(ConvCase(model, _conv_name(model, path, cin, cout, k, stride, hw), cin, cout, k, stride, padding,
-                              hw, count))
+        cases.append(
+            ConvCase(model, _conv_name(model, path, cin, cout, k, stride, hw), cin, cout, k, stride, padding, hw, count)
+        )
     return cases
 
 
@@ -171,6 +187,7 @@ BCOS_CONV_BATCH = 2 if SMOKE else (64 if GPU else 4)
 @dataclass(frozen=True)
 class LinearCase:
     """One distinct BcosLinear; `rows` = rows per image (tokens, or 1 for the head), `count` = layers of the shape."""
+
     model: str
     name: str
     cin: int
@@ -188,9 +205,16 @@ VIT_B16_PATCH_TOKENS = 196  # what the real model runs (tests/test_benchmark_sha
 LinearLayer = Tuple[str, int, int, int]
 
 
-def _simple_vit_linears(image: int = 224, patch: int = 16, channels: int = 6, dim: int = 768, depth: int = 12,
-                        mlp_dim: int = 3072, classes: int = 1000,
-                        tokens: int = VIT_B16_TOKENS) -> Iterator[LinearLayer]:
+def _simple_vit_linears(
+    image: int = 224,
+    patch: int = 16,
+    channels: int = 6,
+    dim: int = 768,
+    depth: int = 12,
+    mlp_dim: int = 3072,
+    classes: int = 1000,
+    tokens: int = VIT_B16_TOKENS,
+) -> Iterator[LinearLayer]:
     """SimpleViT of bcos/models/vit.py, every BcosLinear in forward order."""
     yield "to_patch_embedding.linear", channels * patch * patch, dim, tokens
     for i in range(depth):
@@ -239,20 +263,33 @@ def _coda_arch(in_channels, out_channels, kernels, strides, paddings, ranks):
 
 
 # "9L-S-CoDA-SQ-1000": 6-channel (x, 1-x) 32x32 input, squash norm, logit temperature 1000.
-CODA_CIFAR10_ARCH = _coda_arch(6, [16] * 2 + [32] * 3 + [64] * 3 + [10], [3] * 8 + [1], [1, 1, 2, 1, 1, 2, 1, 1, 1],
-                               [1] * 8 + [0], [32] * 2 + [64] * 3 + [64] * 4)
+CODA_CIFAR10_ARCH = _coda_arch(
+    6,
+    [16] * 2 + [32] * 3 + [64] * 3 + [10],
+    [3] * 8 + [1],
+    [1, 1, 2, 1, 1, 2, 1, 1, 1],
+    [1] * 8 + [0],
+    [32] * 2 + [64] * 3 + [64] * 4,
+)
 CODA_CIFAR10_IMAGE = 32
 CODA_CIFAR10_LOGIT_TEMPERATURE = 1000
 CODA_CIFAR10_LOGIT_BIAS = -2.1972245773362196  # log(.1 / .9)
 # "9L-L-CoDA-SQ-100000" (ImageNet-100): 240x240 crops, logit temperature 1e5.
-CODA_IMAGENET100_ARCH = _coda_arch(6, [16] + [32] * 2 + [64] * 5 + [100], [7] + [3] * 8, [3, 1, 1, 2, 1, 1, 2, 1, 1],
-                                   [3] + [1] * 8, [64] * 3 + [128] * 3 + [256] * 3)
+CODA_IMAGENET100_ARCH = _coda_arch(
+    6,
+    [16] + [32] * 2 + [64] * 5 + [100],
+    [7] + [3] * 8,
+    [3, 1, 1, 2, 1, 1, 2, 1, 1],
+    [3] + [1] * 8,
+    [64] * 3 + [128] * 3 + [256] * 3,
+)
 CODA_IMAGENET100_IMAGE = 240
 
 
 @dataclass(frozen=True)
 class DAUCase(LayerCase):
     """One CoDA layer (DAUConv2d) with the batch it is benchmarked at."""
+
     rank: int
     hw: int  # H = W of the layer's input
     batch: int
@@ -262,8 +299,20 @@ def _coda_layer_cases(model, arch, image, batch) -> List[DAUCase]:
     """Every layer of a CoDA-Net, in order, with the H = W of its input."""
     cases, hw = [], image
     for i, (cin, cout, k, s, p, r) in enumerate(arch):
-        cases.append(DAUCase(model, f"{model} L{i + 1} {k}x{k} {cin}->{cout} r{r}{_stride_tag(s)} @{hw}",
-                             cin, cout, k, s, p, r, hw, batch))
+        cases.append(
+            DAUCase(
+                model,
+                f"{model} L{i + 1} {k}x{k} {cin}->{cout} r{r}{_stride_tag(s)} @{hw}",
+                cin,
+                cout,
+                k,
+                s,
+                p,
+                r,
+                hw,
+                batch,
+            )
+        )
         hw = _out_hw(hw, k, s, p)
     return cases
 
@@ -277,8 +326,20 @@ def _distinct_dau(cases: Sequence[DAUCase]) -> List[DAUCase]:
     for same in groups.values():
         c = same[0]
         labels = ",".join(s.name.split()[1] for s in same)
-        out.append(DAUCase(c.model, " ".join([c.model, labels] + c.name.split()[2:]), c.cin, c.cout, c.k, c.stride,
-                           c.padding, c.rank, c.hw, c.batch))
+        out.append(
+            DAUCase(
+                c.model,
+                " ".join([c.model, labels] + c.name.split()[2:]),
+                c.cin,
+                c.cout,
+                c.k,
+                c.stride,
+                c.padding,
+                c.rank,
+                c.hw,
+                c.batch,
+            )
+        )
     return out
 
 
@@ -303,9 +364,12 @@ def coda_layers(gpu: bool, smoke: bool) -> Tuple[List[DAUCase], List[DAUCase]]:
     """(CIFAR-10 layers, ImageNet-100 layers): distinct shapes only, each named after the layers that have it
     (CIFAR-10 layers 4 and 5, and 7 and 8, share a shape ("L4,L5"), as do ImageNet-100's layers 5 and 6)."""
     cifar_batch, imagenet_batch = _coda_batches(gpu, smoke)
-    return (_distinct_dau(_coda_layer_cases("coda_cifar10", CODA_CIFAR10_ARCH, CODA_CIFAR10_IMAGE, cifar_batch)),
-            _distinct_dau(_coda_layer_cases("coda_imagenet100", CODA_IMAGENET100_ARCH, CODA_IMAGENET100_IMAGE,
-                                            imagenet_batch)))
+    return (
+        _distinct_dau(_coda_layer_cases("coda_cifar10", CODA_CIFAR10_ARCH, CODA_CIFAR10_IMAGE, cifar_batch)),
+        _distinct_dau(
+            _coda_layer_cases("coda_imagenet100", CODA_IMAGENET100_ARCH, CODA_IMAGENET100_IMAGE, imagenet_batch)
+        ),
+    )
 
 
 CODA_CIFAR10_LAYERS, CODA_IMAGENET100_LAYERS = coda_layers(GPU, SMOKE)
@@ -341,6 +405,7 @@ DAU_CASES = select_dau_cases(GPU, SMOKE, ALL_SHAPES)
 @dataclass(frozen=True)
 class ShapeCase:
     """A case whose input is one tensor of ``shape`` (the LWTA and gate cases add their one parameter)."""
+
     name: str
     shape: Tuple[int, ...]
 
@@ -355,8 +420,13 @@ def _shape_str(shape: Sequence[int]) -> str:
 
 
 def _lwta_cases(conv_batch: int, deit_batch: int) -> List[LWTACase]:
-    resnet18 = [("stem", (64, 112, 112)), ("layer1", (64, 56, 56)), ("layer2", (128, 28, 28)),
-                ("layer3", (256, 14, 14)), ("layer4", (512, 7, 7))]
+    resnet18 = [
+        ("stem", (64, 112, 112)),
+        ("layer1", (64, 56, 56)),
+        ("layer2", (128, 28, 28)),
+        ("layer3", (256, 14, 14)),
+        ("layer4", (512, 7, 7)),
+    ]
     runs = [(f"resnet18 {role}", (conv_batch,) + chw, 2) for role, chw in resnet18]
     runs.append(("resnet18 layer1", (conv_batch, 64, 56, 56), 8))
     runs.append(("deit-s mlp", (deit_batch, 197, 1536), 12))
@@ -405,8 +475,10 @@ def select_csg_cases(gpu: bool, smoke: bool, all_shapes: bool) -> List[CSGCase]:
     if smoke:
         return [SMOKE_CSG]
     # CPU: the VOC-Part case keeps its real batch (1 M elements); the ImageNet case runs 8 images.
-    return [_csg_case("resnet152 layer4 voc-part", (32, 2048, 4, 4), 6),
-            _csg_case("resnet152 layer4 imagenet", (64 if gpu else 8, 2048, 7, 7), 1000)]
+    return [
+        _csg_case("resnet152 layer4 voc-part", (32, 2048, 4, 4), 6),
+        _csg_case("resnet152 layer4 imagenet", (64 if gpu else 8, 2048, 7, 7), 1000),
+    ]
 
 
 CSG_CASES = select_csg_cases(GPU, SMOKE, ALL_SHAPES)

@@ -1,6 +1,7 @@
 """B-cos conv2d and linear at every distinct layer shape of B-cos ResNet-50, DenseNet-121 and ViT-B/16: the
 original `bcos` modules (else our reference, labelled so), torch.compile of them, each backend of ours and a plain
 conv2d/linear of the same shape (the limit a B-cos layer cannot beat)."""
+
 import pytest
 import torch
 from harness import DEVICE, DTYPES, MODES, baseline_providers, bench, our_providers, reference_backend
@@ -37,8 +38,16 @@ def _linear_module(provider, c):
 @pytest.mark.parametrize("case", BCOS_CONVS, ids=lambda c: c.name)
 def test_bcos_conv2d(case, dtype, provider, mode):
     x = torch.randn(BCOS_CONV_BATCH, case.cin, case.hw, case.hw, device=DEVICE, dtype=dtype)
-    bench("bcos_conv2d", case.name, dtype, mode, provider, lambda pr: _conv_module(pr, case), [x],
-          f"x={list(x.shape)} out={case.cout} k={case.k} s={case.stride} p={case.padding} x{case.count} in model")
+    bench(
+        "bcos_conv2d",
+        case.name,
+        dtype,
+        mode,
+        provider,
+        lambda pr: _conv_module(pr, case),
+        [x],
+        f"x={list(x.shape)} out={case.cout} k={case.k} s={case.stride} p={case.padding} x{case.count} in model",
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -47,5 +56,13 @@ def test_bcos_conv2d(case, dtype, provider, mode):
 @pytest.mark.parametrize("case", BCOS_LINEARS, ids=lambda c: c.name)
 def test_bcos_linear(case, dtype, provider, mode):
     x = torch.randn(BCOS_LINEAR_BATCH, case.rows, case.cin, device=DEVICE, dtype=dtype)
-    bench("bcos_linear", case.name, dtype, mode, provider, lambda pr: _linear_module(pr, case), [x],
-          f"x={list(x.shape)} out={case.cout} x{case.count} in model")
+    bench(
+        "bcos_linear",
+        case.name,
+        dtype,
+        mode,
+        provider,
+        lambda pr: _linear_module(pr, case),
+        [x],
+        f"x={list(x.shape)} out={case.cout} x{case.count} in model",
+    )

@@ -1,6 +1,7 @@
 """CoDA dynamic alignment units at the layers of CoDA-Net CIFAR-10 (9L) and ImageNet-100. The original CoDA code
 is not an installable package, so the baseline is our exact reference of it (it materialises the per-pixel dynamic
 weights like the original), labelled "reference". "plain" is a conv2d of the same shape: the limit."""
+
 import pytest
 import torch
 from harness import DEVICE, DTYPES, MODES, Fn, baseline_providers, bench, our_providers
@@ -15,14 +16,34 @@ PROVIDERS = baseline_providers("dau_conv2d") + our_providers("dau_conv2d") + ["p
 def _dau_module(provider, c):
     if provider == "plain":
         return torch.nn.Conv2d(c.cin, c.cout, c.k, c.stride, c.padding, bias=False)
-    layer = bnn.DAUConv2d(c.cin, c.cout, c.rank, kernel_size=c.k, stride=c.stride, padding=c.padding,
-                          backend=None if provider == "reference" else provider)
+    layer = bnn.DAUConv2d(
+        c.cin,
+        c.cout,
+        c.rank,
+        kernel_size=c.k,
+        stride=c.stride,
+        padding=c.padding,
+        backend=None if provider == "reference" else provider,
+    )
     if provider != "reference":
         return layer
     w = layer.weight_mod.weighting_f
-    return Fn(lambda x: dau_ref.dau_conv2d_original(x, w[0].weight, w[1].weight, w[1].bias, kernel_size=c.k,
-                                                    stride=c.stride, padding=c.padding, norm="squash", detach=False),
-              w[0].weight, w[1].weight, w[1].bias)
+    return Fn(
+        lambda x: dau_ref.dau_conv2d_original(
+            x,
+            w[0].weight,
+            w[1].weight,
+            w[1].bias,
+            kernel_size=c.k,
+            stride=c.stride,
+            padding=c.padding,
+            norm="squash",
+            detach=False,
+        ),
+        w[0].weight,
+        w[1].weight,
+        w[1].bias,
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -31,5 +52,13 @@ def _dau_module(provider, c):
 @pytest.mark.parametrize("case", DAU_CASES, ids=lambda c: c.name)
 def test_dau_conv2d(case, dtype, provider, mode):
     x = torch.randn(case.batch, case.cin, case.hw, case.hw, device=DEVICE, dtype=dtype)
-    bench("dau_conv2d", case.name, dtype, mode, provider, lambda pr: _dau_module(pr, case), [x],
-          f"x={list(x.shape)} out={case.cout} k={case.k} s={case.stride} p={case.padding} r={case.rank}")
+    bench(
+        "dau_conv2d",
+        case.name,
+        dtype,
+        mode,
+        provider,
+        lambda pr: _dau_module(pr, case),
+        [x],
+        f"x={list(x.shape)} out={case.cout} k={case.k} s={case.stride} p={case.padding} r={case.rank}",
+    )

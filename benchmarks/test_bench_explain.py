@@ -12,6 +12,7 @@ Memory: on a GPU the peak allocated during one explanation minus what was alloca
 the forward saves for the backward plus the logits (the harness's CPU measure), of the batch (the loop: of one
 image, which is all it holds at a time).
 """
+
 import copy
 import functools
 
@@ -43,8 +44,10 @@ IMAGE = RESNET50_MODEL_IMAGE if GPU or SMOKE else 112
 PROVIDERS = ["original", "original_batched"] + our_providers("bcos_conv2d")
 PARITY_RTOL = 1e-3
 
-pytestmark = pytest.mark.skipif(not bcos_installed(), reason="the original `bcos` package is not installed: no "
-                                                             "B-cos ResNet-50 and no original explain() to compare")
+pytestmark = pytest.mark.skipif(
+    not bcos_installed(),
+    reason="the original `bcos` package is not installed: no B-cos ResNet-50 and no original explain() to compare",
+)
 
 
 def _images() -> torch.Tensor:
@@ -67,7 +70,7 @@ def _original() -> torch.nn.Module:
 def _loop(model, x):
     # the original API: one image at a time, the gradient left on the image tensor
     for i in range(x.shape[0]):
-        model.explain(x[i:i + 1].clone().requires_grad_(True))
+        model.explain(x[i : i + 1].clone().requires_grad_(True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,13 +90,15 @@ def _check_parity(provider: str, x: torch.Tensor) -> None:
     explain, _ = _build(provider)
     ours = explain(x[:2])
     for i in range(2):
-        expected = _original().explain(x[i:i + 1].clone().requires_grad_(True))
+        expected = _original().explain(x[i : i + 1].clone().requires_grad_(True))
         weights = expected["dynamic_linear_weights"][0]
         err = (ours["dynamic_linear_weights"][i] - weights).abs().max().item()
         if ours["prediction"][i].item() != expected["prediction"] or err > PARITY_RTOL * weights.abs().max().item():
-            pytest.fail(f"{CASE}, {provider}: not timed: image {i} differs from the original explain() "
-                        f"(prediction {ours['prediction'][i].item()} vs {expected['prediction']}, max |diff| of the "
-                        f"dynamic linear weights {err:.3g})")
+            pytest.fail(
+                f"{CASE}, {provider}: not timed: image {i} differs from the original explain() "
+                f"(prediction {ours['prediction'][i].item()} vs {expected['prediction']}, max |diff| of the "
+                f"dynamic linear weights {err:.3g})"
+            )
 
 
 def _memory_mb(provider: str, x: torch.Tensor) -> float:
@@ -118,5 +123,16 @@ def test_explain_batch(provider):
         _check_parity(provider, x)
     explain, _ = _build(provider)
     timing = measure(lambda: explain(x), device=DEVICE, min_run_time_s=MIN_RUN_TIME_S)
-    RECORDS.append(Record("explain", CASE, "float32", "fwd+bwd", provider, timing.median_ms, timing.iqr_ms,
-                          _memory_mb(provider, x), f"x=[{BATCH}, 6, {IMAGE}, {IMAGE}]"))
+    RECORDS.append(
+        Record(
+            "explain",
+            CASE,
+            "float32",
+            "fwd+bwd",
+            provider,
+            timing.median_ms,
+            timing.iqr_ms,
+            _memory_mb(provider, x),
+            f"x=[{BATCH}, 6, {IMAGE}, {IMAGE}]",
+        )
+    )

@@ -1,6 +1,7 @@
 """DISCOVER's LWTA and CSG's class-specific gate. The originals are not installable packages, so the baseline is
 our exact reference of them, labelled "reference". "plain" is the cheapest op touching the same memory: the ReLU
 that LWTA replaces in DISCOVER's networks, and for the gate a multiply by a per-(sample, channel) factor."""
+
 import pytest
 import torch
 from harness import DEVICE, DTYPES, MODES, Fn, baseline_providers, bench, our_providers
@@ -25,8 +26,16 @@ def _lwta_module(provider, u):
 @pytest.mark.parametrize("case", LWTA_CASES, ids=lambda c: c.name)
 def test_lwta(case, dtype, provider, mode):
     x = torch.randn(case.shape, device=DEVICE, dtype=dtype)
-    bench("lwta", case.name, dtype, mode, provider, lambda pr: _lwta_module(pr, case.U), [x],
-          f"x={list(case.shape)} U={case.U}")
+    bench(
+        "lwta",
+        case.name,
+        dtype,
+        mode,
+        provider,
+        lambda pr: _lwta_module(pr, case.U),
+        [x],
+        f"x={list(case.shape)} U={case.U}",
+    )
 
 
 def _gate_module(provider, shape, classes):
@@ -40,13 +49,21 @@ def _gate_module(provider, shape, classes):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", baseline_providers("class_specific_gate") + our_providers("class_specific_gate")
-                         + ["plain"])
+@pytest.mark.parametrize(
+    "provider", baseline_providers("class_specific_gate") + our_providers("class_specific_gate") + ["plain"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", CSG_CASES, ids=lambda c: c.name)
 def test_class_specific_gate(case, dtype, provider, mode):
     x = torch.randn(case.shape, device=DEVICE, dtype=dtype)
     labels = torch.randint(0, case.classes, (case.shape[0],), device=DEVICE)
-    bench("class_specific_gate", case.name, dtype, mode, provider,
-          lambda pr: _gate_module(pr, case.shape, case.classes), [x, labels],
-          f"x={list(case.shape)} K={case.classes}")
+    bench(
+        "class_specific_gate",
+        case.name,
+        dtype,
+        mode,
+        provider,
+        lambda pr: _gate_module(pr, case.shape, case.classes),
+        [x, labels],
+        f"x={list(case.shape)} K={case.classes}",
+    )

@@ -7,6 +7,7 @@ Every provider of ours is first checked against the original on a small float32 
 check_parity): a model that disagrees with the original is not timed. On a GPU, the largest batch whose training
 step fits in memory is searched and recorded as the case "<case> largest batch".
 """
+
 import contextlib
 import copy
 import functools
@@ -68,8 +69,10 @@ PARITY_RTOL = 1e-3
 PARITY_IMAGE = max(RESNET50_MODEL_IMAGE, 64)
 
 skip_without_bcos = pytest.mark.skipif(
-    not bcos_installed(), reason="the original `bcos` package is not installed (pip install --no-deps bcos==0.1.3): "
-                                 "no B-cos ResNet-50 to time (the CoDA-Net case still runs)")
+    not bcos_installed(),
+    reason="the original `bcos` package is not installed (pip install --no-deps bcos==0.1.3): "
+    "no B-cos ResNet-50 to time (the CoDA-Net case still runs)",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,8 +184,9 @@ def test_coda_cifar10_train_step(dtype, provider, mode):
 # ---------------------------------------------------------------------------------------------------------------
 # Ours: the fused backends; "torch" runs the original's math through our module, so its autograd graph, and the
 # batch that fits, are the original's. The compiled baselines are left out (a new batch size recompiles them).
-LARGEST = [(RESNET, p) for p in ["original"] + [b for b in RESNET_OURS if b != "torch"] + ["plain"]] + \
-          [(CODA, p) for p in ["reference"] + [b for b in CODA_OURS if b != "torch"] + ["plain"]]
+LARGEST = [(RESNET, p) for p in ["original"] + [b for b in RESNET_OURS if b != "torch"] + ["plain"]] + [
+    (CODA, p) for p in ["reference"] + [b for b in CODA_OURS if b != "torch"] + ["plain"]
+]
 # Search limits: far above what the originals fit in 80 GB; the plain CoDA-Net (nine small convolutions on 32x32
 # images) may reach its limit, which the record then says. Larger CoDA batches would approach 2^31-element
 # activations, where some kernels fail for reasons other than memory.
@@ -242,6 +246,16 @@ def test_largest_batch(case, dtype, provider):
             pytest.fail(f"{case}, {provider}: no batch could be timed")
     models.free_gpu_memory()
     shape = f"batch={batch}" + (" (search limit)" if batch == limit else "")
-    RECORDS.append(Record(op="model", case=f"{case} largest batch", dtype=str(dtype)[6:], mode="fwd+bwd",
-                          provider=provider, median_ms=timing.median_ms, iqr_ms=timing.iqr_ms, peak_mem_mb=peak,
-                          shape=shape))
+    RECORDS.append(
+        Record(
+            op="model",
+            case=f"{case} largest batch",
+            dtype=str(dtype)[6:],
+            mode="fwd+bwd",
+            provider=provider,
+            median_ms=timing.median_ms,
+            iqr_ms=timing.iqr_ms,
+            peak_mem_mb=peak,
+            shape=shape,
+        )
+    )

@@ -26,6 +26,7 @@ What it does, in order:
 5. PNGs in ``--out`` (matplotlib): each example's input, its explanation composited over black and over white
    (as the B-cos papers show them) and its contribution map (red positive, blue negative).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,13 @@ TOLERANCE = 1e-4  # fp32 contract of DESIGN.md section 4, relative to the larges
 
 # Class colours (RGB in [0, 1]); the class of an image is the colour of its disc.
 CLASSES = ("red", "green", "blue", "yellow")
-COLOURS = torch.tensor([[0.90, 0.12, 0.10],
-                        [0.10, 0.72, 0.15],
-                        [0.15, 0.30, 0.95],
-                        [0.95, 0.85, 0.10]])
+COLOURS = torch.tensor([[0.90, 0.12, 0.10], [0.10, 0.72, 0.15], [0.15, 0.30, 0.95], [0.95, 0.85, 0.10]])
 
-VIZ_HINT = ("this example draws its pictures with matplotlib (and Pillow), the optional 'viz' extra of "
-            "bcos-kernels; install it with\n    pip install 'bcos-kernels[viz]'\n"
-            "or, in a source checkout,\n    pip install matplotlib pillow")
+VIZ_HINT = (
+    "this example draws its pictures with matplotlib (and Pillow), the optional 'viz' extra of "
+    "bcos-kernels; install it with\n    pip install 'bcos-kernels[viz]'\n"
+    "or, in a source checkout,\n    pip install matplotlib pillow"
+)
 
 
 def import_pyplot():
@@ -65,6 +65,7 @@ def import_pyplot():
     try:
         import matplotlib
         import PIL  # noqa: F401  (matplotlib writes PNGs through Pillow)
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
@@ -74,14 +75,16 @@ def import_pyplot():
 
 # --------------------------------------------------------------------------------------------- original layers
 
+
 @dataclass
 class LayerKit:
     """The layer classes a model is built from, and what to call them in the output."""
-    label: str                  # e.g. "bcos 0.1.3 (original)"
+
+    label: str  # e.g. "bcos 0.1.3 (original)"
     conv: Callable[..., nn.Module]
     norm: Callable[[int], nn.Module]
     logit_layer: Callable[..., nn.Module]
-    mixin: Optional[type]       # bcos.common.BcosUtilMixin (gives model.explain()), None without bcos
+    mixin: Optional[type]  # bcos.common.BcosUtilMixin (gives model.explain()), None without bcos
     is_original: bool
 
 
@@ -101,18 +104,30 @@ def layer_kit(original: str = "auto") -> LayerKit:
     modules = import_bcos_modules() if original == "auto" else None
     if modules is not None:
         from importlib.metadata import PackageNotFoundError, version
+
         try:
             label = f"bcos {version('bcos')} (original)"
         except PackageNotFoundError:
             label = "bcos (original)"
         from bcos.common import BcosUtilMixin
-        return LayerKit(label, modules.BcosConv2d, modules.norms.NoBias(modules.norms.BatchNormUncentered2d),
-                        lambda logit_bias: modules.LogitLayer(logit_bias=logit_bias), BcosUtilMixin, True)
+
+        return LayerKit(
+            label,
+            modules.BcosConv2d,
+            modules.norms.NoBias(modules.norms.BatchNormUncentered2d),
+            lambda logit_bias: modules.LogitLayer(logit_bias=logit_bias),
+            BcosUtilMixin,
+            True,
+        )
     why = "bcos not installed" if original == "auto" else "--original reference"
-    return LayerKit(f"bcos_kernels reference ({why})",
-                    lambda *a, **k: bcos_kernels.nn.BcosConv2d(*a, backend="reference", **k),
-                    lambda c: bcos_kernels.nn.BatchNormUncentered2d(c, bias=False),
-                    _LogitBias, None, False)
+    return LayerKit(
+        f"bcos_kernels reference ({why})",
+        lambda *a, **k: bcos_kernels.nn.BcosConv2d(*a, backend="reference", **k),
+        lambda c: bcos_kernels.nn.BatchNormUncentered2d(c, bias=False),
+        _LogitBias,
+        None,
+        False,
+    )
 
 
 def build_model(kit: LayerKit, num_classes: int, widths: Sequence[int], pool_after: Sequence[int]) -> nn.Module:
@@ -143,6 +158,7 @@ def build_model(kit: LayerKit, num_classes: int, widths: Sequence[int], pool_aft
 
 
 # ------------------------------------------------------------------------------------------------------- data
+
 
 def make_images(n: int, size: int, generator: torch.Generator):
     """``n`` images (6-channel [rgb, 1 - rgb], size x size) and their labels.
@@ -176,7 +192,7 @@ def make_images(n: int, size: int, generator: torch.Generator):
         r = radius[:, None, None]
         if frame:
             return (dx <= r) & (dy <= r) & ~((dx <= r - thickness) & (dy <= r - thickness))
-        return dx ** 2 + dy ** 2 <= r ** 2
+        return dx**2 + dy**2 <= r**2
 
     disc_radius = (torch.rand(n, generator=g) * 0.07 + 0.14) * size
     frame_radius = (torch.rand(n, generator=g) * 0.07 + 0.14) * size
@@ -198,8 +214,17 @@ def make_images(n: int, size: int, generator: torch.Generator):
 
 # --------------------------------------------------------------------------------------------------- training
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
-          generator: torch.Generator, log: Callable[[str], None]) -> float:
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    batch: int,
+    lr: float,
+    generator: torch.Generator,
+    log: Callable[[str], None],
+) -> float:
     """Adam on the binary cross-entropy of one-hot targets (the B-cos v2 training loss); returns seconds."""
     model.train()
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
@@ -211,7 +236,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
         order = torch.randperm(len(x), generator=generator).to(x.device)
         total, count = 0.0, 0
         for i in range(0, len(x), batch):
-            idx = order[i:i + batch]
+            idx = order[i : i + batch]
             logits = model(x[idx])
             loss = F.binary_cross_entropy_with_logits(logits, F.one_hot(y[idx], num_classes).to(logits.dtype))
             optimiser.zero_grad(set_to_none=True)
@@ -227,11 +252,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
     model.eval()
-    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
+    correct = sum((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch))
     return correct / len(x)
 
 
 # ----------------------------------------------------------------------------------------------------- parity
+
 
 def compare(name: str, ours: torch.Tensor, reference: torch.Tensor, tolerance: float, log) -> bool:
     """Print max abs and relative (to the reference's largest magnitude) error; True if within ``tolerance``."""
@@ -266,10 +292,13 @@ def check_parity(original: nn.Module, converted: nn.Module, x: torch.Tensor, tol
         ok &= compare(f"{mode}: logits", out_b, out_a, tolerance, log)
         ok &= compare(f"{mode}: input gradient", grad_b, grad_a, tolerance, log)
         if mode == "train":
-            worst = max(pgrad_a, key=lambda k: (pgrad_b[k] - pgrad_a[k]).abs().max().item() /
-                        max(pgrad_a[k].abs().max().item(), 1e-30))
-            ok &= compare(f"train: parameter gradients (worst: {worst})", pgrad_b[worst], pgrad_a[worst], tolerance,
-                          log)
+            worst = max(
+                pgrad_a,
+                key=lambda k: (pgrad_b[k] - pgrad_a[k]).abs().max().item() / max(pgrad_a[k].abs().max().item(), 1e-30),
+            )
+            ok &= compare(
+                f"train: parameter gradients (worst: {worst})", pgrad_b[worst], pgrad_a[worst], tolerance, log
+            )
     return ok
 
 
@@ -296,20 +325,24 @@ def explain_loop(model: nn.Module, x: torch.Tensor, kit: LayerKit) -> Dict[str, 
     weights, explanations, predictions = [], [], []
     for i in range(x.shape[0]):
         if kit.mixin is not None:
-            result = model.explain(x[i:i + 1].detach().clone().requires_grad_(True))
+            result = model.explain(x[i : i + 1].detach().clone().requires_grad_(True))
             predictions.append(result["prediction"])
             weights.append(result["dynamic_linear_weights"])
             explanations.append(result["explanation"])
         else:
-            result = bcos_kernels.explain(model, x[i:i + 1])
+            result = bcos_kernels.explain(model, x[i : i + 1])
             predictions.append(int(result["prediction"][0]))
             weights.append(result["dynamic_linear_weights"])
             explanations.append(result["explanation"][0])
-    return {"prediction": torch.tensor(predictions), "dynamic_linear_weights": torch.cat(weights),
-            "explanation": np.stack(explanations)}
+    return {
+        "prediction": torch.tensor(predictions),
+        "dynamic_linear_weights": torch.cat(weights),
+        "explanation": np.stack(explanations),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ speed
+
 
 def busy_note(device: torch.device) -> Optional[str]:
     """A warning when other processes already keep the CPU cores busy: CPU timings are then noisy (a thread of
@@ -321,16 +354,20 @@ def busy_note(device: torch.device) -> Optional[str]:
     cores = os.cpu_count() or 1
     if load < cores - 0.5:
         return None
-    return (f"  NOTE: load average {load:.1f} on {cores} CPU cores before the example starts: other processes "
-            f"compete, so the timings below are noisy"
-            f"{' (OMP_NUM_THREADS=1 steadies them)' if device.type == 'cpu' and torch.get_num_threads() > 1 else ''}.")
+    return (
+        f"  NOTE: load average {load:.1f} on {cores} CPU cores before the example starts: other processes "
+        f"compete, so the timings below are noisy"
+        f"{' (OMP_NUM_THREADS=1 steadies them)' if device.type == 'cpu' and torch.get_num_threads() > 1 else ''}."
+    )
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """What a training step costs besides the optimiser: forward and the parameters' gradients."""
+
     def run():
         model.zero_grad(set_to_none=True)
         model(x).sum().backward()
+
     return run
 
 
@@ -338,6 +375,7 @@ def forward_only(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def run():
         with torch.no_grad():
             model(x)
+
     return run
 
 
@@ -346,8 +384,14 @@ def backend_in_use(x: torch.Tensor, requested: Optional[str]) -> str:
     return bcos_kernels.backends.resolve("bcos_conv2d", requested, x)
 
 
-def speed_table(original: nn.Module, converted: nn.Module, x: torch.Tensor, kit: LayerKit, min_run_time_s: float,
-                device: torch.device) -> List[tuple]:
+def speed_table(
+    original: nn.Module,
+    converted: nn.Module,
+    x: torch.Tensor,
+    kit: LayerKit,
+    min_run_time_s: float,
+    device: torch.device,
+) -> List[tuple]:
     """Rows (what, baseline, its Timing, ours, our Timing)."""
     base = "original" if kit.is_original else "reference"
 
@@ -359,17 +403,38 @@ def speed_table(original: nn.Module, converted: nn.Module, x: torch.Tensor, kit:
     eval_a, eval_b = original.eval(), converted.eval()
     folded = bcos_kernels.fold_batchnorm(copy.deepcopy(converted).eval(), x[:2])
     t_eval = timed(forward_only(eval_a, x))
-    rows = [("forward (eval)", f"{base} model", t_eval, "converted", timed(forward_only(eval_b, x))),
-            ("forward (eval)", f"{base} model", t_eval, "converted + fold_batchnorm", timed(forward_only(folded, x))),
-            ("forward+backward (train)", f"{base} model", timed(forward_backward(train_a, x)), "converted",
-             timed(forward_backward(train_b, x)))]
+    rows = [
+        ("forward (eval)", f"{base} model", t_eval, "converted", timed(forward_only(eval_b, x))),
+        ("forward (eval)", f"{base} model", t_eval, "converted + fold_batchnorm", timed(forward_only(folded, x))),
+        (
+            "forward+backward (train)",
+            f"{base} model",
+            timed(forward_backward(train_a, x)),
+            "converted",
+            timed(forward_backward(train_b, x)),
+        ),
+    ]
     loop_name = "model.explain() loop" if kit.mixin is not None else "explain() per image"
     t_loop = timed(lambda: explain_loop(eval_a, x, kit))
     what = f"explain {x.shape[0]} images"
-    rows.append((what, f"{base} {loop_name}", t_loop, "bcos_kernels.explain batched",
-                 timed(lambda: bcos_kernels.explain(eval_b, x))))
-    rows.append((what, f"{base} {loop_name}", t_loop, f"bcos_kernels.explain, {base} layers",
-                 timed(lambda: bcos_kernels.explain(eval_a, x))))
+    rows.append(
+        (
+            what,
+            f"{base} {loop_name}",
+            t_loop,
+            "bcos_kernels.explain batched",
+            timed(lambda: bcos_kernels.explain(eval_b, x)),
+        )
+    )
+    rows.append(
+        (
+            what,
+            f"{base} {loop_name}",
+            t_loop,
+            f"bcos_kernels.explain, {base} layers",
+            timed(lambda: bcos_kernels.explain(eval_a, x)),
+        )
+    )
     return rows
 
 
@@ -406,8 +471,12 @@ def draw(plt, rows: Sequence[tuple], path: str) -> str:
     for r, (caption, image, rgba, contribution) in enumerate(rows):
         # symmetric range clipped at the 99.5th percentile of |contribution|, like bcos's plot_contribution_map
         cutoff = float(np.percentile(np.abs(contribution), 99.5)) or 1.0
-        panels = [(image, {}), (composite(rgba, 0.0), {}), (composite(rgba, 1.0), {}),
-                  (contribution, dict(cmap="bwr", vmin=-cutoff, vmax=cutoff))]
+        panels = [
+            (image, {}),
+            (composite(rgba, 0.0), {}),
+            (composite(rgba, 1.0), {}),
+            (contribution, dict(cmap="bwr", vmin=-cutoff, vmax=cutoff)),
+        ]
         for c, (ax, (data, style)) in enumerate(zip(axes[r], panels)):
             ax.imshow(np.clip(data, 0, 1) if not style else data, interpolation="nearest", **style)
             ax.set_xticks([])
@@ -421,8 +490,7 @@ def draw(plt, rows: Sequence[tuple], path: str) -> str:
     return path
 
 
-def write_pngs(plt, out_dir: str, x: torch.Tensor, y: torch.Tensor, result: Dict[str, object],
-               count: int) -> List[str]:
+def write_pngs(plt, out_dir: str, x: torch.Tensor, y: torch.Tensor, result: Dict[str, object], count: int) -> List[str]:
     """overview.png (all examples) and example_NN_true-*_pred-*.png (one each); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     images = x[:, :3].permute(0, 2, 3, 1).detach().cpu().numpy()
@@ -441,6 +509,7 @@ def write_pngs(plt, out_dir: str, x: torch.Tensor, y: torch.Tensor, result: Dict
 
 # ------------------------------------------------------------------------------------------------------- main
 
+
 @dataclass
 class Settings:
     size: int
@@ -455,26 +524,58 @@ class Settings:
     examples: int
 
 
-FULL = Settings(size=32, widths=(16, 32, 64, 64), pool_after=(1, 2), train_images=1536, test_images=512, epochs=2,
-                train_batch=32, lr=3e-3, min_run_time_s=0.2, examples=8)
-QUICK = Settings(size=16, widths=(8, 16, 16), pool_after=(1,), train_images=512, test_images=128, epochs=4,
-                 train_batch=32, lr=3e-3, min_run_time_s=0.02, examples=3)
+FULL = Settings(
+    size=32,
+    widths=(16, 32, 64, 64),
+    pool_after=(1, 2),
+    train_images=1536,
+    test_images=512,
+    epochs=2,
+    train_batch=32,
+    lr=3e-3,
+    min_run_time_s=0.2,
+    examples=8,
+)
+QUICK = Settings(
+    size=16,
+    widths=(8, 16, 16),
+    pool_after=(1,),
+    train_images=512,
+    test_images=128,
+    epochs=4,
+    train_batch=32,
+    lr=3e-3,
+    min_run_time_s=0.02,
+    examples=3,
+)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python examples/train_and_explain.py",
-                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser = argparse.ArgumentParser(
+        prog="python examples/train_and_explain.py", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     parser.add_argument("--out", default="./bcos_demo_out", help="folder for the PNGs (default ./bcos_demo_out)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda if available, else cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--batch", type=int, default=32, help="batch for parity, timing and explanations")
-    parser.add_argument("--backend", choices=("auto",) + tuple(bcos_kernels.backends.BACKENDS), default=None,
-                        help="our backend (default: BCOS_KERNELS_BACKEND, else auto)")
-    parser.add_argument("--original", choices=("auto", "reference"), default="auto",
-                        help="the layers to compare with: auto = the bcos package's when installed, else our "
-                             "exact references; reference = our exact references even when bcos is installed")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
-                        help=f"parity tolerance, relative to the largest magnitude (default {TOLERANCE:g})")
+    parser.add_argument(
+        "--backend",
+        choices=("auto",) + tuple(bcos_kernels.backends.BACKENDS),
+        default=None,
+        help="our backend (default: BCOS_KERNELS_BACKEND, else auto)",
+    )
+    parser.add_argument(
+        "--original",
+        choices=("auto", "reference"),
+        default="auto",
+        help="the layers to compare with: auto = the bcos package's when installed, else our "
+        "exact references; reference = our exact references even when bcos is installed",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=TOLERANCE,
+        help=f"parity tolerance, relative to the largest magnitude (default {TOLERANCE:g})",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests); every step still runs")
     args = parser.parse_args(argv)
@@ -507,8 +608,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(busy)
     log(f"original layers: {kit.label}")
     if not kit.is_original:
-        log("  NOTE: the 'original' column below is our exact reference (bcos_kernels.nn, backend='reference'), "
-            "not the bcos package's code.")
+        log(
+            "  NOTE: the 'original' column below is our exact reference (bcos_kernels.nn, backend='reference'), "
+            "not the bcos package's code."
+        )
 
     # 1. the model, built from the original layers; 2. a converted deep copy, trained
     original = build_model(kit, len(CLASSES), settings.widths, settings.pool_after).to(device)
@@ -518,25 +621,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # convert() leaves our own modules as they are: move the reference copy's layers off backend="reference"
         for m in ours:
             m.backend = args.backend
-    log(f"model: {len(settings.widths)} B-cos conv + uncentered BN blocks {settings.widths}, 1x1 B-cos classifier, "
-        f"{settings.size}x{settings.size} 6-channel inputs, {len(CLASSES)} classes {CLASSES}")
-    log(f"convert(): {len(ours)} B-cos convs of a deep copy are now bcos_kernels.nn.{type(ours[0]).__name__}"
-        f" (same Parameters; the original model is kept for comparison)")
+    log(
+        f"model: {len(settings.widths)} B-cos conv + uncentered BN blocks {settings.widths}, 1x1 B-cos classifier, "
+        f"{settings.size}x{settings.size} 6-channel inputs, {len(CLASSES)} classes {CLASSES}"
+    )
+    log(
+        f"convert(): {len(ours)} B-cos convs of a deep copy are now bcos_kernels.nn.{type(ours[0]).__name__}"
+        f" (same Parameters; the original model is kept for comparison)"
+    )
     x_train, y_train = make_images(settings.train_images, settings.size, generator)
     x_test, y_test = make_images(settings.test_images, settings.size, generator)
     x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
     x, y = (t.to(device) for t in make_images(args.batch, settings.size, generator))  # unseen in training
     used = backend_in_use(x, args.backend)
-    log(f"backends for bcos_conv2d on {device.type}: available {bcos_kernels.available_backends(device, 'bcos_conv2d')}"
-        f", in use: {used!r}")
+    log(
+        f"backends for bcos_conv2d on {device.type}: available {bcos_kernels.available_backends(device, 'bcos_conv2d')}"
+        f", in use: {used!r}"
+    )
 
     log()
     log("task: which colour is the disc? (a hollow square of another colour is a distractor)")
-    log(f"training the converted model (our fused layers, forward and backward), {settings.train_images} images, "
-        f"{settings.epochs} epochs, batch {settings.train_batch}, Adam + binary cross-entropy:")
+    log(
+        f"training the converted model (our fused layers, forward and backward), {settings.train_images} images, "
+        f"{settings.epochs} epochs, batch {settings.train_batch}, Adam + binary cross-entropy:"
+    )
     seconds = train(model, x_train, y_train, settings.epochs, settings.train_batch, settings.lr, generator, log)
-    log(f"  trained in {seconds:.1f} s; test accuracy {accuracy(model, x_test, y_test):.1%} "
-        f"(chance {1 / len(CLASSES):.0%})")
+    log(
+        f"  trained in {seconds:.1f} s; test accuracy {accuracy(model, x_test, y_test):.1%} "
+        f"(chance {1 / len(CLASSES):.0%})"
+    )
     # the trained weights go back into the original model: the state_dict keys are the same
     original.load_state_dict(model.state_dict())
     log("  loaded the trained state_dict into the original model (same keys)")
@@ -551,25 +664,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         per_image = explain_loop(original, x, kit)
         # the classes the loop explained (its predictions): a near-tie of two logits may flip an argmax
         batched = bcos_kernels.explain(model, x, target=per_image["prediction"].to(device))
-    ok &= compare("explain: dynamic linear weights", batched["dynamic_linear_weights"],
-                  per_image["dynamic_linear_weights"], args.tolerance, log)
+    ok &= compare(
+        "explain: dynamic linear weights",
+        batched["dynamic_linear_weights"],
+        per_image["dynamic_linear_weights"],
+        args.tolerance,
+        log,
+    )
     diff = np.abs(batched["explanation"] - per_image["explanation"])
     flips = int((batched["prediction"].cpu() != per_image["prediction"]).sum())
-    log(f"  {'explain: RGBA explanation images':<44s} max abs diff {diff.max():.2e} (mean {diff.mean():.1e}); "
-        f"{x.shape[0] - flips}/{x.shape[0]} same predictions")
+    log(
+        f"  {'explain: RGBA explanation images':<44s} max abs diff {diff.max():.2e} (mean {diff.mean():.1e}); "
+        f"{x.shape[0] - flips}/{x.shape[0]} same predictions"
+    )
     log("parity: " + ("OK" if ok else "FAILED"))
 
     # 4. speed
     log()
-    log(f"speed, batch {x.shape[0]}, median and interquartile range of bcos_kernels.timing.measure "
-        f"(about {settings.min_run_time_s:g} s each), device {device_name}, our backend {used!r}:")
+    log(
+        f"speed, batch {x.shape[0]}, median and interquartile range of bcos_kernels.timing.measure "
+        f"(about {settings.min_run_time_s:g} s each), device {device_name}, our backend {used!r}:"
+    )
     print_table(speed_table(original, model, x, kit, settings.min_run_time_s, device), log)
 
     # 5. pictures
     log()
     paths = write_pngs(plt, args.out, x, y, batched, settings.examples)
-    log(f"wrote {len(paths)} PNGs to {os.path.abspath(args.out)} (each row: input | explanation over black | "
-        f"explanation over white | contribution map, red + / blue -):")
+    log(
+        f"wrote {len(paths)} PNGs to {os.path.abspath(args.out)} (each row: input | explanation over black | "
+        f"explanation over white | contribution map, red + / blue -):"
+    )
     for path in paths:
         log(f"  {path}")
     return 0 if ok else 1

@@ -9,6 +9,7 @@ times first (Triton compiles, cuDNN picks its algorithms), then once more betwee
 cudaProfilerStop, so `--profile-from-start off` sees that step alone. On a CPU the same step runs without the
 profiler range (for checking this script).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ OPS = ("bcos_conv2d", "bcos_linear", "dau_conv2d")
 
 def _cases(op):
     # every shape, whatever this machine's default selection is (the DAU cases carry their GPU batch)
-    return {"bcos_conv2d": shapes.ALL_BCOS_CONVS, "bcos_linear": shapes.ALL_BCOS_LINEARS,
-            "dau_conv2d": shapes.select_dau_cases(True, False, True)}[op]
+    return {
+        "bcos_conv2d": shapes.ALL_BCOS_CONVS,
+        "bcos_linear": shapes.ALL_BCOS_LINEARS,
+        "dau_conv2d": shapes.select_dau_cases(True, False, True),
+    }[op]
 
 
 def build_step(op: str, case_name: str, provider: str, dtype: torch.dtype, device: torch.device, batch=None):
@@ -56,8 +60,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("op", choices=OPS)
     parser.add_argument("case", nargs="?", help="the benchmark case name")
-    parser.add_argument("--provider", default="triton", help="a benchmark provider: a backend of ours (cpu, "
-                        "triton, cuda; torch for DAU), original, reference or plain (default: triton)")
+    parser.add_argument(
+        "--provider",
+        default="triton",
+        help="a benchmark provider: a backend of ours (cpu, "
+        "triton, cuda; torch for DAU), original, reference or plain (default: triton)",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--batch", type=int, help="default: the benchmark's batch on this machine")
     parser.add_argument("--warmup", type=int, default=3)
@@ -86,8 +94,10 @@ def main(argv=None):
         torch.cuda.profiler.stop()
     else:
         step()
-    print(f"profiled one fwd+bwd of {args.op} {args.case!r} ({args.provider}, {args.dtype}, x={list(x.shape)}) "
-          f"on {device}")
+    print(
+        f"profiled one fwd+bwd of {args.op} {args.case!r} ({args.provider}, {args.dtype}, x={list(x.shape)}) "
+        f"on {device}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ gradients); the others (labels, fp32 uniform noise) go in as they are. ``kwargs`
 ``channels_last`` puts x in that layout, ``facts`` are what the registry's limits read (backends.call_reason).
 Shapes are tiny: the Triton interpreter runs every fp32 case.
 """
+
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict
@@ -36,12 +37,27 @@ def _learnable_b(value: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # B-cos conv2d: v2 (b = 2), v1 (max_out 2, scale), B-cosification (bias, unnormalised weight, learnable b)
 # ---------------------------------------------------------------------------------------------------------------
-def _bcos_conv(case_id, c=3, o=4, k=3, n=2, hw=(5, 7), groups=1, max_out=1, bias=False, b=2.0,
-               channel_scale=False, channels_last=False, **kwargs):
+def _bcos_conv(
+    case_id,
+    c=3,
+    o=4,
+    k=3,
+    n=2,
+    hw=(5, 7),
+    groups=1,
+    max_out=1,
+    bias=False,
+    b=2.0,
+    channel_scale=False,
+    channels_last=False,
+    **kwargs,
+):
     g = _generator(case_id)
     kh, kw = (k, k) if isinstance(k, int) else k
-    inputs = dict(x=torch.randn(n, c, *hw, generator=g, dtype=F64),
-                  weight=torch.randn(o * max_out, c // groups, kh, kw, generator=g, dtype=F64))
+    inputs = dict(
+        x=torch.randn(n, c, *hw, generator=g, dtype=F64),
+        weight=torch.randn(o * max_out, c // groups, kh, kw, generator=g, dtype=F64),
+    )
     if bias:
         inputs["bias"] = torch.randn(o * max_out, generator=g, dtype=F64)
     if channel_scale:
@@ -56,8 +72,9 @@ BCOS_CONV2D = [
     _bcos_conv("b2.5_general", b=2.5, padding=1),
     _bcos_conv("b_tensor_learnable", b=_learnable_b(1.7), padding=1),
     _bcos_conv("v1_maxout2_scale", max_out=2, scale=2.5, padding=1),
-    _bcos_conv("bcosify_bias_unnormalized_b_tensor", bias=True, normalize_weight=False, b=_learnable_b(1.25),
-               padding=1),
+    _bcos_conv(
+        "bcosify_bias_unnormalized_b_tensor", bias=True, normalize_weight=False, b=_learnable_b(1.25), padding=1
+    ),
     _bcos_conv("detach_b2", detach=True, padding=1),
     _bcos_conv("detach_b_tensor", detach=True, b=_learnable_b(2.5), bias=True, padding=1),
     _bcos_conv("channel_scale_maxout2", channel_scale=True, max_out=2, padding=1),
@@ -70,8 +87,18 @@ BCOS_CONV2D = [
     _bcos_conv("dilation2", dilation=2, padding=2, hw=(6, 7)),
     _bcos_conv("batch1", n=1, hw=(4, 5), padding=1, b=_learnable_b(2.0)),
     _bcos_conv("channels_last_b2", padding=1, channels_last=True),
-    _bcos_conv("channels_last_groups_maxout_b_tensor_channel_scale", c=4, o=4, groups=2, max_out=2, bias=True,
-               b=_learnable_b(1.7), channel_scale=True, padding=1, channels_last=True),
+    _bcos_conv(
+        "channels_last_groups_maxout_b_tensor_channel_scale",
+        c=4,
+        o=4,
+        groups=2,
+        max_out=2,
+        bias=True,
+        b=_learnable_b(1.7),
+        channel_scale=True,
+        padding=1,
+        channels_last=True,
+    ),
 ]
 
 
@@ -80,8 +107,10 @@ BCOS_CONV2D = [
 # ---------------------------------------------------------------------------------------------------------------
 def _bcos_linear(case_id, shape=(3, 7), o=5, max_out=1, bias=False, b=2.0, **kwargs):
     g = _generator(case_id)
-    inputs = dict(x=torch.randn(*shape, generator=g, dtype=F64),
-                  weight=torch.randn(o * max_out, shape[-1], generator=g, dtype=F64))
+    inputs = dict(
+        x=torch.randn(*shape, generator=g, dtype=F64),
+        weight=torch.randn(o * max_out, shape[-1], generator=g, dtype=F64),
+    )
     if bias:
         inputs["bias"] = torch.randn(o * max_out, generator=g, dtype=F64)
     inputs["b"] = b
@@ -110,8 +139,7 @@ BCOS_LINEAR = [
 def _dau(case_id, c=3, o=4, r=2, k=3, n=2, h=5, w=6, bias=True, channels_last=False, **kwargs):
     x, a, e, b = make_dau_case(c, o, r, k, n, h, w, bias=bias, seed=zlib.crc32(case_id.encode()))
     inputs = dict(x=x, rank_weight=a, expand_weight=e, expand_bias=b)
-    return Case(case_id, inputs, dict(kernel_size=k, **kwargs), channels_last,
-                facts=dict(rank=r, pixels=n * h * w))
+    return Case(case_id, inputs, dict(kernel_size=k, **kwargs), channels_last, facts=dict(rank=r, pixels=n * h * w))
 
 
 DAU_CONV2D = [
@@ -160,10 +188,8 @@ LWTA = [
 # Class-specific gate
 # ---------------------------------------------------------------------------------------------------------------
 def _csg(case_id, shape, classes, training=True, labels=None, channels_last=False):
-    x, mask, labels, _ = csg_inputs("cpu", shape, classes, dtype=F64, seed=zlib.crc32(case_id.encode()),
-                                    labels=labels)
-    return Case(case_id, dict(x=x.detach(), mask=mask.detach(), labels=labels), dict(training=training),
-                channels_last)
+    x, mask, labels, _ = csg_inputs("cpu", shape, classes, dtype=F64, seed=zlib.crc32(case_id.encode()), labels=labels)
+    return Case(case_id, dict(x=x.detach(), mask=mask.detach(), labels=labels), dict(training=training), channels_last)
 
 
 CLASS_SPECIFIC_GATE = [

@@ -20,8 +20,14 @@ def _seed():
 
 
 # The files of moboehle/CoDA-Nets that its layers need (modules/ imports project_utils).
-CODA_FILES = ("modules/__init__.py", "modules/DAUs.py", "modules/coda_conv.py", "modules/norms.py",
-              "modules/utils.py", "project_utils.py")
+CODA_FILES = (
+    "modules/__init__.py",
+    "modules/DAUs.py",
+    "modules/coda_conv.py",
+    "modules/norms.py",
+    "modules/utils.py",
+    "project_utils.py",
+)
 
 
 @pytest.fixture(scope="module")

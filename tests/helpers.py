@@ -1,5 +1,6 @@
 """Test helpers that several test files use (tests/conftest.py puts tests/ on sys.path): inputs, runs and checks
 that the per-backend test files of one op share, so that every backend is tested on the same cases."""
+
 import pytest
 import torch
 
@@ -152,17 +153,19 @@ def opcheck_class_specific_gate(device, case, backend):
     shape = (4, 6) if case == "rows" else (3, 6, 2, 3)
     nhwc = case == "channels_last"
     x, mask, labels, gout = csg_inputs(device, shape, 3, layout="nhwc" if nhwc else "nchw")
-    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels),
-                          dict(backend=backend))
+    torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels), dict(backend=backend))
     for need_x, need_mask in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate_backward.default,
-                              (gout, x.detach(), mask.detach(), labels),
-                              dict(num_classes=3, nhwc=nhwc, need_x=need_x, need_mask=need_mask, backend=backend))
+        torch.library.opcheck(
+            torch.ops.bcos_kernels.class_specific_gate_backward.default,
+            (gout, x.detach(), mask.detach(), labels),
+            dict(num_classes=3, nhwc=nhwc, need_x=need_x, need_mask=need_mask, backend=backend),
+        )
 
 
 def assert_csg_compile_matches_eager(layer, x, labels, gout):
     """The ClassSpecificGate layer under torch.compile(fullgraph=True) gives eager's output, regulariser and
     gradients (x and mask), bit for bit."""
+
     def run(fn):
         out, reg = fn(x, labels)
         gx, gm = torch.autograd.grad((out * gout).sum() + reg, (x, layer.mask))
@@ -181,9 +184,9 @@ def make_dau_case(c, o, r, k, n, h, w, bias=True, seed=0, zero_x=False):
     """fp64 (x, rank_weight, expand_weight, expand_bias) initialised like the original's nn.Conv2d layers."""
     g = torch.Generator().manual_seed(seed)
     d = c * k * k
-    a = (torch.rand(r, c, k, k, generator=g, dtype=F64) * 2 - 1) / d ** 0.5
-    e = (torch.rand(d * o, r, 1, 1, generator=g, dtype=F64) * 2 - 1) / r ** 0.5
-    b = (torch.rand(d * o, generator=g, dtype=F64) * 2 - 1) / r ** 0.5 if bias else None
+    a = (torch.rand(r, c, k, k, generator=g, dtype=F64) * 2 - 1) / d**0.5
+    e = (torch.rand(d * o, r, 1, 1, generator=g, dtype=F64) * 2 - 1) / r**0.5
+    b = (torch.rand(d * o, generator=g, dtype=F64) * 2 - 1) / r**0.5 if bias else None
     x = torch.zeros(n, c, h, w, dtype=F64) if zero_x else torch.rand(n, c, h, w, generator=g, dtype=F64)
     return x, a, e, b
 
@@ -201,15 +204,26 @@ def triton_module_marks(device):
 
 
 # The interpreter (no GPU) has no fp16/bf16 arithmetic: tests of those dtypes need a GPU.
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
-                            reason="fp16/bf16 kernels need a GPU (the interpreter runs fp32)")
+on_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16/bf16 kernels need a GPU (the interpreter runs fp32)"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The fused B-cos custom ops: tensors positional, options keyword-only. Tests list the options in this order.
 # ---------------------------------------------------------------------------------------------------------------
-CONV_OPTIONS = ("b", "stride", "padding", "dilation", "groups", "max_out", "normalize_weight", "scale", "detach",
-                "backend")
+CONV_OPTIONS = (
+    "b",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "max_out",
+    "normalize_weight",
+    "scale",
+    "detach",
+    "backend",
+)
 LINEAR_OPTIONS = ("b", "max_out", "normalize_weight", "scale", "detach", "backend")
 
 

@@ -12,6 +12,7 @@
   from a local git mirror when one exists (developer machines); tests that need
   them skip with the reason otherwise.
 """
+
 import contextlib
 import functools
 import importlib
@@ -37,8 +38,10 @@ def bcos_installed() -> bool:
 
 class _StochasticDepthUnavailable:
     def __init__(self, *args, **kwargs):
-        raise RuntimeError("torchvision is not installed: the stand-in torchvision.ops.StochasticDepth cannot run "
-                           "(stochastic_depth_prob > 0 needs the real torchvision)")
+        raise RuntimeError(
+            "torchvision is not installed: the stand-in torchvision.ops.StochasticDepth cannot run "
+            "(stochastic_depth_prob > 0 needs the real torchvision)"
+        )
 
 
 def _import_without_torchvision(module_name: str):
@@ -71,16 +74,21 @@ def bcos_module(name: str):
 def mirror_source(repo: str, path: str) -> str:
     """Text of `path` in the local git mirror of `repo` (owner+name), or skip with the reason."""
     if not MIRRORS:
-        pytest.skip(f"BCOS_KERNELS_MIRRORS is not set: the comparison with the original {repo} needs a folder holding "
-                    f"its git mirror as {repo}/repo")
+        pytest.skip(
+            f"BCOS_KERNELS_MIRRORS is not set: the comparison with the original {repo} needs a folder holding "
+            f"its git mirror as {repo}/repo"
+        )
     git_dir = os.path.join(MIRRORS, repo, "repo")
     if not os.path.isdir(git_dir):
-        pytest.skip(f"no local mirror of {repo} at {git_dir} (set BCOS_KERNELS_MIRRORS to a folder holding "
-                    f"{repo}/repo): this comparison with the original runs on developer machines only")
+        pytest.skip(
+            f"no local mirror of {repo} at {git_dir} (set BCOS_KERNELS_MIRRORS to a folder holding "
+            f"{repo}/repo): this comparison with the original runs on developer machines only"
+        )
     if shutil.which("git") is None:
         pytest.skip(f"git is not installed, cannot read {repo} from its mirror")
-    result = subprocess.run(["git", "-c", "safe.directory=*", "--git-dir", git_dir, "show", f"HEAD:{path}"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["git", "-c", "safe.directory=*", "--git-dir", git_dir, "show", f"HEAD:{path}"], capture_output=True, text=True
+    )
     if result.returncode:
         pytest.skip(f"cannot read {path} from the {repo} mirror: {result.stderr.strip()}")
     return result.stdout
@@ -98,10 +106,12 @@ def bcos_resnet18_imagenet_config(num_classes: int = 10):
     """The `bcos` package's B-cos ResNet-18 configured as its ImageNet experiments build their ResNets: uncentered
     batch norm without bias, logit bias -log(K - 1), BcosConv2d with b=2 (random parameters)."""
     resnet, modules = bcos_module("models.resnet"), bcos_module("modules")
-    return resnet.resnet18(num_classes=num_classes,
-                           norm_layer=modules.norms.NoBias(modules.norms.BatchNormUncentered2d),
-                           logit_bias=-math.log(num_classes - 1),
-                           conv_layer=functools.partial(modules.BcosConv2d, b=2, max_out=1))
+    return resnet.resnet18(
+        num_classes=num_classes,
+        norm_layer=modules.norms.NoBias(modules.norms.BatchNormUncentered2d),
+        logit_bias=-math.log(num_classes - 1),
+        conv_layer=functools.partial(modules.BcosConv2d, b=2, max_out=1),
+    )
 
 
 @contextlib.contextmanager

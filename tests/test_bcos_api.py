@@ -1,4 +1,5 @@
 """Bad input, backend selection, modules and torch.compile for the B-cos ops."""
+
 import warnings
 
 import pytest
@@ -13,29 +14,32 @@ X = torch.randn(2, 4, 6, 6)
 W = torch.randn(6, 4, 3, 3)
 
 
-@pytest.mark.parametrize("kwargs,error,words", [
-    (dict(x=torch.randn(4, 6, 6)), ValueError, "x must have 4"),
-    (dict(x=torch.randint(0, 3, (2, 4, 6, 6))), TypeError, "x must be a floating"),
-    (dict(weight=torch.randn(6, 3, 3, 3)), ValueError, "weight expects 3 input channels"),
-    (dict(weight=W.double()), TypeError, "weight has dtype"),
-    (dict(weight=W.to("meta")), ValueError, "weight is on meta"),
-    (dict(groups=3), ValueError, "groups=3"),
-    (dict(groups=0), ValueError, "groups must be a positive int"),
-    (dict(max_out=4), ValueError, "max_out=4 must divide"),
-    (dict(max_out=0), ValueError, "max_out must be a positive int"),
-    (dict(b=0.5), ValueError, "b must be a finite number >= 1"),
-    (dict(b=torch.ones(2)), ValueError, "b must be a number >= 1 or a one-element"),
-    (dict(b="2"), ValueError, "b must be"),
-    (dict(stride=0), ValueError, "stride must be"),
-    (dict(padding=-1), ValueError, "padding must be"),
-    (dict(dilation=(1, 2, 3)), ValueError, "dilation must be"),
-    (dict(scale=0.0), ValueError, "scale must be"),
-    (dict(bias=torch.randn(5)), ValueError, "bias has 5 elements"),
-    (dict(x=torch.randn(2, 4, 2, 2)), ValueError, "smaller than the kernel"),
-    (dict(backend="fast"), ValueError, "backend must be one of"),
-    (dict(backend="cuda"), ValueError, "backend 'cuda'"),
-    (dict(x=X.double(), weight=W.double(), backend="triton"), ValueError, "backend 'triton' cannot run this call"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(x=torch.randn(4, 6, 6)), ValueError, "x must have 4"),
+        (dict(x=torch.randint(0, 3, (2, 4, 6, 6))), TypeError, "x must be a floating"),
+        (dict(weight=torch.randn(6, 3, 3, 3)), ValueError, "weight expects 3 input channels"),
+        (dict(weight=W.double()), TypeError, "weight has dtype"),
+        (dict(weight=W.to("meta")), ValueError, "weight is on meta"),
+        (dict(groups=3), ValueError, "groups=3"),
+        (dict(groups=0), ValueError, "groups must be a positive int"),
+        (dict(max_out=4), ValueError, "max_out=4 must divide"),
+        (dict(max_out=0), ValueError, "max_out must be a positive int"),
+        (dict(b=0.5), ValueError, "b must be a finite number >= 1"),
+        (dict(b=torch.ones(2)), ValueError, "b must be a number >= 1 or a one-element"),
+        (dict(b="2"), ValueError, "b must be"),
+        (dict(stride=0), ValueError, "stride must be"),
+        (dict(padding=-1), ValueError, "padding must be"),
+        (dict(dilation=(1, 2, 3)), ValueError, "dilation must be"),
+        (dict(scale=0.0), ValueError, "scale must be"),
+        (dict(bias=torch.randn(5)), ValueError, "bias has 5 elements"),
+        (dict(x=torch.randn(2, 4, 2, 2)), ValueError, "smaller than the kernel"),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+        (dict(backend="cuda"), ValueError, "backend 'cuda'"),
+        (dict(x=X.double(), weight=W.double(), backend="triton"), ValueError, "backend 'triton' cannot run this call"),
+    ],
+)
 def test_conv_bad_input_names_the_argument(kwargs, error, words):
     args = dict(x=X, weight=W)
     args.update(kwargs)
@@ -48,14 +52,17 @@ def test_conv_groups_must_divide_out_channels_with_max_out():
         bcos_kernels.bcos_conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3), groups=2, max_out=2)
 
 
-@pytest.mark.parametrize("kwargs,error,words", [
-    (dict(weight=torch.randn(6, 5)), ValueError, "weight has 5 input features"),
-    (dict(weight=torch.randn(6)), ValueError, "weight must have 2"),
-    (dict(x=torch.randn(3, 4, dtype=torch.float64)), TypeError, "weight has dtype"),
-    (dict(max_out=4), ValueError, "max_out=4"),
-    (dict(b=-1), ValueError, "b must be"),
-    (dict(x=torch.randint(0, 2, (3, 4))), TypeError, "x must be a floating"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(weight=torch.randn(6, 5)), ValueError, "weight has 5 input features"),
+        (dict(weight=torch.randn(6)), ValueError, "weight must have 2"),
+        (dict(x=torch.randn(3, 4, dtype=torch.float64)), TypeError, "weight has dtype"),
+        (dict(max_out=4), ValueError, "max_out=4"),
+        (dict(b=-1), ValueError, "b must be"),
+        (dict(x=torch.randint(0, 2, (3, 4))), TypeError, "x must be a floating"),
+    ],
+)
 def test_linear_bad_input_names_the_argument(kwargs, error, words):
     args = dict(x=torch.randn(3, 4), weight=torch.randn(6, 4))
     args.update(kwargs)
@@ -66,8 +73,9 @@ def test_linear_bad_input_names_the_argument(kwargs, error, words):
 @pytest.fixture
 def toy_op(monkeypatch):
     """An op "toy" in the registry with backends reference and cpu (cpu: float32 only)."""
-    monkeypatch.setitem(backends.OPS, "toy", {"reference": backends.Support(),
-                                               "cpu": backends.Support((torch.float32,))})
+    monkeypatch.setitem(
+        backends.OPS, "toy", {"reference": backends.Support(), "cpu": backends.Support((torch.float32,))}
+    )
     monkeypatch.setattr(backends, "_warned", set())
     return "toy"
 
@@ -99,8 +107,10 @@ def test_limits_and_interpreter_dtypes_give_reasons():
     assert "rank 512" in cuda_limits(rank=512) and cuda_limits(rank=511) is None
     if backends.triton_importable() and backends.triton_interpreting():
         assert "Triton interpreter" in backends.call_reason("lwta", "triton", x.half())
-        assert backends.call_reason("dau_conv2d", "triton", x, pixels=2**31) == \
-            "more than 2**31 - 1 pixels (N*H*W) in one call"
+        assert (
+            backends.call_reason("dau_conv2d", "triton", x, pixels=2**31)
+            == "more than 2**31 - 1 pixels (N*H*W) in one call"
+        )
         assert backends.call_reason("dau_conv2d", "triton", x, pixels=4) is None
 
 
@@ -143,7 +153,8 @@ def _small_net(backend):
     return torch.nn.Sequential(
         bnn.BcosConv2d(6, 8, 3, padding=1, max_out=2, backend=backend),
         bnn.BcosConv2d(8, 8, 3, stride=2, padding=1, groups=2, b=2.5, backend=backend),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
         bnn.BcosLinear(8, 5, backend=backend),
     )
 
@@ -167,11 +178,13 @@ def test_op_backends_table_matches_the_front_doors():
     calls = {
         "bcos_conv2d": lambda be: bcos_kernels.bcos_conv2d(X, W, backend=be),
         "bcos_linear": lambda be: bcos_kernels.bcos_linear(torch.randn(3, 4), torch.randn(5, 4), backend=be),
-        "dau_conv2d": lambda be: bcos_kernels.dau_conv2d(X, torch.randn(3, 4, 3, 3), torch.randn(4 * 9 * 2, 3, 1, 1),
-                                                         kernel_size=3, backend=be),
+        "dau_conv2d": lambda be: bcos_kernels.dau_conv2d(
+            X, torch.randn(3, 4, 3, 3), torch.randn(4 * 9 * 2, 3, 1, 1), kernel_size=3, backend=be
+        ),
         "lwta": lambda be: bcos_kernels.lwta(X, 2, backend=be),
-        "class_specific_gate": lambda be: bcos_kernels.class_specific_gate(X, torch.rand(4, 3), torch.tensor([0, 2]),
-                                                                           backend=be),
+        "class_specific_gate": lambda be: bcos_kernels.class_specific_gate(
+            X, torch.rand(4, 3), torch.tensor([0, 2]), backend=be
+        ),
     }
     assert set(calls) == set(backends.OPS)
     for op, call in calls.items():

@@ -1,5 +1,6 @@
 """Every fused B-cos backend available here against the reference: forward and every gradient
 (x, weight, bias, learnable b), awkward shapes, explanation mode, dtypes, opcheck."""
+
 import pytest
 import torch
 from helpers import assert_zero_output_and_finite_grads, conv_fused_args, fused_backward_args, linear_fused_args
@@ -69,11 +70,18 @@ def _compare(backend, fn_fused, fn_ref, inputs, b, dtype, tol):
 
 def over_options(shapes):
     """backend x shapes x b x explanation mode x dtype (with its tolerance)."""
+
     def parametrize(test):
-        for name, values in (("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)]),
-                             ("detach", [False, True]), ("b", B_VALUES), ("shape", shapes), ("backend", FUSED)):
+        for name, values in (
+            ("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)]),
+            ("detach", [False, True]),
+            ("b", B_VALUES),
+            ("shape", shapes),
+            ("backend", FUSED),
+        ):
             test = pytest.mark.parametrize(name, values)(test)
         return test
+
     return parametrize
 
 
@@ -82,17 +90,30 @@ def test_conv_matches_reference(backend, shape, b, detach, dtype, tol):
     inputs, kw = _conv_inputs(shape, dtype)
     scale = 0.37 if shape[7] == 2 else 1.0  # v1's divisor on some cases
     common = dict(scale=scale, detach=detach, normalize_weight=not shape[8], **kw)
-    _compare(backend,
-             lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend=backend, **common),
-             lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **common), inputs, b, dtype, tol)
+    _compare(
+        backend,
+        lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend=backend, **common),
+        lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **common),
+        inputs,
+        b,
+        dtype,
+        tol,
+    )
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("b", [2, 2.5, "tensor"])
 def test_conv_channels_last(backend, b):
     inputs, kw = _conv_inputs(CONV_SHAPES[5], torch.float64, channels_last=True)
-    _compare(backend, lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend=backend, **kw),
-             lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **kw), inputs, b, torch.float64, 1e-10)
+    _compare(
+        backend,
+        lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend=backend, **kw),
+        lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **kw),
+        inputs,
+        b,
+        torch.float64,
+        1e-10,
+    )
 
 
 LINEAR_SHAPES = [((5, 7), 4, 1, False), ((2, 3, 7), 5, 2, True), ((1, 16), 3, 3, False), ((2, 197, 24), 8, 1, True)]
@@ -105,15 +126,25 @@ def test_linear_matches_reference(backend, shape, b, detach, dtype, tol):
     w = torch.randn(out_features * m, x_shape[-1], dtype=dtype, requires_grad=True)
     bias_t = torch.randn(out_features * m, dtype=dtype, requires_grad=True) if bias else None
     common = dict(max_out=m, detach=detach, normalize_weight=not bias, scale=2.0 if m > 1 else 1.0)
-    _compare(backend, lambda x, w, bias, b: bcos_kernels.bcos_linear(x, w, bias, b=b, backend=backend, **common),
-             lambda x, w, bias, b: linear_ref.bcos_linear(x, w, bias, b=b, **common), [x, w, bias_t], b, dtype, tol)
+    _compare(
+        backend,
+        lambda x, w, bias, b: bcos_kernels.bcos_linear(x, w, bias, b=b, backend=backend, **common),
+        lambda x, w, bias, b: linear_ref.bcos_linear(x, w, bias, b=b, **common),
+        [x, w, bias_t],
+        b,
+        dtype,
+        tol,
+    )
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_zero_inputs_give_zero_output_and_finite_grads(backend):
     for fn, x, w in [
-        (lambda x, w, b: bcos_kernels.bcos_conv2d(x, w, b=b, padding=1, backend=backend),
-         torch.zeros(2, 3, 5, 5), torch.randn(4, 3, 3, 3)),
+        (
+            lambda x, w, b: bcos_kernels.bcos_conv2d(x, w, b=b, padding=1, backend=backend),
+            torch.zeros(2, 3, 5, 5),
+            torch.randn(4, 3, 3, 3),
+        ),
         (lambda x, w, b: bcos_kernels.bcos_linear(x, w, b=b, backend=backend), torch.zeros(3, 6), torch.randn(4, 6)),
     ]:
         for b in (1.5, 2, 3, torch.tensor(2.2, requires_grad=True)):
@@ -127,14 +158,23 @@ def test_gradcheck_fp64(backend):
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(1.8, dtype=torch.float64, requires_grad=True)
     for bb in (2.0, 2.6, b):
-        torch.autograd.gradcheck(lambda x, w, bias: bcos_kernels.bcos_conv2d(
-            x, w, bias, b=bb, padding=1, stride=(2, 1), groups=2, max_out=3, backend=backend), (x, w, bias))
-    torch.autograd.gradcheck(lambda x, w, b: bcos_kernels.bcos_conv2d(
-        x, w, b=b, padding=1, groups=2, max_out=3, normalize_weight=False, backend=backend), (x, w, b))
+        torch.autograd.gradcheck(
+            lambda x, w, bias: bcos_kernels.bcos_conv2d(
+                x, w, bias, b=bb, padding=1, stride=(2, 1), groups=2, max_out=3, backend=backend
+            ),
+            (x, w, bias),
+        )
+    torch.autograd.gradcheck(
+        lambda x, w, b: bcos_kernels.bcos_conv2d(
+            x, w, b=b, padding=1, groups=2, max_out=3, normalize_weight=False, backend=backend
+        ),
+        (x, w, b),
+    )
     xl = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
     wl = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda x, w, b: bcos_kernels.bcos_linear(x, w, b=b, max_out=2, backend=backend),
-                             (xl, wl, b))
+    torch.autograd.gradcheck(
+        lambda x, w, b: bcos_kernels.bcos_linear(x, w, b=b, max_out=2, backend=backend), (xl, wl, b)
+    )
 
 
 def _bf16_error(fn_fp64, fn, inputs):
@@ -157,6 +197,7 @@ def test_bf16_within_twice_the_reference_error(backend, b):
             x = x.detach().requires_grad_(True)
             out = layer(be)(x, w)
             return torch.autograd.grad(out, x, torch.ones_like(out))[0]
+
         return f
 
     for make in (layer, grad_x):
@@ -181,6 +222,7 @@ def test_opcheck_conv(channels_last):
     if "cpu" not in FUSED:
         pytest.skip("cpu extension not built")
     from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused
+
     x, w, bias, b = _opcheck_conv_tensors(channels_last)
     cases = [
         (x, w, None, None, 2.0, [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False, "cpu"),
@@ -196,12 +238,14 @@ def test_opcheck_linear():
     if "cpu" not in FUSED:
         pytest.skip("cpu extension not built")
     from bcos_kernels.ops.bcos_linear import bcos_linear_fused
+
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(1.9, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(bcos_linear_fused, *linear_fused_args(x, w, None, None, 2.0, 2, True, 1.0, False, "cpu"))
-    torch.library.opcheck(bcos_linear_fused, *linear_fused_args(x, w, None, b, float("nan"), 1, False, 3.0, True,
-                                                                 "cpu"))
+    torch.library.opcheck(
+        bcos_linear_fused, *linear_fused_args(x, w, None, b, float("nan"), 1, False, 3.0, True, "cpu")
+    )
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -210,10 +254,14 @@ def test_opcheck_conv_backward(channels_last):
     if "cpu" not in FUSED:
         pytest.skip("cpu extension not built")
     from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused, bcos_conv2d_fused_backward
+
     x, w, _, b = _opcheck_conv_tensors(channels_last)
     options = [float("nan"), [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False, "cpu"]
     args, kwargs = conv_fused_args(x, w, None, b, *options)
     out, lin_max, norm, winner = bcos_conv2d_fused(*args, **kwargs)
-    torch.library.opcheck(bcos_conv2d_fused_backward,
-                          *fused_backward_args((torch.randn_like(out), x, w, b, lin_max, norm, winner), options,
-                                               [True, True, False, True]))
+    torch.library.opcheck(
+        bcos_conv2d_fused_backward,
+        *fused_backward_args(
+            (torch.randn_like(out), x, w, b, lin_max, norm, winner), options, [True, True, False, True]
+        ),
+    )

@@ -1,4 +1,5 @@
 """The B-cos references (and our drop-in modules on backend "reference") against the original code."""
+
 import sys
 import types
 import warnings
@@ -72,8 +73,9 @@ def test_conv_with_scale_matches_original(b):
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (1, 7)])
-@pytest.mark.parametrize("b,max_out,detach", [(2, 1, False), (2, 2, True), (1.5, 3, False), (1, 2, False),
-                                              (3, 1, True)])
+@pytest.mark.parametrize(
+    "b,max_out,detach", [(2, 1, False), (2, 2, True), (1.5, 3, False), (1, 2, False), (3, 1, True)]
+)
 def test_linear_matches_original(shape, b, max_out, detach):
     original = bcos_module("modules")
     orig = original.BcosLinear(7, 5, b=b, max_out=max_out).to(DT)
@@ -129,8 +131,9 @@ def test_vgg11_bnu_with_our_conv_matches_original():
     modules = bcos_module("modules")
     norm_layer = modules.norms.NoBias(modules.norms.BatchNormUncentered2d)
     orig = vgg.vgg11_bnu(num_classes=10, norm_layer=norm_layer, conv_layer=modules.BcosConv2d)
-    ours = vgg.vgg11_bnu(num_classes=10, norm_layer=norm_layer,
-                         conv_layer=lambda *a, **k: bnn.BcosConv2d(*a, backend="reference", **k))
+    ours = vgg.vgg11_bnu(
+        num_classes=10, norm_layer=norm_layer, conv_layer=lambda *a, **k: bnn.BcosConv2d(*a, backend="reference", **k)
+    )
     ours.load_state_dict(orig.state_dict())
     # the feature convs' weights (the classifier's 120M weight gradients would take most of a minute)
     pick = lambda model: [m.linear.weight for m in model.features.modules() if hasattr(m, "linear")]  # noqa: E731
@@ -164,23 +167,26 @@ def _bcosify_original():
     return conv.BcosifyConv2d, lin.BcosifyLinear
 
 
-@pytest.mark.parametrize("clamping,b_loss,detach", [(False, False, False), (True, False, False),
-                                                    (False, True, False), (True, False, True)])
+@pytest.mark.parametrize(
+    "clamping,b_loss,detach", [(False, False, False), (True, False, False), (False, True, False), (True, False, True)]
+)
 def test_bcosify_matches_original(clamping, b_loss, detach):
     conv_cls, lin_cls = _bcosify_original()
     b_start = 0.3 if b_loss else 1.0 + 1e-6 + 0.4
     orig = conv_cls(4, 6, 3, 1, 1, b=2, clamping=clamping, b_loss=b_loss).to(DT)
     orig.linear.bias = torch.nn.Parameter(torch.randn(6, dtype=DT))  # what from_standard_module does
     orig.b = torch.nn.Parameter(torch.tensor(b_start, dtype=DT))
-    ours = bnn.BcosifyConv2d(4, 6, 3, 1, 1, b=2, clamping=clamping, b_loss=b_loss, bias=True,
-                             backend="reference").to(DT)
+    ours = bnn.BcosifyConv2d(4, 6, 3, 1, 1, b=2, clamping=clamping, b_loss=b_loss, bias=True, backend="reference").to(
+        DT
+    )
     ours.b = torch.nn.Parameter(torch.tensor(b_start, dtype=DT))
     ours.load_state_dict(orig.state_dict())
     orig.set_explanation_mode(detach)
     ours.set_explanation_mode(detach)
     x = torch.randn(2, 4, 6, 5, dtype=DT)
-    assert_same(orig, ours, x, [orig.linear.weight, orig.linear.bias, orig.b],
-                [ours.linear.weight, ours.linear.bias, ours.b])
+    assert_same(
+        orig, ours, x, [orig.linear.weight, orig.linear.bias, orig.b], [ours.linear.weight, ours.linear.bias, ours.b]
+    )
 
     orig_l = lin_cls(7, 3, b=2, clamping=clamping, b_loss=b_loss).to(DT)
     orig_l.linear.bias = torch.nn.Parameter(torch.randn(3, dtype=DT))
@@ -189,12 +195,18 @@ def test_bcosify_matches_original(clamping, b_loss, detach):
     ours_l.b = torch.nn.Parameter(torch.tensor(b_start, dtype=DT))
     ours_l.load_state_dict(orig_l.state_dict())
     xl = torch.randn(3, 2, 7, dtype=DT)
-    assert_same(orig_l, ours_l, xl, [orig_l.linear.weight, orig_l.linear.bias, orig_l.b],
-                [ours_l.linear.weight, ours_l.linear.bias, ours_l.b])
+    assert_same(
+        orig_l,
+        ours_l,
+        xl,
+        [orig_l.linear.weight, orig_l.linear.bias, orig_l.b],
+        [ours_l.linear.weight, ours_l.linear.bias, ours_l.b],
+    )
 
 
-@pytest.mark.parametrize("b,max_out,detach", [(2, 2, False), (2, 2, True), (1.7, 2, False), (1.7, 1, True),
-                                              (1, 2, False)])
+@pytest.mark.parametrize(
+    "b,max_out,detach", [(2, 2, False), (2, 2, True), (1.7, 2, False), (1.7, 1, True), (1, 2, False)]
+)
 def test_v1_matches_original(b, max_out, detach):
     v1 = load_source("bcos_v1", mirror_source("moboehle+B-cos", "modules/bcosconv2d.py"))
     orig = v1.BcosConv2d(5, 4, kernel_size=3, stride=2, padding=1, max_out=max_out, b=b).to(DT)

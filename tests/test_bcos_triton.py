@@ -4,6 +4,7 @@ Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TR
 fp32, compared with the reference run in fp64. With a GPU the same cases run on it (TF32 off), plus real layer
 shapes and the bf16 numerics contract.
 """
+
 import pytest
 import torch
 from helpers import assert_zero_output_and_finite_grads, conv_fused_args, fused_backward_args, linear_fused_args
@@ -55,8 +56,13 @@ def _check(fused, reference, tensors, b, tol=TOL):
     assert len(got) == len(want)
     names = ["out", "x", "weight", "bias", "b"]
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g.detach().cpu().double(), w.detach(), atol=tol, rtol=tol,
-                                   msg=lambda m: f"{names[i] if i < 3 else 'bias/b'}: {m}")
+        torch.testing.assert_close(
+            g.detach().cpu().double(),
+            w.detach(),
+            atol=tol,
+            rtol=tol,
+            msg=lambda m: f"{names[i] if i < 3 else 'bias/b'}: {m}",
+        )
 
 
 def _conv_tensors(shape, channels_last=False):
@@ -72,8 +78,9 @@ def _conv_tensors(shape, channels_last=False):
 
 B_VALUES = [1, 1.5, 2, 2.5, torch.tensor(1.7)]
 # Every shape with every b (not detached), and explanation mode with b = 2 and a learnable b.
-CONV_CASES = [(s, b, False) for s in CONV_SHAPES for b in B_VALUES] + \
-             [(s, b, True) for s in CONV_SHAPES for b in (2, B_VALUES[-1])]
+CONV_CASES = [(s, b, False) for s in CONV_SHAPES for b in B_VALUES] + [
+    (s, b, True) for s in CONV_SHAPES for b in (2, B_VALUES[-1])
+]
 
 
 def _case_id(case):
@@ -88,15 +95,23 @@ def test_conv_matches_reference(case):
     tensors, kw = _conv_tensors(shape)
     # v1's divisor and unnormalised (B-cosification) weights on some shapes
     opts = dict(scale=0.37 if shape[7] == 2 else 1.0, detach=detach, normalize_weight=not shape[8], **kw)
-    _check(lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend="triton", **opts),
-           lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **opts), tensors, b)
+    _check(
+        lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend="triton", **opts),
+        lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **opts),
+        tensors,
+        b,
+    )
 
 
 @pytest.mark.parametrize("b", [2, B_VALUES[-1]], ids=["b2", "btensor"])
 def test_conv_channels_last_input(b):
     tensors, kw = _conv_tensors(CONV_SHAPES[5], channels_last=True)
-    _check(lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend="triton", **kw),
-           lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **kw), tensors, b)
+    _check(
+        lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend="triton", **kw),
+        lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **kw),
+        tensors,
+        b,
+    )
 
 
 # Wide enough (channels and filters per group >= the interpreter's 16-wide K tiles) for the tap-by-tap loops
@@ -109,8 +124,12 @@ WIDE_SHAPES = [(20, 18, 3, 2, 1, 1, 1, 2, False, 2, 7, 6), (34, 34, 3, 1, 1, 1, 
 @pytest.mark.parametrize("shape", WIDE_SHAPES, ids=str)
 def test_conv_wide_layers(shape, channels_last):
     tensors, kw = _conv_tensors(shape, channels_last=channels_last)
-    _check(lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend="triton", **kw),
-           lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **kw), tensors, B_VALUES[-1])
+    _check(
+        lambda x, w, bias, b: bcos_kernels.bcos_conv2d(x, w, bias, b=b, backend="triton", **kw),
+        lambda x, w, bias, b: ref.bcos_conv2d(x, w, bias, b=b, **kw),
+        tensors,
+        B_VALUES[-1],
+    )
 
 
 def test_channels_last_in_channels_last_out():
@@ -131,12 +150,17 @@ def test_conv_non_contiguous_weight_and_first_layer_shape():
     x = torch.randn(1, 3, 12, 11, dtype=torch.float64)
     w = torch.randn(3, 7, 7, 16, dtype=torch.float64).permute(3, 0, 1, 2)  # (16, 3, 7, 7), not contiguous
     kw = dict(stride=2, padding=3)
-    _check(lambda x, w, b: bcos_kernels.bcos_conv2d(x, w, b=b, backend="triton", **kw),
-           lambda x, w, b: ref.bcos_conv2d(x, w, b=b, **kw), [x, w], 2)
+    _check(
+        lambda x, w, b: bcos_kernels.bcos_conv2d(x, w, b=b, backend="triton", **kw),
+        lambda x, w, b: ref.bcos_conv2d(x, w, b=b, **kw),
+        [x, w],
+        2,
+    )
 
 
-LINEAR_CASES = [(s, b, False) for s in LINEAR_SHAPES for b in B_VALUES] + \
-               [(s, b, True) for s in LINEAR_SHAPES for b in (2, B_VALUES[-1])]
+LINEAR_CASES = [(s, b, False) for s in LINEAR_SHAPES for b in B_VALUES] + [
+    (s, b, True) for s in LINEAR_SHAPES for b in (2, B_VALUES[-1])
+]
 
 
 def _linear_case_id(case):
@@ -151,21 +175,32 @@ def test_linear_matches_reference(case):
     w = torch.randn(out_features * m, x_shape[-1], dtype=torch.float64)
     bias_t = torch.randn(out_features * m, dtype=torch.float64) if bias else None
     opts = dict(max_out=m, detach=detach, normalize_weight=not bias, scale=2.0 if m > 1 else 1.0)
-    _check(lambda x, w, bias, b: bcos_kernels.bcos_linear(x, w, bias, b=b, backend="triton", **opts),
-           lambda x, w, bias, b: linear_ref.bcos_linear(x, w, bias, b=b, **opts), [x, w, bias_t], b)
+    _check(
+        lambda x, w, bias, b: bcos_kernels.bcos_linear(x, w, bias, b=b, backend="triton", **opts),
+        lambda x, w, bias, b: linear_ref.bcos_linear(x, w, bias, b=b, **opts),
+        [x, w, bias_t],
+        b,
+    )
 
 
 def test_linear_non_contiguous_input():
     x = torch.randn(6, 4, 18, dtype=torch.float64).transpose(0, 1)  # (4, 6, 18), rows not contiguous
     w = torch.randn(10, 18, dtype=torch.float64)
-    _check(lambda x, w, b: bcos_kernels.bcos_linear(x, w, b=b, max_out=2, backend="triton"),
-           lambda x, w, b: linear_ref.bcos_linear(x, w, b=b, max_out=2), [x, w], 2.5)
+    _check(
+        lambda x, w, b: bcos_kernels.bcos_linear(x, w, b=b, max_out=2, backend="triton"),
+        lambda x, w, b: linear_ref.bcos_linear(x, w, b=b, max_out=2),
+        [x, w],
+        2.5,
+    )
 
 
 def test_zero_inputs_give_zero_output_and_finite_grads():
     for fn, x, w in [
-        (lambda x, w, b: bcos_kernels.bcos_conv2d(x, w, b=b, padding=1, backend="triton"),
-         torch.zeros(2, 3, 5, 5), torch.randn(4, 3, 3, 3)),
+        (
+            lambda x, w, b: bcos_kernels.bcos_conv2d(x, w, b=b, padding=1, backend="triton"),
+            torch.zeros(2, 3, 5, 5),
+            torch.randn(4, 3, 3, 3),
+        ),
         (lambda x, w, b: bcos_kernels.bcos_linear(x, w, b=b, backend="triton"), torch.zeros(3, 6), torch.randn(4, 6)),
     ]:
         for b in (1.5, 2, 3, "tensor"):
@@ -187,9 +222,10 @@ def test_only_the_requested_gradients():
 
 def test_modules_run_the_triton_backend():
     """nn.BcosConv2d / nn.BcosLinear with backend="triton": same output and weight gradient as backend="reference"."""
-    for make, x in [(lambda be: bcos_kernels.nn.BcosConv2d(4, 6, 3, padding=1, max_out=2, backend=be),
-                     torch.randn(2, 4, 7, 7)),
-                    (lambda be: bcos_kernels.nn.BcosLinear(12, 5, b=2.5, backend=be), torch.randn(3, 4, 12))]:
+    for make, x in [
+        (lambda be: bcos_kernels.nn.BcosConv2d(4, 6, 3, padding=1, max_out=2, backend=be), torch.randn(2, 4, 7, 7)),
+        (lambda be: bcos_kernels.nn.BcosLinear(12, 5, b=2.5, backend=be), torch.randn(3, 4, 12)),
+    ]:
         fused, plain = make("triton").to(DEVICE), make("reference").to(DEVICE)
         plain.load_state_dict(fused.state_dict())
         outs = []
@@ -226,30 +262,42 @@ def test_auto_falls_back_with_a_warning_on_gpu():
 def test_opcheck():
     from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused
     from bcos_kernels.ops.bcos_linear import bcos_linear_fused
+
     x = torch.randn(2, 4, 6, 5, device=DEVICE, requires_grad=True)
     w = torch.randn(6, 2, 3, 3, device=DEVICE, requires_grad=True)
     bias = torch.randn(6, device=DEVICE, requires_grad=True)
     b = torch.tensor(1.9, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(bcos_conv2d_fused, *conv_fused_args(x, w, None, None, 2.0, [1, 1], [1, 1], [1, 1], 2, 3,
-                                                              True, 1.0, False, "triton"))
-    torch.library.opcheck(bcos_conv2d_fused, *conv_fused_args(x, w, bias, b, float("nan"), [2, 1], [0, 1], [1, 2], 2,
-                                                              1, False, 0.5, False, "triton"))
+    torch.library.opcheck(
+        bcos_conv2d_fused,
+        *conv_fused_args(x, w, None, None, 2.0, [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False, "triton"),
+    )
+    torch.library.opcheck(
+        bcos_conv2d_fused,
+        *conv_fused_args(x, w, bias, b, float("nan"), [2, 1], [0, 1], [1, 2], 2, 1, False, 0.5, False, "triton"),
+    )
     x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    torch.library.opcheck(bcos_conv2d_fused, *conv_fused_args(x_cl, w, None, b, float("nan"), [1, 1], [1, 1], [1, 1],
-                                                              2, 1, True, 1.0, False, "triton"))
+    torch.library.opcheck(
+        bcos_conv2d_fused,
+        *conv_fused_args(x_cl, w, None, b, float("nan"), [1, 1], [1, 1], [1, 1], 2, 1, True, 1.0, False, "triton"),
+    )
     # the backward op on its own: grad x and grad weight keep the layouts of x and the weight
     from bcos_kernels.ops.bcos_conv2d import bcos_conv2d_fused_backward
+
     options = [float("nan"), [1, 1], [1, 1], [1, 1], 2, 1, True, 1.0, False, "triton"]
     xd, wd = x_cl.detach(), w.detach().contiguous(memory_format=torch.channels_last)
     args, kwargs = conv_fused_args(xd, wd, None, b.detach(), *options)
     out, lin_max, norm, winner = bcos_conv2d_fused(*args, **kwargs)
-    torch.library.opcheck(bcos_conv2d_fused_backward,
-                          *fused_backward_args((torch.randn_like(out), xd, wd, b.detach(), lin_max, norm, winner),
-                                               options, [True, True, False, True]))
+    torch.library.opcheck(
+        bcos_conv2d_fused_backward,
+        *fused_backward_args(
+            (torch.randn_like(out), xd, wd, b.detach(), lin_max, norm, winner), options, [True, True, False, True]
+        ),
+    )
     xl = torch.randn(2, 3, 5, device=DEVICE, requires_grad=True)
     wl = torch.randn(8, 5, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(bcos_linear_fused, *linear_fused_args(xl, wl, None, b, float("nan"), 2, True, 3.0, True,
-                                                                 "triton"))
+    torch.library.opcheck(
+        bcos_linear_fused, *linear_fused_args(xl, wl, None, b, float("nan"), 2, True, 3.0, True, "triton")
+    )
 
 
 def test_compile_keeps_the_fused_op():
@@ -278,8 +326,14 @@ def test_compile_keeps_the_fused_op():
 
 
 # (C, O, k, stride, groups, max_out, N, H): layers of B-cos ResNet-50 / ConvNeXt-like, reduced batch
-REAL_CONVS = [(64, 64, 3, 1, 1, 1, 8, 56), (256, 128, 1, 1, 1, 1, 8, 56), (128, 128, 3, 2, 1, 1, 8, 56),
-              (3, 64, 7, 2, 1, 1, 4, 224), (512, 256, 1, 1, 1, 2, 8, 14), (96, 96, 7, 1, 96, 1, 4, 56)]
+REAL_CONVS = [
+    (64, 64, 3, 1, 1, 1, 8, 56),
+    (256, 128, 1, 1, 1, 1, 8, 56),
+    (128, 128, 3, 2, 1, 1, 8, 56),
+    (3, 64, 7, 2, 1, 1, 4, 224),
+    (512, 256, 1, 1, 1, 2, 8, 14),
+    (96, 96, 7, 1, 96, 1, 4, 56),
+]
 
 
 @gpu_only
@@ -289,8 +343,13 @@ def test_gpu_real_conv_shapes_fp32(layer):
     x = torch.randn(n, c, h, h, dtype=torch.float64)
     w = torch.randn(o * m, c // g, k, k, dtype=torch.float64)
     kw = dict(stride=s, padding=k // 2, groups=g, max_out=m)
-    _check(lambda x, w, b: bcos_kernels.bcos_conv2d(x, w, b=b, backend="triton", **kw),
-           lambda x, w, b: ref.bcos_conv2d(x, w, b=b, **kw), [x, w], 2, tol=2e-4)
+    _check(
+        lambda x, w, b: bcos_kernels.bcos_conv2d(x, w, b=b, backend="triton", **kw),
+        lambda x, w, b: ref.bcos_conv2d(x, w, b=b, **kw),
+        [x, w],
+        2,
+        tol=2e-4,
+    )
 
 
 @gpu_only

@@ -1,6 +1,7 @@
 """bcos_kernels.bcosify: B-cosification of a standard CNN, against the original conversion (shrebox/B-cosification,
 executed from its mirror on top of its own B-cos modules), the properties the conversion is meant to have, and its
 handling of parameters, devices, modes and bad arguments."""
+
 import copy
 import functools
 import importlib.util
@@ -35,10 +36,17 @@ class SmallCNN(nn.Module):
     def __init__(self, head_before_pool: bool = False):
         super().__init__()
         self.head_before_pool = head_before_pool
-        self.stem = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=True), nn.BatchNorm2d(5), nn.ReLU(inplace=True),
-                                  nn.MaxPool2d(3, 2, 1))
-        self.block = nn.Sequential(nn.Conv2d(5, 9, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(9), nn.ReLU(),
-                                   nn.Conv2d(9, 9, 3, padding=1, groups=3, bias=True), nn.BatchNorm2d(9), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 5, 3, padding=1, bias=True), nn.BatchNorm2d(5), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        )
+        self.block = nn.Sequential(
+            nn.Conv2d(5, 9, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(9),
+            nn.ReLU(),
+            nn.Conv2d(9, 9, 3, padding=1, groups=3, bias=True),
+            nn.BatchNorm2d(9),
+            nn.ReLU(),
+        )
         self.proj = nn.Conv2d(9, 7, 1, bias=True)
         self.bn = nn.BatchNorm2d(7)
         self.relu = nn.ReLU()
@@ -96,18 +104,23 @@ def _original_bcosify_module():
     bcos/modules files from the mirror (its BcosConv2d differs from bcos 0.1.3: tuple dilation, a bias argument),
     with stand-ins for what a CNN conversion never uses (torchvision's Normalize where torchvision is missing,
     CLIP's AttentionPool2d, BcosAttentionPool2d). sys.modules is restored afterwards."""
-    sources = {name: mirror_source(REPO, path) for name, path in [
-        ("bcos.common", "bcos/common.py"),
-        ("bcos.modules.common", "bcos/modules/common.py"),
-        ("bcos.modules.bcosconv2d", "bcos/modules/bcosconv2d.py"),
-        ("bcos.modules.bcoslinear", "bcos/modules/bcoslinear.py"),
-        ("bcos.modules.logitlayer", "bcos/modules/logitlayer.py"),
-        ("bcos.modules.bcosifyconv2d", "bcos/modules/bcosifyconv2d.py"),
-        ("bcos.modules.bcosifylinear", "bcos/modules/bcosifylinear.py"),
-        ("bcos.modules.norms.uncentered_norms", "bcos/modules/norms/uncentered_norms/batchnorm_uncentered.py"),
-        ("bcosify", "bcosify.py")]}
+    sources = {
+        name: mirror_source(REPO, path)
+        for name, path in [
+            ("bcos.common", "bcos/common.py"),
+            ("bcos.modules.common", "bcos/modules/common.py"),
+            ("bcos.modules.bcosconv2d", "bcos/modules/bcosconv2d.py"),
+            ("bcos.modules.bcoslinear", "bcos/modules/bcoslinear.py"),
+            ("bcos.modules.logitlayer", "bcos/modules/logitlayer.py"),
+            ("bcos.modules.bcosifyconv2d", "bcos/modules/bcosifyconv2d.py"),
+            ("bcos.modules.bcosifylinear", "bcos/modules/bcosifylinear.py"),
+            ("bcos.modules.norms.uncentered_norms", "bcos/modules/norms/uncentered_norms/batchnorm_uncentered.py"),
+            ("bcosify", "bcosify.py"),
+        ]
+    }
     if importlib.util.find_spec("torchvision") is not None:
         import torchvision.transforms  # noqa: F401  (imported outside the patch so that it stays imported)
+
         stand_ins = {}
     else:
         tv = types.ModuleType("torchvision")
@@ -116,8 +129,9 @@ def _original_bcosify_module():
         stand_ins = {"torchvision": tv, "torchvision.transforms": tv.transforms}
     clip = types.ModuleType("CLIP.clip.model")
     clip.AttentionPool2d = type("AttentionPool2d", (nn.Module,), {})
-    stand_ins.update({"CLIP": types.ModuleType("CLIP"), "CLIP.clip": types.ModuleType("CLIP.clip"),
-                      "CLIP.clip.model": clip})
+    stand_ins.update(
+        {"CLIP": types.ModuleType("CLIP"), "CLIP.clip": types.ModuleType("CLIP.clip"), "CLIP.clip.model": clip}
+    )
     # Only the names set here are swapped in, then restored: a wholesale restore of sys.modules would also drop
     # modules first imported meanwhile (numpy, ...), which must not be imported twice.
     packages = {}
@@ -147,16 +161,21 @@ def _original_bcosify_module():
     return loaded["bcosify"]
 
 
-def original_bcosified(std: nn.Module, *, b=2.0, keep_bias=False, learn_b=False, clamping=False, b_loss=False,
-                       gap=False):
+def original_bcosified(
+    std: nn.Module, *, b=2.0, keep_bias=False, learn_b=False, clamping=False, b_loss=False, gap=False
+):
     """`std` B-cosified by the original: BcosifyNetwork (its forward normalises the 6-channel input), then what
     model.py's get_model does (stem max pool -> AvgPool2d(3, 2, 1), every bias set to None) and, for a
     learnable b, what trainer.py does (every module with a `b` gets a 0-dim parameter)."""
     orig = _original_bcosify_module()
-    config = dict(weights="pretrained", last_layer_name="fc" if gap else "NoLastLayerName",
-                  bcos_args=dict(b=b, max_out=1),
-                  bcosify_args=dict(norm_layer="BnUncV2", gap=gap, act_layer=True, clamping=clamping, learn_b=b_loss,
-                                    fix_b=not learn_b))
+    config = dict(
+        weights="pretrained",
+        last_layer_name="fc" if gap else "NoLastLayerName",
+        bcos_args=dict(b=b, max_out=1),
+        bcosify_args=dict(
+            norm_layer="BnUncV2", gap=gap, act_layer=True, clamping=clamping, learn_b=b_loss, fix_b=not learn_b
+        ),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         net = orig.BcosifyNetwork(copy.deepcopy(std), config, add_channels=True, logit_layer=False)
@@ -176,8 +195,11 @@ def original_bcosified(std: nn.Module, *, b=2.0, keep_bias=False, learn_b=False,
 def standard_layers_left(model):
     """Names of the standard conv / linear / batch norm / max pool layers not inside a B-cos layer."""
     inner = {id(m.linear) for m in model.modules() if isinstance(m, (bnn.BcosifyConv2d, bnn.BcosifyLinear))}
-    return [n for n, m in model.named_modules()
-            if type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.MaxPool2d) and id(m) not in inner]
+    return [
+        n
+        for n, m in model.named_modules()
+        if type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.MaxPool2d) and id(m) not in inner
+    ]
 
 
 def forward_and_grads(fn, model, x, seed=1):
@@ -213,7 +235,7 @@ def test_matches_original(config, train, detach):
     ours = bcosify(copy.deepcopy(std), last_layer_name="fc" if gap else None, backend="reference", **cfg)
 
     # the same distinct b per layer in both (clamping: some below the clamp, where neither gets a gradient)
-    orig_b = {n[len("model."):]: p for n, p in orig.named_parameters() if n.endswith(".b")}
+    orig_b = {n[len("model.") :]: p for n, p in orig.named_parameters() if n.endswith(".b")}
     ours_b = {n: p for n, p in ours.named_parameters() if n.endswith(".b")}
     assert sorted(orig_b) == sorted(ours_b) and (len(ours_b) == 5) == bool(cfg.get("learn_b"))
     for i, name in enumerate(sorted(ours_b)):
@@ -233,11 +255,11 @@ def test_matches_original(config, train, detach):
     tol = dict(atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(out, out_o, **tol)
     torch.testing.assert_close(gx, gx_o, **tol)
-    g_o = {n[len("model."):]: v for n, v in g_o.items()}
+    g_o = {n[len("model.") :]: v for n, v in g_o.items()}
     assert sorted(g) == sorted(g_o)  # same parameters, same state-dict names (`<layer>.linear.weight`, `.b`, ...)
     for name in g:
         torch.testing.assert_close(g[name], g_o[name], **tol, msg=lambda m: f"{name}: {m}")
-    buffers_o = {n[len("model."):]: v for n, v in orig.named_buffers()}
+    buffers_o = {n[len("model.") :]: v for n, v in orig.named_buffers()}
     for name, buf in ours.named_buffers():
         if not name.endswith("num_batches_tracked"):  # the original restarts this count at 0
             torch.testing.assert_close(buf, buffers_o[name], **tol, msg=lambda m: f"{name}: {m}")
@@ -276,15 +298,22 @@ def test_b1_with_biases_is_the_standard_model(head_before_pool):
     std = standard_model().eval()
     ours = copy.deepcopy(std)
     ours.head_before_pool = head_before_pool  # a 1x1 conv before the mean pool = the Linear after it, at B = 1
-    bcosify(ours, b=1.0, keep_bias=True, maxpool_to_avgpool=False, last_layer_name="fc" if head_before_pool else None,
-            backend="reference")
+    bcosify(
+        ours,
+        b=1.0,
+        keep_bias=True,
+        maxpool_to_avgpool=False,
+        last_layer_name="fc" if head_before_pool else None,
+        backend="reference",
+    )
     x = torch.rand(4, 3, 13, 11, dtype=DT)
     mean = torch.tensor(IMAGENET_MEAN, dtype=DT)[:, None, None]
     stdev = torch.tensor(IMAGENET_STD, dtype=DT)[:, None, None]
     with torch.no_grad():
         expected = std((x - mean) / stdev)
-        torch.testing.assert_close(ours(add_inverse(x, mean=IMAGENET_MEAN, std=IMAGENET_STD)), expected,
-                                   atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(
+            ours(add_inverse(x, mean=IMAGENET_MEAN, std=IMAGENET_STD)), expected, atol=1e-12, rtol=1e-12
+        )
         # without normalisation, [x, 1 - x] and the halved weights see the image centred at 1/2
         torch.testing.assert_close(ours(add_inverse(x)), std(x - 0.5), atol=1e-12, rtol=1e-12)
 
@@ -304,8 +333,13 @@ def test_widened_first_conv_on_normalised_encoding_is_the_standard_conv():
 def test_without_biases_is_dynamic_linear(train, learn_b):
     # In explanation mode the output is exactly W(x) x with W(x) the input gradient: contributions sum to the logit.
     # Train mode too (the batch statistics are detached, so a sample's gradient comes from its own output).
-    ours = bcosify(standard_model(head_before_pool=True), learn_b=learn_b, b=1.7 if learn_b else 2.0,
-                   last_layer_name="fc", backend="reference").train(train)
+    ours = bcosify(
+        standard_model(head_before_pool=True),
+        learn_b=learn_b,
+        b=1.7 if learn_b else 2.0,
+        last_layer_name="fc",
+        backend="reference",
+    ).train(train)
     set_explanation_mode(ours, True)
     x6 = add_inverse(torch.rand(3, 3, 13, 11, dtype=DT)).requires_grad_(True)
     out = ours(x6)
@@ -336,7 +370,7 @@ def test_layers_weights_and_modes():
 
     # the pretrained parameters themselves (shared), except the widened first conv (a new tensor)
     for name in ("block.0.weight", "block.3.weight", "proj.weight", "fc.weight"):
-        layer = ours.get_submodule(name[:-len(".weight")])
+        layer = ours.get_submodule(name[: -len(".weight")])
         assert layer.linear.weight is params[name], name
         assert layer.linear.bias is None and layer.b == 2.0 and layer.backend is None
     first = ours.stem[0].linear
@@ -399,8 +433,10 @@ def test_cuda_model_stays_on_its_device():
     assert all(p.grad is not None for n, p in ours.named_parameters() if n.endswith(".b"))
 
 
-@pytest.mark.parametrize("b,b_loss,clamping", [(1.0, False, False), (2.0, False, False), (1.0, True, False),
-                                               (1.0, False, True), (1.5, True, True)])
+@pytest.mark.parametrize(
+    "b,b_loss,clamping",
+    [(1.0, False, False), (2.0, False, False), (1.0, True, False), (1.0, False, True), (1.5, True, True)],
+)
 def test_learnable_b(b, b_loss, clamping):
     ours = bcosify(standard_model(), b=b, learn_b=True, b_loss=b_loss, clamping=clamping, backend="reference")
     bs = {n: p for n, p in ours.named_parameters() if n.endswith(".b")}
@@ -432,8 +468,11 @@ def test_relu_removal_and_shared_modules():
 
 
 def test_padding_strings():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.Conv2d(4, 4, (3, 5), padding="same", dilation=2),
-                          nn.Conv2d(4, 2, 3, padding="valid")).to(DT)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding="same"),
+        nn.Conv2d(4, 4, (3, 5), padding="same", dilation=2),
+        nn.Conv2d(4, 2, 3, padding="valid"),
+    ).to(DT)
     ref = copy.deepcopy(model)
     bcosify(model, b=1.0, keep_bias=True, backend="reference")
     assert model[1].linear.padding == (2, 4) and model[2].linear.padding == (0, 0)
@@ -477,24 +516,27 @@ def test_first_conv_warnings_and_choice():
 # ---------------------------------------------------------------------------------------------------------------
 # Bad arguments and unsupported layers: clear errors, model untouched
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(b=0.5), ValueError, "b must be a finite number >= 1"),
-    (dict(b=True), ValueError, "b must"),
-    (dict(b="2"), ValueError, "b must"),
-    (dict(b=float("nan")), ValueError, "b must"),
-    (dict(learn_b=1), TypeError, "learn_b must be True or False"),
-    (dict(keep_bias="yes"), TypeError, "keep_bias"),
-    (dict(maxpool_to_avgpool=None), TypeError, "maxpool_to_avgpool"),
-    (dict(clamping=True), ValueError, "clamping=True .* learn_b=True"),
-    (dict(b_loss=True), ValueError, "b_loss=True .* learn_b=True"),
-    (dict(add_channels=3), TypeError, "add_channels"),
-    (dict(add_channels="nope"), ValueError, "add_channels='nope'"),
-    (dict(add_channels="stem.1"), ValueError, "add_channels='stem.1' names a BatchNorm2d"),
-    (dict(last_layer_name="nope"), ValueError, "last_layer_name='nope'"),
-    (dict(last_layer_name="proj"), ValueError, "last_layer_name='proj' names a Conv2d"),
-    (dict(last_layer_name=1), TypeError, "last_layer_name"),
-    (dict(backend="gpu"), ValueError, "backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(b=0.5), ValueError, "b must be a finite number >= 1"),
+        (dict(b=True), ValueError, "b must"),
+        (dict(b="2"), ValueError, "b must"),
+        (dict(b=float("nan")), ValueError, "b must"),
+        (dict(learn_b=1), TypeError, "learn_b must be True or False"),
+        (dict(keep_bias="yes"), TypeError, "keep_bias"),
+        (dict(maxpool_to_avgpool=None), TypeError, "maxpool_to_avgpool"),
+        (dict(clamping=True), ValueError, "clamping=True .* learn_b=True"),
+        (dict(b_loss=True), ValueError, "b_loss=True .* learn_b=True"),
+        (dict(add_channels=3), TypeError, "add_channels"),
+        (dict(add_channels="nope"), ValueError, "add_channels='nope'"),
+        (dict(add_channels="stem.1"), ValueError, "add_channels='stem.1' names a BatchNorm2d"),
+        (dict(last_layer_name="nope"), ValueError, "last_layer_name='nope'"),
+        (dict(last_layer_name="proj"), ValueError, "last_layer_name='proj' names a Conv2d"),
+        (dict(last_layer_name=1), TypeError, "last_layer_name"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, match):
     model = standard_model()
     before = copy.deepcopy(model.state_dict())
@@ -509,18 +551,21 @@ def _with(layer, name="extra"):
     return model
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: _with(nn.Conv1d(3, 3, 1)), "layer 'extra' \\(Conv1d\\) cannot be B-cosified"),
-    (lambda: _with(nn.ConvTranspose2d(3, 3, 1)), "'extra' \\(ConvTranspose2d\\)"),
-    (lambda: _with(nn.Sequential(nn.MultiheadAttention(4, 2))), "'extra.0' \\(MultiheadAttention\\)"),
-    (lambda: _with(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")), "'extra': padding_mode='reflect'"),
-    (lambda: _with(nn.Conv2d(4, 4, (3, 4), padding="same")), "'extra': padding='same' with an even kernel"),
-    (lambda: _with(nn.MaxPool2d(2, dilation=2)), "'extra': a MaxPool2d with return_indices or dilation"),
-    (lambda: _with(nn.LazyConv2d(4, 1)), "'extra' has uninitialised"),
-    (lambda: nn.Sequential(nn.Conv2d(3, 6, 3, groups=3)), "'0': a grouped first conv"),
-    (lambda: _with(nn.utils.parametrizations.weight_norm(nn.Linear(3, 3))), "'extra': its weight or bias is not"),
-    (lambda: nn.Conv2d(3, 4, 1), "model is itself a Conv2d"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: _with(nn.Conv1d(3, 3, 1)), "layer 'extra' \\(Conv1d\\) cannot be B-cosified"),
+        (lambda: _with(nn.ConvTranspose2d(3, 3, 1)), "'extra' \\(ConvTranspose2d\\)"),
+        (lambda: _with(nn.Sequential(nn.MultiheadAttention(4, 2))), "'extra.0' \\(MultiheadAttention\\)"),
+        (lambda: _with(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")), "'extra': padding_mode='reflect'"),
+        (lambda: _with(nn.Conv2d(4, 4, (3, 4), padding="same")), "'extra': padding='same' with an even kernel"),
+        (lambda: _with(nn.MaxPool2d(2, dilation=2)), "'extra': a MaxPool2d with return_indices or dilation"),
+        (lambda: _with(nn.LazyConv2d(4, 1)), "'extra' has uninitialised"),
+        (lambda: nn.Sequential(nn.Conv2d(3, 6, 3, groups=3)), "'0': a grouped first conv"),
+        (lambda: _with(nn.utils.parametrizations.weight_norm(nn.Linear(3, 3))), "'extra': its weight or bias is not"),
+        (lambda: nn.Conv2d(3, 4, 1), "model is itself a Conv2d"),
+    ],
+)
 def test_unsupported_layers(make, match):
     model = make()
     kinds = [type(m) for m in model.modules()]
@@ -552,8 +597,10 @@ def test_add_inverse():
     assert torch.equal(add_inverse(x[0], dim=-3), torch.cat([x[0], 1 - x[0]], 0))
     z = (x - torch.tensor(IMAGENET_MEAN, dtype=DT)[:, None, None]) / torch.tensor(IMAGENET_STD, dtype=DT)[:, None, None]
     torch.testing.assert_close(add_inverse(x, mean=IMAGENET_MEAN, std=IMAGENET_STD), torch.cat([z, -z], 1))
-    torch.testing.assert_close(add_inverse(x, std=IMAGENET_STD), torch.cat([x, 1 - x], 1) / torch.tensor(
-        IMAGENET_STD * 2, dtype=DT)[:, None, None])
+    torch.testing.assert_close(
+        add_inverse(x, std=IMAGENET_STD),
+        torch.cat([x, 1 - x], 1) / torch.tensor(IMAGENET_STD * 2, dtype=DT)[:, None, None],
+    )
     assert bcos_kernels.add_inverse is add_inverse and bcos_kernels.bcosify is bcosify
     with pytest.raises(ValueError, match="mean must have one value per channel"):
         add_inverse(x, mean=(0.5, 0.5))
@@ -579,8 +626,9 @@ def test_torchvision_resnet18():
     # B = 1 with biases and the max pool kept: the standard network
     same = bcosify(copy.deepcopy(std), b=1.0, keep_bias=True, maxpool_to_avgpool=False, backend="reference")
     with torch.no_grad():
-        torch.testing.assert_close(same(add_inverse(x, mean=IMAGENET_MEAN, std=IMAGENET_STD)), std((x - mean) / stdev),
-                                   atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(
+            same(add_inverse(x, mean=IMAGENET_MEAN, std=IMAGENET_STD)), std((x - mean) / stdev), atol=1e-10, rtol=1e-10
+        )
 
     # the default conversion: nothing standard left, dynamic linear
     ours = bcosify(copy.deepcopy(std), backend="reference")
@@ -614,8 +662,12 @@ def test_torchvision_resnet18_gap_reorder_matches_original():
     torch.manual_seed(0)
     std = randomise_batch_norms(ResNetBcos(models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=10)).to(DT)
     orig = _original_bcosify_module()
-    config = dict(weights="pretrained", last_layer_name="fc", bcos_args=dict(b=2, max_out=1),
-                  bcosify_args=dict(norm_layer="BnUncV2", gap=True, act_layer=True))
+    config = dict(
+        weights="pretrained",
+        last_layer_name="fc",
+        bcos_args=dict(b=2, max_out=1),
+        bcosify_args=dict(norm_layer="BnUncV2", gap=True, act_layer=True),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         net = orig.BcosifyNetwork(copy.deepcopy(std), config, add_channels=True, logit_layer=False)
@@ -627,5 +679,9 @@ def test_torchvision_resnet18_gap_reorder_matches_original():
     ours = bcosify(copy.deepcopy(std), last_layer_name="fc", backend="reference").eval()
     x = torch.rand(2, 3, 64, 64, dtype=DT)
     with torch.no_grad():
-        torch.testing.assert_close(ours(add_inverse(x, mean=IMAGENET_MEAN, std=IMAGENET_STD)),
-                                   net(torch.cat([x, 1 - x], 1)), atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(
+            ours(add_inverse(x, mean=IMAGENET_MEAN, std=IMAGENET_STD)),
+            net(torch.cat([x, 1 - x], 1)),
+            atol=1e-10,
+            rtol=1e-9,
+        )

@@ -1,5 +1,6 @@
 """The whole-model builders of the benchmark (benchmarks/models.py): convert() and the plain-layer swap keep the
 original network's numbers, the CoDA-Net providers share their parameters, the batch search finds the boundary."""
+
 import copy
 import importlib.util
 import os
@@ -132,8 +133,9 @@ def test_coda_net_reference_and_ours_share_parameters_and_agree():
     assert list(ref_sd) == list(our_sd)
     assert len(ref_sd) == 27  # 9 layers x (rank weight, expansion weight, expansion bias)
     assert all(torch.equal(ref_sd[k], our_sd[k]) for k in ref_sd)
-    assert not torch.equal(models.coda_net_cifar10("torch", seed=1).state_dict()[next(iter(ref_sd))],
-                           our_sd[next(iter(ref_sd))])
+    assert not torch.equal(
+        models.coda_net_cifar10("torch", seed=1).state_dict()[next(iter(ref_sd))], our_sd[next(iter(ref_sd))]
+    )
 
     reference, ours = reference.to(F64), ours.to(F64)
     x = torch.rand(2, 3, 32, 32, dtype=F64)

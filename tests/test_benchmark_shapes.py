@@ -7,6 +7,7 @@
 - LWTA / CSG: the activation shapes are those of a traced ResNet-18 / ResNet-152.
 - Every mode (GPU, CPU, CPU with BCOS_BENCH_ALL_SHAPES=1, smoke) selects what it should, with unique names.
 """
+
 import collections
 import dataclasses
 import functools
@@ -60,7 +61,8 @@ def trace(model, layer_type, x, record):
     seen = []
     # one global hook (torch.nn.modules.module) that records only the layers of this model
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda mod, inp, out: seen.append(record(paths[mod], mod, inp[0])) if mod in paths else None)
+        lambda mod, inp, out: seen.append(record(paths[mod], mod, inp[0])) if mod in paths else None
+    )
     try:
         with torch.no_grad():
             model(x)
@@ -78,11 +80,16 @@ def build(fn, **kwargs):
 
 def bcos_cnn_kwargs(modules):
     """bcos/experiments/ImageNet/bcos_final/experiment_parameters.py + model.py."""
-    return dict(num_classes=1000, norm_layer=modules.norms.NoBias(modules.norms.BatchNormUncentered2d),
-                logit_bias=-math.log(999), conv_layer=functools.partial(modules.BcosConv2d, b=2, max_out=1))
+    return dict(
+        num_classes=1000,
+        norm_layer=modules.norms.NoBias(modules.norms.BatchNormUncentered2d),
+        logit_bias=-math.log(999),
+        conv_layer=functools.partial(modules.BcosConv2d, b=2, max_out=1),
+    )
 
 
 # --- B-cos convolutions ---------------------------------------------------------------------------------------
+
 
 def conv_record(path, mod, x):
     lin = mod.linear  # the NormedConv2d inside: its attributes are normalised to pairs
@@ -99,8 +106,10 @@ def case_key(c):
     return c.cin, c.cout, c.k, c.stride, c.padding, c.hw
 
 
-@pytest.mark.parametrize("model_name, module, builder", [("resnet50", "models.resnet", "resnet50"),
-                                                         ("densenet121", "models.densenet", "densenet121")])
+@pytest.mark.parametrize(
+    "model_name, module, builder",
+    [("resnet50", "models.resnet", "resnet50"), ("densenet121", "models.densenet", "densenet121")],
+)
 def test_bcos_convs_are_the_models(model_name, module, builder):
     modules = bcos_module("modules")
     fn = getattr(bcos_module(module), builder)
@@ -111,7 +120,7 @@ def test_bcos_convs_are_the_models(model_name, module, builder):
     want = collections.Counter(key for _, key in traced)
     got = collections.Counter({case_key(c): c.count for c in cases})
     assert len(cases) == len(got), "one case per distinct shape"
-    assert got == want, (f"missing: {dict(want - got)}; extra: {dict(got - want)}")
+    assert got == want, f"missing: {dict(want - got)}; extra: {dict(got - want)}"
     # each case is named after the first layer of its shape (the real module path) and shows the shape
     first = {}
     for path, key in traced:
@@ -135,21 +144,29 @@ def test_all_bcos_convs_are_the_two_models():
 
 # --- B-cos linears --------------------------------------------------------------------------------------------
 
+
 def test_bcos_linears_are_vit_b16():
     modules = bcos_module("modules")
     if importlib.util.find_spec("einops") is None:
-        pytest.skip("bcos.models.vit imports einops (rearrange, einops.layers.torch.Rearrange), which is not "
-                    "installed here: the ViT-B/16 BcosLinear shapes cannot be traced")
+        pytest.skip(
+            "bcos.models.vit imports einops (rearrange, einops.layers.torch.Rearrange), which is not "
+            "installed here: the ViT-B/16 BcosLinear shapes cannot be traced"
+        )
     vit = bcos_module("models.vit")
     norms = modules.norms
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "use the entrypoints from bcos.models.pretrained": same constructor
         # bcos/experiments/ImageNet/vit_final: experiment_parameters.py (bcos_simple_vit_b_patch16_224) + model.py
-        model = build(vit.simple_vit_b_patch16_224, num_classes=1000, channels=6,
-                      linear_layer=functools.partial(modules.BcosLinear, b=2, max_out=1),
-                      conv2d_layer=functools.partial(modules.BcosConv2d, b=2, max_out=1),
-                      norm_layer=norms.NoBias(norms.DetachableLayerNorm), act_layer=torch.nn.Identity,
-                      norm2d_layer=norms.NoBias(modules.DetachableGNLayerNorm2d))
+        model = build(
+            vit.simple_vit_b_patch16_224,
+            num_classes=1000,
+            channels=6,
+            linear_layer=functools.partial(modules.BcosLinear, b=2, max_out=1),
+            conv2d_layer=functools.partial(modules.BcosConv2d, b=2, max_out=1),
+            norm_layer=norms.NoBias(norms.DetachableLayerNorm),
+            act_layer=torch.nn.Identity,
+            norm2d_layer=norms.NoBias(modules.DetachableGNLayerNorm2d),
+        )
 
     def record(path, mod, x):
         assert x.shape[-1] == mod.in_features, path
@@ -161,10 +178,11 @@ def test_bcos_linears_are_vit_b16():
     # the cases use the task's 197 tokens for the model's 196 patch tokens (one row per image more)
     want = collections.Counter(
         (cin, cout, shapes.VIT_B16_TOKENS if rows == shapes.VIT_B16_PATCH_TOKENS else rows)
-        for _, (cin, cout, rows) in traced)
+        for _, (cin, cout, rows) in traced
+    )
     got = collections.Counter({(c.cin, c.cout, c.rows): c.count for c in shapes.ALL_BCOS_LINEARS})
     assert len(shapes.ALL_BCOS_LINEARS) == len(got)
-    assert got == want, (f"missing: {dict(want - got)}; extra: {dict(got - want)}")
+    assert got == want, f"missing: {dict(want - got)}; extra: {dict(got - want)}"
     # to_qkv is a plain nn.Linear in the B-cos SimpleViT: not a case
     qkv = [m for path, m in model.named_modules() if path.endswith("attn.to_qkv")]
     assert len(qkv) == 12 and all(type(m) is torch.nn.Linear for m in qkv)
@@ -175,11 +193,17 @@ def test_vit_linear_generator():
     """Without einops the trace skips; the generated layers still have the SimpleViT-B/16 structure."""
     got = {(c.cin, c.cout, c.rows): c.count for c in shapes.ALL_BCOS_LINEARS}
     tokens = shapes.VIT_B16_TOKENS
-    assert got == {(6 * 16 * 16, 768, tokens): 1, (768, 768, tokens): 12, (768, 3072, tokens): 12,
-                   (3072, 768, tokens): 12, (768, 1000, 1): 1}
+    assert got == {
+        (6 * 16 * 16, 768, tokens): 1,
+        (768, 768, tokens): 12,
+        (768, 3072, tokens): 12,
+        (3072, 768, tokens): 12,
+        (768, 1000, 1): 1,
+    }
 
 
 # --- CoDA -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("net, classes, final_hw", [("CIFAR10", 10, 8), ("IMAGENET100", 100, 20)])
 def test_coda_layers_follow_the_conv_arithmetic(net, classes, final_hw):
@@ -207,8 +231,10 @@ def test_coda_layers_follow_the_conv_arithmetic(net, classes, final_hw):
 
 
 def test_dau_cases_are_coda_layers():
-    layers = {(c.model, c.cin, c.cout, c.k, c.stride, c.padding, c.rank, c.hw)
-              for c in shapes.CODA_CIFAR10_LAYERS + shapes.CODA_IMAGENET100_LAYERS}
+    layers = {
+        (c.model, c.cin, c.cout, c.k, c.stride, c.padding, c.rank, c.hw)
+        for c in shapes.CODA_CIFAR10_LAYERS + shapes.CODA_IMAGENET100_LAYERS
+    }
     for c in shapes.DAU_CASES:
         if c.model != "smoke":
             assert (c.model, c.cin, c.cout, c.k, c.stride, c.padding, c.rank, c.hw) in layers, c.name
@@ -216,11 +242,15 @@ def test_dau_cases_are_coda_layers():
 
 # --- LWTA and CSG ---------------------------------------------------------------------------------------------
 
+
 def norm_outputs(model, image):
     """(path, C, H, W) of every BatchNorm2d output: the places a ReLU (DISCOVER: LWTA) follows in a ResNet."""
     seen = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out, path=path: seen.append((path,) + tuple(out.shape[1:])))
-             for path, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, path=path: seen.append((path,) + tuple(out.shape[1:])))
+        for path, m in model.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         model(torch.zeros(1, 6, image, image, device="meta"))
     for h in hooks:
@@ -234,8 +264,7 @@ def test_lwta_resnet18_shapes(monkeypatch):
     has the same layout (AvgPool for MaxPool, same sizes): trace its norms at 224x224."""
     resnet = bcos_module("models.resnet")
     model = build(resnet.resnet18, num_classes=1000, norm_layer=torch.nn.BatchNorm2d)
-    relu_sites = {tuple(s[1:]) for s in norm_outputs(model, 224)
-                  if s[0] == "bn1" or s[0].endswith((".bn1", ".bn2"))}
+    relu_sites = {tuple(s[1:]) for s in norm_outputs(model, 224) if s[0] == "bn1" or s[0].endswith((".bn1", ".bn2"))}
     assert relu_sites == {(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)}
 
     for mode in ("gpu", "cpu", "cpu-all-shapes"):
@@ -271,8 +300,17 @@ def test_csg_resnet152_layer4():
 
 # --- selections per mode --------------------------------------------------------------------------------------
 
-LISTS = ("BCOS_CONVS", "ALL_BCOS_CONVS", "BCOS_LINEARS", "ALL_BCOS_LINEARS", "DAU_CASES", "CODA_CIFAR10_LAYERS",
-         "CODA_IMAGENET100_LAYERS", "LWTA_CASES", "CSG_CASES")
+LISTS = (
+    "BCOS_CONVS",
+    "ALL_BCOS_CONVS",
+    "BCOS_LINEARS",
+    "ALL_BCOS_LINEARS",
+    "DAU_CASES",
+    "CODA_CIFAR10_LAYERS",
+    "CODA_IMAGENET100_LAYERS",
+    "LWTA_CASES",
+    "CSG_CASES",
+)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -311,15 +349,20 @@ def test_cpu_subsets(monkeypatch):
     for model in ("resnet50", "densenet121"):
         mine = [c for c in convs if c.model == model]
         assert {c.k for c in mine} >= {1, 3} and {c.hw for c in mine} >= {56, 7}, model  # early and late, 1x1, 3x3
-    assert (s.BCOS_CONV_BATCH, s.BCOS_LINEAR_BATCH, s.RESNET50_MODEL_BATCH, s.RESNET50_MODEL_IMAGE,
-            s.CODA_CIFAR10_MODEL_BATCH) == (4, 2, 2, 224, 8)
+    assert (
+        s.BCOS_CONV_BATCH,
+        s.BCOS_LINEAR_BATCH,
+        s.RESNET50_MODEL_BATCH,
+        s.RESNET50_MODEL_IMAGE,
+        s.CODA_CIFAR10_MODEL_BATCH,
+    ) == (4, 2, 2, 224, 8)
     cifar = [c for c in s.DAU_CASES if c.model == "coda_cifar10"]
     imagenet = [c for c in s.DAU_CASES if c.model == "coda_imagenet100"]
     assert len(cifar) == 7 and all(c.batch == 8 for c in cifar)
     assert 2 <= len(imagenet) <= 3 and all(c.batch == 1 for c in imagenet)
     for c in imagenet:  # the reference's per-pixel weights (N, C*k*k, O, Ho, Wo); fwd+bwd peaks at ~4.3x that
         out_hw = (c.hw + 2 * c.padding - c.k) // c.stride + 1
-        assert 4 * c.batch * c.cin * c.k * c.k * c.cout * out_hw ** 2 <= 2 ** 28, c.name
+        assert 4 * c.batch * c.cin * c.k * c.k * c.cout * out_hw**2 <= 2**28, c.name
     assert 3 <= len(s.LWTA_CASES) <= 4
     assert all(c.shape[0] == (4 if c.name.startswith("deit") else 8) for c in s.LWTA_CASES)
     assert all(c.shape[0] < 64 for c in s.CSG_CASES if c.classes == 1000)
@@ -336,7 +379,7 @@ def test_smoke_is_tiny(monkeypatch):
     for name in ("BCOS_CONVS", "BCOS_LINEARS", "DAU_CASES", "LWTA_CASES", "CSG_CASES"):
         assert len(getattr(s, name)) == 1, name
     c = s.BCOS_CONVS[0]
-    assert c.cin * c.cout * c.hw ** 2 <= 2 ** 14
+    assert c.cin * c.cout * c.hw**2 <= 2**14
     assert (s.RESNET50_MODEL_BATCH, s.RESNET50_MODEL_IMAGE, s.CODA_CIFAR10_MODEL_BATCH) == (1, 32, 2)
-    assert math.prod(s.LWTA_CASES[0].shape) <= 2 ** 10 and math.prod(s.CSG_CASES[0].shape) <= 2 ** 10
+    assert math.prod(s.LWTA_CASES[0].shape) <= 2**10 and math.prod(s.CSG_CASES[0].shape) <= 2**10
     assert s.ALL_BCOS_CONVS and len(s.ALL_BCOS_CONVS) == 91  # the full list stays available

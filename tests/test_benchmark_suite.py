@@ -1,5 +1,6 @@
 """The benchmark suite's contract: the results JSON schema (of a real smoke run and of every committed results
 file) and the ratio table's arithmetic."""
+
 import glob
 import json
 import os
@@ -16,8 +17,18 @@ import report  # noqa: E402
 from bcos_kernels.timing import Timing, measure  # noqa: E402
 
 OPS = {"bcos_conv2d", "bcos_linear", "dau_conv2d", "lwta", "class_specific_gate", "model", "explain"}
-PROVIDERS = {"original", "original_compiled", "original_batched", "reference", "reference_compiled", "torch", "cpu",
-             "triton", "cuda", "plain"}
+PROVIDERS = {
+    "original",
+    "original_compiled",
+    "original_batched",
+    "reference",
+    "reference_compiled",
+    "torch",
+    "cpu",
+    "triton",
+    "cuda",
+    "plain",
+}
 RECORD_KEYS = {"op", "case", "dtype", "mode", "provider", "median_ms", "iqr_ms", "peak_mem_mb", "shape"}
 # results committed before the timing module (bcos_kernels.timing) have no iqr_ms
 OLD_RECORD_KEYS = RECORD_KEYS - {"iqr_ms"}
@@ -41,8 +52,14 @@ def check_results(results: dict, allow_old: bool = False):
 def test_smoke_run_writes_the_documented_json(tmp_path):
     env = dict(os.environ, BCOS_BENCH_SMOKE="1", BCOS_BENCH_OUT=str(tmp_path))
     env.pop("TRITON_INTERPRET", None)  # the suite's own view of the machine, as a user runs it
-    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_lwta_csg.py", "-q",
-                           "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/test_bench_lwta_csg.py", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = glob.glob(str(tmp_path / "*.json"))
     assert len(files) == 1, files
@@ -62,8 +79,9 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
     assert "base/ours" in proc.stdout and "lwta" in proc.stdout  # the table was printed
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))),
-                         ids=os.path.basename)
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))), ids=os.path.basename
+)
 def test_committed_results_follow_the_schema(path):
     with open(path) as f:
         results = json.load(f)
@@ -73,8 +91,17 @@ def test_committed_results_follow_the_schema(path):
 
 
 def _rec(provider, ms, mem=1.0, op="bcos_conv2d", case="c", mode="fwd", dtype="float32"):
-    return dict(op=op, case=case, dtype=dtype, mode=mode, provider=provider, median_ms=ms, iqr_ms=0.1 * ms,
-                peak_mem_mb=mem, shape="x")
+    return dict(
+        op=op,
+        case=case,
+        dtype=dtype,
+        mode=mode,
+        provider=provider,
+        median_ms=ms,
+        iqr_ms=0.1 * ms,
+        peak_mem_mb=mem,
+        shape="x",
+    )
 
 
 def test_measure_times_a_cpu_call_and_names_bad_arguments():
@@ -98,8 +125,15 @@ def test_old_records_without_iqr_are_read():
 
 
 def test_table_ratios():
-    records = [_rec("original", 10.0, 8.0), _rec("reference", 99.0), _rec("torch", 6.0, 4.0), _rec("cpu", 4.0, 2.0),
-               _rec("plain", 2.0, 1.0), _rec("reference", 30.0, 6.0, op="lwta"), _rec("torch", 10.0, 3.0, op="lwta")]
+    records = [
+        _rec("original", 10.0, 8.0),
+        _rec("reference", 99.0),
+        _rec("torch", 6.0, 4.0),
+        _rec("cpu", 4.0, 2.0),
+        _rec("plain", 2.0, 1.0),
+        _rec("reference", 30.0, 6.0, op="lwta"),
+        _rec("torch", 10.0, 3.0, op="lwta"),
+    ]
     rows = report.table_rows(records)
     assert len(rows) == 2
     conv, lwta = rows
@@ -123,14 +157,17 @@ def test_goals_take_the_worst_covered_case():
     bf16 = dict(mode="fwd+bwd", dtype="bfloat16")
     records = [
         # two ResNet-50 layers: ours/plain 1.1 and 1.3 (the worst, 1.3, misses the 1.15 bound); base/ours 3 and 2.5
-        _rec("original", 33.0, case="resnet50 a", **bf16), _rec("triton", 11.0, case="resnet50 a", **bf16),
+        _rec("original", 33.0, case="resnet50 a", **bf16),
+        _rec("triton", 11.0, case="resnet50 a", **bf16),
         _rec("plain", 10.0, case="resnet50 a", **bf16),
-        _rec("original", 32.5, case="resnet50 b", **bf16), _rec("cuda", 13.0, case="resnet50 b", **bf16),
+        _rec("original", 32.5, case="resnet50 b", **bf16),
+        _rec("cuda", 13.0, case="resnet50 b", **bf16),
         _rec("plain", 10.0, case="resnet50 b", **bf16),
         # not covered: float32, another model, the forward alone, a largest-batch record
-        _rec("original", 1000.0, case="resnet50 a", mode="fwd+bwd"), _rec("triton", 1.0, case="resnet50 a",
-                                                                          mode="fwd+bwd"),
-        _rec("original", 100.0, case="densenet121 x", **bf16), _rec("triton", 99.0, case="densenet121 x", **bf16),
+        _rec("original", 1000.0, case="resnet50 a", mode="fwd+bwd"),
+        _rec("triton", 1.0, case="resnet50 a", mode="fwd+bwd"),
+        _rec("original", 100.0, case="densenet121 x", **bf16),
+        _rec("triton", 99.0, case="densenet121 x", **bf16),
         _rec("original", 1.0, case="resnet50 a", mode="fwd", dtype="bfloat16"),
         _rec("triton", 100.0, case="resnet50 a", mode="fwd", dtype="bfloat16"),
         # CoDA: 6x faster, 8x less memory
@@ -155,8 +192,15 @@ def test_goals_take_the_worst_covered_case():
 
 
 def test_merge_of_split_runs(tmp_path):
-    part = dict(device="GPU x", torch="2.11", triton="3.6", date="2026-11-22", smoke=False, duration_s=10.0,
-                records=[_rec("torch", 1.0)])
+    part = dict(
+        device="GPU x",
+        torch="2.11",
+        triton="3.6",
+        date="2026-11-22",
+        smoke=False,
+        duration_s=10.0,
+        records=[_rec("torch", 1.0)],
+    )
     other = dict(part, date="2026-11-23", duration_s=5.5, records=[_rec("plain", 2.0), _rec("cpu", 3.0)])
     paths = []
     for i, results in enumerate((part, other)):
@@ -176,11 +220,25 @@ def test_profile_case_runs_a_benchmark_case(capsys):
     """scripts/profile_case.py (what ncu profiles on the GPU) builds the suite's cases; here one step on the CPU."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import profile_case
-    profile_case.main(["bcos_conv2d", "resnet50 layer4.1.conv2 3x3 512->512 @7", "--provider", "reference",
-                       "--dtype", "float32", "--batch", "1", "--warmup", "1"])
+
+    profile_case.main(
+        [
+            "bcos_conv2d",
+            "resnet50 layer4.1.conv2 3x3 512->512 @7",
+            "--provider",
+            "reference",
+            "--dtype",
+            "float32",
+            "--batch",
+            "1",
+            "--warmup",
+            "1",
+        ]
+    )
     assert "x=[1, 512, 7, 7]" in capsys.readouterr().out
-    module, x = profile_case.build_step("dau_conv2d", "coda_cifar10 L9 1x1 64->10 r64 @8", "plain", torch.float32,
-                                       torch.device("cpu"), batch=2)
+    module, x = profile_case.build_step(
+        "dau_conv2d", "coda_cifar10 L9 1x1 64->10 r64 @8", "plain", torch.float32, torch.device("cpu"), batch=2
+    )
     assert isinstance(module, torch.nn.Conv2d) and module.out_channels == 10 and list(x.shape) == [2, 64, 8, 8]
     with pytest.raises(SystemExit, match="unknown bcos_linear case"):
         profile_case.build_step("bcos_linear", "no such layer", "torch", torch.float32, torch.device("cpu"))

@@ -21,6 +21,7 @@ fp32/fp64: it is one multiply of the same value) and with a plain float64 PyTorc
 the MaxOut winner must not change; channel_scale=None and all-ones factors give the unscaled output bit for bit;
 bad factors raise errors that name ``channel_scale``; the fake impls accept the argument.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,11 @@ EPS = 1e-6
 HAS_CPU_EXT = backends.cpu_extension() is not None
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_REASON = backends.device_reason("triton", TRITON_DEVICE)
-CUDA_OP_REASON = backends.device_reason("cuda", torch.device("cuda")) if torch.cuda.is_available() else \
-    "needs a GPU (without one, scripts/check_cuda.sh compiles the CUDA kernels)"
+CUDA_OP_REASON = (
+    backends.device_reason("cuda", torch.device("cuda"))
+    if torch.cuda.is_available()
+    else "needs a GPU (without one, scripts/check_cuda.sh compiles the CUDA kernels)"
+)
 
 needs_cpu_ext = pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension bcos_kernels._C is not built")
 if HAS_CPU_EXT:
@@ -100,8 +104,7 @@ def _dynamic_scale_formula(lin_max, norm, b, scale):
     return out / scale
 
 
-def _conv_formula(x, w, bias, b, stride, padding, dilation, groups, max_out, scale, normalize_weight,
-                  channel_scale):
+def _conv_formula(x, w, bias, b, stride, padding, dilation, groups, max_out, scale, normalize_weight, channel_scale):
     """Plain PyTorch, float64: (out, lin_max, norm (N, G, Ho, Wo), winner) of a B-cos conv with channel_scale."""
     x, w = x.double(), w.double()
     bias = bias.double() if bias is not None else None
@@ -132,8 +135,9 @@ def _conv_case(shape, device, dtype, seed=0):
     weight = torch.randn(cout * m, cin // g, k, k, generator=gen, dtype=F64)
     bias_t = torch.randn(cout * m, generator=gen, dtype=F64) if bias else None
     to = dict(device=device, dtype=dtype)
-    kw = dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=g, max_out=m,
-              normalize_weight=not bias)  # B-cosification style (bias, unnormalised weights) on the bias cases
+    kw = dict(
+        stride=(s, s), padding=(p, p), dilation=(d, d), groups=g, max_out=m, normalize_weight=not bias
+    )  # B-cosification style (bias, unnormalised weights) on the bias cases
     return x.to(**to), weight.to(**to), bias_t.to(**to) if bias_t is not None else None, kw
 
 
@@ -173,8 +177,9 @@ def test_scale_forward_op(b, max_out, dtype, device):
         assert torch.equal(got[1], plain[1]) and torch.equal(got[2], plain[2])
         # channel_scale=None (positional or keyword) and all-ones factors: the unscaled output, bit for bit
         assert torch.equal(ops.bcos_scale_forward(lin, norm, b_val, b_is_tensor, max_out, scale, None)[0], plain[0])
-        assert torch.equal(ops.bcos_scale_forward(lin, norm, b_val, b_is_tensor, max_out, scale,
-                                                  channel_scale=None)[0], plain[0])
+        assert torch.equal(
+            ops.bcos_scale_forward(lin, norm, b_val, b_is_tensor, max_out, scale, channel_scale=None)[0], plain[0]
+        )
         ones = torch.ones(o, dtype=dtype, device=device)
         assert torch.equal(ops.bcos_scale_forward(lin, norm, b_val, b_is_tensor, max_out, scale, ones)[0], plain[0])
         if dtype != torch.bfloat16:
@@ -232,8 +237,7 @@ def test_cuda_conv_scale_forward(shape, b):
     _assert_scaled(got[0], plain[0], cs, "out")
     assert all(torch.equal(a, c) for a, c in zip(got[1:], plain[1:])), "lin_max, winner and norm must not change"
     norm = ops.patch_norm(x, *conv_args) if _mode(b) != "one" else x.new_empty(0)
-    want = ops.bcos_scale_forward(lin, norm.flatten(2) if norm.numel() else norm, b_val, b_is_tensor, max_out, 1.0,
-                                  cs)
+    want = ops.bcos_scale_forward(lin, norm.flatten(2) if norm.numel() else norm, b_val, b_is_tensor, max_out, 1.0, cs)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="channel_scale"):
         ops.bcos_conv_scale_forward(lin, x, *conv_args, b_val, b_is_tensor, max_out, 1.0, cs[:-1])
@@ -246,11 +250,13 @@ def test_scale_forward_op_rejects_bad_channel_scale(device):
     lin, norm = _op_inputs(2, 6, 5, 2, 2, torch.float32, device)
     args = (lin, norm, 2.0, False, 2, 1.0)
     good = _channel_scale(6, device=device)
-    bad = [("must have 6 elements", good[:5]),  # O = lin's channels / max_out = 6
-           ("must have 6 elements", torch.ones(12, device=device)),  # lin's channels before MaxOut
-           ("has dtype", good.double()),
-           ("must have 1 dimension", good.view(2, 3)),
-           ("must be on the device of lin", good.to("meta"))]  # dispatched to the fake, which checks the same
+    bad = [
+        ("must have 6 elements", good[:5]),  # O = lin's channels / max_out = 6
+        ("must have 6 elements", torch.ones(12, device=device)),  # lin's channels before MaxOut
+        ("has dtype", good.double()),
+        ("must have 1 dimension", good.view(2, 3)),
+        ("must be on the device of lin", good.to("meta")),
+    ]  # dispatched to the fake, which checks the same
     for expected, cs in bad:
         with pytest.raises(RuntimeError, match="channel_scale") as info:
             ops.bcos_scale_forward(*args, cs)
@@ -270,19 +276,24 @@ def test_fakes_accept_channel_scale(b, max_out):
     b_val, b_is_tensor = _b_args(b)
     lin, norm = _op_inputs(2, 4, 9, 2, max_out, torch.float32, "cpu")
     cs = _channel_scale(4)
-    torch.library.opcheck(ops.bcos_scale_forward.default, (lin, norm, b_val, b_is_tensor, max_out, 0.5, cs),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        ops.bcos_scale_forward.default,
+        (lin, norm, b_val, b_is_tensor, max_out, 0.5, cs),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
     x = torch.empty(2, 4, 5, 5, device="meta")
     lin = torch.empty(2, 4 * max_out, 25, device="meta")
     conv_args = ([3, 3], [1, 1], [1, 1], [1, 1], 2)
-    out, lin_max, winner, norm = ops.bcos_conv_scale_forward(lin, x, *conv_args, b_val, b_is_tensor, max_out, 1.0,
-                                                             torch.empty(4, device="meta"))
+    out, lin_max, winner, norm = ops.bcos_conv_scale_forward(
+        lin, x, *conv_args, b_val, b_is_tensor, max_out, 1.0, torch.empty(4, device="meta")
+    )
     assert out.shape == (2, 4, 25)
     assert norm.shape == ((0,) if _mode(b) == "one" else (2, 2, 5, 5))
     with pytest.raises(RuntimeError, match="channel_scale must have 4 elements"):
-        ops.bcos_conv_scale_forward(lin, x, *conv_args, b_val, b_is_tensor, max_out, 1.0,
-                                    torch.empty(4 * max_out + 1, device="meta"))
+        ops.bcos_conv_scale_forward(
+            lin, x, *conv_args, b_val, b_is_tensor, max_out, 1.0, torch.empty(4 * max_out + 1, device="meta")
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,8 +347,9 @@ def test_triton_forward(b, shape, channels_last):
     # any float dtype of the factor: read as fp32
     assert torch.equal(_triton_forward(x, weight, bias, b, kw, fmt, scale=0.7, channel_scale=cs.double())[0], got[0])
 
-    want, want_max, want_norm, want_win = _conv_formula(x.cpu(), weight.cpu(), bias.cpu() if bias is not None
-                                                        else None, b, scale=0.7, channel_scale=cs.cpu(), **kw)
+    want, want_max, want_norm, want_win = _conv_formula(
+        x.cpu(), weight.cpu(), bias.cpu() if bias is not None else None, b, scale=0.7, channel_scale=cs.cpu(), **kw
+    )
     torch.testing.assert_close(got[0].cpu().double(), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[1].cpu().double(), want_max, rtol=1e-4, atol=1e-4)
     if _mode(b) != "one":
@@ -376,8 +388,13 @@ def test_triton_forward_rejects_bad_channel_scale():
 
     x, weight, bias, kw = _conv_case(CONV_SHAPES[1].values[0], TRITON_DEVICE, torch.float32)
     good = _channel_scale(4, device=TRITON_DEVICE)
-    bad = [good[:3], torch.ones(8, device=TRITON_DEVICE),  # O after MaxOut is 4; 8 is before it
-           good.view(2, 2), torch.ones(4, dtype=torch.int64, device=TRITON_DEVICE), good.to("meta")]
+    bad = [
+        good[:3],
+        torch.ones(8, device=TRITON_DEVICE),  # O after MaxOut is 4; 8 is before it
+        good.view(2, 2),
+        torch.ones(4, dtype=torch.int64, device=TRITON_DEVICE),
+        good.to("meta"),
+    ]
     for cs in bad:
         with pytest.raises(ValueError, match="channel_scale"):
             _triton_forward(x, weight, bias, 2, kw, torch.contiguous_format, channel_scale=cs)
@@ -386,5 +403,16 @@ def test_triton_forward_rejects_bad_channel_scale():
     w = torch.randn(6, 8, device=TRITON_DEVICE)
     geo = tk.linear_geometry(5, 8, 6, 1)
     with pytest.raises(ValueError, match="channel_scale"):
-        tk.fused_forward(rows, w, None, None, 2.0, geo, True, 1.0, tk.NORM_LINEAR, torch.contiguous_format,
-                   channel_scale=torch.ones(6, device=TRITON_DEVICE))
+        tk.fused_forward(
+            rows,
+            w,
+            None,
+            None,
+            2.0,
+            geo,
+            True,
+            1.0,
+            tk.NORM_LINEAR,
+            torch.contiguous_format,
+            channel_scale=torch.ones(6, device=TRITON_DEVICE),
+        )

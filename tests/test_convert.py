@@ -4,6 +4,7 @@ Forward outputs and the gradients of the input and of every parameter must match
 explanation mode on and off); the parameters must be the original objects (state_dict keys, optimisers,
 device and dtype unchanged).
 """
+
 import ast
 import copy
 import functools
@@ -47,8 +48,9 @@ def assert_model_parity(original, converted, x, extra_inputs=(), rtol=1e-10):
     for name, a, b in zip(["input"] + names_a, grads_a, grads_b):
         assert (a is None) == (b is None), name
         if a is not None:
-            torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * max(a.abs().max().item(), 1e-300),
-                                       msg=lambda m: f"gradient of {name}: {m}")
+            torch.testing.assert_close(
+                b, a, rtol=rtol, atol=rtol * max(a.abs().max().item(), 1e-300), msg=lambda m: f"gradient of {name}: {m}"
+            )
 
 
 def assert_parity_in_train_and_eval(original, converted, x, extra_inputs=(), rtol=1e-10):
@@ -77,8 +79,9 @@ def _bcos_models():
     def resnext_with_scale():
         # grouped convs (ResNeXt), BcosConv2dWithScale everywhere, MaxOut 2
         mods = modules()
-        return resnet().cifar10_resnext29_32x4d(conv_layer=functools.partial(mods.BcosConv2dWithScale, b=2.5,
-                                                                             max_out=2))
+        return resnet().cifar10_resnext29_32x4d(
+            conv_layer=functools.partial(mods.BcosConv2dWithScale, b=2.5, max_out=2)
+        )
 
     return {
         "cifar10_resnet20": lambda: resnet().cifar10_resnet20(),
@@ -124,12 +127,21 @@ def test_bcos_vit_with_conv_stem():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns when not built through bcos.models.pretrained
-        model = vit.SimpleViT(image_size=16, patch_size=4, num_classes=10, dim=24, depth=2, heads=2, mlp_dim=40,
-                              linear_layer=functools.partial(mods.BcosLinear, b=2, max_out=1),
-                              conv2d_layer=functools.partial(mods.BcosConv2d, b=2, max_out=1),
-                              norm_layer=mods.norms.NoBias(mods.norms.DetachableLayerNorm), act_layer=torch.nn.Identity,
-                              norm2d_layer=mods.norms.NoBias(mods.DetachableGNLayerNorm2d),
-                              conv_stem=[8, 12]).to(F64)
+        model = vit.SimpleViT(
+            image_size=16,
+            patch_size=4,
+            num_classes=10,
+            dim=24,
+            depth=2,
+            heads=2,
+            mlp_dim=40,
+            linear_layer=functools.partial(mods.BcosLinear, b=2, max_out=1),
+            conv2d_layer=functools.partial(mods.BcosConv2d, b=2, max_out=1),
+            norm_layer=mods.norms.NoBias(mods.norms.DetachableLayerNorm),
+            act_layer=torch.nn.Identity,
+            norm2d_layer=mods.norms.NoBias(mods.DetachableGNLayerNorm2d),
+            conv_stem=[8, 12],
+        ).to(F64)
     n_bcos = sum(isinstance(m, (mods.BcosConv2d, mods.BcosLinear)) for m in model.modules())
     original, converted = _converted_copy(model)
     assert sum(isinstance(m, (bnn.BcosConv2d, bnn.BcosLinear)) for m in converted.modules()) == n_bcos > 6
@@ -205,8 +217,9 @@ def test_unknown_subclass_and_unsupported_option_are_left_with_a_warning():
         def forward(self, x):
             return super().forward(x) * 2
 
-    model = torch.nn.Sequential(MyConv(3, 4, 3), mods.BcosConv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-                                mods.BcosConv2d(4, 4, 1))
+    model = torch.nn.Sequential(
+        MyConv(3, 4, 3), mods.BcosConv2d(4, 4, 3, padding=1, padding_mode="reflect"), mods.BcosConv2d(4, 4, 1)
+    )
     with pytest.warns(UserWarning, match=r"(?s)0: MyConv subclasses BcosConv2d.*1: padding_mode='reflect'"):
         bcos_kernels.convert(model)
     assert type(model[0]) is MyConv and type(model[1]) is mods.BcosConv2d and type(model[2]) is bnn.BcosConv2d
@@ -234,6 +247,7 @@ def test_structural_match_of_a_copied_class():
 # ---------------------------------------------------------------------------- the other original repos
 def _bcosify_layers():
     from test_bcos_reference import _bcosify_original
+
     return _bcosify_original()
 
 
@@ -255,8 +269,9 @@ def test_bcosify_layers_with_learned_b():
 
 def test_bcos_v1_layer():
     v1 = load_source("bcos_v1_convert", mirror_source("moboehle+B-cos", "modules/bcosconv2d.py"))
-    model = torch.nn.Sequential(v1.BcosConv2d(6, 8, 3, stride=2, padding=1, max_out=2, b=2),
-                                v1.BcosConv2d(8, 5, 1, max_out=2, b=1.5)).to(F64)
+    model = torch.nn.Sequential(
+        v1.BcosConv2d(6, 8, 3, stride=2, padding=1, max_out=2, b=2), v1.BcosConv2d(8, 5, 1, max_out=2, b=1.5)
+    ).to(F64)
     model[0].explanation_mode(True)
     original = copy.deepcopy(model)
     bcos_kernels.convert(model)
@@ -269,8 +284,7 @@ def test_coda_net(coda_original):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         coda.CoDAConv2d(daus.DAUWeights(6, 8, 5, norms.Squashing(), kernel_size=3, stride=1, padding=1)),
-        coda.CoDAConv2d(daus.DAUWeights(8, 7, 3, norms.L2Norm(return_norm=True), kernel_size=3, stride=2,
-                                        padding=0)),
+        coda.CoDAConv2d(daus.DAUWeights(8, 7, 3, norms.L2Norm(return_norm=True), kernel_size=3, stride=2, padding=0)),
         coda.CoDAConv2d(daus.DAUWeights(7, 4, 2, norms.Squashing(), kernel_size=1, stride=1, padding=0, bias=False)),
     ).to(F64)
     model[1].explanation_mode(True)
@@ -294,8 +308,14 @@ def discover_activations():
 
 def test_discover_lwta(discover_activations):
     lwta = discover_activations.LWTA
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), lwta(U=4, deterministic=True), torch.nn.Flatten(),
-                                torch.nn.Linear(8 * 4 * 4, 6), lwta(U=2, deterministic=True), lwta(U=1)).to(F64)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        lwta(U=4, deterministic=True),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 6),
+        lwta(U=2, deterministic=True),
+        lwta(U=1),
+    ).to(F64)
     model[4].temp_test = 0.5
     original = copy.deepcopy(model)
     bcos_kernels.convert(model)

@@ -7,6 +7,7 @@ with tight tolerances; bf16/fp16 follow the design's convention: the error of
 the kernel against the float64 formula is at most twice the error of the same
 formula evaluated by PyTorch in that dtype (plus one rounding of the output).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -126,8 +127,11 @@ def make_x(n, c, h, w, dtype, layout, seed=0):
 
 def over_geometries(test):
     """Every geometry x dtype x layout."""
-    for mark in (pytest.mark.parametrize("n,c,h,w,k,s,p,d,g", GEOMETRIES),
-                 pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str), pytest.mark.parametrize("layout", LAYOUTS)):
+    for mark in (
+        pytest.mark.parametrize("n,c,h,w,k,s,p,d,g", GEOMETRIES),
+        pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str),
+        pytest.mark.parametrize("layout", LAYOUTS),
+    ):
         test = mark(test)
     return test
 
@@ -167,8 +171,11 @@ def test_patch_norm_backward(n, c, h, w, k, s, p, d, g, dtype, layout):
 def test_patch_norm_float16():
     x = make_x(2, 6, 9, 9, torch.float16, "contiguous")
     norm = ops.patch_norm(x, [3, 3], [1, 1], [1, 1], [1, 1], 3)
-    assert_close(norm, ref_patch_norm(x.double(), (3, 3), (1, 1), (1, 1), (1, 1), 3),
-                 ref_patch_norm(x.float(), (3, 3), (1, 1), (1, 1), (1, 1), 3).half())
+    assert_close(
+        norm,
+        ref_patch_norm(x.double(), (3, 3), (1, 1), (1, 1), (1, 1), 3),
+        ref_patch_norm(x.float(), (3, 3), (1, 1), (1, 1), (1, 1), 3).half(),
+    )
 
 
 def test_patch_norm_zero_input_is_finite():
@@ -184,8 +191,15 @@ def test_patch_norm_zero_input_is_finite():
 # ---------------------------------------------------------------------------
 # (N, O, P, G): batch 1, odd sizes, groups 1/2/4, depthwise (G == O), P above one position block,
 # and P == 1 (the linear layers: rows x features x 1), with more channels than one tile
-SCALE_SHAPES = [(1, 4, 7, 1), (3, 8, 33, 2), (2, 8, 19, 4), (2, 6, 5, 6), (2, 4, 2500, 2), (5, 12, 1, 3),
-                (3, 600, 1, 1)]
+SCALE_SHAPES = [
+    (1, 4, 7, 1),
+    (3, 8, 33, 2),
+    (2, 8, 19, 4),
+    (2, 6, 5, 6),
+    (2, 4, 2500, 2),
+    (5, 12, 1, 3),
+    (3, 600, 1, 1),
+]
 B_VALUES = [1.0, 1.5, 2.0, 2.5]
 
 
@@ -251,8 +265,9 @@ def test_scale_backward(b, b_is_tensor, max_out, detach, dtype):
         if max_out == 1:
             lin_max = lin
         grad_out = randn(n, o, p, dtype=dtype, seed=20 + i)
-        grad_lin, grad_norm, grad_b = ops.bcos_scale_backward(grad_out, lin_max, norm, winner, b, b_is_tensor,
-                                                              max_out, scale, detach, need_grad_norm, need_grad_b)
+        grad_lin, grad_norm, grad_b = ops.bcos_scale_backward(
+            grad_out, lin_max, norm, winner, b, b_is_tensor, max_out, scale, detach, need_grad_norm, need_grad_b
+        )
 
         def autograd_ref(lin_r, norm_r, b_r, go):
             lin_r = lin_r.detach().requires_grad_()
@@ -285,8 +300,12 @@ def test_scale_backward(b, b_is_tensor, max_out, detach, dtype):
                 # grad_b is returned in float32; compare like the other low-precision results
                 assert_close(grad_b.to(dtype), r_b, l_b)
             else:
-                assert_close(grad_b, r_b, rtol=1e-5 if dtype == torch.float32 else 1e-10,
-                             atol=1e-4 if dtype == torch.float32 else 1e-10)
+                assert_close(
+                    grad_b,
+                    r_b,
+                    rtol=1e-5 if dtype == torch.float32 else 1e-10,
+                    atol=1e-4 if dtype == torch.float32 else 1e-10,
+                )
         else:
             assert grad_b.shape == (0,)
 
@@ -303,8 +322,9 @@ def test_scale_zero_inputs_are_finite(b, b_is_tensor, detach, dtype):
     out, _, _ = ops.bcos_scale_forward(lin, norm, b, b_is_tensor, 1, 1.0)
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all()
-    grads = ops.bcos_scale_backward(torch.ones_like(out), lin, norm, torch.empty(0, dtype=torch.uint8), b,
-                                    b_is_tensor, 1, 1.0, detach, True, True)
+    grads = ops.bcos_scale_backward(
+        torch.ones_like(out), lin, norm, torch.empty(0, dtype=torch.uint8), b, b_is_tensor, 1, 1.0, detach, True, True
+    )
     for t in grads:
         assert torch.isfinite(t).all()
 
@@ -324,8 +344,9 @@ def test_results_independent_of_thread_count():
         gx = ops.patch_norm_backward(nrm, x, nrm, [3, 3], [1, 1], [1, 1], [1, 1], 3)
         fwd = ops.bcos_scale_forward(lin, norm, 2.5, True, 2, 1.0)
         bwd = ops.bcos_scale_backward(grad_out, fwd[1], norm, fwd[2], 2.5, True, 2, 1.0, False, True, True)
-        rbwd = ops.bcos_scale_backward(rgrad, rows, rnorm, torch.empty(0, dtype=torch.uint8), 2.5, True, 1, 1.0,
-                                       False, True, True)
+        rbwd = ops.bcos_scale_backward(
+            rgrad, rows, rnorm, torch.empty(0, dtype=torch.uint8), 2.5, True, 1, 1.0, False, True, True
+        )
         return (nrm, gx) + tuple(fwd) + tuple(bwd) + tuple(rbwd)
 
     old = torch.get_num_threads()
@@ -446,9 +467,11 @@ OPCHECK_UTILS = ("test_schema", "test_faketensor")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_patch_norm(dtype, layout):
-    for n, c, h, w, k, s, p, d, g in [(2, 4, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2),
-                                      (1, 3, 9, 9, (1, 1), (2, 2), (0, 0), (1, 1), 3),
-                                      (1, 4, 8, 8, (3, 3), (2, 1), (3, 3), (2, 2), 1)]:
+    for n, c, h, w, k, s, p, d, g in [
+        (2, 4, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2),
+        (1, 3, 9, 9, (1, 1), (2, 2), (0, 0), (1, 1), 3),
+        (1, 4, 8, 8, (3, 3), (2, 1), (3, 3), (2, 2), 1),
+    ]:
         x = make_x(n, c, h, w, dtype, layout)
         args = (list(k), list(s), list(p), list(d), g)
         torch.library.opcheck(ops.patch_norm.default, (x, *args), test_utils=OPCHECK_UTILS)
@@ -462,20 +485,40 @@ def test_opcheck_patch_norm(dtype, layout):
 def test_opcheck_scale(b, b_is_tensor, max_out):
     n, o, p, g = 2, 4, 9, 2
     lin, norm = scale_inputs(n, o, p, g, max_out, torch.float32)
-    torch.library.opcheck(ops.bcos_scale_forward.default, (lin, norm, b, b_is_tensor, max_out, 1.0),
-                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        ops.bcos_scale_forward.default, (lin, norm, b, b_is_tensor, max_out, 1.0), test_utils=OPCHECK_UTILS
+    )
     if scale_mode(b, b_is_tensor) == "one":
-        torch.library.opcheck(ops.bcos_scale_forward.default, (lin, torch.empty(0), b, b_is_tensor, max_out, 0.5),
-                              test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(
+            ops.bcos_scale_forward.default,
+            (lin, torch.empty(0), b, b_is_tensor, max_out, 0.5),
+            test_utils=OPCHECK_UTILS,
+        )
     _, lin_max, winner = ops.bcos_scale_forward(lin, norm, b, b_is_tensor, max_out, 1.0)
     if max_out == 1:
         lin_max = lin
     grad_out = randn(n, o, p, seed=4)
     for detach, need_grad_norm, need_grad_b in itertools.product([False, True], repeat=3):
-        torch.library.opcheck(ops.bcos_scale_backward.default,
-                              (grad_out, lin_max, norm, winner, b, b_is_tensor, max_out, 1.0, detach, need_grad_norm,
-                               need_grad_b), test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(
+            ops.bcos_scale_backward.default,
+            (grad_out, lin_max, norm, winner, b, b_is_tensor, max_out, 1.0, detach, need_grad_norm, need_grad_b),
+            test_utils=OPCHECK_UTILS,
+        )
     for dtype in (torch.float64, torch.bfloat16):
-        torch.library.opcheck(ops.bcos_scale_backward.default,
-                              (grad_out.to(dtype), lin_max.to(dtype), norm.to(dtype), winner, b, b_is_tensor, max_out,
-                               1.0, False, True, True), test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(
+            ops.bcos_scale_backward.default,
+            (
+                grad_out.to(dtype),
+                lin_max.to(dtype),
+                norm.to(dtype),
+                winner,
+                b,
+                b_is_tensor,
+                max_out,
+                1.0,
+                False,
+                True,
+                True,
+            ),
+            test_utils=OPCHECK_UTILS,
+        )

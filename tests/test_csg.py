@@ -1,4 +1,5 @@
 """Class-specific gate: the reference against CSGCNN's original layer, the op against the reference."""
+
 import ast
 import importlib.util
 
@@ -177,10 +178,11 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate.default, (x, mask, labels), dict(backend="torch"))
     gout = torch.randn(shape)
     for need_x, need_mask in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.bcos_kernels.class_specific_gate_backward.default,
-                              (gout, x.detach(), mask.detach(), labels),
-                              dict(num_classes=3, nhwc=case == "channels_last", need_x=need_x, need_mask=need_mask,
-                                   backend="torch"))
+        torch.library.opcheck(
+            torch.ops.bcos_kernels.class_specific_gate_backward.default,
+            (gout, x.detach(), mask.detach(), labels),
+            dict(num_classes=3, nhwc=case == "channels_last", need_x=need_x, need_mask=need_mask, backend="torch"),
+        )
 
 
 def test_compile_fullgraph_matches_eager():
@@ -207,23 +209,26 @@ def _ok():
     return torch.zeros(2, 4, 3, 3), torch.zeros(4, 3), torch.tensor([0, 2])
 
 
-@pytest.mark.parametrize("change,exc,name", [
-    (lambda x, m, lab: (x[0], m, lab), ValueError, "x"),
-    (lambda x, m, lab: (x.long(), m, lab), TypeError, "x"),
-    (lambda x, m, lab: (x, m[:3], lab), ValueError, "mask"),
-    (lambda x, m, lab: (x, m[:, :, None], lab), ValueError, "mask"),
-    (lambda x, m, lab: (x, m.double(), lab), TypeError, "mask"),
-    (lambda x, m, lab: (x, m.to("meta"), lab), ValueError, "mask"),
-    (lambda x, m, lab: (x, m, lab.float()), TypeError, "labels"),
-    (lambda x, m, lab: (x, m, lab.bool()), TypeError, "labels"),
-    (lambda x, m, lab: (x, m, [0, 1]), TypeError, "labels"),
-    (lambda x, m, lab: (x, m, lab[:1]), ValueError, "labels"),
-    (lambda x, m, lab: (x, m, lab[None]), ValueError, "labels"),
-    (lambda x, m, lab: (x, m, torch.tensor([0, 3])), ValueError, "labels"),
-    (lambda x, m, lab: (x, m, torch.tensor([-1, 0])), ValueError, "labels"),
-    (lambda x, m, lab: (x, m, lab.to("meta")), ValueError, "labels"),
-    (lambda x, m, lab: (x, m, None), ValueError, "labels"),
-])
+@pytest.mark.parametrize(
+    "change,exc,name",
+    [
+        (lambda x, m, lab: (x[0], m, lab), ValueError, "x"),
+        (lambda x, m, lab: (x.long(), m, lab), TypeError, "x"),
+        (lambda x, m, lab: (x, m[:3], lab), ValueError, "mask"),
+        (lambda x, m, lab: (x, m[:, :, None], lab), ValueError, "mask"),
+        (lambda x, m, lab: (x, m.double(), lab), TypeError, "mask"),
+        (lambda x, m, lab: (x, m.to("meta"), lab), ValueError, "mask"),
+        (lambda x, m, lab: (x, m, lab.float()), TypeError, "labels"),
+        (lambda x, m, lab: (x, m, lab.bool()), TypeError, "labels"),
+        (lambda x, m, lab: (x, m, [0, 1]), TypeError, "labels"),
+        (lambda x, m, lab: (x, m, lab[:1]), ValueError, "labels"),
+        (lambda x, m, lab: (x, m, lab[None]), ValueError, "labels"),
+        (lambda x, m, lab: (x, m, torch.tensor([0, 3])), ValueError, "labels"),
+        (lambda x, m, lab: (x, m, torch.tensor([-1, 0])), ValueError, "labels"),
+        (lambda x, m, lab: (x, m, lab.to("meta")), ValueError, "labels"),
+        (lambda x, m, lab: (x, m, None), ValueError, "labels"),
+    ],
+)
 def test_bad_input(change, exc, name):
     with pytest.raises(exc, match=name):
         class_specific_gate(*change(*_ok()))

@@ -3,6 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1): tiny shapes,
 fp32. With a GPU they run on it, and the fp16/bf16 tests run too.
 """
+
 import functools
 import warnings
 
@@ -198,5 +199,6 @@ def test_auto_falls_back_with_a_warning(monkeypatch):
         # our fallback warning is a RuntimeWarning; other categories (e.g. numpy deprecations raised inside
         # older Triton interpreters) are not ours to fail on
         warnings.simplefilter("error", RuntimeWarning)
-        assert torch.equal(class_specific_gate(x, mask, labels, backend="auto"),
-                           ref.class_specific_gate(x, mask, labels))
+        assert torch.equal(
+            class_specific_gate(x, mask, labels, backend="auto"), ref.class_specific_gate(x, mask, labels)
+        )

@@ -12,6 +12,7 @@ Two tiers:
 The kernels' host-side launch logic (grid sizes, workspaces) is tested without a GPU by ctest
 (csrc/tests/test_launch_geometry.cpp).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -122,8 +123,13 @@ def _half_errors(fn_cuda, fn_ref, inputs64, dev, dtype=torch.bfloat16):
     for fn in (fn_cuda, fn_ref):
         low = [_leaf(t, dev, dtype) if isinstance(t, torch.Tensor) else t for t in inputs64]
         out, grads, _ = _grads(fn, low, g)
-        errors.append([(got.double().cpu() - want).abs().max().item()
-                       for got, want in zip([out] + grads, [exact_out] + exact_grads) if want is not None])
+        errors.append(
+            [
+                (got.double().cpu() - want).abs().max().item()
+                for got, want in zip([out] + grads, [exact_out] + exact_grads)
+                if want is not None
+            ]
+        )
     return errors
 
 
@@ -146,18 +152,23 @@ def _front_door_calls():
     return {
         "bcos_conv2d": lambda: bcos_kernels.bcos_conv2d(x, torch.randn(6, 4, 3, 3), backend="cuda"),
         "bcos_linear": lambda: bcos_kernels.bcos_linear(torch.randn(3, 4), torch.randn(5, 4), backend="cuda"),
-        "dau_conv2d": lambda: bcos_kernels.dau_conv2d(x, torch.randn(3, 4, 3, 3), torch.randn(4 * 9 * 2, 3, 1, 1),
-                                                      kernel_size=3, backend="cuda"),
+        "dau_conv2d": lambda: bcos_kernels.dau_conv2d(
+            x, torch.randn(3, 4, 3, 3), torch.randn(4 * 9 * 2, 3, 1, 1), kernel_size=3, backend="cuda"
+        ),
         "lwta": lambda: bcos_kernels.lwta(x, 2, backend="cuda"),
-        "class_specific_gate": lambda: bcos_kernels.class_specific_gate(x, torch.rand(4, 3), torch.tensor([0, 2]),
-                                                                        backend="cuda"),
+        "class_specific_gate": lambda: bcos_kernels.class_specific_gate(
+            x, torch.rand(4, 3), torch.tensor([0, 2]), backend="cuda"
+        ),
     }
 
 
 @pytest.mark.parametrize("op", sorted(backends.OPS))
 def test_front_door_rejects_cpu_tensors_with_the_reason(op):
-    with pytest.raises(ValueError, match=f"bcos_kernels.{op}: backend 'cuda' cannot run this call: "
-                                         "backend 'cuda' needs CUDA tensors, got device cpu"):
+    with pytest.raises(
+        ValueError,
+        match=f"bcos_kernels.{op}: backend 'cuda' cannot run this call: "
+        "backend 'cuda' needs CUDA tensors, got device cpu",
+    ):
         _front_door_calls()[op]()
 
 
@@ -172,21 +183,42 @@ def test_custom_ops_reject_cpu_tensors():
     calls = {
         "dau_conv2d": lambda: torch.ops.bcos_kernels.dau_conv2d(x, a, e, None, detach=False, **dau_options),
         "dau_conv2d_backward": lambda: torch.ops.bcos_kernels.dau_conv2d_backward(
-            gout, x, a, e, None, torch.randn(50, 3), torch.rand(50, 2), gout, detach=False,
-            needs=[True, True, True, False], **dau_options),
+            gout,
+            x,
+            a,
+            e,
+            None,
+            torch.randn(50, 3),
+            torch.rand(50, 2),
+            gout,
+            detach=False,
+            needs=[True, True, True, False],
+            **dau_options,
+        ),
         "lwta": lambda: torch.ops.bcos_kernels.lwta(x, None, None, competitors=2, temperature=1.0, backend="cuda"),
         "lwta_backward": lambda: torch.ops.bcos_kernels.lwta_backward(
-            x, x, None, torch.tensor([1]), torch.zeros(2, 2, 5, 5, dtype=torch.uint8), competitors=2,
-            temperature=1.0, nhwc=False, backend="cuda"),
-        "class_specific_gate": lambda: torch.ops.bcos_kernels.class_specific_gate(x, torch.rand(4, 2), labels,
-                                                                                  backend="cuda"),
+            x,
+            x,
+            None,
+            torch.tensor([1]),
+            torch.zeros(2, 2, 5, 5, dtype=torch.uint8),
+            competitors=2,
+            temperature=1.0,
+            nhwc=False,
+            backend="cuda",
+        ),
+        "class_specific_gate": lambda: torch.ops.bcos_kernels.class_specific_gate(
+            x, torch.rand(4, 2), labels, backend="cuda"
+        ),
         "class_specific_gate_backward": lambda: torch.ops.bcos_kernels.class_specific_gate_backward(
-            x, x, torch.rand(4, 2), labels, num_classes=2, nhwc=False, need_x=True, need_mask=True, backend="cuda"),
+            x, x, torch.rand(4, 2), labels, num_classes=2, nhwc=False, need_x=True, need_mask=True, backend="cuda"
+        ),
     }
     for name, call in calls.items():
         op = name.removesuffix("_backward")
-        with pytest.raises(ValueError, match=f"bcos_kernels.{op}: backend 'cuda' cannot run here: backend 'cuda' "
-                                             "needs CUDA tensors"):
+        with pytest.raises(
+            ValueError, match=f"bcos_kernels.{op}: backend 'cuda' cannot run here: backend 'cuda' needs CUDA tensors"
+        ):
             call()
 
 
@@ -218,7 +250,7 @@ def _same_layout(a, b):
 LAYOUT_X = {
     "nchw": lambda: torch.empty(2, 8, 3, 5, device="meta"),
     "nhwc": lambda: torch.empty(2, 8, 3, 5, device="meta").contiguous(memory_format=torch.channels_last),
-    "odd": lambda: torch.empty(2, 3, 8, 5, device="meta").transpose(1, 2),     # memory N, H, C, W
+    "odd": lambda: torch.empty(2, 3, 8, 5, device="meta").transpose(1, 2),  # memory N, H, C, W
     "sliced": lambda: torch.empty(2, 16, 3, 5, device="meta")[:, ::2],
     "rows": lambda: torch.empty(6, 8, device="meta"),
     "rows3d": lambda: torch.empty(2, 3, 8, device="meta"),
@@ -241,8 +273,10 @@ def test_lwta_glue_layouts_match_the_fakes(layout):
         _same_layout(winner, fake_winner)
         for g in (torch.empty(x.shape, device="meta"), torch.empty_like(x)):
             args = (g, x if noise is not None else None, noise, None, winner)
-            _same_layout(lwta_cuda.backward(*args, opts, nhwc=nhwc),
-                         torch.ops.bcos_kernels.lwta_backward(*args, **opts._asdict(), nhwc=nhwc))
+            _same_layout(
+                lwta_cuda.backward(*args, opts, nhwc=nhwc),
+                torch.ops.bcos_kernels.lwta_backward(*args, **opts._asdict(), nhwc=nhwc),
+            )
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "odd", "sliced", "rows"])
@@ -250,14 +284,17 @@ def test_csg_glue_layouts_match_the_fakes(layout):
     x = LAYOUT_X[layout]()
     mask = torch.empty(8, 3, device="meta")
     labels = torch.zeros(x.shape[0], dtype=torch.int64, device="meta")
-    _same_layout(csg_cuda.forward(x, mask, labels),
-                 torch.ops.bcos_kernels.class_specific_gate(x, mask, labels, backend="cuda"))
+    _same_layout(
+        csg_cuda.forward(x, mask, labels), torch.ops.bcos_kernels.class_specific_gate(x, mask, labels, backend="cuda")
+    )
     for g in (torch.empty(x.shape, device="meta"), torch.empty_like(x)):
         for need_x, need_mask in ((True, True), (True, False), (False, True)):
             args = (g, x, mask, labels)
             kw = dict(num_classes=3, nhwc=is_channels_last(x), need_x=need_x, need_mask=need_mask)
-            for got, want in zip(csg_cuda.backward(*args, GateBackwardOptions(**kw, backend="cuda")),
-                                 torch.ops.bcos_kernels.class_specific_gate_backward(*args, **kw, backend="cuda")):
+            for got, want in zip(
+                csg_cuda.backward(*args, GateBackwardOptions(**kw, backend="cuda")),
+                torch.ops.bcos_kernels.class_specific_gate_backward(*args, **kw, backend="cuda"),
+            ):
                 _same_layout(got, want)
 
 
@@ -280,8 +317,9 @@ def test_dau_glue_layouts_match_the_fakes(layout, bias):
         for detach in (False, True):
             for needs in ([True, True, True, bias], [True, False, False, False], [False, True, True, bias]):
                 grads = dau_cuda.backward(g, x, a, e, b, z, s, out, opts._replace(detach=detach), needs)
-                want = torch.ops.bcos_kernels.dau_conv2d_backward(g, x, a, e, b, z, s, out, needs=needs,
-                                                                  **opts._replace(detach=detach)._asdict())
+                want = torch.ops.bcos_kernels.dau_conv2d_backward(
+                    g, x, a, e, b, z, s, out, needs=needs, **opts._replace(detach=detach)._asdict()
+                )
                 for t, w in zip(grads, want):
                     _same_layout(x.new_empty(0) if t is None else t, w)
 
@@ -292,15 +330,15 @@ def test_dau_glue_layouts_match_the_fakes(layout, bias):
 # in, out, k, stride, padding, dilation, groups, max_out, bias, N, H, W
 CONV_SHAPES = [
     (3, 4, 3, 1, 1, 1, 1, 1, False, 2, 7, 9),
-    (6, 8, 3, 2, 0, 1, 1, 2, False, 1, 9, 8),            # stride 2, padding 0, batch 1, MaxOut
-    (8, 8, 1, 1, 0, 1, 1, 1, True, 3, 5, 5),             # 1x1, bias
-    (8, 12, 3, 1, 1, 1, 4, 1, False, 2, 6, 7),           # groups
-    (8, 8, 3, 2, 1, 1, 8, 1, True, 2, 7, 7),             # depthwise, stride 2
-    (4, 6, 5, 1, 2, 1, 2, 3, False, 1, 5, 5),            # MaxOut 3 with groups
+    (6, 8, 3, 2, 0, 1, 1, 2, False, 1, 9, 8),  # stride 2, padding 0, batch 1, MaxOut
+    (8, 8, 1, 1, 0, 1, 1, 1, True, 3, 5, 5),  # 1x1, bias
+    (8, 12, 3, 1, 1, 1, 4, 1, False, 2, 6, 7),  # groups
+    (8, 8, 3, 2, 1, 1, 8, 1, True, 2, 7, 7),  # depthwise, stride 2
+    (4, 6, 5, 1, 2, 1, 2, 3, False, 1, 5, 5),  # MaxOut 3 with groups
     (5, 3, (3, 1), (2, 1), (1, 0), 1, 1, 2, True, 2, 7, 5),  # non-square
-    (4, 4, 3, 1, 2, 2, 2, 2, False, 2, 9, 8),            # dilation 2
-    (3, 2, 1, 1, 1, 1, 1, 1, False, 1, 1, 1),            # 1x1 image, padding larger than kernel/2
-    (16, 5, 3, 3, 1, 1, 1, 1, False, 1, 11, 13),         # stride 3, odd sizes
+    (4, 4, 3, 1, 2, 2, 2, 2, False, 2, 9, 8),  # dilation 2
+    (3, 2, 1, 1, 1, 1, 1, 1, False, 1, 1, 1),  # 1x1 image, padding larger than kernel/2
+    (16, 5, 3, 3, 1, 1, 1, 1, False, 1, 11, 13),  # stride 3, odd sizes
 ]
 
 
@@ -324,6 +362,7 @@ def _bcos_fn(op, backend, b, layout="nchw", **kw):
         if layout == "nhwc":
             x = x.contiguous(memory_format=torch.channels_last)
         return op(x, w, bias, b=b_t if b == "tensor" else b, backend=backend, **kw)
+
     return fn
 
 
@@ -334,8 +373,13 @@ def test_bcos_conv2d_matches_reference(dev, shape, b, detach):
     inputs, kw = _conv_case(shape)
     kw.update(detach=detach, scale=0.37 if kw["max_out"] == 2 else 1.0)
     ref_fn = lambda x, w, bias, b_t: bcos_ref.bcos_conv2d(x, w, bias, b=b_t if b == "tensor" else b, **kw)  # noqa
-    _compare_to_fp64(_bcos_fn(bcos_kernels.bcos_conv2d, "cuda", b, **kw), ref_fn, _with_b(b, inputs), dev,
-                     f"conv {shape} b={b} detach={detach}")
+    _compare_to_fp64(
+        _bcos_fn(bcos_kernels.bcos_conv2d, "cuda", b, **kw),
+        ref_fn,
+        _with_b(b, inputs),
+        dev,
+        f"conv {shape} b={b} detach={detach}",
+    )
 
 
 @pytest.mark.parametrize("shape", [CONV_SHAPES[1], CONV_SHAPES[4], CONV_SHAPES[5]])
@@ -343,8 +387,13 @@ def test_bcos_conv2d_matches_reference(dev, shape, b, detach):
 def test_bcos_conv2d_channels_last(dev, shape, b):
     inputs, kw = _conv_case(shape, seed=1)
     ref_fn = lambda x, w, bias, b_t: bcos_ref.bcos_conv2d(x, w, bias, b=b_t if b == "tensor" else b, **kw)  # noqa
-    _compare_to_fp64(_bcos_fn(bcos_kernels.bcos_conv2d, "cuda", b, layout="nhwc", **kw), ref_fn,
-                     _with_b(b, inputs), dev, f"conv channels_last {shape} b={b}")
+    _compare_to_fp64(
+        _bcos_fn(bcos_kernels.bcos_conv2d, "cuda", b, layout="nhwc", **kw),
+        ref_fn,
+        _with_b(b, inputs),
+        dev,
+        f"conv channels_last {shape} b={b}",
+    )
 
 
 LINEAR_SHAPES = [((5, 7), 4, 1, False), ((2, 3, 7), 5, 2, True), ((1, 16), 3, 3, False), ((2, 19, 24), 8, 1, True)]
@@ -361,8 +410,13 @@ def test_bcos_linear_matches_reference(dev, shape, b, detach):
     bias_t = torch.randn(out_features * m, generator=gen, dtype=F64) if bias else None
     kw = dict(max_out=m, detach=detach, normalize_weight=not bias, scale=2.0 if m > 1 else 1.0)
     ref_fn = lambda x, w, bias, b_t: linear_ref.bcos_linear(x, w, bias, b=b_t if b == "tensor" else b, **kw)  # noqa
-    _compare_to_fp64(_bcos_fn(bcos_kernels.bcos_linear, "cuda", b, **kw), ref_fn, _with_b(b, [x, w, bias_t]), dev,
-                     f"linear {shape} b={b} detach={detach}")
+    _compare_to_fp64(
+        _bcos_fn(bcos_kernels.bcos_linear, "cuda", b, **kw),
+        ref_fn,
+        _with_b(b, [x, w, bias_t]),
+        dev,
+        f"linear {shape} b={b} detach={detach}",
+    )
 
 
 @pytest.mark.parametrize("b", [2, 2.5])
@@ -370,19 +424,22 @@ def test_bcos_bf16_within_twice_the_reference_error(dev, b):
     inputs, kw = _conv_case((16, 16, 3, 1, 1, 1, 1, 2, False, 2, 9, 9))
     ref_fn = lambda x, w, bias, b_t: bcos_ref.bcos_conv2d(x, w, bias, b=b, **kw)  # noqa: E731
     _assert_within_twice_the_reference(
-        _half_errors(_bcos_fn(bcos_kernels.bcos_conv2d, "cuda", b, **kw), ref_fn, _with_b(b, inputs), dev), "conv")
+        _half_errors(_bcos_fn(bcos_kernels.bcos_conv2d, "cuda", b, **kw), ref_fn, _with_b(b, inputs), dev), "conv"
+    )
     gen = torch.Generator().manual_seed(4)
     lin_in = [torch.randn(6, 5, 32, generator=gen, dtype=F64), torch.randn(16, 32, generator=gen, dtype=F64), None]
     lin_ref = lambda x, w, bias, b_t: linear_ref.bcos_linear(x, w, bias, b=b, max_out=2)  # noqa: E731
     _assert_within_twice_the_reference(
         _half_errors(_bcos_fn(bcos_kernels.bcos_linear, "cuda", b, max_out=2), lin_ref, _with_b(b, lin_in), dev),
-        "linear")
+        "linear",
+    )
 
 
 def _conv_backward_args(args):
     """The arguments of bcos_conv2d_fused_backward for the forward call with ``args``."""
-    out, lin_max, norm, winner = bcos_conv_ops.bcos_conv2d_fused(*conv_fused_args(*args)[0],
-                                                                 **conv_fused_args(*args)[1])
+    out, lin_max, norm, winner = bcos_conv_ops.bcos_conv2d_fused(
+        *conv_fused_args(*args)[0], **conv_fused_args(*args)[1]
+    )
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     bw = [torch.randn_like(out), detached[0], detached[1], detached[3], lin_max.detach(), norm, winner]
     return fused_backward_args(bw, detached[4:], [True, True, args[2] is not None, args[3] is not None])
@@ -390,8 +447,22 @@ def _conv_backward_args(args):
 
 def test_bcos_conv_backward_fake_layout_for_channels_last(dev):
     x = torch.randn(2, 4, 6, 5, device=dev).contiguous(memory_format=torch.channels_last)
-    args = [x, torch.randn(6, 2, 3, 3, device=dev), None, None, 2.0, [1, 1], [1, 1], [1, 1], 2, 3, True, 1.0, False,
-            "cuda"]
+    args = [
+        x,
+        torch.randn(6, 2, 3, 3, device=dev),
+        None,
+        None,
+        2.0,
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        2,
+        3,
+        True,
+        1.0,
+        False,
+        "cuda",
+    ]
     torch.library.opcheck(bcos_conv_ops.bcos_conv2d_fused_backward, *_conv_backward_args(args))
 
 
@@ -415,8 +486,10 @@ def test_bcos_opcheck(dev, layout):
         torch.library.opcheck(bcos_conv_ops.bcos_conv2d_fused_backward, *_conv_backward_args(args))
     xl = torch.randn(2, 3, 5, generator=gen).to(dev).requires_grad_(True)
     wl = torch.randn(8, 5, generator=gen).to(dev).requires_grad_(True)
-    for args in [(xl, wl, None, None, 2.0, 2, True, 1.0, False, "cuda"),
-                 (xl, wl, None, bt.clone().requires_grad_(True), float("nan"), 1, False, 3.0, True, "cuda")]:
+    for args in [
+        (xl, wl, None, None, 2.0, 2, True, 1.0, False, "cuda"),
+        (xl, wl, None, bt.clone().requires_grad_(True), float("nan"), 1, False, 3.0, True, "cuda"),
+    ]:
         torch.library.opcheck(bcos_linear_ops.bcos_linear_fused, *linear_fused_args(*args))
 
 
@@ -441,6 +514,7 @@ def _dau_fn(backend, layout="nchw", **kw):
         if layout == "nhwc":
             x = x.contiguous(memory_format=torch.channels_last)
         return bcos_kernels.dau_conv2d(x, a, e, b, backend=backend, **kw)
+
     return fn
 
 
@@ -451,8 +525,13 @@ def test_dau_matches_reference(dev, case, norm, detach):
     c, o, r, k, n, h, w, bias, stride, padding = case
     kw = dict(kernel_size=k, stride=stride, padding=padding, norm=norm, detach=detach)
     inputs = _dau_case(c, o, r, k, n, h, w, bias=bias, seed=hash(case) % 1000)
-    _compare_to_fp64(_dau_fn("cuda", **kw), lambda *t: dau_conv2d_original(*t, **kw), inputs, dev,
-                     f"dau {case} {norm} detach={detach}")
+    _compare_to_fp64(
+        _dau_fn("cuda", **kw),
+        lambda *t: dau_conv2d_original(*t, **kw),
+        inputs,
+        dev,
+        f"dau {case} {norm} detach={detach}",
+    )
 
 
 def test_dau_channels_last_and_fp64(dev):
@@ -467,8 +546,10 @@ def test_dau_channels_last_and_fp64(dev):
 def test_dau_zero_input_gives_zero_and_finite_gradients(dev, norm):
     x, a, e, _ = _dau_case(2, 3, 3, 3, 1, 5, 5, seed=5, zero_x=True)
     for detach in (False, True):
-        out, grads, _ = _grads(_dau_fn("cuda", kernel_size=3, norm=norm, detach=detach),
-                               [_leaf(t, dev, torch.float32) for t in (x, a, e)] + [None])
+        out, grads, _ = _grads(
+            _dau_fn("cuda", kernel_size=3, norm=norm, detach=detach),
+            [_leaf(t, dev, torch.float32) for t in (x, a, e)] + [None],
+        )
         assert not out.any()
         assert all(g is None or torch.isfinite(g).all() for g in grads)
 
@@ -496,8 +577,11 @@ def test_dau_bf16_within_twice_the_reference_error(dev):
 
 def test_dau_opcheck(dev):
     x, a, e, b = (t.to(dev, torch.float32) for t in _dau_case(3, 4, 5, 3, 2, 6, 5, seed=8))
-    for bias, norm, detach, layout in [(b, "squash", False, "nchw"), (None, "l2", False, "nhwc"),
-                                       (b, "l2", True, "nchw")]:
+    for bias, norm, detach, layout in [
+        (b, "squash", False, "nchw"),
+        (None, "l2", False, "nhwc"),
+        (b, "l2", True, "nchw"),
+    ]:
         xx = x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
         args = [xx, a, e, bias]
         options = dict(kernel_size=3, stride=[2, 1], padding=[1, 0], norm=norm, detach=detach, backend="cuda")
@@ -505,8 +589,11 @@ def test_dau_opcheck(dev):
         torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default, tuple(leaves), options)
         out, z, s = torch.ops.bcos_kernels.dau_conv2d.default(*args, **options)
         for needs in ([True, True, True, bias is not None], [True, False, False, False], [False, True, True, False]):
-            torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d_backward.default,
-                                  (torch.randn_like(out), xx, a, e, bias, z, s, out), dict(options, needs=needs))
+            torch.library.opcheck(
+                torch.ops.bcos_kernels.dau_conv2d_backward.default,
+                (torch.randn_like(out), xx, a, e, bias, z, s, out),
+                dict(options, needs=needs),
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,9 +601,18 @@ def test_dau_opcheck(dev):
 # ---------------------------------------------------------------------------------------------------------------
 # (shape, U, layout): NCHW (blocks along C), channels_last (read in place as its (N*H*W, C) memory), [..., D]
 LWTA_CASES = [
-    ((2, 8, 3, 5), 2, "nchw"), ((2, 12, 3, 3), 3, "nchw"), ((1, 16, 2, 3), 4, "nchw"), ((2, 16, 1, 3), 8, "nchw"),
-    ((2, 8, 3, 5), 2, "nhwc"), ((2, 9, 2, 3), 3, "nhwc"), ((1, 16, 3, 2), 4, "nhwc"),
-    ((5, 12), 2, "rows"), ((4, 12), 3, "rows"), ((3, 16), 4, "rows"), ((2, 5, 12), 3, "rows"), ((1, 3, 16), 8, "rows"),
+    ((2, 8, 3, 5), 2, "nchw"),
+    ((2, 12, 3, 3), 3, "nchw"),
+    ((1, 16, 2, 3), 4, "nchw"),
+    ((2, 16, 1, 3), 8, "nchw"),
+    ((2, 8, 3, 5), 2, "nhwc"),
+    ((2, 9, 2, 3), 3, "nhwc"),
+    ((1, 16, 3, 2), 4, "nhwc"),
+    ((5, 12), 2, "rows"),
+    ((4, 12), 3, "rows"),
+    ((3, 16), 4, "rows"),
+    ((2, 5, 12), 3, "rows"),
+    ((1, 3, 16), 8, "rows"),
 ]
 LWTA_MODES = ["train", "eval", "deterministic"]
 
@@ -544,8 +640,12 @@ def test_lwta_other_layouts_of_x_noise_and_grad(dev):
 def test_lwta_seeded_call_uses_exactly_the_uniforms_it_reports(dev):
     """Forward and backward of a seeded call equal the explicit-noise call fed the seed's uniforms (the backward
     re-draws the forward's noise exactly), and that matches the reference given those uniforms."""
-    for shape, U, layout in (((2, 8, 3, 5), 4, "nchw"), ((2, 12, 2, 3), 3, "nhwc"), ((3, 5, 16), 8, "rows"),
-                             ((2, 8, 3, 5), 2, "nhwc")):
+    for shape, U, layout in (
+        ((2, 8, 3, 5), 4, "nchw"),
+        ((2, 12, 2, 3), 3, "nhwc"),
+        ((3, 5, 16), 8, "rows"),
+        ((2, 8, 3, 5), 2, "nhwc"),
+    ):
         x, _, gout = _lwta_inputs(dev, shape, layout)
         torch.manual_seed(21)
         out_s, grad_s = _fwd_bwd(lambda t: _cuda_lwta(t, U, temperature=0.8), x, gout)
@@ -623,9 +723,11 @@ def test_lwta_opcheck(dev, case):
     torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, noise, seed), options)
     _, winner = torch.ops.bcos_kernels.lwta.default(x, noise, seed, **options)
     stochastic = noise is not None or seed is not None
-    torch.library.opcheck(torch.ops.bcos_kernels.lwta_backward.default,
-                          (torch.randn(shape, device=dev), x.detach() if stochastic else None, noise, seed, winner),
-                          dict(options, nhwc=case == "channels_last"))
+    torch.library.opcheck(
+        torch.ops.bcos_kernels.lwta_backward.default,
+        (torch.randn(shape, device=dev), x.detach() if stochastic else None, noise, seed, winner),
+        dict(options, nhwc=case == "channels_last"),
+    )
 
 
 def test_lwta_empty_input(dev):
@@ -645,17 +747,23 @@ def _csg_fwd_bwd(fn, x, mask, gout):
 
 # (shape, K, layout, labels): batch 1, one class, repeated and missing classes, every layout
 CSG_CASES = [
-    ((4, 8, 3, 5), 3, "nchw", None), ((4, 8, 3, 5), 3, "nhwc", None), ((3, 8, 3, 5), 3, "odd", None),
-    ((1, 16, 2, 2), 6, "nchw", [4]), ((5, 7, 1, 3), 2, "nchw", None), ((6, 10), 4, "rows", [3, 3, 0, 3, 0, 3]),
-    ((1, 3), 1, "rows", [0]), ((7, 6, 3, 3), 5, "nhwc", [2, 2, 2, 2, 2, 2, 2]),
+    ((4, 8, 3, 5), 3, "nchw", None),
+    ((4, 8, 3, 5), 3, "nhwc", None),
+    ((3, 8, 3, 5), 3, "odd", None),
+    ((1, 16, 2, 2), 6, "nchw", [4]),
+    ((5, 7, 1, 3), 2, "nchw", None),
+    ((6, 10), 4, "rows", [3, 3, 0, 3, 0, 3]),
+    ((1, 3), 1, "rows", [0]),
+    ((7, 6, 3, 3), 5, "nhwc", [2, 2, 2, 2, 2, 2, 2]),
 ]
 
 
 @pytest.mark.parametrize("shape,K,layout,labels", CSG_CASES)
 def test_csg_matches_reference(dev, shape, K, layout, labels):
     x, mask, labels, gout = _csg_inputs(dev, shape, K, layout=layout, labels=labels)
-    out, gx, gm = _csg_fwd_bwd(lambda a, m: bcos_kernels.class_specific_gate(a, m, labels, backend="cuda"),
-                               x, mask, gout)
+    out, gx, gm = _csg_fwd_bwd(
+        lambda a, m: bcos_kernels.class_specific_gate(a, m, labels, backend="cuda"), x, mask, gout
+    )
     out_r, gx_r, _ = _csg_fwd_bwd(lambda a, m: csg_ref.class_specific_gate(a, m, labels), x, mask, gout)
     assert out.stride() == torch.empty_like(x).stride()
     assert torch.equal(out, out_r) and torch.equal(gx, gx_r)  # one rounding of the same product
@@ -679,16 +787,17 @@ def test_csg_is_deterministic_and_eval_is_identity(dev):
 def test_csg_bf16_within_twice_the_reference_error(dev, layout):
     shape = (32, 64) if layout == "rows" else (16, 32, 5, 5)
     x, mask, labels, gout = _csg_inputs(dev, shape, 6, dtype=torch.bfloat16, layout=layout)
-    out, gx, gm = _csg_fwd_bwd(lambda a, m: bcos_kernels.class_specific_gate(a, m, labels, backend="cuda"),
-                               x, mask, gout)
-    out_t, gx_t, gm_t = _csg_fwd_bwd(lambda a, m: bcos_kernels.class_specific_gate(a, m, labels, backend="torch"),
-                                     x, mask, gout)
+    out, gx, gm = _csg_fwd_bwd(
+        lambda a, m: bcos_kernels.class_specific_gate(a, m, labels, backend="cuda"), x, mask, gout
+    )
+    out_t, gx_t, gm_t = _csg_fwd_bwd(
+        lambda a, m: bcos_kernels.class_specific_gate(a, m, labels, backend="torch"), x, mask, gout
+    )
     assert torch.equal(out, out_t) and torch.equal(gx, gx_t)
     x64, m64 = x.detach().double().requires_grad_(), mask.detach().double().requires_grad_()
     _, _, gm_64 = _csg_fwd_bwd(lambda a, m: csg_ref.class_specific_gate(a, m, labels), x64, m64, gout.double())
     x_low, m_low = x.detach().clone().requires_grad_(), mask.detach().clone().requires_grad_()
-    _, _, gm_ref = _csg_fwd_bwd(lambda a, m: csg_ref.class_specific_gate(a, m, labels).to(a.dtype), x_low, m_low,
-                                gout)
+    _, _, gm_ref = _csg_fwd_bwd(lambda a, m: csg_ref.class_specific_gate(a, m, labels).to(a.dtype), x_low, m_low, gout)
     err = (gm.double() - gm_64).abs().max()
     err_ref = (gm_ref.double() - gm_64).abs().max()
     assert err <= 2 * err_ref + 1e-6, (err, err_ref)

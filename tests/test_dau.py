@@ -5,6 +5,7 @@ The real original (github moboehle/CoDA-Nets) is read at test time from a local 
 where the mirror is absent (CI) the tests that need it are skipped. Everything else uses
 ``dau_conv2d_original`` (checked against the real code where the mirror exists) as the oracle.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -43,8 +44,8 @@ def make_params(c, o, r, k, bias=True, dtype=F64, seed=0):
     g = torch.Generator().manual_seed(seed)
     d = c * k * k
     a = (torch.rand(r, c, k, k, generator=g, dtype=dtype) * 2 - 1) / (c * k * k) ** 0.5
-    e = (torch.rand(d * o, r, 1, 1, generator=g, dtype=dtype) * 2 - 1) / r ** 0.5
-    b = (torch.rand(d * o, generator=g, dtype=dtype) * 2 - 1) / r ** 0.5 if bias else None
+    e = (torch.rand(d * o, r, 1, 1, generator=g, dtype=dtype) * 2 - 1) / r**0.5
+    b = (torch.rand(d * o, generator=g, dtype=dtype) * 2 - 1) / r**0.5 if bias else None
     return a, e, b
 
 
@@ -90,8 +91,9 @@ def test_reference_matches_real_original(original, norm, detach):
         want = torch.autograd.grad(out, [x] + params, g, allow_unused=True)
         f = mod.weight_mod.weighting_f
         args = (x, f[0].weight, f[1].weight, f[1].bias)
-        got_out, got, _ = grads_of(dau_conv2d_original, args, dict(kernel_size=k, stride=s, padding=p, norm=norm,
-                                                                   detach=detach), g)
+        got_out, got, _ = grads_of(
+            dau_conv2d_original, args, dict(kernel_size=k, stride=s, padding=p, norm=norm, detach=detach), g
+        )
         torch.testing.assert_close(got_out, out, atol=1e-13, rtol=1e-13)
         for a, b in zip(got, want):
             assert (a is None) == (b is None)
@@ -103,8 +105,11 @@ def test_state_dict_round_trip_with_original(original):
     torch.manual_seed(0)
     orig = make_original(original, 6, 16, 32, 3, 1, None, "squash").double()
     ours = DAUConv2d(6, 16, 32, kernel_size=3).double()
-    assert set(ours.state_dict()) == set(orig.state_dict()) == {
-        "weight_mod.weighting_f.0.weight", "weight_mod.weighting_f.1.weight", "weight_mod.weighting_f.1.bias"}
+    assert (
+        set(ours.state_dict())
+        == set(orig.state_dict())
+        == {"weight_mod.weighting_f.0.weight", "weight_mod.weighting_f.1.weight", "weight_mod.weighting_f.1.bias"}
+    )
     for key, val in ours.state_dict().items():
         assert val.shape == orig.state_dict()[key].shape, key
     ours.load_state_dict(orig.state_dict())
@@ -134,12 +139,12 @@ def test_lowrank_and_op_match_original(norm, detach):
     """Forward and every gradient vs the fp64 original: fp64 on the whole sweep, fp32 on every other case."""
     for i, (k, s, p) in enumerate(SWEEP):
         c, o, r, n = 2 + i % 3, 3 + i % 2, (3, 7)[i % 2], 1 + i % 2
-        h, w = 2 * k + 3 + i % 2, 2 * k + 1 + 2 * (i % 3)                  # odd (and some even) sizes
+        h, w = 2 * k + 3 + i % 2, 2 * k + 1 + 2 * (i % 3)  # odd (and some even) sizes
         a, e, b = make_params(c, o, r, k, bias=i % 5 != 4, seed=i)
         x = torch.rand(n, c, h, w, dtype=F64, generator=torch.Generator().manual_seed(100 + i))
         kw = dict(kernel_size=k, stride=s, padding=p, norm=norm, detach=detach)
         ref_out, ref_grads, g = grads_of(dau_conv2d_original, (x, a, e, b), kw)
-        for dtype in (F64, torch.float32)[:1 + i % 2]:
+        for dtype in (F64, torch.float32)[: 1 + i % 2]:
             cast = [t.to(dtype) if t is not None else None for t in (x, a, e, b)]
             for name, fn in (("lowrank", dau_conv2d_lowrank), ("op", dau_conv2d)):
                 out, grads, _ = grads_of(fn, cast, kw, g)
@@ -261,7 +266,7 @@ def test_saves_no_per_pixel_weights():
         out = dau_conv2d(x, a, e, b, kernel_size=k)
     pixels = out.shape[0] * out.shape[2] * out.shape[3]
     assert sum(saved) <= pixels * (r + 2 * o)
-    assert max(saved) < pixels * o * (r + 1)        # not even the O*R-channel intermediate
+    assert max(saved) < pixels * o * (r + 1)  # not even the O*R-channel intermediate
 
 
 # ----------------------------------------------------------------------------------- autograd and compile
@@ -301,9 +306,18 @@ def test_opcheck(case):
     if "channels_last" in case:
         x = x.contiguous(memory_format=torch.channels_last)
     args = [t.requires_grad_(True) if t is not None else None for t in (x, a, e, b)]
-    torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default, tuple(args),
-                          dict(kernel_size=3, stride=[2, 1], padding=[1, 0], norm="squash" if dtype == F64 else "l2",
-                               detach="detach" in case, backend="torch"))
+    torch.library.opcheck(
+        torch.ops.bcos_kernels.dau_conv2d.default,
+        tuple(args),
+        dict(
+            kernel_size=3,
+            stride=[2, 1],
+            padding=[1, 0],
+            norm="squash" if dtype == F64 else "l2",
+            detach="detach" in case,
+            backend="torch",
+        ),
+    )
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside torch.compile
@@ -359,14 +373,14 @@ BAD = [
     ("expand_bias", lambda k: k.update(expand_bias=torch.rand(7)), ValueError),
     ("expand_bias", lambda k: k.update(expand_bias=torch.ones(108, dtype=torch.int32)), TypeError),
     ("kernel_size", lambda k: k.update(kernel_size=0), ValueError),
-    ("kernel_size", lambda k: k.update(kernel_size=1), ValueError),   # rank_weight is 3x3
+    ("kernel_size", lambda k: k.update(kernel_size=1), ValueError),  # rank_weight is 3x3
     ("stride", lambda k: k.update(stride=0), ValueError),
     ("stride", lambda k: k.update(stride=(1, -2)), ValueError),
     ("padding", lambda k: k.update(padding=-1), ValueError),
     ("norm", lambda k: k.update(norm="l1"), ValueError),
     ("detach", lambda k: k.update(detach="yes"), TypeError),
     ("backend", lambda k: k.update(backend="nonsense"), ValueError),
-    ("backend", lambda k: k.update(backend="cpu"), ValueError),        # no fused DAU backend exists yet
+    ("backend", lambda k: k.update(backend="cpu"), ValueError),  # no fused DAU backend exists yet
     ("height", lambda k: k.update(x=torch.rand(1, 3, 1, 6), padding=0), ValueError),
 ]
 

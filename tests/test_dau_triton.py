@@ -3,6 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before any kernel
 module is imported): tiny shapes, fp32. With a GPU the same tests run on CUDA, plus the fp16/bf16 checks.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,7 +27,7 @@ from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original  # noqa: E
 F64 = torch.float64
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
-TOL = 1e-4                    # DESIGN.md section 4: fp32 vs the fp64 reference
+TOL = 1e-4  # DESIGN.md section 4: fp32 vs the fp64 reference
 NAMES = ("x", "rank_weight", "expand_weight", "expand_bias")
 
 if not ON_GPU and not backends.triton_interpreting():
@@ -53,7 +54,7 @@ def compare(inputs, kw, what, dtype=torch.float32, tol=TOL):
     assert out.dtype == dtype and out.device.type == DEVICE.type and out.shape == ref_out.shape, what
     worst = 0.0
     for name, got, want in zip(("out",) + NAMES, [out] + grads, [ref_out] + ref_grads):
-        if want is None:   # no bias, or a parameter in explanation mode
+        if want is None:  # no bias, or a parameter in explanation mode
             assert got is None or not got.any(), f"{what} d{name}"
             continue
         assert got is not None and got.dtype == dtype, f"{what} {name}"
@@ -120,8 +121,11 @@ def test_zero_input_gives_zero_and_finite_gradients(norm):
     compare(make_case(2, 3, 3, 3, 1, 5, 5, seed=5, zero_x=True), dict(kernel_size=3, norm=norm), "zero x")
     x, a, e, _ = make_case(2, 3, 3, 3, 1, 5, 5, seed=5, zero_x=True)
     for detach in (False, True):
-        out, grads, _ = run(dau_conv2d, [t.to(DEVICE, torch.float32) for t in (x, a, e)] + [None],
-                            dict(kernel_size=3, norm=norm, detach=detach, backend="triton"))
+        out, grads, _ = run(
+            dau_conv2d,
+            [t.to(DEVICE, torch.float32) for t in (x, a, e)] + [None],
+            dict(kernel_size=3, norm=norm, detach=detach, backend="triton"),
+        )
         assert (out == 0).all()
         assert all(t is None or torch.isfinite(t).all() for t in grads)
 
@@ -165,8 +169,7 @@ def test_half_error_within_twice_reference_error(dtype):
     low = [t.to(DEVICE, dtype) for t in inputs]
     ref_out, ref_grads, _ = run(dau_conv2d_original, low, kw, g)
     out, grads, _ = run(dau_conv2d, low, dict(kw, backend="triton"), g)
-    for name, got, ref, exact in zip(("out",) + NAMES, [out] + grads, [ref_out] + ref_grads,
-                                     [exact_out] + exact_grads):
+    for name, got, ref, exact in zip(("out",) + NAMES, [out] + grads, [ref_out] + ref_grads, [exact_out] + exact_grads):
         assert got.dtype == dtype
         ref_err = (ref.double().cpu() - exact).abs().max()
         err = (got.double().cpu() - exact).abs().max()
@@ -193,7 +196,7 @@ def test_explicit_triton_with_unsupported_dtype_raises():
 
 def test_explicit_triton_with_too_many_pixels_raises():
     """Pixel indices are int32 in the kernels: 2**32 input pixels go elsewhere (an expanded view: no memory)."""
-    x = torch.ones(1, 1, 1, 1, device=DEVICE).expand(2 ** 16, 1, 2 ** 8, 2 ** 8)
+    x = torch.ones(1, 1, 1, 1, device=DEVICE).expand(2**16, 1, 2**8, 2**8)
     a, e = torch.ones(2, 1, 1, 1, device=DEVICE), torch.ones(3, 2, 1, 1, device=DEVICE)
     with pytest.raises(ValueError, match="2\\*\\*31 - 1 pixels"):
         dau_conv2d(x, a, e, kernel_size=1, backend="triton")
@@ -208,7 +211,7 @@ def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
 
 
 def test_auto_prefers_triton_and_falls_back_with_a_warning(monkeypatch):
-    """"auto" runs triton where it can and falls back to torch, with one warning naming the reason, where not."""
+    """ "auto" runs triton where it can and falls back to torch, with one warning naming the reason, where not."""
     monkeypatch.setitem(backends.AUTO_ORDER, DEVICE.type, ("triton",))
     monkeypatch.setattr(backends, "_warned", set())
     triton_dau = importlib.import_module("bcos_kernels.ops.dau_conv2d.triton")
@@ -230,9 +233,11 @@ def test_auto_prefers_triton_and_falls_back_with_a_warning(monkeypatch):
 
 
 def test_triton_not_imported_by_the_package():
-    code = ("import sys, bcos_kernels, bcos_kernels.nn; "
-            "assert 'bcos_kernels.ops.dau_conv2d.triton' not in sys.modules, "
-            "'bcos_kernels.ops.dau_conv2d.triton imported eagerly'")
+    code = (
+        "import sys, bcos_kernels, bcos_kernels.nn; "
+        "assert 'bcos_kernels.ops.dau_conv2d.triton' not in sys.modules, "
+        "'bcos_kernels.ops.dau_conv2d.triton imported eagerly'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -249,9 +254,11 @@ def test_opcheck(case):
         x = x.contiguous(memory_format=torch.channels_last)
     args = [None if t is None else t.requires_grad_(True) for t in (x, a, e, b)]
     norm = "l2" if "l2" in case else "squash"
-    torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default, tuple(args),
-                          dict(kernel_size=3, stride=[2, 1], padding=[1, 0], norm=norm, detach="detach" in case,
-                               backend="triton"))
+    torch.library.opcheck(
+        torch.ops.bcos_kernels.dau_conv2d.default,
+        tuple(args),
+        dict(kernel_size=3, stride=[2, 1], padding=[1, 0], norm=norm, detach="detach" in case, backend="triton"),
+    )
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -260,10 +267,17 @@ def test_opcheck_backward_op():
     options = dict(kernel_size=3, stride=[1, 1], padding=[1, 1], norm="squash", backend="triton")
     out, z, s = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, detach=False, **options)
     g = torch.randn_like(out)
-    for detach, needs in ((False, [True, True, True, True]), (False, [False, True, False, True]),
-                          (True, [True, False, False, False])):
-        torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d_backward.default, (g, x, a, e, b, z, s, out),
-                              dict(options, detach=detach, needs=needs), test_utils=("test_schema", "test_faketensor"))
+    for detach, needs in (
+        (False, [True, True, True, True]),
+        (False, [False, True, False, True]),
+        (True, [True, False, False, False]),
+    ):
+        torch.library.opcheck(
+            torch.ops.bcos_kernels.dau_conv2d_backward.default,
+            (g, x, a, e, b, z, s, out),
+            dict(options, detach=detach, needs=needs),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 @pytest.fixture

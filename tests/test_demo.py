@@ -1,6 +1,7 @@
 """examples/train_and_explain.py run as a script (``--quick``, CPU): its exit status, its parity report, its
 speed table, and the PNGs it wrote, decoded with Pillow. The example is not importable package code, so it is
 only ever run the way a user runs it."""
+
 import os
 import re
 import subprocess
@@ -9,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-Image = pytest.importorskip("PIL.Image", reason="the example's pictures need the viz extra (pip install "
-                                                 "matplotlib pillow)")
+Image = pytest.importorskip(
+    "PIL.Image", reason="the example's pictures need the viz extra (pip install matplotlib pillow)"
+)
 pytest.importorskip("matplotlib", reason="the example's pictures need the viz extra (pip install matplotlib pillow)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +26,19 @@ def run_example(tmp_path, *extra, python_args=()):
     # One OpenMP thread: the quick model's layers are tiny, and on a busy machine every parallel region would
     # wait for a descheduled thread, which makes the run many times slower.
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    cmd = [sys.executable, *python_args, EXAMPLE, "--quick", "--device", "cpu", "--batch", str(BATCH),
-           "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        *python_args,
+        EXAMPLE,
+        "--quick",
+        "--device",
+        "cpu",
+        "--batch",
+        str(BATCH),
+        "--out",
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
     return proc, out
 
@@ -34,8 +47,13 @@ def check_report(proc, out):
     text = proc.stdout
     assert proc.returncode == 0, text + proc.stderr
     assert "parity: OK" in text
-    for name in ("eval: logits", "eval: input gradient", "train: input gradient", "train: parameter gradients",
-                 "explain: dynamic linear weights"):
+    for name in (
+        "eval: logits",
+        "eval: input gradient",
+        "train: input gradient",
+        "train: parameter gradients",
+        "explain: dynamic linear weights",
+    ):
         line = next(line for line in text.splitlines() if name in line)
         assert "max abs err" in line and "rel" in line and line.rstrip().endswith("ok"), line
     assert "speed-up" in text and "forward+backward (train)" in text and f"explain {BATCH} images" in text
@@ -85,8 +103,10 @@ def test_example_reports_a_parity_failure(tmp_path):
 
 def test_example_says_what_to_install_without_matplotlib(tmp_path):
     # sys.modules[name] = None makes `import name` raise ImportError, as if it were not installed
-    blocker = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    blocker = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     proc, out = run_example(tmp_path, python_args=("-c", blocker))
     assert proc.returncode != 0
     assert "pip install 'bcos-kernels[viz]'" in proc.stderr and "matplotlib" in proc.stderr, proc.stderr

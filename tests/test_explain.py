@@ -1,4 +1,5 @@
 """bcos_kernels.explain: one batched forward/backward against the `bcos` package's per-image ``model.explain``."""
+
 import copy
 
 import numpy as np
@@ -32,7 +33,7 @@ def _images(n, seed=3, size=32):
 def _per_image(model, x, targets):
     results = []
     for i, target in enumerate(targets):
-        xi = x[i:i + 1].clone().requires_grad_(True)
+        xi = x[i : i + 1].clone().requires_grad_(True)
         results.append(model.explain(xi, idx=target))
     return results
 
@@ -42,8 +43,9 @@ def _assert_matches_per_image(batched, per_image, targets, rtol):
         assert batched["prediction"][i].item() == expected["prediction"]
         assert batched["explained_class"][i].item() == expected["explained_class_idx"]
         weights = expected["dynamic_linear_weights"][0]
-        torch.testing.assert_close(batched["dynamic_linear_weights"][i], weights, rtol=rtol,
-                                   atol=rtol * weights.abs().max().item())
+        torch.testing.assert_close(
+            batched["dynamic_linear_weights"][i], weights, rtol=rtol, atol=rtol * weights.abs().max().item()
+        )
         cmap = expected["contribution_map"][0]
         torch.testing.assert_close(batched["contribution_map"][i], cmap, rtol=rtol, atol=rtol * cmap.abs().max().item())
         np.testing.assert_allclose(batched["explanation"][i], expected["explanation"], rtol=0, atol=1e-6)
@@ -74,8 +76,9 @@ def test_fp32_converted_matches_per_image_original(bcos_resnet):
     batched = bcos_kernels.explain(bcos_kernels.convert(copy.deepcopy(model)), x)
     for i, expected in enumerate(per_image):
         weights = expected["dynamic_linear_weights"][0]
-        torch.testing.assert_close(batched["dynamic_linear_weights"][i], weights, rtol=1e-4,
-                                   atol=1e-4 * weights.abs().max().item())
+        torch.testing.assert_close(
+            batched["dynamic_linear_weights"][i], weights, rtol=1e-4, atol=1e-4 * weights.abs().max().item()
+        )
         # alpha is normalised by a percentile: compare the images loosely in fp32
         assert np.abs(batched["explanation"][i] - expected["explanation"]).mean() < 1e-3
 
@@ -123,8 +126,12 @@ def test_explanation_mode_of_v1_and_coda_style_layers():
             seen.append([m.detach for m in model if hasattr(m, "detach")])
             return x.flatten(1)
 
-    model = torch.nn.Sequential(bnn.DAUConv2d(6, 4, 3, backend="torch"), bnn.BcosConv2dV1(4, 5, 1, backend="reference"),
-                                torch.nn.AdaptiveAvgPool2d(1), Spy())
+    model = torch.nn.Sequential(
+        bnn.DAUConv2d(6, 4, 3, backend="torch"),
+        bnn.BcosConv2dV1(4, 5, 1, backend="reference"),
+        torch.nn.AdaptiveAvgPool2d(1),
+        Spy(),
+    )
     out = bcos_kernels.explain(model.eval(), _images(2, size=8).float())
     assert seen == [[True, True]] and not model[0].detach and not model[1].detach
     assert out["dynamic_linear_weights"].shape == (2, 6, 8, 8) and out["explanation"].shape == (2, 8, 8, 4)
@@ -153,7 +160,8 @@ def test_bad_arguments(bcos_resnet):
 
 
 def test_three_channel_input_has_no_rgba_image():
-    model = torch.nn.Sequential(bnn.BcosConv2d(3, 4, 3, backend="reference"), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten())
+    model = torch.nn.Sequential(
+        bnn.BcosConv2d(3, 4, 3, backend="reference"), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
     out = bcos_kernels.explain(model.eval(), torch.rand(2, 3, 6, 6))
     assert out["explanation"] is None and out["contribution_map"].shape == (2, 6, 6)

@@ -5,6 +5,7 @@ gradient (s included), on every backend here. The model: ``fold_batchnorm`` on a
 the unfolded original in eval mode (outputs, input and parameter gradients, norm weights included), and training
 mode is untouched (same outputs, same running statistics).
 """
+
 import copy
 
 import pytest
@@ -60,8 +61,9 @@ def test_channel_scale_op_matches_reference(backend, case, detach):
     tol = 1e-10 if dtype == F64 else 1e-4
     for name, a, e in zip(("out", "grad x", "grad weight", "grad channel_scale"), *results):
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a, e, rtol=tol, atol=tol * max(e.abs().max().item(), 1.0),
-                                   msg=lambda m: f"{backend} {name}: {m}")
+        torch.testing.assert_close(
+            a, e, rtol=tol, atol=tol * max(e.abs().max().item(), 1.0), msg=lambda m: f"{backend} {name}: {m}"
+        )
     assert (results[0][0][:, 0] == 0).all()
 
 
@@ -122,8 +124,11 @@ def test_folded_small_stack_on_every_backend(backend):
     model = torch.nn.Sequential(
         bnn.BcosConv2d(6, 8, 3, padding=1, groups=2, max_out=2, backend=backend),
         bnn.BatchNormUncentered2d(8, bias=False),
-        bnn.BcosConv2d(8, 5, 3, stride=2, b=1.5, backend=backend), bnn.BatchNormUncentered2d(5),
-        bnn.BcosConv2d(5, 4, 1, backend=backend), bnn.BatchNormUncentered2d(4, bias=False)).to(dtype)
+        bnn.BcosConv2d(8, 5, 3, stride=2, b=1.5, backend=backend),
+        bnn.BatchNormUncentered2d(5),
+        bnn.BcosConv2d(5, 4, 1, backend=backend),
+        bnn.BatchNormUncentered2d(4, bias=False),
+    ).to(dtype)
     with torch.no_grad():
         for norm in model[1::2]:
             norm.running_var.uniform_(0.5, 2.0)
@@ -160,8 +165,12 @@ def test_fold_refuses_a_conv_output_that_goes_elsewhere():
 
 
 def test_fold_and_unfold_roundtrip_and_warning():
-    model = torch.nn.Sequential(bnn.BcosConv2d(6, 8, 3, backend="reference"), bnn.BatchNormUncentered2d(8, bias=False),
-                                bnn.BcosConv2d(8, 4, 1, backend="reference"), bnn.BatchNormUncentered2d(4))
+    model = torch.nn.Sequential(
+        bnn.BcosConv2d(6, 8, 3, backend="reference"),
+        bnn.BatchNormUncentered2d(8, bias=False),
+        bnn.BcosConv2d(8, 4, 1, backend="reference"),
+        bnn.BatchNormUncentered2d(4),
+    )
     with torch.no_grad():
         for norm in (model[1], model[3]):
             norm.running_var.uniform_(0.5, 2.0)

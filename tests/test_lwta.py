@@ -1,4 +1,5 @@
 """LWTA: the reference against DISCOVER's original code, the op against the reference."""
+
 import importlib.util
 import math
 import os
@@ -32,16 +33,27 @@ def original(tmp_path_factory):
 
 def _feed_rand(monkeypatch, u):
     """Make torch.rand (the original's noise source) return the uniforms u, reshaped to the asked shape."""
+
     def fake_rand(*size, device=None, **kwargs):
         shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
         return u.reshape(shape).to(device)
+
     monkeypatch.setattr(torch, "rand", fake_rand)
 
 
 # (shape, U): conv (N, C, H, W) competes along C, the rest along the last dim
 CASES = [
-    ((2, 8, 3, 5), 2), ((2, 8, 3, 5), 4), ((2, 16, 3, 3), 8), ((1, 9, 5, 7), 3), ((3, 6, 1, 1), 2),
-    ((4, 12), 2), ((4, 12), 3), ((1, 8), 8), ((5, 12), 4), ((2, 5, 12), 3), ((1, 3, 8), 4),
+    ((2, 8, 3, 5), 2),
+    ((2, 8, 3, 5), 4),
+    ((2, 16, 3, 3), 8),
+    ((1, 9, 5, 7), 3),
+    ((3, 6, 1, 1), 2),
+    ((4, 12), 2),
+    ((4, 12), 3),
+    ((1, 8), 8),
+    ((5, 12), 4),
+    ((2, 5, 12), 3),
+    ((1, 3, 8), 4),
 ]
 MODES = ["train", "eval", "deterministic"]
 
@@ -65,8 +77,15 @@ def test_reference_matches_original(original, monkeypatch, shape, U, mode):
     x, u, gout = _inputs(shape)
     kw = _kwargs(mode)
     _feed_rand(monkeypatch, u)
-    out_o, kl = original.lwta_activation(x, U=U, deterministic=kw["deterministic"], training=kw["training"],
-                                         temperature=kw["temperature"], temp_test=1.67, kl_flag=True)
+    out_o, kl = original.lwta_activation(
+        x,
+        U=U,
+        deterministic=kw["deterministic"],
+        training=kw["training"],
+        temperature=kw["temperature"],
+        temp_test=1.67,
+        kl_flag=True,
+    )
     (grad_o,) = torch.autograd.grad(out_o, x, gout)
     assert kl == 0.0
     monkeypatch.undo()
@@ -258,9 +277,11 @@ def test_opcheck(case):
     options = dict(competitors=4, temperature=0.8, backend="torch")
     torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, noise, None), options)
     _, winner = torch.ops.bcos_kernels.lwta.default(x, noise, None, **options)
-    torch.library.opcheck(torch.ops.bcos_kernels.lwta_backward.default,
-                          (torch.randn(shape), x.detach(), noise, None, winner),
-                          dict(options, nhwc=case == "channels_last"))
+    torch.library.opcheck(
+        torch.ops.bcos_kernels.lwta_backward.default,
+        (torch.randn(shape), x.detach(), noise, None, winner),
+        dict(options, nhwc=case == "channels_last"),
+    )
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -269,8 +290,10 @@ def test_compile_fullgraph_matches_eager(deterministic):
     if deterministic:
         fn = LWTA(U=4, deterministic=True)
     else:
+
         def fn(t):
             return lwta(t, 4, temperature=0.8, noise=u)
+
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     out_e, grad_e = _fwd_bwd(fn, x, gout)
     out_c, grad_c = _fwd_bwd(compiled, x, gout)
@@ -287,8 +310,10 @@ def test_compile_module_drawing_its_own_noise():
     assert_compiled_matches_eager_after_same_seed(m, compiled, x, gout)
 
 
-@pytest.mark.skipif(os.environ.get("BCOS_KERNELS_INDUCTOR_TESTS") != "1",
-                    reason="inductor compiles C++ (15-60 s on CPU); set BCOS_KERNELS_INDUCTOR_TESTS=1 to run")
+@pytest.mark.skipif(
+    os.environ.get("BCOS_KERNELS_INDUCTOR_TESTS") != "1",
+    reason="inductor compiles C++ (15-60 s on CPU); set BCOS_KERNELS_INDUCTOR_TESTS=1 to run",
+)
 def test_compile_inductor_matches_eager():
     x, u, gout = _inputs((2, 8, 3, 5))
 
@@ -328,27 +353,30 @@ def test_module_u1_is_relu_and_repr():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("make,exc,name", [
-    (lambda: lwta([1.0, 2.0], 2), TypeError, "x"),
-    (lambda: lwta(torch.zeros(8), 2), ValueError, "x"),
-    (lambda: lwta(torch.zeros(1, 2, 2, 2, 2), 2), ValueError, "x"),
-    (lambda: lwta(torch.zeros(2, 8, dtype=torch.int64), 2), TypeError, "x"),
-    (lambda: lwta(torch.zeros(2, 8, 3, 3), 3), ValueError, "competitors"),
-    (lambda: lwta(torch.zeros(2, 9), 2), ValueError, "competitors"),
-    (lambda: lwta(torch.zeros(2, 8), 0), ValueError, "competitors"),
-    (lambda: lwta(torch.zeros(2, 8), 2.0), ValueError, "competitors"),
-    (lambda: lwta(torch.zeros(2, 512), 512), ValueError, "competitors"),
-    (lambda: lwta(torch.zeros(2, 8), 2, temperature=0.0), ValueError, "temperature"),
-    (lambda: lwta(torch.zeros(2, 8), 2, temperature=-1.0), ValueError, "temperature"),
-    (lambda: lwta(torch.zeros(2, 8), 2, temperature=math.nan), ValueError, "temperature"),
-    (lambda: lwta(torch.zeros(2, 8), 2, temperature="1"), TypeError, "temperature"),
-    (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.rand(2, 4)), ValueError, "noise"),
-    (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.zeros(2, 8, dtype=torch.int32)), TypeError, "noise"),
-    (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.rand(2, 8, dtype=torch.float64)), TypeError, "noise"),
-    (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.rand(2, 8, device="meta")), ValueError, "noise"),
-    (lambda: lwta(torch.zeros(2, 8), 2, backend="cuda"), ValueError, "backend"),
-    (lambda: lwta(torch.zeros(2, 8), 2, backend="nope"), ValueError, "backend"),
-])
+@pytest.mark.parametrize(
+    "make,exc,name",
+    [
+        (lambda: lwta([1.0, 2.0], 2), TypeError, "x"),
+        (lambda: lwta(torch.zeros(8), 2), ValueError, "x"),
+        (lambda: lwta(torch.zeros(1, 2, 2, 2, 2), 2), ValueError, "x"),
+        (lambda: lwta(torch.zeros(2, 8, dtype=torch.int64), 2), TypeError, "x"),
+        (lambda: lwta(torch.zeros(2, 8, 3, 3), 3), ValueError, "competitors"),
+        (lambda: lwta(torch.zeros(2, 9), 2), ValueError, "competitors"),
+        (lambda: lwta(torch.zeros(2, 8), 0), ValueError, "competitors"),
+        (lambda: lwta(torch.zeros(2, 8), 2.0), ValueError, "competitors"),
+        (lambda: lwta(torch.zeros(2, 512), 512), ValueError, "competitors"),
+        (lambda: lwta(torch.zeros(2, 8), 2, temperature=0.0), ValueError, "temperature"),
+        (lambda: lwta(torch.zeros(2, 8), 2, temperature=-1.0), ValueError, "temperature"),
+        (lambda: lwta(torch.zeros(2, 8), 2, temperature=math.nan), ValueError, "temperature"),
+        (lambda: lwta(torch.zeros(2, 8), 2, temperature="1"), TypeError, "temperature"),
+        (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.rand(2, 4)), ValueError, "noise"),
+        (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.zeros(2, 8, dtype=torch.int32)), TypeError, "noise"),
+        (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.rand(2, 8, dtype=torch.float64)), TypeError, "noise"),
+        (lambda: lwta(torch.zeros(2, 8), 2, noise=torch.rand(2, 8, device="meta")), ValueError, "noise"),
+        (lambda: lwta(torch.zeros(2, 8), 2, backend="cuda"), ValueError, "backend"),
+        (lambda: lwta(torch.zeros(2, 8), 2, backend="nope"), ValueError, "backend"),
+    ],
+)
 def test_bad_input(make, exc, name):
     with pytest.raises(exc, match=name):
         make()

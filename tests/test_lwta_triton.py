@@ -3,6 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1): tiny shapes,
 fp32. With a GPU they run on it, and the fp16/bf16 tests run too.
 """
+
 import functools
 import importlib
 import math
@@ -40,10 +41,20 @@ lwta_ops = importlib.import_module("bcos_kernels.ops.lwta")
 
 # (shape, U, layout): NCHW blocks along C (stride H*W), channels_last (read in place), [..., D] along D
 CASES = [
-    ((2, 8, 3, 5), 2, "nchw"), ((2, 12, 3, 3), 3, "nchw"), ((1, 16, 2, 3), 4, "nchw"), ((2, 16, 1, 3), 8, "nchw"),
-    ((2, 8, 3, 5), 2, "nhwc"), ((2, 9, 2, 3), 3, "nhwc"), ((1, 16, 3, 2), 4, "nhwc"), ((2, 16, 2, 2), 8, "nhwc"),
-    ((5, 12), 2, "rows"), ((4, 12), 3, "rows"), ((3, 16), 4, "rows"), ((2, 24), 8, "rows"),
-    ((2, 5, 12), 3, "rows"), ((1, 3, 16), 8, "rows"),
+    ((2, 8, 3, 5), 2, "nchw"),
+    ((2, 12, 3, 3), 3, "nchw"),
+    ((1, 16, 2, 3), 4, "nchw"),
+    ((2, 16, 1, 3), 8, "nchw"),
+    ((2, 8, 3, 5), 2, "nhwc"),
+    ((2, 9, 2, 3), 3, "nhwc"),
+    ((1, 16, 3, 2), 4, "nhwc"),
+    ((2, 16, 2, 2), 8, "nhwc"),
+    ((5, 12), 2, "rows"),
+    ((4, 12), 3, "rows"),
+    ((3, 16), 4, "rows"),
+    ((2, 24), 8, "rows"),
+    ((2, 5, 12), 3, "rows"),
+    ((1, 3, 16), 8, "rows"),
 ]
 MODES = ["train", "eval", "deterministic"]
 
@@ -75,8 +86,9 @@ def test_non_contiguous_noise_and_grad_and_odd_layout():
     x, u, gout = _inputs((2, 8, 3, 4))
     assert_lwta_noise_grad_and_x_layouts(_triton, x, u, gout)
     sliced = torch.randn(2, 16, 3, 3, device=DEVICE)[:, ::2]
-    torch.testing.assert_close(_triton(sliced, 2, noise=u[:, :, :, :3]), ref.lwta(sliced, 2, noise=u[:, :, :, :3]),
-                               rtol=2.4e-7, atol=0)
+    torch.testing.assert_close(
+        _triton(sliced, 2, noise=u[:, :, :, :3]), ref.lwta(sliced, 2, noise=u[:, :, :, :3]), rtol=2.4e-7, atol=0
+    )
 
 
 def test_straight_through_formula():
@@ -282,8 +294,9 @@ def test_opcheck(case):
     _, winner = torch.ops.bcos_kernels.lwta.default(x, noise, seed, **options)
     nhwc = case == "channels_last"
     grad = torch.randn(shape, device=DEVICE)
-    torch.library.opcheck(torch.ops.bcos_kernels.lwta_backward.default, (grad, x.detach(), noise, seed, winner),
-                          dict(options, nhwc=nhwc))
+    torch.library.opcheck(
+        torch.ops.bcos_kernels.lwta_backward.default, (grad, x.detach(), noise, seed, winner), dict(options, nhwc=nhwc)
+    )
 
 
 def test_compile_keeps_the_seed_a_graph_value():
@@ -360,7 +373,7 @@ def test_explicit_triton_raises_with_the_reason():
 
 
 def test_auto_falls_back_with_a_warning(monkeypatch):
-    """"auto" tries triton where AUTO_ORDER says so (GPU), and falls back, once-warned, for a call it cannot run."""
+    """ "auto" tries triton where AUTO_ORDER says so (GPU), and falls back, once-warned, for a call it cannot run."""
     monkeypatch.setitem(backends.AUTO_ORDER, DEVICE.type, ("triton",))
     monkeypatch.setattr(backends, "_warned", set())
     x = torch.randn(2, 8, dtype=torch.float64, device=DEVICE)

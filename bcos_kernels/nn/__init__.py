@@ -1,18 +1,31 @@
 """Drop-in modules (same arguments and state_dict keys as the original code)."""
+
 from bcos_kernels.nn.bcos import (
-                                  BcosConv2d,
-                                  BcosConv2dV1,
-                                  BcosConv2dWithScale,
-                                  BcosifyConv2d,
-                                  BcosifyLinear,
-                                  BcosLinear,
-                                  NormedConv2d,
-                                  NormedLinear,
+    BcosConv2d,
+    BcosConv2dV1,
+    BcosConv2dWithScale,
+    BcosifyConv2d,
+    BcosifyLinear,
+    BcosLinear,
+    NormedConv2d,
+    NormedLinear,
 )
 from bcos_kernels.nn.csg import ClassSpecificGate
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.nn.lwta import LWTA
 from bcos_kernels.nn.norms import BatchNormUncentered2d
 
-__all__ = ["BatchNormUncentered2d", "BcosConv2d", "BcosConv2dV1", "BcosConv2dWithScale", "BcosLinear", "BcosifyConv2d",
-           "BcosifyLinear", "ClassSpecificGate", "DAUConv2d", "LWTA", "NormedConv2d", "NormedLinear"]
+__all__ = [
+    "BatchNormUncentered2d",
+    "BcosConv2d",
+    "BcosConv2dV1",
+    "BcosConv2dWithScale",
+    "BcosLinear",
+    "BcosifyConv2d",
+    "BcosifyLinear",
+    "ClassSpecificGate",
+    "DAUConv2d",
+    "LWTA",
+    "NormedConv2d",
+    "NormedLinear",
+]

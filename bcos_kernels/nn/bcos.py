@@ -10,6 +10,7 @@ explanation-mode switches as the originals:
 Each forward is one call of the fused op; ``backend`` picks the implementation
 (None: ``BCOS_KERNELS_BACKEND`` or auto).
 """
+
 import math
 from typing import Optional, Tuple, Union
 
@@ -65,10 +66,24 @@ class BcosConv2d(DetachableModule):
 
     _normalize_weight = True
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 1, stride: IntOrPair = 1,
-                 padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1, padding_mode: str = "zeros",
-                 device=None, dtype=None, b: Union[int, float] = 2, max_out: int = 1, *, backend: Optional[str] = None,
-                 **kwargs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair = 1,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        b: Union[int, float] = 2,
+        max_out: int = 1,
+        *,
+        backend: Optional[str] = None,
+        **kwargs,
+    ):
         positive_int("max_out", max_out)
         _check_padding_mode(padding_mode)
         super().__init__()
@@ -91,9 +106,19 @@ class BcosConv2d(DetachableModule):
 
     def _make_linear(self, bias: bool) -> nn.Conv2d:
         cls = NormedConv2d if self._normalize_weight else nn.Conv2d
-        return cls(self.in_channels, self.out_channels * self.max_out, self.kernel_size, self.stride, self.padding,
-                   self.dilation, self.groups, bias=bias, padding_mode=self.padding_mode, device=self.device,
-                   dtype=self.dtype)
+        return cls(
+            self.in_channels,
+            self.out_channels * self.max_out,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=bias,
+            padding_mode=self.padding_mode,
+            device=self.device,
+            dtype=self.dtype,
+        )
 
     def effective_b(self):
         return self.b
@@ -118,10 +143,22 @@ class BcosConv2d(DetachableModule):
 
     def forward(self, in_tensor: Tensor) -> Tensor:
         lin = self.linear
-        return bcos_conv2d(in_tensor, lin.weight, lin.bias, b=self.effective_b(), stride=lin.stride,
-                           padding=lin.padding, dilation=lin.dilation, groups=lin.groups, max_out=self.max_out,
-                           normalize_weight=self._normalize_weight, scale=self.scale_divisor, detach=self.detach,
-                           channel_scale=self._channel_scale(in_tensor), backend=self.backend)
+        return bcos_conv2d(
+            in_tensor,
+            lin.weight,
+            lin.bias,
+            b=self.effective_b(),
+            stride=lin.stride,
+            padding=lin.padding,
+            dilation=lin.dilation,
+            groups=lin.groups,
+            max_out=self.max_out,
+            normalize_weight=self._normalize_weight,
+            scale=self.scale_divisor,
+            detach=self.detach,
+            channel_scale=self._channel_scale(in_tensor),
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         b = self.b.item() if isinstance(self.b, Tensor) else self.b
@@ -131,12 +168,41 @@ class BcosConv2d(DetachableModule):
 class BcosConv2dWithScale(BcosConv2d):
     """`bcos.modules.BcosConv2dWithScale`: the output divided by a fixed ``scale``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 1, stride: IntOrPair = 1,
-                 padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1, padding_mode: str = "zeros",
-                 device=None, dtype=None, b: Union[int, float] = 2, max_out: int = 1, scale: Optional[float] = None,
-                 scale_factor: Union[int, float] = 100.0, *, backend: Optional[str] = None, **kwargs):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
-                         device, dtype, b, max_out, backend=backend)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair = 1,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        b: Union[int, float] = 2,
+        max_out: int = 1,
+        scale: Optional[float] = None,
+        scale_factor: Union[int, float] = 100.0,
+        *,
+        backend: Optional[str] = None,
+        **kwargs,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            padding_mode,
+            device,
+            dtype,
+            b,
+            max_out,
+            backend=backend,
+        )
         if scale is None:
             ks = kernel_size if not isinstance(kernel_size, tuple) else math.sqrt(math.prod(kernel_size))
             self.scale = ks * math.sqrt(in_channels) / scale_factor
@@ -156,9 +222,21 @@ class BcosConv2dWithScale(BcosConv2d):
 class BcosConv2dV1(nn.Module):
     """B-cos v1 convolution (moboehle/B-cos ``modules.bcosconv2d.BcosConv2d``): MaxOut 2 and a ``scale``."""
 
-    def __init__(self, inc: int, outc: int, kernel_size: IntOrPair = 1, stride: int = 1, padding: int = 0,
-                 max_out: int = 2, b: Union[int, float] = 2, scale: Optional[float] = None, scale_fact: float = 100,
-                 *, backend: Optional[str] = None, **kwargs):
+    def __init__(
+        self,
+        inc: int,
+        outc: int,
+        kernel_size: IntOrPair = 1,
+        stride: int = 1,
+        padding: int = 0,
+        max_out: int = 2,
+        b: Union[int, float] = 2,
+        scale: Optional[float] = None,
+        scale_fact: float = 100,
+        *,
+        backend: Optional[str] = None,
+        **kwargs,
+    ):
         super().__init__()
         self.stride = stride
         self.linear = NormedConv2d(inc, outc * max_out, kernel_size, stride, padding, 1, 1, bias=False)
@@ -182,8 +260,18 @@ class BcosConv2dV1(nn.Module):
 
     def forward(self, in_tensor: Tensor) -> Tensor:
         lin = self.linear
-        return bcos_conv2d(in_tensor, lin.weight, None, b=self.b, stride=lin.stride, padding=lin.padding,
-                           max_out=self.max_out, scale=self.scale, detach=self.detach, backend=self.backend)
+        return bcos_conv2d(
+            in_tensor,
+            lin.weight,
+            None,
+            b=self.b,
+            stride=lin.stride,
+            padding=lin.padding,
+            max_out=self.max_out,
+            scale=self.scale,
+            detach=self.detach,
+            backend=self.backend,
+        )
 
 
 class BcosLinear(DetachableModule):
@@ -191,8 +279,18 @@ class BcosLinear(DetachableModule):
 
     _normalize_weight = True
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None,
-                 b: Union[int, float] = 2, max_out: int = 1, *, backend: Optional[str] = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        b: Union[int, float] = 2,
+        max_out: int = 1,
+        *,
+        backend: Optional[str] = None,
+    ):
         if bias and self._normalize_weight:
             raise ValueError("bias=True: BcosLinear has no bias (BcosifyLinear has)")
         positive_int("max_out", max_out)
@@ -210,9 +308,16 @@ class BcosLinear(DetachableModule):
         return self.b
 
     def forward(self, in_tensor: Tensor) -> Tensor:
-        return bcos_linear(in_tensor, self.linear.weight, self.linear.bias, b=self.effective_b(),
-                           max_out=self.max_out, normalize_weight=self._normalize_weight, detach=self.detach,
-                           backend=self.backend)
+        return bcos_linear(
+            in_tensor,
+            self.linear.weight,
+            self.linear.bias,
+            b=self.effective_b(),
+            max_out=self.max_out,
+            normalize_weight=self._normalize_weight,
+            detach=self.detach,
+            backend=self.backend,
+        )
 
     extra_repr = BcosConv2d.extra_repr
 

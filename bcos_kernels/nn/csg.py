@@ -1,4 +1,5 @@
 """Drop-in replacement of CSG's ``LearnableMaskLayer`` (``VOCPart/train/resnet_std.py``)."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple

@@ -12,6 +12,7 @@ weighted patch sum) and ``explanation_mode(detach=True)``. What it does not: ``C
 to the model: the ``AddInverse`` input (x, 1 - x), ``AdaptiveSumPool2d`` after the last layer and
 ``FinalLayer`` (logits / logit_temperature + logit_bias).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -30,8 +31,16 @@ class DAUWeights(nn.Module):
     (``weighting_f`` = Sequential(rank conv k x k without bias, 1x1 expansion conv to O*C*k*k channels)).
     It only stores them: ``DAUConv2d`` runs the low-rank op instead of these convs."""
 
-    def __init__(self, in_channels: int, num_daus: int, rank: int, kernel_size: int = 3, stride=1, padding=None,
-                 bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        num_daus: int,
+        rank: int,
+        kernel_size: int = 3,
+        stride=1,
+        padding=None,
+        bias: bool = True,
+    ):
         super().__init__()
         if padding is None:
             padding = default_padding(kernel_size)
@@ -42,7 +51,7 @@ class DAUWeights(nn.Module):
         self.groups = 1
         self.weighting_f = nn.Sequential(
             nn.Conv2d(in_channels, rank, kernel_size=kernel_size, stride=stride, padding=padding, bias=False),
-            nn.Conv2d(rank, num_daus * in_channels * kernel_size ** 2, kernel_size=1, bias=bias),
+            nn.Conv2d(rank, num_daus * in_channels * kernel_size**2, kernel_size=1, bias=bias),
         )
 
     def forward(self, *args, **kwargs):
@@ -56,9 +65,18 @@ class DAUConv2d(nn.Module):
     ``padding=None`` is (kernel_size - 1) // 2 as in the original. ``backend``: see ``bcos_kernels.backends``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, rank: int, kernel_size: int = 3,
-                 stride: Union[int, Tuple[int, int]] = 1, padding: Optional[Union[int, Tuple[int, int]]] = None,
-                 norm: str = "squash", bias: bool = True, backend: Optional[str] = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        rank: int,
+        kernel_size: int = 3,
+        stride: Union[int, Tuple[int, int]] = 1,
+        padding: Optional[Union[int, Tuple[int, int]]] = None,
+        norm: str = "squash",
+        bias: bool = True,
+        backend: Optional[str] = None,
+    ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -79,14 +97,25 @@ class DAUConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rank_conv, expand_conv = self.weight_mod.weighting_f
-        return dau_conv2d(x, rank_conv.weight, expand_conv.weight, expand_conv.bias, kernel_size=self.kernel_size,
-                          stride=self.stride, padding=self.padding, norm=self.norm, detach=bool(self.detach),
-                          backend=self.backend)
+        return dau_conv2d(
+            x,
+            rank_conv.weight,
+            expand_conv.weight,
+            expand_conv.bias,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            norm=self.norm,
+            detach=bool(self.detach),
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, rank={self.rank}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, norm={self.norm!r}, "
-                f"bias={self.weight_mod.weighting_f[1].bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, rank={self.rank}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, norm={self.norm!r}, "
+            f"bias={self.weight_mod.weighting_f[1].bias is not None}"
+        )
 
     @classmethod
     def from_original(cls, module: nn.Module, backend: Optional[str] = None) -> "DAUConv2d":
@@ -105,8 +134,17 @@ class DAUConv2d(nn.Module):
         else:
             raise ValueError(f"unsupported norm_func {wm.norm_func!r} (Squashing or L2Norm(return_norm=True))")
         with torch.device("meta"):  # the parameters are the original's: allocate nothing
-            new = cls(rank_conv.in_channels, wm.out_channels, rank_conv.out_channels, wm.kernel_size, wm.stride,
-                      wm.padding, norm, expand_conv.bias is not None, backend)
+            new = cls(
+                rank_conv.in_channels,
+                wm.out_channels,
+                rank_conv.out_channels,
+                wm.kernel_size,
+                wm.stride,
+                wm.padding,
+                norm,
+                expand_conv.bias is not None,
+                backend,
+            )
         new.weight_mod.weighting_f = wm.weighting_f
         new.detach = bool(getattr(module, "detach", False))
         return new.train(module.training)

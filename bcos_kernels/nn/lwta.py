@@ -1,4 +1,5 @@
 """Drop-in replacement of DISCOVER's ``LWTA`` module (``models/ResNet/activations.py``)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -29,8 +30,16 @@ class LWTA(nn.Module):
     ``backend``: as :func:`bcos_kernels.ops.lwta` (None: env var / auto).
     """
 
-    def __init__(self, inplace: bool = True, deterministic: bool = False, U: int = 16, kl: bool = True,
-                 temp: float = 1.67, *, backend: Optional[str] = None):
+    def __init__(
+        self,
+        inplace: bool = True,
+        deterministic: bool = False,
+        U: int = 16,
+        kl: bool = True,
+        temp: float = 1.67,
+        *,
+        backend: Optional[str] = None,
+    ):
         super().__init__()
         self.inplace = inplace
         self.temp_test = TEST_TEMPERATURE
@@ -48,9 +57,17 @@ class LWTA(nn.Module):
         # The op's training flag only picks its fixed test temperature; pass ours so that a changed
         # temp_test is honoured.
         temperature = self.temp if self.training else self.temp_test
-        return lwta(input, self.U, temperature=temperature, deterministic=self.deterministic, training=True,
-                    backend=self.backend)
+        return lwta(
+            input,
+            self.U,
+            temperature=temperature,
+            deterministic=self.deterministic,
+            training=True,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"U={self.U}, temp={self.temp}, temp_test={self.temp_test}, "
-                f"deterministic={self.deterministic}, kl={self.kl_flag}")
+        return (
+            f"U={self.U}, temp={self.temp}, temp_test={self.temp_test}, "
+            f"deterministic={self.deterministic}, kl={self.kl_flag}"
+        )

@@ -10,6 +10,7 @@ Eval-mode folding (``bcos_kernels.fold_batchnorm``): in eval mode the norm is a 
 scale in its fused epilogue (``channel_scale`` of ``bcos_conv2d``) and the norm, marked ``folded``, only adds its
 bias. In training mode both run unfolded: the batch statistics and the running_var update are unchanged.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -19,9 +20,16 @@ from torch import Tensor, nn
 from bcos_kernels.nn.bcos import DetachableModule
 
 
-def batch_norm_uncentered_2d(input: Tensor, running_var: Optional[Tensor], weight: Optional[Tensor],
-                             bias: Optional[Tensor], training: bool, momentum: float, eps: float,
-                             detach: bool) -> Tensor:
+def batch_norm_uncentered_2d(
+    input: Tensor,
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    detach: bool,
+) -> Tensor:
     """The original's function, operation for operation (same order, so the same rounding)."""
     if input.dim() != 4:
         raise ValueError(f"input must be (N, C, H, W), got shape {tuple(input.shape)}")
@@ -50,8 +58,17 @@ class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
     training mode, as the original. ``folded`` is set by ``bcos_kernels.fold_batchnorm``: see the module docstring.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, bias: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        bias: bool = True,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if not bias:
             if not affine:
@@ -99,9 +116,13 @@ class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
         factor = self._momentum_and_count()
         training = self.uses_batch_statistics()
         running_var = self.running_var if not self.training or self.track_running_stats else None
-        return batch_norm_uncentered_2d(input, running_var, self.weight, self.bias, training, factor, self.eps,
-                                        self.detach)
+        return batch_norm_uncentered_2d(
+            input, running_var, self.weight, self.bias, training, factor, self.eps, self.detach
+        )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", bias=False" if self.affine and self.bias is None else "") + (
-            ", folded" if self.folded else "")
+        return (
+            super().extra_repr()
+            + (", bias=False" if self.affine and self.bias is None else "")
+            + (", folded" if self.folded else "")
+        )

@@ -1,4 +1,5 @@
 """One front door per op: argument checks, backend choice, custom op registration."""
+
 from bcos_kernels.ops.bcos_conv2d import bcos_conv2d
 from bcos_kernels.ops.bcos_linear import bcos_linear
 from bcos_kernels.ops.class_specific_gate import class_specific_gate

@@ -1,6 +1,7 @@
 """What the B-cos conv and linear front doors share: checks of b/scale/max_out,
 the backend capability test, and the pieces of the fused backward that sit
 outside the kernels (weight normalisation, b as an optional tensor)."""
+
 import math
 from typing import Optional, Tuple
 
@@ -15,8 +16,10 @@ def check_b(b, x: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
     """(b as a float, b as a tensor or None). A tensor b (learnable) stays a tensor."""
     if isinstance(b, torch.Tensor):
         if b.numel() != 1 or not b.is_floating_point():
-            raise ValueError(f"b must be a number >= 1 or a one-element floating point tensor, got a tensor of "
-                             f"shape {tuple(b.shape)} and dtype {b.dtype}")
+            raise ValueError(
+                f"b must be a number >= 1 or a one-element floating point tensor, got a tensor of "
+                f"shape {tuple(b.shape)} and dtype {b.dtype}"
+            )
         if b.device != x.device:
             raise ValueError(f"b is on {b.device} but x is on {x.device}; they must be on the same device")
         # No value check: it would synchronise with the GPU on every call; the
@@ -36,8 +39,10 @@ def check_scale(scale) -> float:
 def check_max_out(max_out, rows: int, rows_name: str) -> int:
     positive_int("max_out", max_out)
     if rows % max_out:
-        raise ValueError(f"max_out={max_out} must divide the number of {rows_name} ({rows}): "
-                         f"the weight holds out_channels * max_out filters")
+        raise ValueError(
+            f"max_out={max_out} must divide the number of {rows_name} ({rows}): "
+            f"the weight holds out_channels * max_out filters"
+        )
     return max_out
 
 
@@ -83,8 +88,13 @@ def or_empty(grads, like: torch.Tensor):
     return tuple(g if g is not None else like.new_empty(0) for g in grads)
 
 
-def fake_grads(needs, x: torch.Tensor, weight: torch.Tensor, b_tensor: Optional[torch.Tensor],
-               x_format: torch.memory_format = torch.contiguous_format):
+def fake_grads(
+    needs,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    b_tensor: Optional[torch.Tensor],
+    x_format: torch.memory_format = torch.contiguous_format,
+):
     """Shapes of the (x, weight, bias, b) gradients of a fused backward, for its fake impl; grad x in
     ``x_format``."""
     shapes = (x.shape, weight.shape, (weight.shape[0],), b_tensor.shape if b_tensor is not None else (0,))
@@ -105,8 +115,9 @@ def fake_grads(needs, x: torch.Tensor, weight: torch.Tensor, b_tensor: Optional[
 
 # The schemas' shared parts: the four outputs of the fused ops and the inputs of their backward ops.
 FUSED_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor)"
-BACKWARD_INPUTS = ("Tensor grad_out, Tensor x, Tensor weight, Tensor? b_tensor, Tensor lin_max, Tensor norm, "
-                   "Tensor winner")
+BACKWARD_INPUTS = (
+    "Tensor grad_out, Tensor x, Tensor weight, Tensor? b_tensor, Tensor lin_max, Tensor norm, Tensor winner"
+)
 
 
 def setup_fused_context(ctx, inputs, keyword_only_inputs, output, extra=()):
@@ -133,6 +144,8 @@ def fused_input_grads(ctx, backward_op, grad_out, saved):
 
 def fused_backward(backward_op):
     """The autograd backward of a fused op whose backward custom op is ``backward_op``."""
+
     def backward(ctx, grad_out, _grad_lin_max, _grad_norm, _grad_winner):
         return fused_input_grads(ctx, backward_op, grad_out, ctx.saved_tensors)
+
     return backward

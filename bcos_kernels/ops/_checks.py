@@ -4,6 +4,7 @@ Every check raises TypeError (wrong type/dtype) or ValueError (wrong value,
 shape or device) with a message that names the offending argument, so bad
 input never reaches a kernel.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
@@ -13,8 +14,9 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_tensor(name: str, t, ndim: Union[int, Sequence[int], None] = None, *, min_ndim: Optional[int] = None,
-                 floating: bool = True) -> None:
+def check_tensor(
+    name: str, t, ndim: Union[int, Sequence[int], None] = None, *, min_ndim: Optional[int] = None, floating: bool = True
+) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and t.dtype not in FLOAT_DTYPES:

@@ -22,6 +22,7 @@ lwta_block_forward/backward, lwta_uniform, csg_gate_forward/backward.
 Importing this module loads the extension (ImportError when it is not built)
 and registers the fakes once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,10 @@ def _scale_mode(b: float, b_is_tensor: bool) -> str:
 @torch.library.register_fake("bcos_kernels::patch_norm")
 def _patch_norm_fake(x, kernel_size, stride, padding, dilation, groups):
     torch._check(x.dim() == 4, lambda: f"x must have 4 dimensions (N, C, H, W), got shape {tuple(x.shape)}")
-    torch._check(groups >= 1 and x.shape[1] % groups == 0,
-                 lambda: f"x has {x.shape[1]} channels, which is not divisible by groups={groups}")
+    torch._check(
+        groups >= 1 and x.shape[1] % groups == 0,
+        lambda: f"x has {x.shape[1]} channels, which is not divisible by groups={groups}",
+    )
     ho, wo = conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation)
     torch._check(ho >= 1 and wo >= 1, lambda: "the (dilated) kernel is larger than the padded input of x")
     return x.new_empty((x.shape[0], groups, ho, wo))
@@ -59,15 +62,25 @@ def _check_channel_scale(channel_scale, lin, out_channels):
     """The checks of check_channel_scale in csrc/cpu/bcos_cpu.cpp and csrc/cuda/ops_cuda.cpp."""
     if channel_scale is None:
         return
-    torch._check(channel_scale.device == lin.device,
-                 lambda: f"channel_scale must be on the device of lin ({lin.device}), got {channel_scale.device}")
-    torch._check(channel_scale.dim() == 1, lambda: "channel_scale must have 1 dimension (out_channels,), got shape "
-                                                   f"{tuple(channel_scale.shape)}")
-    torch._check(channel_scale.shape[0] == out_channels,
-                 lambda: f"channel_scale must have {out_channels} elements (lin's channels / max_out, the output "
-                         f"channels), got {channel_scale.shape[0]}")
-    torch._check(channel_scale.dtype == lin.dtype,
-                 lambda: f"channel_scale has dtype {channel_scale.dtype} but lin has dtype {lin.dtype}")
+    torch._check(
+        channel_scale.device == lin.device,
+        lambda: f"channel_scale must be on the device of lin ({lin.device}), got {channel_scale.device}",
+    )
+    torch._check(
+        channel_scale.dim() == 1,
+        lambda: f"channel_scale must have 1 dimension (out_channels,), got shape {tuple(channel_scale.shape)}",
+    )
+    torch._check(
+        channel_scale.shape[0] == out_channels,
+        lambda: (
+            f"channel_scale must have {out_channels} elements (lin's channels / max_out, the output "
+            f"channels), got {channel_scale.shape[0]}"
+        ),
+    )
+    torch._check(
+        channel_scale.dtype == lin.dtype,
+        lambda: f"channel_scale has dtype {channel_scale.dtype} but lin has dtype {lin.dtype}",
+    )
 
 
 @torch.library.register_fake("bcos_kernels::bcos_scale_forward")
@@ -75,8 +88,9 @@ def _bcos_scale_forward_fake(lin, norm, b, b_is_tensor, max_out, scale, channel_
     torch._check(lin.dim() == 3, lambda: f"lin must have 3 dimensions, got shape {tuple(lin.shape)}")
     torch._check(1 <= max_out <= 255, lambda: f"max_out must be in [1, 255], got {max_out}")
     n, channels, p = lin.shape
-    torch._check(channels % max_out == 0,
-                 lambda: f"lin has {channels} channels, which is not divisible by max_out={max_out}")
+    torch._check(
+        channels % max_out == 0, lambda: f"lin has {channels} channels, which is not divisible by max_out={max_out}"
+    )
     shape = (n, channels // max_out, p)
     _check_channel_scale(channel_scale, lin, shape[1])
     out = lin.new_empty(shape)
@@ -86,8 +100,9 @@ def _bcos_scale_forward_fake(lin, norm, b, b_is_tensor, max_out, scale, channel_
 
 
 @torch.library.register_fake("bcos_kernels::bcos_scale_backward")
-def _bcos_scale_backward_fake(grad_out, lin_max, norm, winner, b, b_is_tensor, max_out, scale, detach,
-                              need_grad_norm, need_grad_b):
+def _bcos_scale_backward_fake(
+    grad_out, lin_max, norm, winner, b, b_is_tensor, max_out, scale, detach, need_grad_norm, need_grad_b
+):
     torch._check(lin_max.dim() == 3, lambda: f"lin_max must have 3 dimensions, got shape {tuple(lin_max.shape)}")
     mode = _scale_mode(b, b_is_tensor)
     n, o, p = lin_max.shape
@@ -120,9 +135,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 if _has_op("bcos_conv_scale_forward"):
+
     @torch.library.register_fake("bcos_kernels::bcos_conv_scale_forward")
-    def _bcos_conv_scale_forward_fake(lin, x, kernel_size, stride, padding, dilation, groups, b, b_is_tensor,
-                                      max_out, scale, channel_scale=None):
+    def _bcos_conv_scale_forward_fake(
+        lin, x, kernel_size, stride, padding, dilation, groups, b, b_is_tensor, max_out, scale, channel_scale=None
+    ):
         """bcos_scale_forward's outputs plus the norms (N, G, Ho, Wo) contiguous; (0,) in mode one (b == 1)."""
         out, lin_max, winner = _bcos_scale_forward_fake(lin, None, b, b_is_tensor, max_out, scale, channel_scale)
         if _scale_mode(b, b_is_tensor) == "one":
@@ -131,6 +148,7 @@ if _has_op("bcos_conv_scale_forward"):
 
 
 if _has_op("dau_combine_forward"):
+
     @torch.library.register_fake("bcos_kernels::dau_combine_forward")
     def _dau_combine_forward_fake(y, z, gram, norm):
         """out (P, O) in y's dtype and s = ||w|| (P, O) in the accumulation dtype, both contiguous."""
@@ -150,6 +168,7 @@ if _has_op("dau_combine_forward"):
 
 
 if _has_op("lwta_block_forward"):
+
     @torch.library.register_fake("bcos_kernels::lwta_block_forward")
     def _lwta_block_forward_fake(x, competitors, temperature, deterministic, noise, seed, offset):
         """out: x's shape and dtype, contiguous; winner: uint8 with the competition dim divided by competitors."""
@@ -166,6 +185,7 @@ if _has_op("lwta_block_forward"):
 
 
 if _has_op("csg_gate_forward"):
+
     @torch.library.register_fake("bcos_kernels::csg_gate_forward")
     def _csg_gate_forward_fake(x, mask, labels):
         """x's shape and dtype; channels_last when x is (and is not NCHW-contiguous), else contiguous."""
@@ -175,8 +195,9 @@ if _has_op("csg_gate_forward"):
     def _csg_gate_backward_fake(grad_out, x, mask, labels, num_classes, need_x, need_mask):
         """grad_x in grad_out's layout rule (as csg_gate_forward), grad_mask (C, num_classes); (0,) when not needed."""
         if need_x:
-            grad_x = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device,
-                                 memory_format=memory_format_of(grad_out))
+            grad_x = torch.empty(
+                grad_out.shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=memory_format_of(grad_out)
+            )
         else:
             grad_x = grad_out.new_empty((0,))
         grad_mask = grad_out.new_empty((grad_out.shape[1], num_classes) if need_mask else (0,))

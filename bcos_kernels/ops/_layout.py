@@ -1,4 +1,5 @@
 """Layout and size facts every op shares: when an x is read as channels_last, per-block and conv output sizes."""
+
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -29,7 +30,12 @@ def block_shape(x: torch.Tensor, block: int) -> List[int]:
     return shape
 
 
-def conv_output_size(size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int] = (1, 1)) -> List[int]:
+def conv_output_size(
+    size: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int] = (1, 1),
+) -> List[int]:
     """The spatial output size of a 2-D convolution (as torch.nn.functional.conv2d computes it)."""
     return [(size[i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1 for i in range(2)]

@@ -4,14 +4,14 @@ Each op folder declares its options as a NamedTuple: its fields, in order and wi
 keyword-only part of the op's custom-op schemas (:func:`custom_op` writes them), and the backends get them as one
 object (``opts.stride``), so that adding an option is one field plus the code that reads it.
 """
+
 import typing
 from typing import List
 
 import torch
 
 # Python type -> schema type, as torch.library's schema inference writes them.
-_SCHEMA_TYPES = {float: "float", int: "SymInt", bool: "bool", str: "str", List[int]: "SymInt[]",
-                 List[bool]: "bool[]"}
+_SCHEMA_TYPES = {float: "float", int: "SymInt", bool: "bool", str: "str", List[int]: "SymInt[]", List[bool]: "bool[]"}
 
 
 def schema_fields(options: type) -> str:

@@ -9,6 +9,7 @@
 * a channels_last x gives the values of its contiguous copy, and the output layout that
   ``Support.keeps_channels_last`` says.
 """
+
 from functools import partial
 
 import pytest
@@ -73,8 +74,7 @@ def check_backend(op, backend, front, reference, case, dtype, tolerance=TOLERANC
         return check_low_precision(got, want, run(reference, case, tensors, dtype), what, dtype)
     tol = tolerance[dtype]
     for name, value in want.items():
-        torch.testing.assert_close(got[name].double(), value, atol=tol, rtol=tol,
-                                   msg=lambda m: f"{what}: {name}: {m}")
+        torch.testing.assert_close(got[name].double(), value, atol=tol, rtol=tol, msg=lambda m: f"{what}: {name}: {m}")
 
 
 def check_low_precision(got, want, low, what, dtype):
@@ -97,7 +97,8 @@ def check_low_precision(got, want, low, what, dtype):
     assert rms(err) <= LOW_PRECISION_FACTOR * rms(ref_err), (
         f"{what}: relative RMS error {rms(err):.3g} against the fp64 reference, more than {LOW_PRECISION_FACTOR}x "
         f"the reference's own in {dtype} ({rms(ref_err):.3g}); per tensor (backend, reference): "
-        + ", ".join(f"{name} ({rms({0: err[name]}):.3g}, {rms({0: ref_err[name]}):.3g})" for name in want))
+        + ", ".join(f"{name} ({rms({0: err[name]}):.3g}, {rms({0: ref_err[name]}):.3g})" for name in want)
+    )
 
 
 def check_channels_last(op, backend, front, case):
@@ -113,7 +114,8 @@ def check_channels_last(op, backend, front, case):
     layout = torch.channels_last if keeps else torch.contiguous_format
     assert out.is_contiguous(memory_format=layout), (
         f"{op} {backend}: a channels_last x gives an output with strides {out.stride()} (shape {tuple(out.shape)}),"
-        f" but the registry says keeps_channels_last={keeps}")
+        f" but the registry says keeps_channels_last={keeps}"
+    )
 
 
 def op_tests(op, front, reference, cases, tolerance=TOLERANCE):
@@ -135,8 +137,10 @@ def op_tests(op, front, reference, cases, tolerance=TOLERANCE):
     def test_backend_matches_reference(backend, case, dtype):
         check_backend(op, backend, front, reference, case, dtype, tolerance)
 
-    @pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c.id}") for b in backends.OPS[op]
-                                              for c in cases if c.channels_last])
+    @pytest.mark.parametrize(
+        "backend,case",
+        [pytest.param(b, c, id=f"{b}-{c.id}") for b in backends.OPS[op] for c in cases if c.channels_last],
+    )
     def test_channels_last(backend, case):
         check_channels_last(op, backend, front, case)
 

@@ -1,4 +1,5 @@
 """bcos_conv2d (v1, v2, B-cosification, explanation mode, channel_scale) on every backend against the reference."""
+
 from cases import BCOS_CONV2D
 
 import bcos_kernels
@@ -6,4 +7,5 @@ from bcos_kernels.ops.bcos_conv2d import reference
 from ops._util import op_tests
 
 test_reference_backend, test_backend, test_channels_last = op_tests(
-    "bcos_conv2d", bcos_kernels.bcos_conv2d, reference.bcos_conv2d, BCOS_CONV2D)
+    "bcos_conv2d", bcos_kernels.bcos_conv2d, reference.bcos_conv2d, BCOS_CONV2D
+)

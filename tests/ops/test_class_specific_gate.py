@@ -1,4 +1,5 @@
 """class_specific_gate (training and eval) on every backend against the reference."""
+
 import torch
 from cases import CLASS_SPECIFIC_GATE
 
@@ -11,5 +12,9 @@ from ops._util import TOLERANCE, op_tests
 FP64_IN_FP32 = {**TOLERANCE, torch.float64: TOLERANCE[torch.float32]}
 
 test_reference_backend, test_backend, test_channels_last = op_tests(
-    "class_specific_gate", bcos_kernels.class_specific_gate, reference.class_specific_gate, CLASS_SPECIFIC_GATE,
-    FP64_IN_FP32)
+    "class_specific_gate",
+    bcos_kernels.class_specific_gate,
+    reference.class_specific_gate,
+    CLASS_SPECIFIC_GATE,
+    FP64_IN_FP32,
+)

@@ -5,6 +5,7 @@ backend "reference" runs reference.py (plain autograd). The fused backends
 run the custom op ``bcos_kernels::bcos_conv2d_fused`` with a hand-written
 backward op; tensors are positional, options keyword-only.
 """
+
 from typing import List, NamedTuple
 
 import torch
@@ -17,8 +18,23 @@ from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.bcos_conv2d import reference as ref
 
 
-def bcos_conv2d(x, weight, bias=None, *, b=2.0, stride=1, padding=0, dilation=1, groups=1, max_out=1,
-                normalize_weight=True, scale=1.0, detach=False, channel_scale=None, backend=None):
+def bcos_conv2d(
+    x,
+    weight,
+    bias=None,
+    *,
+    b=2.0,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    max_out=1,
+    normalize_weight=True,
+    scale=1.0,
+    detach=False,
+    channel_scale=None,
+    backend=None,
+):
     """B-cos convolution. x: (N, C, H, W); weight: (O*max_out, C/groups, kh, kw); bias: (O*max_out,) or None.
 
     Returns (N, O, Ho, Wo). ``b`` is a number >= 1 or a one-element tensor (learnable b, gets a gradient).
@@ -40,15 +56,21 @@ def bcos_conv2d(x, weight, bias=None, *, b=2.0, stride=1, padding=0, dilation=1,
     positive_int("groups", groups)
     channels, filters = x.shape[1], weight.shape[0]
     if channels % groups or filters % groups:
-        raise ValueError(f"groups={groups} must divide the input channels of x ({channels}) and the number of "
-                         f"filters in weight ({filters})")
+        raise ValueError(
+            f"groups={groups} must divide the input channels of x ({channels}) and the number of "
+            f"filters in weight ({filters})"
+        )
     if weight.shape[1] * groups != channels:
-        raise ValueError(f"weight expects {weight.shape[1] * groups} input channels (weight.shape[1]={weight.shape[1]}"
-                         f" x groups={groups}) but x has {channels}")
+        raise ValueError(
+            f"weight expects {weight.shape[1] * groups} input channels (weight.shape[1]={weight.shape[1]}"
+            f" x groups={groups}) but x has {channels}"
+        )
     common.check_max_out(max_out, filters, "filters in weight")
     if (filters // max_out) % groups:
-        raise ValueError(f"groups={groups} must divide out_channels = weight.shape[0] / max_out = {filters // max_out}"
-                         f" (each MaxOut unit must lie inside one group)")
+        raise ValueError(
+            f"groups={groups} must divide out_channels = weight.shape[0] / max_out = {filters // max_out}"
+            f" (each MaxOut unit must lie inside one group)"
+        )
     for i, name in enumerate(("height", "width")):
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1
         if x.shape[2 + i] + 2 * padding[i] < span:
@@ -59,18 +81,45 @@ def bcos_conv2d(x, weight, bias=None, *, b=2.0, stride=1, padding=0, dilation=1,
         check_tensor("channel_scale", channel_scale, 1)
         check_like("channel_scale", channel_scale, "x", x)
         if channel_scale.shape[0] != filters // max_out:
-            raise ValueError(f"channel_scale has {channel_scale.shape[0]} elements but the output has "
-                             f"{filters // max_out} channels (weight.shape[0] / max_out)")
+            raise ValueError(
+                f"channel_scale has {channel_scale.shape[0]} elements but the output has "
+                f"{filters // max_out} channels (weight.shape[0] / max_out)"
+            )
         channel_scale = channel_scale.contiguous()
     name = backends.resolve("bcos_conv2d", backend, x)
     if name == "reference":
-        return ref.bcos_conv2d(x, weight, bias, b=b, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                               max_out=max_out, normalize_weight=normalize_weight, scale=scale, detach=bool(detach),
-                               channel_scale=channel_scale)
-    out, _, _, _ = bcos_conv2d_fused(x, weight, bias, b_tensor, channel_scale, b=b_float, stride=list(stride),
-                                     padding=list(padding), dilation=list(dilation), groups=groups, max_out=max_out,
-                                     normalize_weight=bool(normalize_weight), scale=scale, detach=bool(detach),
-                                     backend=name)
+        return ref.bcos_conv2d(
+            x,
+            weight,
+            bias,
+            b=b,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            max_out=max_out,
+            normalize_weight=normalize_weight,
+            scale=scale,
+            detach=bool(detach),
+            channel_scale=channel_scale,
+        )
+    out, _, _, _ = bcos_conv2d_fused(
+        x,
+        weight,
+        bias,
+        b_tensor,
+        channel_scale,
+        b=b_float,
+        stride=list(stride),
+        padding=list(padding),
+        dilation=list(dilation),
+        groups=groups,
+        max_out=max_out,
+        normalize_weight=bool(normalize_weight),
+        scale=scale,
+        detach=bool(detach),
+        backend=name,
+    )
     return out
 
 
@@ -89,8 +138,12 @@ class ConvOptions(NamedTuple):
     backend: str
 
 
-@custom_op("bcos_kernels::bcos_conv2d_fused", "Tensor x, Tensor weight, Tensor? bias, Tensor? b_tensor, "
-           "Tensor? channel_scale", ConvOptions, common.FUSED_OUTPUTS)
+@custom_op(
+    "bcos_kernels::bcos_conv2d_fused",
+    "Tensor x, Tensor weight, Tensor? bias, Tensor? b_tensor, Tensor? channel_scale",
+    ConvOptions,
+    common.FUSED_OUTPUTS,
+)
 def bcos_conv2d_fused(x, weight, bias, b_tensor, channel_scale, **options):
     """Returns (out, lin after MaxOut, patch norms (N, G, Ho, Wo), MaxOut winner index uint8); the last three
     are what the backward needs, are not differentiable and do not include ``channel_scale``."""
@@ -104,23 +157,30 @@ def _(x, weight, bias, b_tensor, channel_scale, **options):
     opts = ConvOptions(**options)
     ho, wo = conv_output_size(x.shape[2:], weight.shape[2:], opts.stride, opts.padding, opts.dilation)
     shape = (x.shape[0], weight.shape[0] // opts.max_out, ho, wo)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device,
-                      memory_format=common.output_memory_format(x, "bcos_conv2d", opts.backend))
+    out = torch.empty(
+        shape, dtype=x.dtype, device=x.device, memory_format=common.output_memory_format(x, "bcos_conv2d", opts.backend)
+    )
     has_norm = b_tensor is not None or opts.b != 1
     norm = x.new_empty((x.shape[0], opts.groups, ho, wo) if has_norm else (0,))
     winner = torch.empty_like(out, dtype=torch.uint8) if opts.max_out > 1 else x.new_empty(0, dtype=torch.uint8)
     return out, torch.empty_like(out), norm, winner
 
 
-@custom_op("bcos_kernels::bcos_conv2d_fused_backward", common.BACKWARD_INPUTS, ConvOptions, common.FUSED_OUTPUTS,
-           extra="bool[] needs")
+@custom_op(
+    "bcos_kernels::bcos_conv2d_fused_backward",
+    common.BACKWARD_INPUTS,
+    ConvOptions,
+    common.FUSED_OUTPUTS,
+    extra="bool[] needs",
+)
 def bcos_conv2d_fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
     """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False. A custom op of its
     own so that compiled graphs never look at the value of a tensor b."""
     opts = ConvOptions(**options)
     backends.check_device("bcos_conv2d", opts.backend, x.device)
     grads = backends.kernels("bcos_conv2d", opts.backend).backward(
-        grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs)
+        grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs
+    )
     return common.or_empty(grads, x)
 
 

@@ -19,8 +19,14 @@ def scaled_forward(lin, x, weight, b_val, b_is_tensor, opts, channel_scale):
     else:
         norm = torch.ops.bcos_kernels.patch_norm(x, list(weight.shape[2:]), stride, padding, dilation, groups)
     out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
-        lin, norm.reshape(n, groups, p) if norm.numel() else norm, b_val, b_is_tensor, opts.max_out, opts.scale,
-        channel_scale)
+        lin,
+        norm.reshape(n, groups, p) if norm.numel() else norm,
+        b_val,
+        b_is_tensor,
+        opts.max_out,
+        opts.scale,
+        channel_scale,
+    )
     return out, lin_max, winner, norm
 
 
@@ -54,18 +60,37 @@ def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
     b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
     n, out_channels, ho, wo = lin_max.shape
     grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
-        grad_out.reshape(n, out_channels, ho * wo).contiguous(), lin_max.reshape(n, out_channels, ho * wo),
+        grad_out.reshape(n, out_channels, ho * wo).contiguous(),
+        lin_max.reshape(n, out_channels, ho * wo),
         norm.reshape(n, groups, ho * wo) if norm.numel() else norm,
-        winner.view(n, out_channels, ho * wo) if max_out > 1 else winner, b_val, b_is_tensor, max_out, opts.scale,
-        opts.detach, need_x, need_b)
+        winner.view(n, out_channels, ho * wo) if max_out > 1 else winner,
+        b_val,
+        b_is_tensor,
+        max_out,
+        opts.scale,
+        opts.detach,
+        need_x,
+        need_b,
+    )
     grad_lin = grad_lin.view(n, out_channels * max_out, ho, wo)
     w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)
     grad_x, grad_w_hat, grad_bias = torch.ops.aten.convolution_backward(
-        grad_lin, x, w_hat, [weight.shape[0]], stride, padding, dilation, False, [0, 0], groups,
-        [need_x, need_w, need_bias])
+        grad_lin,
+        x,
+        w_hat,
+        [weight.shape[0]],
+        stride,
+        padding,
+        dilation,
+        False,
+        [0, 0],
+        groups,
+        [need_x, need_w, need_bias],
+    )
     if need_x and grad_norm.numel():
         grad_x = grad_x + torch.ops.bcos_kernels.patch_norm_backward(
-            grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups)
+            grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups
+        )
     # The layouts the fake promises (copies only where convolution_backward chose another: it follows x's).
     if need_x:
         grad_x = grad_x.contiguous(memory_format=memory_format_of(x))

@@ -21,6 +21,7 @@ A tensor ``b`` (B-cosification's learnable b) always takes the general
 formula, so that b gets a gradient; B-cosification starts b at 1 + 1e-6 for
 exactly that reason.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -53,8 +54,9 @@ def normalized_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight / torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
 
 
-def patch_norms(x: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
-                groups: int) -> torch.Tensor:
+def patch_norms(
+    x: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
+) -> torch.Tensor:
     """sqrt(sum of x^2 over each conv patch + 1e-6), one value per group: (N, G, Ho, Wo).
 
     Without dilation this is the original's avg_pool2d(sum_c x^2) * k_h*k_w; with
@@ -90,14 +92,25 @@ def max_out_reduce(lin: torch.Tensor, max_out: int, dim: int) -> torch.Tensor:
     return lin.unflatten(dim, (out_channels, max_out)).max(dim=dim + 1 if dim >= 0 else dim).values
 
 
-def bcos_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, b: BType = 2.0,
-                stride=1, padding=0, dilation=1, groups: int = 1, max_out: int = 1, normalize_weight: bool = True,
-                scale: float = 1.0, detach: bool = False,
-                channel_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def bcos_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    b: BType = 2.0,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    max_out: int = 1,
+    normalize_weight: bool = True,
+    scale: float = 1.0,
+    detach: bool = False,
+    channel_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """B-cos conv2d. weight: (O*M, C/groups, kh, kw); returns (N, O, Ho, Wo). ``channel_scale`` (O,): a factor
     per output channel applied last (an eval-mode batch norm folded in; not part of the original layer)."""
-    out = _bcos_conv2d(x, weight, bias, b, stride, padding, dilation, groups, max_out, normalize_weight, scale,
-                       detach)
+    out = _bcos_conv2d(x, weight, bias, b, stride, padding, dilation, groups, max_out, normalize_weight, scale, detach)
     return out if channel_scale is None else out * channel_scale[None, :, None, None]
 
 

@@ -4,6 +4,7 @@ backend "reference" runs reference.py; the fused backends (one file each
 here) run the custom op ``bcos_kernels::bcos_linear_fused`` with a
 hand-written backward op; tensors positional, options keyword-only.
 """
+
 from typing import NamedTuple
 
 import torch
@@ -15,8 +16,9 @@ from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.bcos_linear import reference as ref
 
 
-def bcos_linear(x, weight, bias=None, *, b=2.0, max_out=1, normalize_weight=True, scale=1.0, detach=False,
-                backend=None):
+def bcos_linear(
+    x, weight, bias=None, *, b=2.0, max_out=1, normalize_weight=True, scale=1.0, detach=False, backend=None
+):
     """B-cos linear. x: (..., D); weight: (O*max_out, D); bias: (O*max_out,) or None. Returns (..., O)."""
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, 2)
@@ -33,11 +35,21 @@ def bcos_linear(x, weight, bias=None, *, b=2.0, max_out=1, normalize_weight=True
     scale = common.check_scale(scale)
     name = backends.resolve("bcos_linear", backend, x)
     if name == "reference":
-        return ref.bcos_linear(x, weight, bias, b=b, max_out=max_out, normalize_weight=normalize_weight, scale=scale,
-                               detach=bool(detach))
-    out, _, _, _ = bcos_linear_fused(x, weight, bias, b_tensor, b=b_float, max_out=max_out,
-                                     normalize_weight=bool(normalize_weight), scale=scale, detach=bool(detach),
-                                     backend=name)
+        return ref.bcos_linear(
+            x, weight, bias, b=b, max_out=max_out, normalize_weight=normalize_weight, scale=scale, detach=bool(detach)
+        )
+    out, _, _, _ = bcos_linear_fused(
+        x,
+        weight,
+        bias,
+        b_tensor,
+        b=b_float,
+        max_out=max_out,
+        normalize_weight=bool(normalize_weight),
+        scale=scale,
+        detach=bool(detach),
+        backend=name,
+    )
     return out
 
 
@@ -52,8 +64,12 @@ class LinearOptions(NamedTuple):
     backend: str
 
 
-@custom_op("bcos_kernels::bcos_linear_fused", "Tensor x, Tensor weight, Tensor? bias, Tensor? b_tensor",
-           LinearOptions, common.FUSED_OUTPUTS)
+@custom_op(
+    "bcos_kernels::bcos_linear_fused",
+    "Tensor x, Tensor weight, Tensor? bias, Tensor? b_tensor",
+    LinearOptions,
+    common.FUSED_OUTPUTS,
+)
 def bcos_linear_fused(x, weight, bias, b_tensor, **options):
     """Returns (out, lin after MaxOut (R, O), ||x|| + 1e-12 (R,), winner uint8); R = rows of x."""
     opts = LinearOptions(**options)
@@ -72,14 +88,20 @@ def _(x, weight, bias, b_tensor, **options):
     return x.new_empty(*x.shape[:-1], out_features), x.new_empty(rows, out_features), norm, winner
 
 
-@custom_op("bcos_kernels::bcos_linear_fused_backward", common.BACKWARD_INPUTS, LinearOptions, common.FUSED_OUTPUTS,
-           extra="bool[] needs")
+@custom_op(
+    "bcos_kernels::bcos_linear_fused_backward",
+    common.BACKWARD_INPUTS,
+    LinearOptions,
+    common.FUSED_OUTPUTS,
+    extra="bool[] needs",
+)
 def bcos_linear_fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
     """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False."""
     opts = LinearOptions(**options)
     backends.check_device("bcos_linear", opts.backend, x.device)
     grads = backends.kernels("bcos_linear", opts.backend).backward(
-        grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs)
+        grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs
+    )
     return common.or_empty(grads, x)
 
 
@@ -88,5 +110,6 @@ def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options)
     return common.fake_grads(needs, x, weight, b_tensor)
 
 
-bcos_linear_fused.register_autograd(common.fused_backward(bcos_linear_fused_backward),
-                                   setup_context=common.setup_fused_context)
+bcos_linear_fused.register_autograd(
+    common.fused_backward(bcos_linear_fused_backward), setup_context=common.setup_fused_context
+)

@@ -20,7 +20,8 @@ def forward(x, weight, bias, b_tensor, opts):
     else:
         norm = torch.linalg.vector_norm(rows, dim=-1) + ref.LINEAR_NORM_EPS
     out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
-        lin.unsqueeze(-1), norm.view(-1, 1, 1) if norm.numel() else norm, b_val, b_is_tensor, max_out, opts.scale)
+        lin.unsqueeze(-1), norm.view(-1, 1, 1) if norm.numel() else norm, b_val, b_is_tensor, max_out, opts.scale
+    )
     if max_out == 1:
         lin_max = lin  # the kernel does not copy lin when there is no MaxOut
     out_features = weight.shape[0] // max_out
@@ -35,9 +36,18 @@ def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
     b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
     rows, out_features = lin_max.shape
     grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
-        grad_out.reshape(rows, out_features, 1).contiguous(), lin_max.unsqueeze(-1),
-        norm.view(-1, 1, 1) if norm.numel() else norm, winner.view(rows, out_features, 1) if max_out > 1 else winner,
-        b_val, b_is_tensor, max_out, opts.scale, opts.detach, need_x, need_b)
+        grad_out.reshape(rows, out_features, 1).contiguous(),
+        lin_max.unsqueeze(-1),
+        norm.view(-1, 1, 1) if norm.numel() else norm,
+        winner.view(rows, out_features, 1) if max_out > 1 else winner,
+        b_val,
+        b_is_tensor,
+        max_out,
+        opts.scale,
+        opts.detach,
+        need_x,
+        need_b,
+    )
     grad_lin = grad_lin.view(rows, out_features * max_out)
     x_rows = x.reshape(rows, x.shape[-1])
     w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)

@@ -14,6 +14,7 @@ Unlike the original (whose gate is fp32 whatever x is), mask must have x's
 dtype and the output has it too; :class:`bcos_kernels.nn.ClassSpecificGate`
 casts its fp32 parameter to x's dtype (autocast) on the way in.
 """
+
 from __future__ import annotations
 
 # The backend "torch" is this package's submodule ``torch``: importing it sets the package's global ``torch`` to it,
@@ -38,8 +39,9 @@ def _check_labels(labels, x: torch.Tensor, num_classes: int) -> torch.Tensor:
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
-        raise ValueError(f"labels must have shape ({x.shape[0]},) (one label per sample of x), "
-                         f"got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape ({x.shape[0]},) (one label per sample of x), got {tuple(labels.shape)}"
+        )
     if labels.device != x.device:
         raise ValueError(f"labels is on {labels.device} but x is on {x.device}; they must be on the same device")
     # The range check reads the labels back (a GPU synchronisation); under torch.compile it is left to
@@ -47,13 +49,20 @@ def _check_labels(labels, x: torch.Tensor, num_classes: int) -> torch.Tensor:
     if labels.numel() and not torch.compiler.is_compiling():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}) (mask has {num_classes} classes), "
-                             f"got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) (mask has {num_classes} classes), got values in [{lo}, {hi}]"
+            )
     return labels.long()
 
 
-def class_specific_gate(x: torch.Tensor, mask: torch.Tensor, labels: Optional[torch.Tensor], *,
-                        training: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+def class_specific_gate(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    training: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """x: (N, C) or (N, C, H, W); mask: (C, K) with x's dtype; labels: (N,) integers in [0, K).
 
     training=False returns x itself (labels may then be None).
@@ -62,14 +71,17 @@ def class_specific_gate(x: torch.Tensor, mask: torch.Tensor, labels: Optional[to
     check_tensor("mask", mask, 2)
     check_like("mask", mask, "x", x)
     if mask.shape[0] != x.shape[1]:
-        raise ValueError(f"mask must have shape (C, num_classes) with C = {x.shape[1]} channels of x, "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must have shape (C, num_classes) with C = {x.shape[1]} channels of x, got {tuple(mask.shape)}"
+        )
     if mask.shape[1] < 1:
         raise ValueError(f"mask must have at least one class column, got shape {tuple(mask.shape)}")
     if labels is None:
         if training:
-            raise ValueError("labels is None but training=True: the gate needs one class label per sample "
-                             "(the original ResNet skips the gate when it gets no labels)")
+            raise ValueError(
+                "labels is None but training=True: the gate needs one class label per sample "
+                "(the original ResNet skips the gate when it gets no labels)"
+            )
     else:
         labels = _check_labels(labels, x, mask.shape[1])
     name = backends.resolve("class_specific_gate", backend, x)
@@ -108,8 +120,12 @@ class GateBackwardOptions(NamedTuple):
     backend: str
 
 
-@custom_op("bcos_kernels::class_specific_gate_backward", "Tensor grad_out, Tensor? x, Tensor? mask, Tensor labels",
-           GateBackwardOptions, "(Tensor, Tensor)")
+@custom_op(
+    "bcos_kernels::class_specific_gate_backward",
+    "Tensor grad_out, Tensor? x, Tensor? mask, Tensor labels",
+    GateBackwardOptions,
+    "(Tensor, Tensor)",
+)
 def class_specific_gate_backward_op(grad_out, x, mask, labels, **options):
     """(grad_x, grad_mask); an empty tensor for a gradient not asked for. grad_x is channels_last if ``nhwc`` else
     contiguous; grad_mask (C, num_classes) contiguous; both in grad_out's dtype. x is needed for grad_mask, mask
@@ -124,16 +140,19 @@ def class_specific_gate_backward_op(grad_out, x, mask, labels, **options):
 @class_specific_gate_backward_op.register_fake
 def _(grad_out, x, mask, labels, **options):
     opts = GateBackwardOptions(**options)
-    grad_x = torch.empty(grad_out.shape if opts.need_x else (0,), dtype=grad_out.dtype, device=grad_out.device,
-                         memory_format=memory_format(opts.nhwc and opts.need_x))
+    grad_x = torch.empty(
+        grad_out.shape if opts.need_x else (0,),
+        dtype=grad_out.dtype,
+        device=grad_out.device,
+        memory_format=memory_format(opts.nhwc and opts.need_x),
+    )
     grad_mask = grad_out.new_empty((grad_out.shape[1], opts.num_classes) if opts.need_mask else (0,))
     return grad_x, grad_mask
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     x, mask, labels = inputs
-    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, mask if ctx.needs_input_grad[0] else None,
-                          labels)
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, mask if ctx.needs_input_grad[0] else None, labels)
     ctx.options = dict(keyword_only_inputs, num_classes=mask.shape[1], nhwc=is_channels_last(x))
 
 
@@ -141,8 +160,9 @@ def _backward(ctx, grad_out):
     need_x, need_mask = ctx.needs_input_grad[:2]
     if not (need_x or need_mask):
         return None, None, None
-    grad_x, grad_mask = class_specific_gate_backward_op(grad_out, *ctx.saved_tensors, **ctx.options, need_x=need_x,
-                                                        need_mask=need_mask)
+    grad_x, grad_mask = class_specific_gate_backward_op(
+        grad_out, *ctx.saved_tensors, **ctx.options, need_x=need_x, need_mask=need_mask
+    )
     return grad_x if need_x else None, grad_mask if need_mask else None, None
 
 

@@ -8,6 +8,7 @@ written in that layout (any other layout is copied, and out copied back into
 x's strides); the backward reads grad_out in x's layout (a copy when it comes
 in the other).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,5 +33,6 @@ def backward(grad_out, x, mask, labels, opts):
     # copies it if it differs).
     if grad_out.dim() == 4:
         grad_out = grad_out.contiguous(memory_format=memory_format(nhwc))
-    return torch.ops.bcos_kernels.csg_gate_backward(grad_out, x if need_mask else None, mask if need_x else None,
-                                                    labels, num_classes, need_x, need_mask)
+    return torch.ops.bcos_kernels.csg_gate_backward(
+        grad_out, x if need_mask else None, mask if need_x else None, labels, num_classes, need_x, need_mask
+    )

@@ -20,6 +20,7 @@ gates the channels of the last feature map by the sample's class):
   (channel) by its maximum over the classes, clamp to [0, 1], in place. A row
   whose maximum is 0 gives NaN/inf, as in the original.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ import torch
 DENSITY_BUDGET = 0.2
 
 
-def class_specific_gate(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *,
-                        training: bool = True) -> torch.Tensor:
+def class_specific_gate(
+    x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, training: bool = True
+) -> torch.Tensor:
     """x: (N, C, H, W) or (N, C); mask: (C, K); labels: (N,) ints in [0, K)."""
     if not training:
         return x

@@ -7,6 +7,7 @@ full-size gate the original builds (and keeps for backward), and computes
 
 as a one-hot matmul (deterministic on every device), accumulated in fp32 or wider.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ section 3). backend "reference" runs ``reference.dau_conv2d_original`` (plain au
 ``bcos_kernels::dau_conv2d`` with a hand-written backward, which for backends with opaque kernels is the custom
 op ``bcos_kernels::dau_conv2d_backward``; tensors are positional, options keyword-only.
 """
+
 # The backend module "torch" (./torch.py) is imported before the library: importing a submodule binds its name in
 # this package's namespace, and the `import torch` after it binds the name to the library again for good.
 import bcos_kernels.ops.dau_conv2d.torch  # noqa: I001, F401
@@ -22,8 +23,19 @@ from bcos_kernels.ops.dau_conv2d.reference import NORMS, dau_conv2d_original, de
 __all__ = ["dau_conv2d"]
 
 
-def dau_conv2d(x, rank_weight, expand_weight, expand_bias=None, *, kernel_size, stride=1, padding=None,
-               norm="squash", detach=False, backend=None):
+def dau_conv2d(
+    x,
+    rank_weight,
+    expand_weight,
+    expand_bias=None,
+    *,
+    kernel_size,
+    stride=1,
+    padding=None,
+    norm="squash",
+    detach=False,
+    backend=None,
+):
     """CoDA DAU convolution. x: (N, C, H, W); rank_weight: (r, C, k, k); expand_weight: (C*k*k*O, r, 1, 1);
     expand_bias: (C*k*k*O,) or None. Returns (N, O, Ho, Wo).
 
@@ -58,26 +70,50 @@ def dau_conv2d(x, rank_weight, expand_weight, expand_bias=None, *, kernel_size, 
         raise ValueError(f"rank_weight must have at least one filter (rank >= 1), got shape {tuple(rank_weight.shape)}")
     rows = expand_weight.shape[0]
     if tuple(expand_weight.shape[1:]) != (rank, 1, 1):
-        raise ValueError(f"expand_weight must have shape (C*k*k*O, r, 1, 1) = (*, {rank}, 1, 1), "
-                         f"got {tuple(expand_weight.shape)}")
+        raise ValueError(
+            f"expand_weight must have shape (C*k*k*O, r, 1, 1) = (*, {rank}, 1, 1), got {tuple(expand_weight.shape)}"
+        )
     if rows == 0 or rows % d:
-        raise ValueError(f"expand_weight.shape[0] = {rows} must be a positive multiple of "
-                         f"C*k*k = {channels}*{kernel_size}*{kernel_size} = {d} (one row per patch entry and DAU)")
+        raise ValueError(
+            f"expand_weight.shape[0] = {rows} must be a positive multiple of "
+            f"C*k*k = {channels}*{kernel_size}*{kernel_size} = {d} (one row per patch entry and DAU)"
+        )
     if expand_bias is not None and expand_bias.shape[0] != rows:
         raise ValueError(f"expand_bias has {expand_bias.shape[0]} elements but expand_weight has {rows} rows")
     for i, name in enumerate(("height", "width")):
         if x.shape[2 + i] + 2 * padding[i] < kernel_size:
-            raise ValueError(f"x {name} {x.shape[2 + i]} plus padding {padding[i]} is smaller than "
-                             f"kernel_size {kernel_size}")
+            raise ValueError(
+                f"x {name} {x.shape[2 + i]} plus padding {padding[i]} is smaller than kernel_size {kernel_size}"
+            )
 
     ho, wo = conv_output_size(x.shape[2:], (kernel_size, kernel_size), stride, padding)
-    name = backends.resolve("dau_conv2d", backend, x, rank=rank,
-                            pixels=max(x.shape[0] * ho * wo, x.shape[0] * x.shape[2] * x.shape[3]))
+    name = backends.resolve(
+        "dau_conv2d", backend, x, rank=rank, pixels=max(x.shape[0] * ho * wo, x.shape[0] * x.shape[2] * x.shape[3])
+    )
     if name == "reference":  # plain autograd through the exact reference, no custom op
-        return dau_conv2d_original(x, rank_weight, expand_weight, expand_bias, kernel_size=kernel_size,
-                                   stride=stride, padding=padding, norm=norm, detach=detach)
-    out, _, _ = dau_conv2d_op(x, rank_weight, expand_weight, expand_bias, kernel_size=kernel_size,
-                              stride=list(stride), padding=list(padding), norm=norm, detach=detach, backend=name)
+        return dau_conv2d_original(
+            x,
+            rank_weight,
+            expand_weight,
+            expand_bias,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            norm=norm,
+            detach=detach,
+        )
+    out, _, _ = dau_conv2d_op(
+        x,
+        rank_weight,
+        expand_weight,
+        expand_bias,
+        kernel_size=kernel_size,
+        stride=list(stride),
+        padding=list(padding),
+        norm=norm,
+        detach=detach,
+        backend=name,
+    )
     return out
 
 
@@ -117,8 +153,11 @@ def _(x, rank_weight, expand_weight, expand_bias, **options):
     ho, wo = conv_output_size(x.shape[2:], (k, k), opts.stride, opts.padding)
     n, c = x.shape[:2]
     o = expand_weight.shape[0] // (c * k * k)
-    return (x.new_empty((n, o, ho, wo)), x.new_empty((n * ho * wo, rank_weight.shape[0]), dtype=cdt),
-            x.new_empty((n * ho * wo, o), dtype=cdt))
+    return (
+        x.new_empty((n, o, ho, wo)),
+        x.new_empty((n * ho * wo, rank_weight.shape[0]), dtype=cdt),
+        x.new_empty((n * ho * wo, o), dtype=cdt),
+    )
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -149,9 +188,13 @@ def _backward(ctx, grad_out, _grad_z, _grad_s):
 dau_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@custom_op("bcos_kernels::dau_conv2d_backward",
-           f"Tensor grad_out, {_FORWARD_INPUTS}, Tensor z, Tensor s, Tensor out", DauOptions,
-           "(Tensor, Tensor, Tensor, Tensor)", extra="bool[] needs")
+@custom_op(
+    "bcos_kernels::dau_conv2d_backward",
+    f"Tensor grad_out, {_FORWARD_INPUTS}, Tensor z, Tensor s, Tensor out",
+    DauOptions,
+    "(Tensor, Tensor, Tensor, Tensor)",
+    extra="bool[] needs",
+)
 def dau_conv2d_backward_op(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, *, needs, **options):
     """Gradients for (x, rank_weight, expand_weight, expand_bias) of the forward op; an empty tensor where
     ``needs`` is False (and for the parameters in explanation mode). A custom op of its own so that compiled
@@ -159,7 +202,8 @@ def dau_conv2d_backward_op(grad_out, x, rank_weight, expand_weight, expand_bias,
     opts = DauOptions(**options)
     backends.check_device("dau_conv2d", opts.backend, x.device)
     grads = backends.kernels("dau_conv2d", opts.backend).backward(
-        grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, list(needs))
+        grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, list(needs)
+    )
     return tuple(x.new_empty(0) if t is None else t for t in grads)
 
 
@@ -167,5 +211,7 @@ def dau_conv2d_backward_op(grad_out, x, rank_weight, expand_weight, expand_bias,
 def _(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, *, needs, **options):
     detach = options["detach"]
     like = (x, rank_weight, expand_weight, expand_bias)
-    return tuple(torch.empty_like(t) if need and t is not None and not (detach and i > 0) else x.new_empty(0)
-                 for i, (t, need) in enumerate(zip(like, needs)))
+    return tuple(
+        torch.empty_like(t) if need and t is not None and not (detach and i > 0) else x.new_empty(0)
+        for i, (t, need) in enumerate(zip(like, needs))
+    )

@@ -18,6 +18,7 @@ the gradients into the layouts of their inputs (the fake impl says empty_like) w
 The O*R-channel transients (zy / y, dy) are built for CHUNK_ELEMENTS elements of the batch at a time (at least one
 image): larger than backend "torch"'s chunks, since a GPU GEMM needs many pixels to fill the device.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -29,7 +30,7 @@ from bcos_kernels.ops._layout import conv_output_size, memory_format_of
 from bcos_kernels.ops.dau_conv2d import lowrank
 from bcos_kernels.ops.dau_conv2d.lowrank import add, conv_backward, from_pixel_major, pixel_major
 
-CHUNK_ELEMENTS = 1 << 25   # 128 MiB of fp32 per O*R-channel transient (read at call time: tests lower it)
+CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32 per O*R-channel transient (read at call time: tests lower it)
 
 OPAQUE_BACKWARD = True  # kernels autograd cannot trace: the backward runs as bcos_kernels::dau_conv2d_backward
 
@@ -61,7 +62,7 @@ def forward(x, rank_weight, expand_weight, expand_bias, opts):
     ho, wo = conv_output_size(x.shape[2:], (kernel_size, kernel_size), stride, padding)
     hw = ho * wo
     cdt = lowrank.compute_dtype(x.dtype)
-    w_all = torch.cat([rank_weight, filt2d])                                # z and y from one convolution
+    w_all = torch.cat([rank_weight, filt2d])  # z and y from one convolution
     xc = x.contiguous(memory_format=torch.channels_last)
     out = x.new_empty((n, o, ho, wo))
     z = x.new_empty((n * hw, rank), dtype=cdt)
@@ -69,7 +70,7 @@ def forward(x, rank_weight, expand_weight, expand_bias, opts):
     for i0, i1 in lowrank.batch_chunks(n, hw * o * big_r, CHUNK_ELEMENTS):
         zy = pixel_major(F.conv2d(xc[i0:i1], w_all, None, stride, padding))  # (p, r + O*R)
         out_k, s_k = torch.ops.bcos_kernels.dau_combine_forward(zy[:, rank:], zy[:, :rank], gram, norm)
-        z[i0 * hw:i1 * hw] = zy[:, :rank]
+        z[i0 * hw : i1 * hw] = zy[:, :rank]
         del zy
         out[i0:i1] = from_pixel_major(out_k, i1 - i0, ho, wo)
         ss.append(s_k)
@@ -86,9 +87,9 @@ def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, op
     need_b = need_b and expand_bias is not None
     if detach:  # explanation mode: the dynamic weights are constants; only x gets a gradient (through x_patch)
         need_a = need_e = need_b = False
-    need_z = (need_x or need_a) and not detach   # the path through z = conv(x, A): d num/d z and d ||w||^2/d z
-    need_f = need_e or need_b                    # grads of the filters [E_o | b_o]
-    need_y = need_x or need_f                    # the path through y = conv(x, filt): d num/d y
+    need_z = (need_x or need_a) and not detach  # the path through z = conv(x, A): d num/d z and d ||w||^2/d z
+    need_f = need_e or need_b  # grads of the filters [E_o | b_o]
+    need_y = need_x or need_f  # the path through y = conv(x, filt): d num/d y
     grads: List[Optional[torch.Tensor]] = [None] * 4
     like = (x, rank_weight, expand_weight, expand_bias)
     n, c = x.shape[:2]
@@ -101,25 +102,28 @@ def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, op
     ho, wo = grad_out.shape[-2:]
     hw = ho * wo
     xc = x.contiguous(memory_format=torch.channels_last)
-    g = pixel_major(grad_out.to(x.dtype))          # (P, O)
-    zx = z.to(x.dtype)                             # exact: the forward rounded z from this dtype
+    g = pixel_major(grad_out.to(x.dtype))  # (P, O)
+    zx = z.to(x.dtype)  # exact: the forward rounded z from this dtype
     gxs: List[torch.Tensor] = []
     ga = gfilt = m = None
     for i0, i1 in lowrank.batch_chunks(n, hw * o * big_r, CHUNK_ELEMENTS):
         pixels = slice(i0 * hw, i1 * hw)
         xk = xc[i0:i1]
-        y = pixel_major(F.conv2d(xk, filt2d, None, stride, padding))     # recomputed (see the module docstring)
-        dz, dy, m_k = torch.ops.bcos_kernels.dau_combine_backward(g[pixels], y, zx[pixels], s[pixels], gram, norm,
-                                                                  detach, need_z, need_y, need_f)
+        y = pixel_major(F.conv2d(xk, filt2d, None, stride, padding))  # recomputed (see the module docstring)
+        dz, dy, m_k = torch.ops.bcos_kernels.dau_combine_backward(
+            g[pixels], y, zx[pixels], s[pixels], gram, norm, detach, need_z, need_y, need_f
+        )
         del y
         gx = None
         if need_z:
-            gx, ga_k = conv_backward(from_pixel_major(dz, i1 - i0, ho, wo), xk, rank_weight, stride, padding,
-                                     need_x, need_a)
+            gx, ga_k = conv_backward(
+                from_pixel_major(dz, i1 - i0, ho, wo), xk, rank_weight, stride, padding, need_x, need_a
+            )
             ga = add(ga, ga_k)
         if need_y:
-            gx_k, gf_k = conv_backward(from_pixel_major(dy, i1 - i0, ho, wo), xk, filt2d, stride, padding,
-                                       need_x, need_f)
+            gx_k, gf_k = conv_backward(
+                from_pixel_major(dy, i1 - i0, ho, wo), xk, filt2d, stride, padding, need_x, need_f
+            )
             del dy
             gx = add(gx, gx_k)
             gfilt = add(gfilt, gf_k)

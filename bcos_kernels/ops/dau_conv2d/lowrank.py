@@ -20,6 +20,7 @@ Backward, per pixel, with g = d loss / d out (P, O):
     d za   = sum_o dnum_o y_o + 2 sum_o dq_o G_o za
     d rows_o = (through y) + 2 M_o rows_o,  M_o = sum_p dq_o za za^T      (expand_grads)
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -39,8 +40,11 @@ def expand_to_filters(expand_weight: torch.Tensor, in_channels: int, kernel_size
     """expand_weight (D*O, r, 1, 1) -> conv filters (O, r, C, k, k): filter (o, q) is column q of E_o."""
     rows, rank = expand_weight.shape[:2]
     d = in_channels * kernel_size * kernel_size
-    return expand_weight.reshape(d, rows // d, rank).permute(1, 2, 0).reshape(
-        rows // d, rank, in_channels, kernel_size, kernel_size)
+    return (
+        expand_weight.reshape(d, rows // d, rank)
+        .permute(1, 2, 0)
+        .reshape(rows // d, rank, in_channels, kernel_size, kernel_size)
+    )
 
 
 def bias_to_filters(expand_bias: torch.Tensor, in_channels: int, kernel_size: int) -> torch.Tensor:
@@ -49,8 +53,9 @@ def bias_to_filters(expand_bias: torch.Tensor, in_channels: int, kernel_size: in
     return expand_bias.reshape(d, -1).t().reshape(-1, in_channels, kernel_size, kernel_size)
 
 
-def filters(expand_weight: torch.Tensor, expand_bias: Optional[torch.Tensor], in_channels: int,
-            kernel_size: int) -> torch.Tensor:
+def filters(
+    expand_weight: torch.Tensor, expand_bias: Optional[torch.Tensor], in_channels: int, kernel_size: int
+) -> torch.Tensor:
     """[E_o | b_o] as conv filters (O, R, C, k, k)."""
     filt = expand_to_filters(expand_weight, in_channels, kernel_size)
     if expand_bias is not None:
@@ -89,8 +94,9 @@ def inverse_norm(s: torch.Tensor, norm: str) -> Tuple[torch.Tensor, torch.Tensor
     return torch.where(live, inv, zero), torch.where(live, ratio, zero)
 
 
-def output_grads(grad_out: torch.Tensor, out: torch.Tensor, s: torch.Tensor, norm: str,
-                 detach: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def output_grads(
+    grad_out: torch.Tensor, out: torch.Tensor, s: torch.Tensor, norm: str, detach: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """dnum = d loss / d num and dq = d loss / d ||w||^2 (None in explanation mode: ||w|| is a constant), both
     (P, O) pixel-major in s's dtype, from grad_out and out (N, O, Ho, Wo) and s = ||w|| (P, O)."""
     inv, ratio = inverse_norm(s, norm)
@@ -99,9 +105,15 @@ def output_grads(grad_out: torch.Tensor, out: torch.Tensor, s: torch.Tensor, nor
     return g * inv, dq
 
 
-def expand_grads(gfilt: torch.Tensor, m: torch.Tensor, rows: torch.Tensor, expand_weight: torch.Tensor,
-                 expand_bias: Optional[torch.Tensor], need_e: bool,
-                 need_b: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def expand_grads(
+    gfilt: torch.Tensor,
+    m: torch.Tensor,
+    rows: torch.Tensor,
+    expand_weight: torch.Tensor,
+    expand_bias: Optional[torch.Tensor],
+    need_e: bool,
+    need_b: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The gradients of expand_weight and expand_bias (None where not asked for, in their dtypes) from the
     gradient gfilt (O, R, D) of the filters [E_o | b_o] through num and M = sum_p dq za za^T (O, R, R) (or
     (O*R, R)): d ||w_o||^2 / d rows_o adds 2 M_o rows_o."""
@@ -138,15 +150,16 @@ def batch_chunks(n: int, per_image: int, budget: int) -> List[Tuple[int, int]]:
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, need_x: bool,
-                  need_w: bool):
+def conv_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, need_x: bool, need_w: bool
+):
     """(grad x, grad weight) of conv2d(x, weight, None, stride, padding) (None where not needed)."""
-    gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, [1, 1], False, [0, 0],
-                                                    1, [need_x, need_w, False])
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, [1, 1], False, [0, 0], 1, [need_x, need_w, False]
+    )
     return gx, gw
 
 
 def add(acc: Optional[torch.Tensor], t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """acc + t, where acc None is 0 (sums over the chunks of the batch)."""
     return t if acc is None else acc + t
-

@@ -51,6 +51,7 @@ Explanation mode (``detach=True``, the original ``CoDAConv2d.detach``): w and it
 are constants for autograd; the gradient flows only through x_patch in w . x_patch.
 The parameters then get no gradient.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -81,10 +82,18 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
-def dau_conv2d_original(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
-                        expand_bias: Optional[torch.Tensor], *, kernel_size: int, stride: IntPair = 1,
-                        padding: Optional[IntPair] = None, norm: str = "squash",
-                        detach: bool = False) -> torch.Tensor:
+def dau_conv2d_original(
+    x: torch.Tensor,
+    rank_weight: torch.Tensor,
+    expand_weight: torch.Tensor,
+    expand_bias: Optional[torch.Tensor],
+    *,
+    kernel_size: int,
+    stride: IntPair = 1,
+    padding: Optional[IntPair] = None,
+    norm: str = "squash",
+    detach: bool = False,
+) -> torch.Tensor:
     """The original computation, materialising the dynamic weights of every pixel.
 
     Memory: the (N, C*k*k, O, Ho, Wo) weight tensor (and autograd keeps it).
@@ -108,10 +117,18 @@ def dau_conv2d_original(x: torch.Tensor, rank_weight: torch.Tensor, expand_weigh
     return out / f.squeeze(1)
 
 
-def dau_conv2d_lowrank(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
-                       expand_bias: Optional[torch.Tensor], *, kernel_size: int, stride: IntPair = 1,
-                       padding: Optional[IntPair] = None, norm: str = "squash",
-                       detach: bool = False) -> torch.Tensor:
+def dau_conv2d_lowrank(
+    x: torch.Tensor,
+    rank_weight: torch.Tensor,
+    expand_weight: torch.Tensor,
+    expand_bias: Optional[torch.Tensor],
+    *,
+    kernel_size: int,
+    stride: IntPair = 1,
+    padding: Optional[IntPair] = None,
+    norm: str = "squash",
+    detach: bool = False,
+) -> torch.Tensor:
     """The same function without per-pixel weights (DESIGN.md section 3, the algebra of lowrank.py), plain
     autograd. With za = [z, 1] (z alone without a bias) and the filters [E_o | b_o]:
 
@@ -123,11 +140,11 @@ def dau_conv2d_lowrank(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight
     n, c = x.shape[:2]
     filt = lowrank.filters(expand_weight, expand_bias, c, kernel_size)  # (O, R, C, k, k)
     o, big_r = filt.shape[:2]
-    z = F.conv2d(x, rank_weight, None, stride, padding)                 # (N, r, Ho, Wo)
+    z = F.conv2d(x, rank_weight, None, stride, padding)  # (N, r, Ho, Wo)
     ho, wo = z.shape[-2:]
     if detach:  # w = E z + b (and its norm) is a constant; x stays live inside the numerator's conv
         z, filt = z.detach(), filt.detach()
-    za = lowrank.augment(z, expand_bias is not None)                    # (N, R, Ho, Wo)
+    za = lowrank.augment(z, expand_bias is not None)  # (N, R, Ho, Wo)
     y = F.conv2d(x, filt.reshape(o * big_r, c, kernel_size, kernel_size), None, stride, padding)
     num = (y.view(n, o, big_r, ho, wo) * za.unsqueeze(1)).sum(2)
     q = torch.einsum("nshw,ost,nthw->nohw", za, lowrank.gram(filt.reshape(o, big_r, -1)), za).clamp_min(0)

@@ -14,6 +14,7 @@ original's per-pixel weights (N*O*C*k*k*Ho*Wo) when C*k*k is not much larger tha
 1 has C*k*k = 54 vs r+1 = 33, the 1x1 last layer 64 vs 65) -- while recomputing it costs one GEMM of the size of
 the forward's.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -25,22 +26,27 @@ from bcos_kernels.ops._layout import conv_output_size
 from bcos_kernels.ops.dau_conv2d import lowrank
 from bcos_kernels.ops.dau_conv2d.lowrank import add, conv_backward, from_pixel_major, pixel_major
 
-CHUNK_ELEMENTS = 1 << 22   # 16 MiB of fp32 per O*R-channel transient (read at call time: tests lower it)
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per O*R-channel transient (read at call time: tests lower it)
 
 OPAQUE_BACKWARD = False  # plain torch ops: autograd (and torch.compile) trace the backward directly
 
 
-def _operands(x: torch.Tensor, rank_weight: torch.Tensor, expand_weight: torch.Tensor,
-              expand_bias: Optional[torch.Tensor], kernel_size: int):
+def _operands(
+    x: torch.Tensor,
+    rank_weight: torch.Tensor,
+    expand_weight: torch.Tensor,
+    expand_bias: Optional[torch.Tensor],
+    kernel_size: int,
+):
     """Everything in the compute dtype: x channels_last, rank_weight, the filters [E_o|b_o] (O*R, C, k, k) of y,
     their rows (O, R, D) and the Gram matrices transposed to (R, O*R) for the pixel-major G_o za."""
     cdt = lowrank.compute_dtype(x.dtype)
     b = None if expand_bias is None else expand_bias.to(cdt)
     c = x.shape[1]
-    filt = lowrank.filters(expand_weight.to(cdt), b, c, kernel_size)      # (O, R, C, k, k)
+    filt = lowrank.filters(expand_weight.to(cdt), b, c, kernel_size)  # (O, R, C, k, k)
     o, big_r = filt.shape[:2]
-    rows = filt.reshape(o, big_r, -1)                                       # row q = column q of [E_o|b_o]
-    gram_t = lowrank.gram(rows).reshape(o * big_r, big_r).t()               # G_o (O, R, R) is symmetric
+    rows = filt.reshape(o, big_r, -1)  # row q = column q of [E_o|b_o]
+    gram_t = lowrank.gram(rows).reshape(o * big_r, big_r).t()  # G_o (O, R, R) is symmetric
     xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
     return xc, rank_weight.to(cdt), filt.reshape(o * big_r, c, kernel_size, kernel_size), rows, gram_t
 
@@ -52,20 +58,20 @@ def forward(x, rank_weight, expand_weight, expand_bias, opts):
     rank = a.shape[0]
     o, big_r = rows.shape[:2]
     ho, wo = conv_output_size(x.shape[2:], (kernel_size, kernel_size), stride, padding)
-    w_all = torch.cat([a, filt2d])                                          # z and y from one convolution
+    w_all = torch.cat([a, filt2d])  # z and y from one convolution
     nums, zs, ss = [], [], []
     for i0, i1 in lowrank.batch_chunks(n, ho * wo * o * big_r, CHUNK_ELEMENTS):
         zy = pixel_major(F.conv2d(xc[i0:i1], w_all, None, stride, padding))  # (p, r + O*R)
         z = zy[:, :rank].contiguous()
-        za = lowrank.augment(z, expand_bias is not None)                    # (p, R)
+        za = lowrank.augment(z, expand_bias is not None)  # (p, R)
         nums.append(torch.bmm(zy[:, rank:].reshape(-1, o, big_r), za.unsqueeze(2)).squeeze(2))  # w_o . x_patch
         del zy
-        gz = (za @ gram_t).reshape(-1, o, big_r)                            # (p, O, R): G_o za
-        ss.append(torch.bmm(gz, za.unsqueeze(2)).squeeze(2))                # (p, O): ||w_o||^2 = za^T G_o za
+        gz = (za @ gram_t).reshape(-1, o, big_r)  # (p, O, R): G_o za
+        ss.append(torch.bmm(gz, za.unsqueeze(2)).squeeze(2))  # (p, O): ||w_o||^2 = za^T G_o za
         del gz
         zs.append(z)
     num, z, s = (t[0] if len(t) == 1 else torch.cat(t) for t in (nums, zs, ss))
-    s = s.clamp_min(0).sqrt()                                               # (P, O): ||w_o||
+    s = s.clamp_min(0).sqrt()  # (P, O): ||w_o||
     inv, _ = lowrank.inverse_norm(s, norm)
     out = from_pixel_major(num * inv, n, ho, wo).to(x.dtype).contiguous()
     return out, z, s
@@ -74,8 +80,8 @@ def forward(x, rank_weight, expand_weight, expand_bias, opts):
 def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, needs):
     kernel_size, stride, padding, norm, detach = opts.kernel_size, opts.stride, opts.padding, opts.norm, opts.detach
     need_x, need_a, need_e, need_b = needs
-    need_z = need_x or need_a          # the paths through z = conv(x, rank_weight)
-    need_f = need_e or need_b          # grads of the filters [E_o | b_o]
+    need_z = need_x or need_a  # the paths through z = conv(x, rank_weight)
+    need_f = need_e or need_b  # grads of the filters [E_o | b_o]
     xc, a, filt2d, rows, gram_t = _operands(x, rank_weight, expand_weight, expand_bias, kernel_size)
     n = x.shape[0]
     rank = a.shape[0]
@@ -83,7 +89,7 @@ def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, op
     ho, wo = grad_out.shape[-2:]
     hw = ho * wo
     dnum_all, dq_all = lowrank.output_grads(grad_out, out, s, norm, detach)  # (P, O) each
-    za_all = lowrank.augment(z, expand_bias is not None)                    # (P, R)
+    za_all = lowrank.augment(z, expand_bias is not None)  # (P, R)
 
     gxs: List[torch.Tensor] = []
     ga = gfilt = m = None
@@ -97,7 +103,7 @@ def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, op
             if need_z:
                 # d num_o / d za = y_o: recompute y (not saved, see the module docstring); d q_o / d za = 2 G_o za.
                 y = pixel_major(F.conv2d(xk, filt2d, None, stride, padding)).reshape(-1, o, big_r)
-                dza = torch.bmm(dnum.unsqueeze(1), y).squeeze(1)            # (p, R)
+                dza = torch.bmm(dnum.unsqueeze(1), y).squeeze(1)  # (p, R)
                 del y
                 gz = (za @ gram_t).reshape(-1, o, big_r)
                 dza = dza + 2 * torch.bmm(dq.unsqueeze(1), gz).squeeze(1)

@@ -35,6 +35,7 @@ Layouts: out has x's strides (``empty_like``) and the winner tensor is
 channels_last when x is read so (:func:`bcos_kernels.ops._layout.is_channels_last`;
 every backend); the backward op's grad x is channels_last then, else contiguous.
 """
+
 from __future__ import annotations
 
 # The backend "torch" is this package's submodule ``torch``: importing it sets the package's global ``torch`` to it,
@@ -66,9 +67,16 @@ def _check_temperature(temperature) -> float:
     return t
 
 
-def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_TEMPERATURE,
-         deterministic: bool = False, training: bool = True, noise: Optional[torch.Tensor] = None,
-         backend: Optional[str] = None) -> torch.Tensor:
+def lwta(
+    x: torch.Tensor,
+    competitors: int,
+    *,
+    temperature: float = ref.DEFAULT_TEMPERATURE,
+    deterministic: bool = False,
+    training: bool = True,
+    noise: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """Local winner-takes-all over blocks of ``competitors`` consecutive channels.
 
     x: (N, C, H, W) (blocks along C) or (N, D) / (B, T, D) (blocks along the
@@ -82,8 +90,10 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
     positive_int("competitors", competitors)
     dim = ref.competition_dim(x)
     if x.shape[dim] % competitors:
-        raise ValueError(f"competitors={competitors} must divide the channel dim of x "
-                         f"(dim {dim}, size {x.shape[dim]}), shape {tuple(x.shape)}")
+        raise ValueError(
+            f"competitors={competitors} must divide the channel dim of x "
+            f"(dim {dim}, size {x.shape[dim]}), shape {tuple(x.shape)}"
+        )
     if competitors > 256:
         raise ValueError(f"competitors must be at most 256 (the winner index is stored as uint8), got {competitors}")
     temperature = _check_temperature(temperature)
@@ -98,8 +108,9 @@ def lwta(x: torch.Tensor, competitors: int, *, temperature: float = ref.DEFAULT_
             raise TypeError(f"noise must have dtype float32 or x's dtype {x.dtype}, got {noise.dtype}")
     name = backends.resolve("lwta", backend, x)
     if name == "reference":
-        return ref.lwta(x, competitors, temperature=temperature, deterministic=deterministic, training=training,
-                        noise=noise)
+        return ref.lwta(
+            x, competitors, temperature=temperature, deterministic=deterministic, training=training, noise=noise
+        )
     seed = None
     if deterministic:
         noise = None
@@ -141,13 +152,19 @@ def lwta_op(x, noise, seed, **options):
 def _(x, noise, seed, **options):
     opts = LwtaOptions(**options)
     backends.kernels("lwta", opts.backend)  # an unknown backend fails when traced too
-    winner = torch.empty(block_shape(x, opts.competitors), dtype=torch.uint8, device=x.device,
-                         memory_format=memory_format_of(x))
+    winner = torch.empty(
+        block_shape(x, opts.competitors), dtype=torch.uint8, device=x.device, memory_format=memory_format_of(x)
+    )
     return torch.empty_like(x), winner
 
 
-@custom_op("bcos_kernels::lwta_backward", "Tensor grad_out, Tensor? x, Tensor? noise, Tensor? seed, Tensor winner",
-           LwtaOptions, "Tensor", extra="bool nhwc")
+@custom_op(
+    "bcos_kernels::lwta_backward",
+    "Tensor grad_out, Tensor? x, Tensor? noise, Tensor? seed, Tensor winner",
+    LwtaOptions,
+    "Tensor",
+    extra="bool nhwc",
+)
 def lwta_backward_op(grad_out, x, noise, seed, winner, *, nhwc, **options):
     """d L / d x of the forward (channels_last if ``nhwc`` else contiguous). x is None in deterministic mode
     (neither noise nor seed) for a backend whose backward reads the winner alone."""
@@ -159,8 +176,7 @@ def lwta_backward_op(grad_out, x, noise, seed, winner, *, nhwc, **options):
 
 @lwta_backward_op.register_fake
 def _(grad_out, x, noise, seed, winner, *, nhwc, **options):
-    return torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device,
-                       memory_format=memory_format(nhwc))
+    return torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=memory_format(nhwc))
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):

@@ -4,6 +4,7 @@ The front door calls its backend's ``draw_noise`` in code that torch.compile tra
 import in :func:`bcos_kernels.backends.kernels`; reading an attribute a module lacks, it runs the module's
 ``__getattr__`` for real, so this module has no attributes but that one.
 """
+
 from bcos_kernels import backends
 
 

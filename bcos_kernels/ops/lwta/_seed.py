@@ -1,4 +1,5 @@
 """The seed of LWTA's in-kernel noise (backends "triton" and "cuda" draw it the same way, on different devices)."""
+
 from __future__ import annotations
 
 from typing import Optional

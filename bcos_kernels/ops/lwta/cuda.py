@@ -29,6 +29,7 @@ outputs. For any other non-contiguous x the kernel reads a contiguous copy and
 out is copied once more into x's strides. The backward takes grad_out in x's
 layout (a copy when it comes in another).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -84,7 +85,8 @@ def forward(x, noise, seed, opts):
     nhwc = is_channels_last(x)
     deterministic = noise is None and seed is None
     out, winner = torch.ops.bcos_kernels.lwta_block_forward(
-        _view(x, nhwc), competitors, temperature, deterministic, _view(noise, nhwc), _seed_value(noise, seed), 0)
+        _view(x, nhwc), competitors, temperature, deterministic, _view(noise, nhwc), _seed_value(noise, seed), 0
+    )
     if nhwc:
         return _unview(out, x.shape, True), _unview(winner, block_shape(x, competitors), True)
     if not x.is_contiguous():
@@ -100,6 +102,14 @@ def backward(grad_out, x, noise, seed, winner, opts, *, nhwc):
     # x is not saved in deterministic mode, nor read by the kernel then: grad_out stands in for it
     xv = g if x is None else _view(x, nhwc)
     grad = torch.ops.bcos_kernels.lwta_block_backward(
-        g, xv, _view(winner, nhwc), competitors, temperature, deterministic, _view(noise, nhwc),
-        _seed_value(noise, seed), 0)
+        g,
+        xv,
+        _view(winner, nhwc),
+        competitors,
+        temperature,
+        deterministic,
+        _view(noise, nhwc),
+        _seed_value(noise, seed),
+        0,
+    )
     return _unview(grad, grad_out.shape, nhwc)

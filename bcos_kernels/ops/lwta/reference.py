@@ -39,6 +39,7 @@ Original behaviours this reference leaves out, on purpose:
 The DeiT variant vendored in DISCOVER's ``timm`` (eps 1e-8, test temperature
 0.01, GELU for U == 1, no conv branch) is not what this reproduces.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -73,8 +74,15 @@ def _blocks(t: torch.Tensor, U: int) -> Tuple[torch.Tensor, int]:
     return t.reshape(-1, t.shape[1] // U, U, t.shape[-2], t.shape[-1]), 2
 
 
-def lwta(x: torch.Tensor, competitors: int, *, temperature: float = DEFAULT_TEMPERATURE, deterministic: bool = False,
-         training: bool = True, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+def lwta(
+    x: torch.Tensor,
+    competitors: int,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    deterministic: bool = False,
+    training: bool = True,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """DISCOVER's LWTA on x of shape (N, C, H, W), (N, D) or (B, T, D).
 
     ``noise``: the uniforms u (same shape as x) to use instead of ``torch.rand``.

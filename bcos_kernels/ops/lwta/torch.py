@@ -11,6 +11,7 @@ Noise: with ``noise=None`` in the stochastic mode the front door draws u with
 numbers the original draws under the same ``torch.manual_seed`` (with the
 default dtype fp32), whatever x's memory format. This backend takes no seed.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
