@@ -282,26 +282,27 @@ class _Converter:
                 wide = torch.cat([weight, -weight], dim=1) / 2
             weight = nn.Parameter(wide, requires_grad=conv.weight.requires_grad)
             in_channels *= 2
-        bias = self._bias(conv.bias)
+        kernel_size, stride, dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
+        geometry = (kernel_size, stride, _conv_padding(conv, name), dilation, conv.groups)
+        return self._new_conv(conv, weight, self._bias(conv.bias), in_channels, conv.out_channels, *geometry)
+
+    def _new_conv(self, original: nn.Module, weight, bias, in_channels, out_channels, *geometry) -> BcosifyConv2d:
+        """A BcosifyConv2d (geometry: kernel_size, stride, padding, dilation, groups, or a prefix) holding
+        ``weight`` and ``bias`` themselves, not copies: their values, dtype, device, requires_grad and hooks carry
+        over, and an optimizer built on them before still points at them."""
         new = BcosifyConv2d(
             in_channels,
-            conv.out_channels,
-            tuple(conv.kernel_size),
-            tuple(conv.stride),
-            _conv_padding(conv, name),
-            tuple(conv.dilation),
-            conv.groups,
+            out_channels,
+            *geometry,
             device=weight.device,
             dtype=weight.dtype,
             bias=bias is not None,
             backend=self.backend,
             **self.b_kwargs,
         )
-        # The pretrained parameters themselves (not copies): their values, dtype, device, requires_grad and
-        # hooks carry over, and an optimizer built on them before still points at them.
         new.linear.weight = weight
         new.linear.bias = bias
-        return self._finish(new, conv, weight)
+        return self._finish(new, original, weight)
 
     def linear(self, lin: nn.Linear) -> BcosifyLinear:
         bias = self._bias(lin.bias)
@@ -326,20 +327,7 @@ class _Converter:
         weight = nn.Parameter(
             lin.weight.detach().view(lin.out_features, lin.in_features, 1, 1), requires_grad=lin.weight.requires_grad
         )
-        bias = self._bias(lin.bias)
-        new = BcosifyConv2d(
-            lin.in_features,
-            lin.out_features,
-            1,
-            device=weight.device,
-            dtype=weight.dtype,
-            bias=bias is not None,
-            backend=self.backend,
-            **self.b_kwargs,
-        )
-        new.linear.weight = weight
-        new.linear.bias = bias
-        return self._finish(new, lin, weight)
+        return self._new_conv(lin, weight, self._bias(lin.bias), lin.in_features, lin.out_features, 1)
 
     def batch_norm(self, bn: nn.BatchNorm2d) -> BatchNormUncentered2d:
         # shares weight, running_var, running_mean and num_batches_tracked with bn

@@ -27,7 +27,6 @@ from shapes import CODA_CIFAR10_ARCH, CODA_CIFAR10_LOGIT_BIAS, CODA_CIFAR10_LOGI
 from torch import nn
 
 from bcos_kernels import nn as bnn
-from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_original
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,25 +107,6 @@ def with_plain_layers(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 # CoDA-Net CIFAR-10
 # ---------------------------------------------------------------------------------------------------------------
-class OriginalDAUConv2d(bnn.DAUConv2d):
-    """Our DAUConv2d's parameters (same names, same initialisation) run through ``dau_conv2d_original``, the
-    exact reference of the original CoDAConv2d that materialises the per-pixel dynamic weights."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rank_conv, expand_conv = self.weight_mod.weighting_f
-        return dau_conv2d_original(
-            x,
-            rank_conv.weight,
-            expand_conv.weight,
-            expand_conv.bias,
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            norm=self.norm,
-            detach=bool(self.detach),
-        )
-
-
 class AdaptiveSumPool2d(nn.AdaptiveAvgPool2d):
     """CoDA-Nets modules/utils.AdaptiveSumPool2d: adaptive average pooling with the averaging undone (times H*W),
     computed the way the original does it."""
@@ -166,9 +146,7 @@ def coda_net_cifar10(provider: str, seed: int = 0) -> nn.Sequential:
         for cin, cout, k, s, p, rank in CODA_CIFAR10_ARCH:
             if provider == "plain":
                 layers.append(nn.Conv2d(cin, cout, k, s, p, bias=False))
-            elif provider == "reference":
-                layers.append(OriginalDAUConv2d(cin, cout, rank, k, s, p, norm="squash"))
-            else:
+            else:  # backend "reference" runs the exact reference of the original (dau_conv2d_original)
                 layers.append(bnn.DAUConv2d(cin, cout, rank, k, s, p, norm="squash", backend=provider))
     return nn.Sequential(
         *layers, AdaptiveSumPool2d((1, 1)), FinalLayer(CODA_CIFAR10_LOGIT_TEMPERATURE, CODA_CIFAR10_LOGIT_BIAS)

@@ -4,11 +4,10 @@ weights like the original), labelled "reference". "plain" is a conv2d of the sam
 
 import pytest
 import torch
-from harness import DEVICE, DTYPES, MODES, Fn, baseline_providers, bench, our_providers
+from harness import DEVICE, DTYPES, MODES, baseline_providers, bench, our_providers
 from shapes import DAU_CASES
 
 from bcos_kernels import nn as bnn
-from bcos_kernels.ops.dau_conv2d import reference as dau_ref
 
 PROVIDERS = baseline_providers("dau_conv2d") + our_providers("dau_conv2d") + ["plain"]
 
@@ -16,34 +15,8 @@ PROVIDERS = baseline_providers("dau_conv2d") + our_providers("dau_conv2d") + ["p
 def _dau_module(provider, c):
     if provider == "plain":
         return torch.nn.Conv2d(c.cin, c.cout, c.k, c.stride, c.padding, bias=False)
-    layer = bnn.DAUConv2d(
-        c.cin,
-        c.cout,
-        c.rank,
-        kernel_size=c.k,
-        stride=c.stride,
-        padding=c.padding,
-        backend=None if provider == "reference" else provider,
-    )
-    if provider != "reference":
-        return layer
-    w = layer.weight_mod.weighting_f
-    return Fn(
-        lambda x: dau_ref.dau_conv2d_original(
-            x,
-            w[0].weight,
-            w[1].weight,
-            w[1].bias,
-            kernel_size=c.k,
-            stride=c.stride,
-            padding=c.padding,
-            norm="squash",
-            detach=False,
-        ),
-        w[0].weight,
-        w[1].weight,
-        w[1].bias,
-    )
+    # backend "reference" runs the exact reference of the original (dau_conv2d_original)
+    return bnn.DAUConv2d(c.cin, c.cout, c.rank, kernel_size=c.k, stride=c.stride, padding=c.padding, backend=provider)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -184,6 +184,28 @@ LWTA = [
 ]
 
 
+# The fused LWTA kernels' own tests (tests/test_lwta_triton.py, tests/test_cuda_backend.py): (shape, U, layout)
+# with NCHW blocks along C (stride H*W), channels_last (read in place as its (N*H*W, C) memory) and [..., D]
+# blocks along D; and the modes.
+LWTA_LAYOUTS = [
+    ((2, 8, 3, 5), 2, "nchw"),
+    ((2, 12, 3, 3), 3, "nchw"),
+    ((1, 16, 2, 3), 4, "nchw"),
+    ((2, 16, 1, 3), 8, "nchw"),
+    ((2, 8, 3, 5), 2, "nhwc"),
+    ((2, 9, 2, 3), 3, "nhwc"),
+    ((1, 16, 3, 2), 4, "nhwc"),
+    ((2, 16, 2, 2), 8, "nhwc"),
+    ((5, 12), 2, "rows"),
+    ((4, 12), 3, "rows"),
+    ((3, 16), 4, "rows"),
+    ((2, 24), 8, "rows"),
+    ((2, 5, 12), 3, "rows"),
+    ((1, 3, 16), 8, "rows"),
+]
+LWTA_MODES = ["train", "eval", "deterministic"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Class-specific gate
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,18 +17,7 @@ import report  # noqa: E402
 from bcos_kernels.timing import Timing, measure  # noqa: E402
 
 OPS = {"bcos_conv2d", "bcos_linear", "dau_conv2d", "lwta", "class_specific_gate", "model", "explain"}
-PROVIDERS = {
-    "original",
-    "original_compiled",
-    "original_batched",
-    "reference",
-    "reference_compiled",
-    "torch",
-    "cpu",
-    "triton",
-    "cuda",
-    "plain",
-}
+PROVIDERS = set(report.PROVIDER_ORDER)
 RECORD_KEYS = {"op", "case", "dtype", "mode", "provider", "median_ms", "iqr_ms", "peak_mem_mb", "shape"}
 # results committed before the timing module (bcos_kernels.timing) have no iqr_ms
 OLD_RECORD_KEYS = RECORD_KEYS - {"iqr_ms"}

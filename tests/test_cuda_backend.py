@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from cases import LWTA_LAYOUTS, LWTA_MODES
 from helpers import (
     CSG_OPCHECK_CASES,
     assert_lwta_matches_reference_given_noise,
@@ -599,29 +600,13 @@ def test_dau_opcheck(dev):
 # ---------------------------------------------------------------------------------------------------------------
 # LWTA.
 # ---------------------------------------------------------------------------------------------------------------
-# (shape, U, layout): NCHW (blocks along C), channels_last (read in place as its (N*H*W, C) memory), [..., D]
-LWTA_CASES = [
-    ((2, 8, 3, 5), 2, "nchw"),
-    ((2, 12, 3, 3), 3, "nchw"),
-    ((1, 16, 2, 3), 4, "nchw"),
-    ((2, 16, 1, 3), 8, "nchw"),
-    ((2, 8, 3, 5), 2, "nhwc"),
-    ((2, 9, 2, 3), 3, "nhwc"),
-    ((1, 16, 3, 2), 4, "nhwc"),
-    ((5, 12), 2, "rows"),
-    ((4, 12), 3, "rows"),
-    ((3, 16), 4, "rows"),
-    ((2, 5, 12), 3, "rows"),
-    ((1, 3, 16), 8, "rows"),
-]
-LWTA_MODES = ["train", "eval", "deterministic"]
 
 
 def _cuda_lwta(x, U, **kw):
     return bcos_kernels.lwta(x, U, backend="cuda", **kw)
 
 
-@pytest.mark.parametrize("shape,U,layout", LWTA_CASES)
+@pytest.mark.parametrize("shape,U,layout", LWTA_LAYOUTS)
 @pytest.mark.parametrize("mode", LWTA_MODES)
 def test_lwta_matches_reference_given_noise(dev, shape, U, layout, mode):
     x, u, gout = _lwta_inputs(dev, shape, layout)

@@ -16,6 +16,7 @@ pytest.importorskip("triton", reason="backend 'triton' needs the triton package"
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from cases import LWTA_LAYOUTS, LWTA_MODES  # noqa: E402
 from helpers import (  # noqa: E402
     assert_compiled_matches_eager_after_same_seed,
     assert_lwta_matches_reference_given_noise,
@@ -39,25 +40,6 @@ pytestmark = triton_module_marks(DEVICE)
 # the module itself: bcos_kernels.ops re-exports the function under the module's name
 lwta_ops = importlib.import_module("bcos_kernels.ops.lwta")
 
-# (shape, U, layout): NCHW blocks along C (stride H*W), channels_last (read in place), [..., D] along D
-CASES = [
-    ((2, 8, 3, 5), 2, "nchw"),
-    ((2, 12, 3, 3), 3, "nchw"),
-    ((1, 16, 2, 3), 4, "nchw"),
-    ((2, 16, 1, 3), 8, "nchw"),
-    ((2, 8, 3, 5), 2, "nhwc"),
-    ((2, 9, 2, 3), 3, "nhwc"),
-    ((1, 16, 3, 2), 4, "nhwc"),
-    ((2, 16, 2, 2), 8, "nhwc"),
-    ((5, 12), 2, "rows"),
-    ((4, 12), 3, "rows"),
-    ((3, 16), 4, "rows"),
-    ((2, 24), 8, "rows"),
-    ((2, 5, 12), 3, "rows"),
-    ((1, 3, 16), 8, "rows"),
-]
-MODES = ["train", "eval", "deterministic"]
-
 
 _inputs = functools.partial(lwta_inputs, DEVICE)
 
@@ -74,8 +56,8 @@ def _draw_seed():
 # ---------------------------------------------------------------- given the same noise: the reference
 
 
-@pytest.mark.parametrize("shape,U,layout", CASES)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape,U,layout", LWTA_LAYOUTS)
+@pytest.mark.parametrize("mode", LWTA_MODES)
 def test_matches_reference_given_noise(shape, U, layout, mode):
     x, u, gout = _inputs(shape, layout)
     assert_lwta_matches_reference_given_noise(_triton, x, u, gout, U, mode)

@@ -166,43 +166,23 @@ class BcosConv2d(DetachableModule):
 
 
 class BcosConv2dWithScale(BcosConv2d):
-    """`bcos.modules.BcosConv2dWithScale`: the output divided by a fixed ``scale``."""
+    """`bcos.modules.BcosConv2dWithScale`: the output divided by a fixed ``scale``.
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntOrPair = 1,
-        stride: IntOrPair = 1,
-        padding: IntOrPair = 0,
-        dilation: IntOrPair = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-        b: Union[int, float] = 2,
-        max_out: int = 1,
-        scale: Optional[float] = None,
-        scale_factor: Union[int, float] = 100.0,
-        *,
-        backend: Optional[str] = None,
-        **kwargs,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            padding_mode,
-            device,
-            dtype,
-            b,
-            max_out,
-            backend=backend,
-        )
+    Arguments: BcosConv2d's, then ``scale`` (None: ``sqrt(kernel area * in_channels) / scale_factor``) and
+    ``scale_factor``, by keyword or, as in the original, by position (the 13th and 14th).
+    """
+
+    _POSITIONAL = 12  # BcosConv2d's positional parameters, in_channels ... max_out
+
+    def __init__(self, *args, scale: Optional[float] = None, scale_factor: Union[int, float] = 100.0, **kwargs):
+        if len(args) > self._POSITIONAL + 2:
+            raise TypeError(
+                f"BcosConv2dWithScale takes at most {self._POSITIONAL + 2} positional arguments, got {len(args)}"
+            )
+        if len(args) > self._POSITIONAL:
+            scale, scale_factor = (*args[self._POSITIONAL :], scale_factor)[:2]
+        super().__init__(*args[: self._POSITIONAL], **kwargs)
+        kernel_size, in_channels = self.kernel_size, self.in_channels
         if scale is None:
             ks = kernel_size if not isinstance(kernel_size, tuple) else math.sqrt(math.prod(kernel_size))
             self.scale = ks * math.sqrt(in_channels) / scale_factor

@@ -46,6 +46,16 @@ def check_max_out(max_out, rows: int, rows_name: str) -> int:
     return max_out
 
 
+def check_options(
+    x: torch.Tensor, b, max_out: int, normalize_weight, scale, detach
+) -> Tuple[Optional[torch.Tensor], dict]:
+    """(b_tensor, the options the conv and linear ops share, checked: b as a float -- NaN when b_tensor holds it
+    --, max_out, normalize_weight, scale, detach). max_out is checked by the caller, against its filters."""
+    b_float, b_tensor = check_b(b, x)
+    options = dict(b=b_float, max_out=max_out, normalize_weight=bool(normalize_weight), scale=check_scale(scale))
+    return b_tensor, dict(options, detach=bool(detach))
+
+
 def output_memory_format(x: torch.Tensor, op: str, backend: str) -> torch.memory_format:
     """Layout of the outputs (out, lin, winner): channels_last for a channels_last x where the backend keeps it
     (the Triton kernels: a channels_last network stays channels_last), else NCHW (the ATen-GEMM paths)."""

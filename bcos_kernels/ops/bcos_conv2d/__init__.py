@@ -75,8 +75,8 @@ def bcos_conv2d(
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1
         if x.shape[2 + i] + 2 * padding[i] < span:
             raise ValueError(f"x {name} {x.shape[2 + i]} plus padding is smaller than the kernel span {span}")
-    b_float, b_tensor = common.check_b(b, x)
-    scale = common.check_scale(scale)
+    b_tensor, opts = common.check_options(x, b, max_out, normalize_weight, scale, detach)
+    opts.update(stride=list(stride), padding=list(padding), dilation=list(dilation), groups=groups)
     if channel_scale is not None:
         check_tensor("channel_scale", channel_scale, 1)
         check_like("channel_scale", channel_scale, "x", x)
@@ -88,38 +88,8 @@ def bcos_conv2d(
         channel_scale = channel_scale.contiguous()
     name = backends.resolve("bcos_conv2d", backend, x)
     if name == "reference":
-        return ref.bcos_conv2d(
-            x,
-            weight,
-            bias,
-            b=b,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            max_out=max_out,
-            normalize_weight=normalize_weight,
-            scale=scale,
-            detach=bool(detach),
-            channel_scale=channel_scale,
-        )
-    out, _, _, _ = bcos_conv2d_fused(
-        x,
-        weight,
-        bias,
-        b_tensor,
-        channel_scale,
-        b=b_float,
-        stride=list(stride),
-        padding=list(padding),
-        dilation=list(dilation),
-        groups=groups,
-        max_out=max_out,
-        normalize_weight=bool(normalize_weight),
-        scale=scale,
-        detach=bool(detach),
-        backend=name,
-    )
+        return ref.bcos_conv2d(x, weight, bias, **dict(opts, b=b), channel_scale=channel_scale)
+    out, _, _, _ = bcos_conv2d_fused(x, weight, bias, b_tensor, channel_scale, **opts, backend=name)
     return out
 
 

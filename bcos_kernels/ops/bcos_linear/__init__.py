@@ -31,25 +31,11 @@ def bcos_linear(
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias has {bias.shape[0]} elements but weight has {weight.shape[0]} rows")
     common.check_max_out(max_out, weight.shape[0], "rows in weight")
-    b_float, b_tensor = common.check_b(b, x)
-    scale = common.check_scale(scale)
+    b_tensor, opts = common.check_options(x, b, max_out, normalize_weight, scale, detach)
     name = backends.resolve("bcos_linear", backend, x)
     if name == "reference":
-        return ref.bcos_linear(
-            x, weight, bias, b=b, max_out=max_out, normalize_weight=normalize_weight, scale=scale, detach=bool(detach)
-        )
-    out, _, _, _ = bcos_linear_fused(
-        x,
-        weight,
-        bias,
-        b_tensor,
-        b=b_float,
-        max_out=max_out,
-        normalize_weight=bool(normalize_weight),
-        scale=scale,
-        detach=bool(detach),
-        backend=name,
-    )
+        return ref.bcos_linear(x, weight, bias, **dict(opts, b=b))
+    out, _, _, _ = bcos_linear_fused(x, weight, bias, b_tensor, **opts, backend=name)
     return out
 
 

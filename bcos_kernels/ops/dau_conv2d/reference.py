@@ -118,19 +118,10 @@ def dau_conv2d_original(
 
 
 def dau_conv2d_lowrank(
-    x: torch.Tensor,
-    rank_weight: torch.Tensor,
-    expand_weight: torch.Tensor,
-    expand_bias: Optional[torch.Tensor],
-    *,
-    kernel_size: int,
-    stride: IntPair = 1,
-    padding: Optional[IntPair] = None,
-    norm: str = "squash",
-    detach: bool = False,
-) -> torch.Tensor:
-    """The same function without per-pixel weights (DESIGN.md section 3, the algebra of lowrank.py), plain
-    autograd. With za = [z, 1] (z alone without a bias) and the filters [E_o | b_o]:
+    x, rank_weight, expand_weight, expand_bias, *, kernel_size, stride=1, padding=None, norm="squash", detach=False
+):
+    """``dau_conv2d_original`` (the same arguments) without per-pixel weights (DESIGN.md section 3, the algebra
+    of lowrank.py), plain autograd. With za = [z, 1] (z alone without a bias) and the filters [E_o | b_o]:
 
         w_o . x_patch = sum_q za_q ([E_o | b_o][:, q] . x_patch)     -> one conv with O*R filters
         ||w_o||^2     = za^T G_o za,   G_o = [E_o | b_o]^T [E_o | b_o]   (R x R)
