@@ -10,6 +10,7 @@ import torch
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import positive_int
 from bcos_kernels.ops._layout import memory_format_of
+from bcos_kernels.ops._options import custom_op
 
 
 def check_b(b, x: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
@@ -67,6 +68,20 @@ def b_value(b: float, b_tensor: Optional[torch.Tensor]) -> Tuple[float, bool]:
     if b_tensor is None:
         return b, False
     return float(b_tensor.detach().reshape(())), True
+
+
+def scale_backward(grad_out, lin_max, norm, winner, shape, norm_channels: int, b_tensor, opts, needs):
+    """(grad_lin, grad_norm, grad_b) of the extension's fused backward of MaxOut, |cos|^(b-1) and scale, on the
+    (N, O, P) views ``shape`` of grad_out, lin_max and winner and the (N, norm_channels, P) view of norm."""
+    n, _, p = shape
+    b_val, b_is_tensor = b_value(opts.b, b_tensor)
+    return torch.ops.bcos_kernels.bcos_scale_backward(
+        grad_out.reshape(shape).contiguous(),
+        lin_max.reshape(shape),
+        norm.reshape(n, norm_channels, p) if norm.numel() else norm,
+        winner.view(shape) if opts.max_out > 1 else winner,
+        *(b_val, b_is_tensor, opts.max_out, opts.scale, opts.detach, needs[0], needs[3]),
+    )
 
 
 def weight_norm_backward(grad_w_hat: torch.Tensor, w_hat: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:
@@ -128,6 +143,27 @@ FUSED_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor)"
 BACKWARD_INPUTS = (
     "Tensor grad_out, Tensor x, Tensor weight, Tensor? b_tensor, Tensor lin_max, Tensor norm, Tensor winner"
 )
+
+
+def fused_backward_op(op: str, options: type, grad_x_in_layout_of_x: bool):
+    """The custom op ``bcos_kernels::<op>_fused_backward``: the gradients of (x, weight, bias, b_tensor) of the
+    fused op, an empty tensor where ``needs`` is False, from the backend's ``backward``. A custom op of its own so
+    that compiled graphs never look at the value of a tensor b. Its grad x is channels_last for a channels_last x
+    if ``grad_x_in_layout_of_x``, else contiguous."""
+
+    @custom_op(f"bcos_kernels::{op}_fused_backward", BACKWARD_INPUTS, options, FUSED_OUTPUTS, extra="bool[] needs")
+    def backward_op(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **kwargs):
+        opts = options(**kwargs)
+        backends.check_device(op, opts.backend, x.device)
+        backward = backends.kernels(op, opts.backend).backward
+        return or_empty(backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs), x)
+
+    @backward_op.register_fake
+    def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **kwargs):
+        x_format = memory_format_of(x) if grad_x_in_layout_of_x else torch.contiguous_format
+        return fake_grads(needs, x, weight, b_tensor, x_format)
+
+    return backward_op
 
 
 def setup_fused_context(ctx, inputs, keyword_only_inputs, output, extra=()):

@@ -13,7 +13,7 @@ import torch
 from bcos_kernels import backends
 from bcos_kernels.ops import _bcos_common as common
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
-from bcos_kernels.ops._layout import conv_output_size, memory_format_of
+from bcos_kernels.ops._layout import conv_output_size
 from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.bcos_conv2d import reference as ref
 
@@ -136,27 +136,7 @@ def _(x, weight, bias, b_tensor, channel_scale, **options):
     return out, torch.empty_like(out), norm, winner
 
 
-@custom_op(
-    "bcos_kernels::bcos_conv2d_fused_backward",
-    common.BACKWARD_INPUTS,
-    ConvOptions,
-    common.FUSED_OUTPUTS,
-    extra="bool[] needs",
-)
-def bcos_conv2d_fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
-    """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False. A custom op of its
-    own so that compiled graphs never look at the value of a tensor b."""
-    opts = ConvOptions(**options)
-    backends.check_device("bcos_conv2d", opts.backend, x.device)
-    grads = backends.kernels("bcos_conv2d", opts.backend).backward(
-        grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs
-    )
-    return common.or_empty(grads, x)
-
-
-@bcos_conv2d_fused_backward.register_fake
-def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
-    return common.fake_grads(needs, x, weight, b_tensor, memory_format_of(x))
+bcos_conv2d_fused_backward = common.fused_backward_op("bcos_conv2d", ConvOptions, grad_x_in_layout_of_x=True)
 
 
 def _unscaled_output(lin_max, norm, b_tensor, b, scale):

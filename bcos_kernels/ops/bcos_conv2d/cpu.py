@@ -18,15 +18,9 @@ def scaled_forward(lin, x, weight, b_val, b_is_tensor, opts, channel_scale):
         norm = x.new_empty(0)
     else:
         norm = torch.ops.bcos_kernels.patch_norm(x, list(weight.shape[2:]), stride, padding, dilation, groups)
-    out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
-        lin,
-        norm.reshape(n, groups, p) if norm.numel() else norm,
-        b_val,
-        b_is_tensor,
-        opts.max_out,
-        opts.scale,
-        channel_scale,
-    )
+    norm_view = norm.reshape(n, groups, p) if norm.numel() else norm
+    scalars = (b_val, b_is_tensor, opts.max_out, opts.scale)
+    out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(lin, norm_view, *scalars, channel_scale)
     return out, lin_max, winner, norm
 
 
@@ -57,20 +51,9 @@ def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
     stride, padding, dilation, groups = opts.stride, opts.padding, opts.dilation, opts.groups
     max_out, normalize_weight = opts.max_out, opts.normalize_weight
     need_x, need_w, need_bias, need_b = needs
-    b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
     n, out_channels, ho, wo = lin_max.shape
-    grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
-        grad_out.reshape(n, out_channels, ho * wo).contiguous(),
-        lin_max.reshape(n, out_channels, ho * wo),
-        norm.reshape(n, groups, ho * wo) if norm.numel() else norm,
-        winner.view(n, out_channels, ho * wo) if max_out > 1 else winner,
-        b_val,
-        b_is_tensor,
-        max_out,
-        opts.scale,
-        opts.detach,
-        need_x,
-        need_b,
+    grad_lin, grad_norm, grad_b = common.scale_backward(
+        grad_out, lin_max, norm, winner, (n, out_channels, ho * wo), groups, b_tensor, opts, needs
     )
     grad_lin = grad_lin.view(n, out_channels * max_out, ho, wo)
     w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)

@@ -9,19 +9,10 @@ from bcos_kernels.ops.bcos_conv2d.cpu import backward  # noqa: F401  (the same o
 
 
 def _scaled_forward(lin, x, weight, b_val, b_is_tensor, opts, channel_scale):
+    geometry = (list(weight.shape[2:]), opts.stride, opts.padding, opts.dilation, opts.groups)
+    scalars = (b_val, b_is_tensor, opts.max_out, opts.scale)
     out, lin_max, winner, norm = torch.ops.bcos_kernels.bcos_conv_scale_forward(
-        lin,
-        x,
-        list(weight.shape[2:]),
-        opts.stride,
-        opts.padding,
-        opts.dilation,
-        opts.groups,
-        b_val,
-        b_is_tensor,
-        opts.max_out,
-        opts.scale,
-        channel_scale,
+        lin, x, *geometry, *scalars, channel_scale
     )
     return out, lin_max, winner, norm
 

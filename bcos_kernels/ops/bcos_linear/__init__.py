@@ -74,27 +74,7 @@ def _(x, weight, bias, b_tensor, **options):
     return x.new_empty(*x.shape[:-1], out_features), x.new_empty(rows, out_features), norm, winner
 
 
-@custom_op(
-    "bcos_kernels::bcos_linear_fused_backward",
-    common.BACKWARD_INPUTS,
-    LinearOptions,
-    common.FUSED_OUTPUTS,
-    extra="bool[] needs",
-)
-def bcos_linear_fused_backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
-    """Gradients for (x, weight, bias, b_tensor); an empty tensor where ``needs`` is False."""
-    opts = LinearOptions(**options)
-    backends.check_device("bcos_linear", opts.backend, x.device)
-    grads = backends.kernels("bcos_linear", opts.backend).backward(
-        grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs
-    )
-    return common.or_empty(grads, x)
-
-
-@bcos_linear_fused_backward.register_fake
-def _(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **options):
-    return common.fake_grads(needs, x, weight, b_tensor)
-
+bcos_linear_fused_backward = common.fused_backward_op("bcos_linear", LinearOptions, grad_x_in_layout_of_x=False)
 
 bcos_linear_fused.register_autograd(
     common.fused_backward(bcos_linear_fused_backward), setup_context=common.setup_fused_context

@@ -33,20 +33,9 @@ def forward(x, weight, bias, b_tensor, opts):
 def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
     max_out, normalize_weight = opts.max_out, opts.normalize_weight
     need_x, need_w, need_bias, need_b = needs
-    b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
     rows, out_features = lin_max.shape
-    grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
-        grad_out.reshape(rows, out_features, 1).contiguous(),
-        lin_max.unsqueeze(-1),
-        norm.view(-1, 1, 1) if norm.numel() else norm,
-        winner.view(rows, out_features, 1) if max_out > 1 else winner,
-        b_val,
-        b_is_tensor,
-        max_out,
-        opts.scale,
-        opts.detach,
-        need_x,
-        need_b,
+    grad_lin, grad_norm, grad_b = common.scale_backward(
+        grad_out, lin_max, norm, winner, (rows, out_features, 1), 1, b_tensor, opts, needs
     )
     grad_lin = grad_lin.view(rows, out_features * max_out)
     x_rows = x.reshape(rows, x.shape[-1])
