@@ -180,6 +180,14 @@ def check_device(op: str, backend: str, device: torch.device) -> None:
         raise ValueError(f"bcos_kernels.{op}: backend {backend!r} cannot run here: {reason}")
 
 
+def checked_kernels(op: str, backend: str, device: torch.device):
+    """``kernels(op, backend)`` once ``backend`` is known to implement ``op`` and to run on ``device``: what the
+    implementation of a custom op calls."""
+    module = kernels(op, backend)  # first: it names an unknown backend
+    check_device(op, backend, device)
+    return module
+
+
 def device_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` here (None if it can)."""
     return BACKENDS[backend].unavailable(torch.device(device))

@@ -138,6 +138,17 @@ def fake_grads(
 # gradients. The conv op's extra input (channel_scale) is saved as an ``extra`` tensor and handled by its own
 # backward wrapper.
 
+# The options every fused B-cos op has, after its own (the conv's geometry): b is NaN when the tensor b_tensor
+# holds it; detach is for the backward only.
+BCOS_OPTIONS = [
+    ("b", float),
+    ("max_out", int),
+    ("normalize_weight", bool),
+    ("scale", float),
+    ("detach", bool),
+    ("backend", str),
+]
+
 # The schemas' shared parts: the four outputs of the fused ops and the inputs of their backward ops.
 FUSED_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor)"
 BACKWARD_INPUTS = (
@@ -154,8 +165,7 @@ def fused_backward_op(op: str, options: type, grad_x_in_layout_of_x: bool):
     @custom_op(f"bcos_kernels::{op}_fused_backward", BACKWARD_INPUTS, options, FUSED_OUTPUTS, extra="bool[] needs")
     def backward_op(grad_out, x, weight, b_tensor, lin_max, norm, winner, *, needs, **kwargs):
         opts = options(**kwargs)
-        backends.check_device(op, opts.backend, x.device)
-        backward = backends.kernels(op, opts.backend).backward
+        backward = backends.checked_kernels(op, opts.backend, x.device).backward
         return or_empty(backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs), x)
 
     @backward_op.register_fake

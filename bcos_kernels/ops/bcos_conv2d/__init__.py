@@ -93,19 +93,11 @@ def bcos_conv2d(
     return out
 
 
-class ConvOptions(NamedTuple):
-    """The options of the fused conv ops (keyword-only in their schemas; the backends get them as one object)."""
-
-    b: float  # NaN when b is the tensor b_tensor
-    stride: List[int]
-    padding: List[int]
-    dilation: List[int]
-    groups: int
-    max_out: int
-    normalize_weight: bool
-    scale: float
-    detach: bool  # for the backward only
-    backend: str
+# The options of the fused conv ops (keyword-only in their schemas; the backends get them as one object).
+ConvOptions = NamedTuple(
+    "ConvOptions",
+    [("stride", List[int]), ("padding", List[int]), ("dilation", List[int]), ("groups", int)] + common.BCOS_OPTIONS,
+)
 
 
 @custom_op(
@@ -118,8 +110,8 @@ def bcos_conv2d_fused(x, weight, bias, b_tensor, channel_scale, **options):
     """Returns (out, lin after MaxOut, patch norms (N, G, Ho, Wo), MaxOut winner index uint8); the last three
     are what the backward needs, are not differentiable and do not include ``channel_scale``."""
     opts = ConvOptions(**options)
-    backends.check_device("bcos_conv2d", opts.backend, x.device)
-    return backends.kernels("bcos_conv2d", opts.backend).forward(x, weight, bias, b_tensor, channel_scale, opts)
+    kernels = backends.checked_kernels("bcos_conv2d", opts.backend, x.device)
+    return kernels.forward(x, weight, bias, b_tensor, channel_scale, opts)
 
 
 @bcos_conv2d_fused.register_fake

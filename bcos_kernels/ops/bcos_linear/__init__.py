@@ -39,15 +39,8 @@ def bcos_linear(
     return out
 
 
-class LinearOptions(NamedTuple):
-    """The options of the fused linear ops (keyword-only in their schemas; the backends get them as one object)."""
-
-    b: float  # NaN when b is the tensor b_tensor
-    max_out: int
-    normalize_weight: bool
-    scale: float
-    detach: bool  # for the backward only
-    backend: str
+# The options of the fused linear ops (keyword-only in their schemas; the backends get them as one object).
+LinearOptions = NamedTuple("LinearOptions", common.BCOS_OPTIONS)
 
 
 @custom_op(
@@ -59,8 +52,7 @@ class LinearOptions(NamedTuple):
 def bcos_linear_fused(x, weight, bias, b_tensor, **options):
     """Returns (out, lin after MaxOut (R, O), ||x|| + 1e-12 (R,), winner uint8); R = rows of x."""
     opts = LinearOptions(**options)
-    backends.check_device("bcos_linear", opts.backend, x.device)
-    return backends.kernels("bcos_linear", opts.backend).forward(x, weight, bias, b_tensor, opts)
+    return backends.checked_kernels("bcos_linear", opts.backend, x.device).forward(x, weight, bias, b_tensor, opts)
 
 
 @bcos_linear_fused.register_fake

@@ -99,9 +99,7 @@ def class_specific_gate(
 @torch.library.custom_op("bcos_kernels::class_specific_gate", mutates_args=())
 def class_specific_gate_op(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, backend: str) -> torch.Tensor:
     """x * mask[:, labels] broadcast per sample (training mode); labels int64."""
-    kernels = backends.kernels("class_specific_gate", backend)  # first: it names an unknown backend
-    backends.check_device("class_specific_gate", backend, x.device)
-    return kernels.forward(x, mask, labels)
+    return backends.checked_kernels("class_specific_gate", backend, x.device).forward(x, mask, labels)
 
 
 @class_specific_gate_op.register_fake
@@ -131,8 +129,7 @@ def class_specific_gate_backward_op(grad_out, x, mask, labels, **options):
     contiguous; grad_mask (C, num_classes) contiguous; both in grad_out's dtype. x is needed for grad_mask, mask
     for grad_x."""
     opts = GateBackwardOptions(**options)
-    kernels = backends.kernels("class_specific_gate", opts.backend)
-    backends.check_device("class_specific_gate", opts.backend, grad_out.device)
+    kernels = backends.checked_kernels("class_specific_gate", opts.backend, grad_out.device)
     grads = kernels.backward(grad_out, x, mask, labels, opts)
     return tuple(g if g is not None else grad_out.new_empty(0) for g in grads)  # a custom op cannot return None
 

@@ -141,8 +141,8 @@ def dau_conv2d_op(x, rank_weight, expand_weight, expand_bias, **options):
     (N*Ho*Wo, O), pixel-major, in the compute dtype (fp32 for half inputs): what the backward needs, not
     differentiable."""
     opts = DauOptions(**options)
-    backends.check_device("dau_conv2d", opts.backend, x.device)
-    return backends.kernels("dau_conv2d", opts.backend).forward(x, rank_weight, expand_weight, expand_bias, opts)
+    kernels = backends.checked_kernels("dau_conv2d", opts.backend, x.device)
+    return kernels.forward(x, rank_weight, expand_weight, expand_bias, opts)
 
 
 @dau_conv2d_op.register_fake
@@ -200,8 +200,7 @@ def dau_conv2d_backward_op(grad_out, x, rank_weight, expand_weight, expand_bias,
     ``needs`` is False (and for the parameters in explanation mode). A custom op of its own so that compiled
     graphs keep the kernels opaque."""
     opts = DauOptions(**options)
-    backends.check_device("dau_conv2d", opts.backend, x.device)
-    grads = backends.kernels("dau_conv2d", opts.backend).backward(
+    grads = backends.checked_kernels("dau_conv2d", opts.backend, x.device).backward(
         grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, list(needs)
     )
     return tuple(x.new_empty(0) if t is None else t for t in grads)

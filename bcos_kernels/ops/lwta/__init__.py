@@ -143,9 +143,7 @@ def lwta_op(x, noise, seed, **options):
     1-element int64 tensor): uniforms drawn in the kernel from it; neither: deterministic (argmax of x).
     """
     opts = LwtaOptions(**options)
-    kernels = backends.kernels("lwta", opts.backend)  # first: it names an unknown backend
-    backends.check_device("lwta", opts.backend, x.device)
-    return kernels.forward(x, noise, seed, opts)
+    return backends.checked_kernels("lwta", opts.backend, x.device).forward(x, noise, seed, opts)
 
 
 @lwta_op.register_fake
@@ -169,8 +167,7 @@ def lwta_backward_op(grad_out, x, noise, seed, winner, *, nhwc, **options):
     """d L / d x of the forward (channels_last if ``nhwc`` else contiguous). x is None in deterministic mode
     (neither noise nor seed) for a backend whose backward reads the winner alone."""
     opts = LwtaOptions(**options)
-    kernels = backends.kernels("lwta", opts.backend)
-    backends.check_device("lwta", opts.backend, grad_out.device)
+    kernels = backends.checked_kernels("lwta", opts.backend, grad_out.device)
     return kernels.backward(grad_out, x, noise, seed, winner, opts, nhwc=nhwc)
 
 
