@@ -80,17 +80,8 @@ def test_committed_results_follow_the_schema(path):
 
 
 def _rec(provider, ms, mem=1.0, op="bcos_conv2d", case="c", mode="fwd", dtype="float32"):
-    return dict(
-        op=op,
-        case=case,
-        dtype=dtype,
-        mode=mode,
-        provider=provider,
-        median_ms=ms,
-        iqr_ms=0.1 * ms,
-        peak_mem_mb=mem,
-        shape="x",
-    )
+    timing = dict(median_ms=ms, iqr_ms=0.1 * ms, peak_mem_mb=mem)
+    return dict(op=op, case=case, dtype=dtype, mode=mode, provider=provider, shape="x", **timing)
 
 
 def test_measure_times_a_cpu_call_and_names_bad_arguments():
