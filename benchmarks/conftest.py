@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from harness import DEVICE, MIN_RUN_TIME_S, RECORDS, SMOKE, baseline_description  # noqa: E402
-from report import render_text, table_rows  # noqa: E402
+from report import render_text, results_folder, table_rows  # noqa: E402
 
 _START = time.perf_counter()
 # What median_ms / iqr_ms are (bcos_kernels.timing.measure's two timers).
@@ -61,15 +61,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     terminalreporter.write("\n" + render_text(table_rows(RECORDS)))
     results = _results(terminalreporter)
-    targets = []
-    if os.environ.get("BCOS_BENCH_OUT"):
-        targets.append(os.environ["BCOS_BENCH_OUT"])
-    if not SMOKE:  # smoke runs never overwrite the committed results
-        targets.append(os.path.join(os.path.dirname(__file__), "results"))
+    folder = results_folder(SMOKE, os.environ)
+    if folder is None:
+        return
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", results["device"]).strip("_") + ".json"
-    for folder in targets:
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, name)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
-        terminalreporter.write(f"\nresults written to {path}\n")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    terminalreporter.write(f"\nresults written to {path}\n")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
 
@@ -211,6 +212,15 @@ def render_goals(rows: List[Dict]) -> str:
             f"| {row['goal']} | {_fmt(row['measured'])} | {met} | {row['worst_case'] or '-'} | {row['cases']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def results_folder(smoke: bool, environ) -> Optional[str]:
+    """Where a run writes its results JSON: ``BCOS_BENCH_OUT`` if set, else benchmarks/out/ (git ignores it) for a
+    full run and nowhere for a smoke run. Never the committed benchmarks/results/ unless asked for by name, so a
+    user's run cannot overwrite them."""
+    if environ.get("BCOS_BENCH_OUT"):
+        return environ["BCOS_BENCH_OUT"]
+    return None if smoke else os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
 def merge_results(parts: List[Dict]) -> Dict:

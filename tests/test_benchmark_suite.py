@@ -68,6 +68,16 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
     assert "base/ours" in proc.stdout and "lwta" in proc.stdout  # the table was printed
 
 
+def test_runs_never_write_the_committed_results_unless_asked():
+    committed = os.path.join(ROOT, "benchmarks", "results")
+    full_run = report.results_folder(False, {})
+    assert os.path.samefile(os.path.dirname(full_run), os.path.join(ROOT, "benchmarks"))
+    assert os.path.basename(full_run) == "out" and os.path.abspath(full_run) != os.path.abspath(committed)
+    assert report.results_folder(True, {}) is None  # smoke runs write nothing by default
+    assert report.results_folder(True, {"BCOS_BENCH_OUT": "/some/dir"}) == "/some/dir"
+    assert report.results_folder(False, {"BCOS_BENCH_OUT": committed}) == committed
+
+
 @pytest.mark.parametrize(
     "path", sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))), ids=os.path.basename
 )
