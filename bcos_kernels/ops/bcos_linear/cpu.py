@@ -46,7 +46,7 @@ def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
         if grad_norm.numel():
             # d||x||/dx = x / ||x||; dividing by ||x|| + 1e-12 instead keeps a zero row at 0 (no 0/0) and
             # differs by a relative 1e-12 / ||x|| elsewhere.
-            grad_x = grad_x + x_rows * (grad_norm.view(rows) / norm).unsqueeze(-1)
+            grad_x.addcmul_(x_rows, (grad_norm.view(rows) / norm).unsqueeze(-1))  # in place, one pass
         grad_x = grad_x.view(x.shape)
     if need_w:
         grad_w_hat = grad_lin.t() @ x_rows
