@@ -2,8 +2,9 @@
 
 Order of precedence for a call: the ``backend=`` argument, then the ``BCOS_KERNELS_BACKEND`` environment
 variable, then "auto". An explicitly requested backend that cannot run the call raises ``ValueError`` saying
-why; "auto" never fails: it takes the first backend of ``AUTO_ORDER`` that can run the call and, when it passed
-over one that cannot, warns once per (op, reason).
+why; "auto" never fails: it takes the first backend of ``AUTO_ORDER`` that can run the call and that the op's
+``Support.auto`` does not pass over for it (a backend measured slower on some calls), and, when it passed over
+one that cannot run the call, warns once per (op, reason).
 
 A backend of an op is the module ``bcos_kernels.ops.<op>.<backend>`` (imported on first use, so that importing
 bcos_kernels never imports triton); :func:`kernels` returns it. The custom ops dispatch through it, so no other
@@ -134,6 +135,16 @@ class Support:
     # whether its outputs keep a channels_last input's layout (False: NCHW-contiguous; None: not promised, as the
     # ATen ops of a reference decide case by case)
     keeps_channels_last: Optional[bool] = False
+    # whether "auto" picks it for a call (keyword facts -> bool), for a backend measured slower than the next one
+    # in AUTO_ORDER on some calls (benchmarks/results); None: for every call it can run
+    auto: Optional[Callable[..., bool]] = None
+
+
+def _deterministic_only(deterministic: bool = False, **_) -> bool:
+    # LWTA's C++ kernels (backend "cpu") beat the reference 7-15x in the deterministic mode; in the stochastic one
+    # the fused re-draw and transcendentals cost about as much as the reference's passes (0.7-1.35x, see the
+    # closing note of issue 19), so "auto" leaves those calls to the next backend.
+    return deterministic
 
 
 _BCOS = {
@@ -160,7 +171,11 @@ OPS: Dict[str, Dict[str, Support]] = {
         "cuda": Support(CUDA_DTYPES, _dau_cuda_limits),
     },
     # the LWTA reference's x * mask keeps x's layout; the gate's reference does only in eval (it returns x)
-    "lwta": {"reference": Support(keeps_channels_last=True), **_ELEMENTWISE},
+    "lwta": {
+        "reference": Support(keeps_channels_last=True),
+        "cpu": Support(keeps_channels_last=True, auto=_deterministic_only),
+        **_ELEMENTWISE,
+    },
     "class_specific_gate": {"reference": Support(keeps_channels_last=None), **_ELEMENTWISE},
 }
 
@@ -250,7 +265,8 @@ def resolve(op: str, requested: Optional[str], x: torch.Tensor, **facts) -> str:
         return name
     reasons = []
     for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
-        if candidate not in OPS[op]:
+        support = OPS[op].get(candidate)
+        if support is None or (support.auto is not None and not support.auto(**facts)):
             continue
         reason = call_reason(op, candidate, x, **facts)
         if reason is None:

@@ -231,4 +231,68 @@ inline bool use_channels_last(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// ---------------------------------------------------------------------------
+// LWTA (lwta_block_forward / lwta_block_backward): x viewed as (outer, C,
+// inner), C = dim 1 of a 4-D x, the last dim otherwise.
+// ---------------------------------------------------------------------------
+struct LwtaShape {
+  int64_t outer, C, inner;
+};
+
+inline int64_t lwta_channel_dim(const at::Tensor& x) { return x.dim() == 4 ? 1 : x.dim() - 1; }
+
+inline LwtaShape check_lwta_args(const at::Tensor& x, int64_t competitors, double temperature, bool deterministic) {
+  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, "x must have 2, 3 or 4 dimensions, got shape ", x.sizes());
+  TORCH_CHECK(competitors >= 1 && competitors <= 256, "competitors must be in [1, 256], got ", competitors);
+  TORCH_CHECK(deterministic || temperature > 0.0, "temperature must be > 0, got ", temperature);
+  const int64_t dim = lwta_channel_dim(x);
+  LwtaShape s{1, x.size(dim), 1};
+  TORCH_CHECK(s.C % competitors == 0, "competitors=", competitors, " must divide the channel dim of x (dim ", dim,
+              ", size ", s.C, ")");
+  for (int64_t i = 0; i < dim; ++i) s.outer *= x.size(i);
+  for (int64_t i = dim + 1; i < x.dim(); ++i) s.inner *= x.size(i);
+  return s;
+}
+
+// x's shape with the channel dim divided by competitors (one uint8 per block).
+inline std::vector<int64_t> lwta_winner_shape(const at::Tensor& x, int64_t competitors) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[lwta_channel_dim(x)] /= competitors;
+  return shape;
+}
+
+// The noise to read (contiguous, x's shape, float32 or x's dtype) or an
+// undefined tensor (the kernels draw it).
+template <typename Device>
+at::Tensor lwta_noise(const std::optional<at::Tensor>& noise, const at::Tensor& x, bool deterministic) {
+  if (deterministic || !noise.has_value() || !noise->defined()) return at::Tensor();
+  Device::check_with(*noise, "noise", x, "x");
+  TORCH_CHECK(noise->sizes() == x.sizes(), "noise must have the shape of x ", x.sizes(), ", got ", noise->sizes());
+  TORCH_CHECK(noise->scalar_type() == at::kFloat || noise->scalar_type() == x.scalar_type(),
+              "noise must have dtype float32 or x's dtype ", x.scalar_type(), ", got ", noise->scalar_type());
+  return noise->contiguous();
+}
+
+// grad_out (x's shape and dtype) and winner (uint8, lwta_winner_shape) of the backward.
+template <typename Device>
+void check_lwta_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& winner,
+                              int64_t competitors) {
+  Device::check_with(grad_out, "grad_out", x, "x");
+  Device::check_with(winner, "winner", x, "x");
+  check_same_dtype(grad_out, "grad_out", x, "x");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out must have the shape of x ", x.sizes(), ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(winner.scalar_type() == at::kByte, "winner must be uint8, got ", winner.scalar_type());
+  TORCH_CHECK(winner.sizes() == at::IntArrayRef(lwta_winner_shape(x, competitors)), "winner must have shape ",
+              lwta_winner_shape(x, competitors), ", got ", winner.sizes());
+}
+
+// The device checks of the CPU ops (csrc/cpu): every tensor on the CPU.
+struct CpuDevice {
+  static void check(const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  }
+  static void check_with(const at::Tensor& t, const char* name, const at::Tensor&, const char*) { check(t, name); }
+};
+
 }  // namespace bcos_checks

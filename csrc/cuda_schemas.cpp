@@ -1,10 +1,11 @@
-// Schemas of the ops that have only a CUDA implementation (csrc/cuda/ops_cuda.cpp).
+// Schemas of the ops implemented by the CUDA glue (csrc/cuda/ops_cuda.cpp); the LWTA ops have a CPU
+// implementation too (csrc/cpu/lwta_cpu.cpp), the others only a CUDA one.
 //
 // Declared here, in a file every build compiles (CPU-only ones included), so
 // that the ops exist everywhere: Python can then register their fake impls
 // (bcos_kernels/ops/_cpu_fake.py) and torch.compile can trace calls to them
-// on any machine.  Calling one on a CPU tensor raises torch's "no kernel for
-// CPU" error.  ops.cpp owns TORCH_LIBRARY(bcos_kernels); this is a fragment.
+// on any machine.  Calling a CUDA-only one on a CPU tensor raises torch's
+// "no kernel for CPU" error.  ops.cpp owns TORCH_LIBRARY(bcos_kernels); this is a fragment.
 //
 // Argument conventions (kernels: csrc/cuda/kernels.h; math: csrc/common/*.h).
 // "acc" is float32, or float64 for float64 inputs.  No op has autograd: the

@@ -36,6 +36,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_backward(const at::Ten
                                                                    bool detach, bool need_grad_norm,
                                                                    bool need_grad_b);
 
+// LWTA (csrc/cpu/lwta_cpu.cpp; schemas: csrc/cuda_schemas.cpp).
+std::tuple<at::Tensor, at::Tensor> lwta_block_forward(const at::Tensor& x, int64_t competitors, double temperature,
+                                                      bool deterministic, const std::optional<at::Tensor>& noise,
+                                                      int64_t seed, int64_t offset);
+
+at::Tensor lwta_block_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& winner,
+                               int64_t competitors, double temperature, bool deterministic,
+                               const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset);
+
+at::Tensor lwta_uniform(const at::Tensor& x, int64_t seed, int64_t offset);
+
 }  // namespace cpu
 }  // namespace bcos_kernels
 
@@ -68,6 +79,9 @@ TORCH_LIBRARY_IMPL(bcos_kernels, CPU, m) {
   m.impl("patch_norm_backward", &bcos_kernels::cpu::patch_norm_backward);
   m.impl("bcos_scale_forward", &bcos_kernels::cpu::bcos_scale_forward);
   m.impl("bcos_scale_backward", &bcos_kernels::cpu::bcos_scale_backward);
+  m.impl("lwta_block_forward", &bcos_kernels::cpu::lwta_block_forward);
+  m.impl("lwta_block_backward", &bcos_kernels::cpu::lwta_block_backward);
+  m.impl("lwta_uniform", &bcos_kernels::cpu::lwta_uniform);
 }
 
 #if defined(BCOS_PYTHON_MODULE)

@@ -12,6 +12,7 @@ from helpers import lwta_kwargs as _kwargs
 from helpers import saved_bytes as _saved_bytes
 from originals import mirror_source
 
+from bcos_kernels import backends
 from bcos_kernels.nn.lwta import LWTA
 from bcos_kernels.ops.lwta import lwta
 from bcos_kernels.ops.lwta import reference as ref
@@ -256,10 +257,13 @@ def test_deterministic_keeps_the_argmax():
 
 def test_saves_x_noise_and_uint8_winner_only():
     x, u, _ = _inputs((2, 8, 6, 6))
-    ours = _saved_bytes(lambda t: lwta(t, 4, noise=u), x)
+    ours = _saved_bytes(lambda t: lwta(t, 4, noise=u, backend="torch"), x)
     assert ours == x.numel() * 4 + u.numel() * 4 + x.numel() // 4
     assert ours < _saved_bytes(lambda t: ref.lwta(t, 4, noise=u), x)
-    assert _saved_bytes(lambda t: lwta(t, 4, deterministic=True), x) == x.numel() * 4 + x.numel() // 4
+    assert _saved_bytes(lambda t: lwta(t, 4, deterministic=True, backend="torch"), x) == x.numel() * 4 + x.numel() // 4
+    # the C++ kernels' deterministic backward reads the winner alone (auto's choice on CPU for that mode)
+    assert _saved_bytes(lambda t: lwta(t, 4, deterministic=True, backend="cpu"), x) == x.numel() // 4
+    assert _saved_bytes(lambda t: lwta(t, 4, deterministic=True), x) == x.numel() // 4
 
 
 @pytest.mark.parametrize("shape,U", [((1, 6, 3, 2), 3), ((2, 8), 4), ((2, 3, 4), 2)])
@@ -380,3 +384,51 @@ def test_module_u1_is_relu_and_repr():
 def test_bad_input(make, exc, name):
     with pytest.raises(exc, match=name):
         make()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backend "cpu": the Philox stream of csrc/common/philox.h, the one the CUDA kernels draw from
+# ---------------------------------------------------------------------------------------------------------------
+_MASK = 0xFFFFFFFF
+
+
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al. 2011) written out in Python, the test's oracle of the kernels' generator."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & _MASK, (k1 + 0xBB67AE85) & _MASK
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _MASK, p1 & _MASK, ((p0 >> 32) ^ c3 ^ k1) & _MASK, p0 & _MASK
+    return c0, c1, c2, c3
+
+
+def _stream(seed, offset, n):
+    """Element i: word i % 4 of Philox(counter = (i // 4, offset), key = seed), its top 24 bits times 2**-24."""
+    words = []
+    for i in range(n):
+        block = i // 4
+        counter = (block & _MASK, block >> 32, offset & _MASK, offset >> 32)
+        words.append(_philox4x32_10(counter, (seed & _MASK, seed >> 32))[i % 4])
+    return torch.tensor([(w >> 8) * 2.0**-24 for w in words], dtype=torch.float32)
+
+
+@pytest.mark.skipif(
+    backends.device_reason("cpu", "cpu") is not None,
+    reason="backend 'cpu' needs the C++ extension (scripts/install.sh)",
+)
+def test_cpu_backend_draws_the_philox_stream_and_reproduces_a_seed():
+    seed, offset = 0x1234_5678_9ABC, 3
+    x = torch.randn(3, 13)  # 39 elements: whole and partial groups of four
+    assert torch.equal(torch.ops.bcos_kernels.lwta_uniform(x, seed, offset).flatten(), _stream(seed, offset, 39))
+    # a seeded call is the call with the uniforms that seed gives, as the reference computes it
+    from bcos_kernels.ops.lwta import cpu
+
+    for shape, U in (((2, 8, 5, 3), 2), ((4, 12), 3)):
+        x = torch.randn(shape)
+        seed_t = torch.tensor([seed])
+        out, winner = torch.ops.bcos_kernels.lwta(x, None, seed_t, competitors=U, temperature=0.7, backend="cpu")
+        want = ref.lwta(x, U, temperature=0.7, noise=cpu.uniforms(x, seed_t))
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out != 0, want != 0)  # the same winners

@@ -1,6 +1,6 @@
 // Per-block math of DISCOVER's local winner-takes-all (LWTA), shared by the
-// CUDA kernels and the host tests.  Semantics: bcos_kernels/reference/lwta.py
-// and the docstring of bcos_kernels/ops/lwta.py.
+// CPU and CUDA kernels and the host tests.  Semantics:
+// bcos_kernels/ops/lwta/reference.py and the docstring of bcos_kernels/ops/lwta/__init__.py.
 //
 // A block holds U competing units.  The functions below see a block through
 // small functors (logit(k), x(k), ...) so that a kernel can feed them from
@@ -23,6 +23,17 @@
 #include "bcos_math.h"  // BCOS_HD, log_std, exp_std
 
 namespace bcos_math {
+
+// Element index of unit 0 of competition block `idx` of x viewed as (outer,
+// C, inner), the blocks in (outer, C / U, inner) order: neighbouring blocks
+// are neighbouring inner positions, so a pass over the blocks reads memory in
+// order (every backend's kernels, CPU and CUDA, walk the blocks this way).
+BCOS_HD inline int64_t lwta_block_base(int64_t C, int64_t inner, int64_t idx, int U) {
+  const int64_t blocks = C / U;
+  const int64_t b = idx % inner;
+  const int64_t t = idx / inner;
+  return ((t / blocks) * C + (t % blocks) * U) * inner + b;
+}
 
 // The epsilon of the original's Gumbel transform (ResNet code).
 constexpr double kGumbelEps = 1e-5;
@@ -82,20 +93,27 @@ struct LwtaChoice {
   T p_win;  // the softmax probability of the winner (stochastic mode)
 };
 
-// Stochastic forward: winner = first maximum of p (strict >, as torch.max).
-template <typename T, typename Logit>
-BCOS_HD inline LwtaChoice<T> lwta_soft_choice(int units, const Logit& logit) {
-  const SoftmaxStats<T> st = softmax_stats<T>(units, logit);
-  T best = softmax_prob(logit(0), st);
+// Stochastic forward from the block's softmax probabilities prob(k): winner =
+// first maximum of p (strict >, as torch.max).
+template <typename T, typename Prob>
+BCOS_HD inline LwtaChoice<T> lwta_choice_from_probs(int units, const Prob& prob) {
+  T best = prob(0);
   int win = 0;
   for (int k = 1; k < units; ++k) {
-    const T p = softmax_prob(logit(k), st);
+    const T p = prob(k);
     if (p > best) {
       best = p;
       win = k;
     }
   }
   return LwtaChoice<T>{win, best};
+}
+
+// Stochastic forward from the logits.
+template <typename T, typename Logit>
+BCOS_HD inline LwtaChoice<T> lwta_soft_choice(int units, const Logit& logit) {
+  const SoftmaxStats<T> st = softmax_stats<T>(units, logit);
+  return lwta_choice_from_probs<T>(units, [&](int k) { return softmax_prob(logit(k), st); });
 }
 
 // Deterministic forward: first maximum of x.
@@ -119,20 +137,29 @@ BCOS_HD inline T lwta_winner_value(T x_win, T p_win) {
   return x_win * ((static_cast<T>(1) - p_win) + p_win);
 }
 
-// Stochastic backward of one block: store(k, grad_k) for every unit.
-// logit(k): l_k; v(k): g'_k * x_k; up(k): g'_k; `winner` from the forward.
-template <typename T, typename Logit, typename V, typename Up, typename Store>
-BCOS_HD inline void lwta_soft_backward(int units, int winner, T temperature, const Logit& logit, const V& v,
-                                       const Up& up, const Store& store) {
-  const SoftmaxStats<T> st = softmax_stats<T>(units, logit);
+// Stochastic backward of one block from its softmax probabilities prob(k):
+// store(k, grad_k) for every unit.  v(k): g'_k * x_k; up(k): g'_k; `winner`
+// from the forward.
+template <typename T, typename Prob, typename V, typename Up, typename Store>
+BCOS_HD inline void lwta_backward_from_probs(int units, int winner, T temperature, const Prob& prob, const V& v,
+                                             const Up& up, const Store& store) {
   T dot = static_cast<T>(0);
-  for (int k = 0; k < units; ++k) dot += v(k) * softmax_prob(logit(k), st);
+  for (int k = 0; k < units; ++k) dot += v(k) * prob(k);
   for (int k = 0; k < units; ++k) {
-    const T p = softmax_prob(logit(k), st);
+    const T p = prob(k);
     T grad = ((v(k) - dot) * p) / temperature;
     if (k == winner) grad += up(k) * ((static_cast<T>(1) - p) + p);
     store(k, grad);
   }
+}
+
+// Stochastic backward from the logits l_k.
+template <typename T, typename Logit, typename V, typename Up, typename Store>
+BCOS_HD inline void lwta_soft_backward(int units, int winner, T temperature, const Logit& logit, const V& v,
+                                       const Up& up, const Store& store) {
+  const SoftmaxStats<T> st = softmax_stats<T>(units, logit);
+  lwta_backward_from_probs<T>(
+      units, winner, temperature, [&](int k) { return softmax_prob(logit(k), st); }, v, up, store);
 }
 
 }  // namespace bcos_math

@@ -175,13 +175,7 @@ class ScratchBuffer {
   T* ptr_;
 };
 
-// The device checks of bcos_checks (arg_checks.h): every tensor on the CPU.
-struct CpuDevice {
-  static void check(const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
-  }
-  static void check_with(const at::Tensor& t, const char* name, const at::Tensor&, const char*) { check(t, name); }
-};
+using bcos_checks::CpuDevice;
 
 // ---------------------------------------------------------------------------
 // Patch geometry.

@@ -10,6 +10,7 @@
 
 #include "common/bcos_math.h"  // BCOS_HD, ScaleMode
 #include "common/dau_math.h"   // DauNorm
+#include "common/lwta_math.h"  // lwta_block_base
 #include "cuda/problems.h"
 
 namespace bcos_kernels {
@@ -100,13 +101,7 @@ inline bool valid_problem(const DauProblem& d) {
 // ---------------------------------------------------------------------------
 inline int64_t lwta_blocks(const LwtaProblem& p) { return p.outer * (p.C / p.U) * p.inner; }
 
-// Element index of unit 0 of block `idx` ((outer, C / U, inner) order).
-BCOS_HD inline int64_t lwta_block_base(int64_t C, int64_t inner, int64_t idx, int U) {
-  const int64_t blocks = C / U;
-  const int64_t b = idx % inner;
-  const int64_t t = idx / inner;
-  return ((t / blocks) * C + (t % blocks) * U) * inner + b;
-}
+using bcos_math::lwta_block_base;  // element index of unit 0 of a block (common/lwta_math.h)
 
 inline bool valid_problem(const LwtaProblem& p) {
   if (p.U < 1 || p.U > 256 || p.outer < 0 || p.C < 0 || p.inner < 0 || p.C % p.U != 0) return false;

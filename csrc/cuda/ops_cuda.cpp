@@ -304,21 +304,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dau_combine_backward(const at::Te
 // LWTA.
 // ---------------------------------------------------------------------------
 
-// x viewed as (outer, C, inner): C is dim 1 of a 4-D x, the last dim otherwise.
+// The kernels' problem: the checked (outer, C, inner) view of x (bcos_checks::check_lwta_args) and the options.
 kc::LwtaProblem lwta_problem(const at::Tensor& x, int64_t competitors, double temperature, bool deterministic,
                              int64_t seed, int64_t offset) {
-  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, "x must have 2, 3 or 4 dimensions, got shape ", x.sizes());
-  TORCH_CHECK(competitors >= 1 && competitors <= 256, "competitors must be in [1, 256], got ", competitors);
-  TORCH_CHECK(deterministic || temperature > 0.0, "temperature must be > 0, got ", temperature);
-  const int64_t dim = x.dim() == 4 ? 1 : x.dim() - 1;
+  const bcos_checks::LwtaShape s = bcos_checks::check_lwta_args(x, competitors, temperature, deterministic);
   kc::LwtaProblem p{};
-  p.C = x.size(dim);
-  TORCH_CHECK(p.C % competitors == 0, "competitors=", competitors, " must divide the channel dim of x (dim ", dim,
-              ", size ", p.C, ")");
-  p.outer = 1;
-  for (int64_t i = 0; i < dim; ++i) p.outer *= x.size(i);
-  p.inner = 1;
-  for (int64_t i = dim + 1; i < x.dim(); ++i) p.inner *= x.size(i);
+  p.outer = s.outer;
+  p.C = s.C;
+  p.inner = s.inner;
   p.U = static_cast<int>(competitors);
   p.temperature = temperature;
   p.deterministic = deterministic;
@@ -327,33 +320,17 @@ kc::LwtaProblem lwta_problem(const at::Tensor& x, int64_t competitors, double te
   return p;
 }
 
-std::vector<int64_t> winner_shape(const at::Tensor& x, int64_t competitors) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape[x.dim() == 4 ? 1 : x.dim() - 1] /= competitors;
-  return shape;
-}
-
-// The noise to read (contiguous, x's shape) or an undefined tensor (draw it).
-at::Tensor lwta_noise(const std::optional<at::Tensor>& noise, const at::Tensor& x, bool deterministic) {
-  if (deterministic || !noise.has_value() || !noise->defined()) return at::Tensor();
-  check_same_device(*noise, "noise", x, "x");
-  TORCH_CHECK(noise->sizes() == x.sizes(), "noise must have the shape of x ", x.sizes(), ", got ", noise->sizes());
-  TORCH_CHECK(noise->scalar_type() == at::kFloat || noise->scalar_type() == x.scalar_type(),
-              "noise must have dtype float32 or x's dtype ", x.scalar_type(), ", got ", noise->scalar_type());
-  return noise->contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> lwta_block_forward(const at::Tensor& x_in, int64_t competitors, double temperature,
                                                 bool deterministic, const std::optional<at::Tensor>& noise_in,
                                                 int64_t seed, int64_t offset) {
   check_cuda(x_in, "x");
   const kc::DType dt = dtype_of(x_in, "x");
   const kc::LwtaProblem p = lwta_problem(x_in, competitors, temperature, deterministic, seed, offset);
-  const at::Tensor noise = lwta_noise(noise_in, x_in, deterministic);
+  const at::Tensor noise = bcos_checks::lwta_noise<CudaDevice>(noise_in, x_in, deterministic);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor winner = at::empty(winner_shape(x, competitors), x.options().dtype(at::kByte));
+  at::Tensor winner = at::empty(bcos_checks::lwta_winner_shape(x, competitors), x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, winner};
   C10_CUDA_CHECK(kc::lwta_forward(dt, x.const_data_ptr(), noise.defined() ? noise.const_data_ptr() : nullptr,
                                   noise.defined() ? dtype_of(noise, "noise") : kc::DType::kFloat32, p,
@@ -366,16 +343,9 @@ at::Tensor lwta_block_backward(const at::Tensor& grad_out_in, const at::Tensor& 
                          const std::optional<at::Tensor>& noise_in, int64_t seed, int64_t offset) {
   check_cuda(x_in, "x");
   const kc::DType dt = dtype_of(x_in, "x");
-  check_same_device(grad_out_in, "grad_out", x_in, "x");
-  check_same_device(winner_in, "winner", x_in, "x");
-  check_same_dtype(grad_out_in, "grad_out", x_in, "x");
-  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "grad_out must have the shape of x ", x_in.sizes(), ", got ",
-              grad_out_in.sizes());
+  bcos_checks::check_lwta_backward_args<CudaDevice>(grad_out_in, x_in, winner_in, competitors);
   const kc::LwtaProblem p = lwta_problem(x_in, competitors, temperature, deterministic, seed, offset);
-  TORCH_CHECK(winner_in.scalar_type() == at::kByte, "winner must be uint8, got ", winner_in.scalar_type());
-  TORCH_CHECK(winner_in.sizes() == at::IntArrayRef(winner_shape(x_in, competitors)), "winner must have shape ",
-              winner_shape(x_in, competitors), ", got ", winner_in.sizes());
-  const at::Tensor noise = lwta_noise(noise_in, x_in, deterministic);
+  const at::Tensor noise = bcos_checks::lwta_noise<CudaDevice>(noise_in, x_in, deterministic);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous();

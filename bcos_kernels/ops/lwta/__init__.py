@@ -106,7 +106,7 @@ def lwta(
             raise ValueError(f"noise is on {noise.device} but x is on {x.device}; they must be on the same device")
         if noise.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"noise must have dtype float32 or x's dtype {x.dtype}, got {noise.dtype}")
-    name = backends.resolve("lwta", backend, x)
+    name = backends.resolve("lwta", backend, x, deterministic=deterministic)
     if name == "reference":
         return ref.lwta(
             x, competitors, temperature=temperature, deterministic=deterministic, training=training, noise=noise
