@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Sequence
 
 import torch
+import torch._functorch.config as functorch_config
 
 import bcos_kernels
 from bcos_kernels.timing import Timing, measure
@@ -41,6 +42,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODES = ("fwd", "bwd", "fwd+bwd")
 # bf16 only on a GPU: the CPU backends' bf16 is for checkpoints and correctness, not what the CPU run compares.
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+# The "bwd" mode runs the backward of one forward graph again and again (retain_graph=True); a compiled graph
+# that donates its saved buffers to the backward refuses that, so the compiled providers run without donation.
+functorch_config.donated_buffer = False
 # torch.compile of the baseline: skipped in smoke runs (compiling takes far longer than a smoke run may).
 COMPILE = not SMOKE
 # How long measure() samples each case: a smoke run only proves the code runs.
