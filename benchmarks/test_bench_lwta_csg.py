@@ -12,29 +12,31 @@ from bcos_kernels.ops.class_specific_gate import reference as csg_ref
 from bcos_kernels.ops.lwta import reference as lwta_ref
 
 
-def _lwta_module(provider, u):
+def _lwta_module(provider, u, deterministic):
     if provider == "plain":
         return torch.nn.ReLU()
     if provider == "reference":
-        return Fn(lambda x: lwta_ref.lwta(x, u))
-    return bnn.LWTA(U=u, backend=provider)
+        return Fn(lambda x: lwta_ref.lwta(x, u, deterministic=deterministic))
+    return bnn.LWTA(U=u, deterministic=deterministic, backend=provider)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", baseline_providers("lwta") + our_providers("lwta") + ["plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["stochastic", "deterministic"])
 @pytest.mark.parametrize("case", LWTA_CASES, ids=lambda c: c.name)
-def test_lwta(case, dtype, provider, mode):
+def test_lwta(case, deterministic, dtype, provider, mode):
+    """DISCOVER's stochastic LWTA (training; its test-time sampling too) and the deterministic argmax variant."""
     x = torch.randn(case.shape, device=DEVICE, dtype=dtype)
     bench(
         "lwta",
-        case.name,
+        case.name + (" deterministic" if deterministic else ""),
         dtype,
         mode,
         provider,
-        lambda pr: _lwta_module(pr, case.U),
+        lambda pr: _lwta_module(pr, case.U, deterministic),
         [x],
-        f"x={list(case.shape)} U={case.U}",
+        f"x={list(case.shape)} U={case.U}" + (" deterministic" if deterministic else ""),
     )
 
 
