@@ -21,6 +21,7 @@
 #define BCOS_KERNELS_COMMON_LWTA_MATH_H_
 
 #include "bcos_math.h"  // BCOS_HD, log_std, exp_std
+#include "philox.h"     // lwta_uniform
 
 namespace bcos_math {
 
@@ -62,6 +63,19 @@ template <typename T>
 BCOS_HD inline T gumbel_from_uniform(T u) {
   return gumbel_from_uniform(u, IdentityRound<T>{});
 }
+
+// The uniforms a kernel draws from (seed, offset) (philox.h's stream) as a
+// noise source of the kernels (gumbel(i): the Gumbel noise of element i):
+// the transform computed in float, as the front door does with its float32
+// torch.rand noise.
+struct PhiloxNoise {
+  std::uint64_t seed, offset;
+  template <typename A>
+  BCOS_HD A gumbel(std::int64_t index) const {
+    const float u = lwta_uniform(seed, offset, static_cast<std::uint64_t>(index));
+    return static_cast<A>(gumbel_from_uniform(u));
+  }
+};
 
 // Softmax statistics of a block: max of the logits and sum of exp(l - max).
 template <typename T>

@@ -40,19 +40,10 @@ namespace {
 
 using bcos_checks::CpuDevice;
 using bcos_checks::LwtaShape;
+using bcos_math::PhiloxNoise;
 
 // Blocks per unit of parallel work.
 constexpr int64_t kBlockGrain = 2048;
-
-// Uniforms drawn from (seed, offset): the Gumbel noise computed in float, as the CUDA kernels do.
-struct PhiloxNoise {
-  uint64_t seed, offset;
-  template <typename A>
-  A gumbel(int64_t index) const {
-    const float u = bcos_math::lwta_uniform(seed, offset, static_cast<uint64_t>(index));
-    return static_cast<A>(bcos_math::gumbel_from_uniform(u));
-  }
-};
 
 // Uniforms given as a tensor of dtype NT: the Gumbel transform in NT's compute type, rounded to NT after every
 // operation (torch's semantics for half tensors).

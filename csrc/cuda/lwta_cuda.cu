@@ -15,17 +15,7 @@ namespace cuda {
 namespace {
 
 using namespace detail;
-
-// Uniforms drawn in the kernel: Gumbel noise computed in float (the dtype of
-// the uniforms), as the front door does with its float32 torch.rand noise.
-struct PhiloxNoise {
-  uint64_t seed, offset;
-  template <typename A>
-  __device__ __forceinline__ A gumbel(int64_t index) const {
-    const float u = bcos_math::lwta_uniform(seed, offset, static_cast<uint64_t>(index));
-    return static_cast<A>(bcos_math::gumbel_from_uniform(u));
-  }
-};
+using bcos_math::PhiloxNoise;
 
 // Uniforms given as a tensor of dtype NT: the Gumbel transform runs in NT,
 // rounded to NT after every operation (torch's semantics for half tensors).
