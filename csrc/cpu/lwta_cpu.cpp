@@ -25,9 +25,10 @@
 #include <immintrin.h>
 #define BCOS_LWTA_AVX2 1
 // SLEEF's 8-wide float log and exp (1.0 ulp), as torch's vectorised CPU kernels call them; callable only on a CPU
-// with AVX2 (checked at run time).
-extern "C" __m256 Sleef_logf8_u10(__m256);
-extern "C" __m256 Sleef_expf8_u10(__m256);
+// with AVX2 (checked at run time). Weak: a torch build that does not export them still loads this library, and
+// the kernels then take the scalar path.
+extern "C" __m256 Sleef_logf8_u10(__m256) __attribute__((weak));
+extern "C" __m256 Sleef_expf8_u10(__m256) __attribute__((weak));
 #endif
 
 #include "arg_checks.h"
@@ -63,8 +64,9 @@ struct TensorNoise {
 // of one (outer, block row), which hold `inner` blocks (block j's unit k at k * inner + j).
 // ---------------------------------------------------------------------------
 #if defined(BCOS_LWTA_AVX2)
-bool have_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+bool have_avx2() {  // and SLEEF
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          &Sleef_logf8_u10 != nullptr && &Sleef_expf8_u10 != nullptr;
   return yes;
 }
 
