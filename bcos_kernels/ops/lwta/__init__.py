@@ -1,7 +1,7 @@
 """Front door of DISCOVER's stochastic local winner-takes-all (LWTA).
 
 Semantics: :mod:`bcos_kernels.ops.lwta.reference`; backend "reference" runs it
-(plain autograd). The other backends ("torch", "triton", "cuda": one file each
+(plain autograd). The other backends ("torch", "cpu", "triton", "cuda": one file each
 here, chosen by bcos_kernels.backends) run the custom op ``bcos_kernels::lwta``
 below with the hand-written backward op ``bcos_kernels::lwta_backward``;
 tensors are positional, options keyword-only.
@@ -16,8 +16,9 @@ Deterministic mode: d L / d x_i = m_i g_i.
 Noise: with ``noise=None`` and the stochastic mode (training or not -- the
 original samples at test time too), the backend's ``draw_noise`` gives either
 the uniforms u ("torch": ``torch.rand``, the original's numbers) or a seed the
-kernels draw u from ("triton", "cuda": other numbers, same distribution); each
-backend's file says which. An explicit ``noise`` must hold uniforms in [0, 1)
+kernels draw u from ("cpu" and "cuda": one Philox stream, the same numbers on
+both; "triton": others; all the same distribution); each backend's file says
+which. An explicit ``noise`` must hold uniforms in [0, 1)
 (not checked: that would synchronise), have x's shape and device, and dtype
 fp32 or x's dtype; every backend then computes the same thing.
 
@@ -84,7 +85,8 @@ def lwta(
     instead of ``temperature`` (and still samples). ``deterministic`` keeps the
     plain argmax (no noise, no temperature). ``noise``: uniforms u to use
     instead of drawing them (ignored in deterministic mode). ``backend``:
-    "torch", "triton", "cuda", "auto" or None (the ``BCOS_KERNELS_BACKEND`` env var, else auto).
+    "reference", "torch", "cpu", "triton", "cuda", "auto" or None (the ``BCOS_KERNELS_BACKEND`` env var, else
+    auto; on the CPU auto takes "cpu" for the deterministic mode, where it is measured faster).
     """
     check_tensor("x", x, (2, 3, 4))
     positive_int("competitors", competitors)
@@ -139,7 +141,7 @@ class LwtaOptions(NamedTuple):
 def lwta_op(x, noise, seed, **options):
     """(out, winner): winner is the uint8 index of the winning unit of each block (channels_last if x is).
 
-    noise given: the stochastic LWTA with uniforms ``noise``; else seed given (backends "triton", "cuda": a
+    noise given: the stochastic LWTA with uniforms ``noise``; else seed given (backends "cpu", "triton", "cuda": a
     1-element int64 tensor): uniforms drawn in the kernel from it; neither: deterministic (argmax of x).
     """
     opts = LwtaOptions(**options)
