@@ -176,7 +176,11 @@ OPS: Dict[str, Dict[str, Support]] = {
         "cpu": Support(keeps_channels_last=True, auto=_deterministic_only),
         **_ELEMENTWISE,
     },
-    "class_specific_gate": {"reference": Support(keeps_channels_last=None), **_ELEMENTWISE},
+    "class_specific_gate": {
+        "reference": Support(keeps_channels_last=None),
+        "cpu": Support(keeps_channels_last=True),
+        **_ELEMENTWISE,
+    },
 }
 
 

@@ -287,6 +287,100 @@ void check_lwta_backward_args(const at::Tensor& grad_out, const at::Tensor& x, c
               lwta_winner_shape(x, competitors), ", got ", winner.sizes());
 }
 
+// ---------------------------------------------------------------------------
+// Class-specific gate (csg_gate_forward / csg_gate_backward): x (N, C) or
+// (N, C, H, W), walked as NCHW or, for NHWC memory, channels fastest.
+// ---------------------------------------------------------------------------
+struct CsgShape {
+  int64_t N, C, HW, K;
+  bool channels_last;
+  at::MemoryFormat format;  // the layout the kernels read and write
+};
+
+inline CsgShape csg_shape(const at::Tensor& x, int64_t num_classes) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 4, "x must have shape (N, C) or (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(num_classes >= 1, "the mask must have at least one class column, got ", num_classes);
+  const bool cl = x.dim() == 4 && use_channels_last(x);
+  return CsgShape{x.size(0), x.size(1), x.dim() == 4 ? x.size(2) * x.size(3) : 1, num_classes, cl,
+                  cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous};
+}
+
+template <typename Device>
+void check_csg_labels(const at::Tensor& labels, const at::Tensor& x) {
+  Device::check_with(labels, "labels", x, "x");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "labels must have shape (", x.size(0), "), got ",
+              labels.sizes());
+}
+
+template <typename Device>
+void check_csg_mask(const at::Tensor& mask, const at::Tensor& x) {
+  Device::check_with(mask, "mask", x, "x");
+  check_same_dtype(mask, "mask", x, "x");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(1), "mask must have shape (", x.size(1),
+              ", num_classes), got ", mask.sizes());
+}
+
+// The forward's inputs in the kernels' layout and its output.
+struct CsgForwardTensors {
+  CsgShape shape;
+  at::Tensor x, mask, labels, out;
+};
+
+template <typename Device>
+CsgForwardTensors csg_forward_tensors(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& labels) {
+  Device::check(x, "x");
+  check_float_dtype(x, "x");
+  check_csg_mask<Device>(mask, x);
+  check_csg_labels<Device>(labels, x);
+  CsgForwardTensors t;
+  t.shape = csg_shape(x, mask.size(1));
+  t.x = x.contiguous(t.shape.format);
+  t.mask = mask.contiguous();
+  t.labels = labels.contiguous();
+  t.out = at::empty(t.x.sizes(), t.x.options().memory_format(t.shape.format));
+  return t;
+}
+
+// The backward's inputs in the kernels' layout (x and mask undefined where not needed) and its outputs
+// (grad_x in that layout, grad_mask (C, K); (0,) when not needed).
+struct CsgBackwardTensors {
+  CsgShape shape;
+  at::Tensor grad_out, x, mask, labels, grad_x, grad_mask;
+};
+
+template <typename Device>
+CsgBackwardTensors csg_backward_tensors(const at::Tensor& grad_out, const std::optional<at::Tensor>& x,
+                                        const std::optional<at::Tensor>& mask, const at::Tensor& labels,
+                                        int64_t num_classes, bool need_x, bool need_mask) {
+  Device::check(grad_out, "grad_out");
+  check_float_dtype(grad_out, "grad_out");
+  check_csg_labels<Device>(labels, grad_out);
+  CsgBackwardTensors t;
+  t.shape = csg_shape(grad_out, num_classes);
+  t.grad_out = grad_out.contiguous(t.shape.format);
+  if (need_x) {
+    TORCH_CHECK(mask.has_value() && mask->defined(), "need_x=True requires mask");
+    check_csg_mask<Device>(*mask, grad_out);
+    TORCH_CHECK(mask->size(1) == num_classes, "mask has ", mask->size(1), " class columns but num_classes=",
+                num_classes);
+    t.mask = mask->contiguous();
+  }
+  if (need_mask) {
+    TORCH_CHECK(x.has_value() && x->defined(), "need_mask=True requires x");
+    Device::check_with(*x, "x", grad_out, "grad_out");
+    check_same_dtype(*x, "x", grad_out, "grad_out");
+    TORCH_CHECK(x->sizes() == grad_out.sizes(), "x must have the shape of grad_out ", grad_out.sizes(), ", got ",
+                x->sizes());
+    t.x = x->contiguous(t.shape.format);  // the layout grad_out is read in
+  }
+  t.labels = labels.contiguous();
+  const auto opts = t.grad_out.options();
+  t.grad_x = need_x ? at::empty(t.grad_out.sizes(), opts.memory_format(t.shape.format)) : at::empty({0}, opts);
+  t.grad_mask = need_mask ? at::empty({t.shape.C, t.shape.K}, opts) : at::empty({0}, opts);
+  return t;
+}
+
 // The device checks of the CPU ops (csrc/cpu): every tensor on the CPU.
 struct CpuDevice {
   static void check(const at::Tensor& t, const char* name) {

@@ -1,5 +1,5 @@
-// Schemas of the ops implemented by the CUDA glue (csrc/cuda/ops_cuda.cpp); the LWTA ops have a CPU
-// implementation too (csrc/cpu/lwta_cpu.cpp), the others only a CUDA one.
+// Schemas of the ops implemented by the CUDA glue (csrc/cuda/ops_cuda.cpp); the LWTA and gate ops have a CPU
+// implementation too (csrc/cpu/lwta_cpu.cpp, csrc/cpu/csg_cpu.cpp), the others only a CUDA one.
 //
 // Declared here, in a file every build compiles (CPU-only ones included), so
 // that the ops exist everywhere: Python can then register their fake impls

@@ -47,6 +47,13 @@ at::Tensor lwta_block_backward(const at::Tensor& grad_out, const at::Tensor& x, 
 
 at::Tensor lwta_uniform(const at::Tensor& x, int64_t seed, int64_t offset);
 
+// Class-specific gate (csrc/cpu/csg_cpu.cpp; schemas: csrc/cuda_schemas.cpp).
+at::Tensor csg_gate_forward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& labels);
+
+std::tuple<at::Tensor, at::Tensor> csg_gate_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& x,
+                                                     const std::optional<at::Tensor>& mask, const at::Tensor& labels,
+                                                     int64_t num_classes, bool need_x, bool need_mask);
+
 }  // namespace cpu
 }  // namespace bcos_kernels
 
@@ -82,6 +89,8 @@ TORCH_LIBRARY_IMPL(bcos_kernels, CPU, m) {
   m.impl("lwta_block_forward", &bcos_kernels::cpu::lwta_block_forward);
   m.impl("lwta_block_backward", &bcos_kernels::cpu::lwta_block_backward);
   m.impl("lwta_uniform", &bcos_kernels::cpu::lwta_uniform);
+  m.impl("csg_gate_forward", &bcos_kernels::cpu::csg_gate_forward);
+  m.impl("csg_gate_backward", &bcos_kernels::cpu::csg_gate_backward);
 }
 
 #if defined(BCOS_PYTHON_MODULE)

@@ -373,55 +373,17 @@ at::Tensor lwta_uniform(const at::Tensor& x, int64_t seed, int64_t offset) {
 // Class-specific gate.
 // ---------------------------------------------------------------------------
 
-// x (N, C) or (N, C, H, W): the layout the kernels walk (NCHW or NHWC) and
-// the tensor they read (x itself when it is dense in one of them).
-struct CsgLayout {
-  kc::CsgProblem p;
-  at::MemoryFormat format;
-};
-
-CsgLayout csg_layout(const at::Tensor& x, int64_t num_classes) {
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 4, "x must have shape (N, C) or (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(num_classes >= 1, "the mask must have at least one class column, got ", num_classes);
-  CsgLayout l{};
-  l.p.N = x.size(0);
-  l.p.C = x.size(1);
-  l.p.HW = x.dim() == 4 ? x.size(2) * x.size(3) : 1;
-  l.p.K = num_classes;
-  l.p.channels_last = x.dim() == 4 && use_channels_last(x);
-  l.format = l.p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  return l;
-}
-
-void check_labels(const at::Tensor& labels, const at::Tensor& x) {
-  check_same_device(labels, "labels", x, "x");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "labels must have shape (", x.size(0), "), got ",
-              labels.sizes());
-}
-
-void check_mask(const at::Tensor& mask, const at::Tensor& x) {
-  check_same_device(mask, "mask", x, "x");
-  check_same_dtype(mask, "mask", x, "x");
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(1), "mask must have shape (", x.size(1),
-              ", num_classes), got ", mask.sizes());
-}
+// The kernels' problem for the checked shape (bcos_checks::csg_shape).
+kc::CsgProblem csg_problem(const bcos_checks::CsgShape& l) { return kc::CsgProblem{l.N, l.C, l.HW, l.K, l.channels_last}; }
 
 at::Tensor csg_gate_forward(const at::Tensor& x_in, const at::Tensor& mask_in, const at::Tensor& labels_in) {
-  check_cuda(x_in, "x");
-  const kc::DType dt = dtype_of(x_in, "x");
-  check_mask(mask_in, x_in);
-  check_labels(labels_in, x_in);
-  const CsgLayout l = csg_layout(x_in, mask_in.size(1));
+  const auto t = bcos_checks::csg_forward_tensors<CudaDevice>(x_in, mask_in, labels_in);
+  if (t.out.numel() == 0) return t.out;
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(l.format);
-  const at::Tensor mask = mask_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(l.format));
-  if (out.numel() == 0) return out;
-  C10_CUDA_CHECK(kc::csg_forward(dt, x.const_data_ptr(), mask.const_data_ptr(), labels.const_data_ptr<int64_t>(),
-                                 l.p, out.data_ptr(), current_stream(x)));
-  return out;
+  C10_CUDA_CHECK(kc::csg_forward(dtype_of(t.x, "x"), t.x.const_data_ptr(), t.mask.const_data_ptr(),
+                                 t.labels.const_data_ptr<int64_t>(), csg_problem(t.shape), t.out.data_ptr(),
+                                 current_stream(t.x)));
+  return t.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> csg_gate_backward(const at::Tensor& grad_out_in,
@@ -429,40 +391,19 @@ std::tuple<at::Tensor, at::Tensor> csg_gate_backward(const at::Tensor& grad_out_
                                                      const std::optional<at::Tensor>& mask_in,
                                                      const at::Tensor& labels_in, int64_t num_classes, bool need_x,
                                                      bool need_mask) {
-  check_cuda(grad_out_in, "grad_out");
-  const kc::DType dt = dtype_of(grad_out_in, "grad_out");
-  check_labels(labels_in, grad_out_in);
-  const CsgLayout l = csg_layout(grad_out_in, num_classes);
+  auto t = bcos_checks::csg_backward_tensors<CudaDevice>(grad_out_in, x_in, mask_in, labels_in, num_classes, need_x,
+                                                          need_mask);
+  if (!need_x && !need_mask) return {t.grad_x, t.grad_mask};
   const c10::cuda::CUDAGuard guard(grad_out_in.device());
-  const at::Tensor grad_out = grad_out_in.contiguous(l.format);
-  at::Tensor x, mask;
-  if (need_x) {
-    TORCH_CHECK(mask_in.has_value() && mask_in->defined(), "need_x=True requires mask");
-    check_mask(*mask_in, grad_out_in);
-    TORCH_CHECK(mask_in->size(1) == num_classes, "mask has ", mask_in->size(1), " class columns but num_classes=",
-                num_classes);
-    mask = mask_in->contiguous();
-  }
-  if (need_mask) {
-    TORCH_CHECK(x_in.has_value() && x_in->defined(), "need_mask=True requires x");
-    check_same_device(*x_in, "x", grad_out_in, "grad_out");
-    check_same_dtype(*x_in, "x", grad_out_in, "grad_out");
-    TORCH_CHECK(x_in->sizes() == grad_out_in.sizes(), "x must have the shape of grad_out ", grad_out_in.sizes(),
-                ", got ", x_in->sizes());
-    x = x_in->contiguous(l.format);  // the layout grad_out is read in
-  }
-  const at::Tensor labels = labels_in.contiguous();
-  at::Tensor grad_x = need_x ? at::empty(grad_out.sizes(), grad_out.options().memory_format(l.format))
-                             : at::empty({0}, grad_out.options());
-  at::Tensor grad_mask = need_mask ? at::empty({l.p.C, l.p.K}, grad_out.options()) : at::empty({0}, grad_out.options());
-  if (!need_x && !need_mask) return {grad_x, grad_mask};
-  at::Tensor per_sample = need_mask ? at::empty({l.p.N, l.p.C}, grad_out.options().dtype(acc_dtype(grad_out.scalar_type())))
-                                    : at::empty({0}, grad_out.options());
-  C10_CUDA_CHECK(kc::csg_backward(dt, grad_out.const_data_ptr(), need_mask ? x.const_data_ptr() : nullptr,
-                                  need_x ? mask.const_data_ptr() : nullptr, labels.const_data_ptr<int64_t>(), l.p,
-                                  need_x ? grad_x.data_ptr() : nullptr, need_mask ? grad_mask.data_ptr() : nullptr,
-                                  need_mask ? per_sample.data_ptr() : nullptr, current_stream(grad_out)));
-  return {grad_x, grad_mask};
+  const auto acc_opts = t.grad_out.options().dtype(acc_dtype(t.grad_out.scalar_type()));
+  at::Tensor per_sample = need_mask ? at::empty({t.shape.N, t.shape.C}, acc_opts) : at::empty({0}, acc_opts);
+  C10_CUDA_CHECK(kc::csg_backward(dtype_of(t.grad_out, "grad_out"), t.grad_out.const_data_ptr(),
+                                  need_mask ? t.x.const_data_ptr() : nullptr,
+                                  need_x ? t.mask.const_data_ptr() : nullptr, t.labels.const_data_ptr<int64_t>(),
+                                  csg_problem(t.shape), need_x ? t.grad_x.data_ptr() : nullptr,
+                                  need_mask ? t.grad_mask.data_ptr() : nullptr,
+                                  need_mask ? per_sample.data_ptr() : nullptr, current_stream(t.grad_out)));
+  return {t.grad_x, t.grad_mask};
 }
 
 }  // namespace
