@@ -24,6 +24,15 @@ at::Tensor patch_norm_backward(const at::Tensor& grad_norm, const at::Tensor& x,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups);
 
+// grad_x += the gradient through the patch norm (grad_x: x's shape, in the layout x is read in).
+void patch_norm_backward_add_(at::Tensor& grad_x, const at::Tensor& grad_norm, const at::Tensor& x,
+                              const at::Tensor& norm, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+std::tuple<at::Tensor, at::Tensor> weight_normalize(const at::Tensor& weight);
+
+at::Tensor weight_normalize_backward(const at::Tensor& grad_w_hat, const at::Tensor& w_hat, const at::Tensor& norm);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_forward(const at::Tensor& lin, const at::Tensor& norm,
                                                                   double b, bool b_is_tensor, int64_t max_out,
                                                                   double scale,
@@ -67,6 +76,13 @@ TORCH_LIBRARY(bcos_kernels, m) {
       "patch_norm_backward(Tensor grad_norm, Tensor x, Tensor norm, int[2] kernel_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> Tensor",
       tags);
+  m.def(
+      "patch_norm_backward_add_(Tensor(a!) grad_x, Tensor grad_norm, Tensor x, Tensor norm, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> ()",
+      tags);
+  // Per-filter weight normalisation w / ||w|| (norm: (O, 1, ...)) and its backward.
+  m.def("weight_normalize(Tensor weight) -> (Tensor w_hat, Tensor norm)", tags);
+  m.def("weight_normalize_backward(Tensor grad_w_hat, Tensor w_hat, Tensor norm) -> Tensor", tags);
   // channel_scale: None, or (O,) (O = lin.shape[1] / max_out) in lin's dtype and device: out[:, o] is
   // multiplied by it in the same pass (an eval-mode batch norm folded into the layer); lin_max and winner are
   // not (the backward reads them unscaled).
@@ -84,6 +100,9 @@ TORCH_LIBRARY(bcos_kernels, m) {
 TORCH_LIBRARY_IMPL(bcos_kernels, CPU, m) {
   m.impl("patch_norm", &bcos_kernels::cpu::patch_norm);
   m.impl("patch_norm_backward", &bcos_kernels::cpu::patch_norm_backward);
+  m.impl("patch_norm_backward_add_", &bcos_kernels::cpu::patch_norm_backward_add_);
+  m.impl("weight_normalize", &bcos_kernels::cpu::weight_normalize);
+  m.impl("weight_normalize_backward", &bcos_kernels::cpu::weight_normalize_backward);
   m.impl("bcos_scale_forward", &bcos_kernels::cpu::bcos_scale_forward);
   m.impl("bcos_scale_backward", &bcos_kernels::cpu::bcos_scale_backward);
   m.impl("lwta_block_forward", &bcos_kernels::cpu::lwta_block_forward);

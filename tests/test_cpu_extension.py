@@ -1,7 +1,7 @@
 """The C++ CPU ops of bcos_kernels._C against pure-PyTorch formulas in float64.
 
-Ops: patch_norm, patch_norm_backward, bcos_scale_forward, bcos_scale_backward
-(schemas in csrc/ops.cpp).  The formulas below are written out here, in
+Ops: patch_norm, patch_norm_backward(_add_), bcos_scale_forward, bcos_scale_backward,
+weight_normalize(_backward) (schemas in csrc/ops.cpp).  The formulas below are written out here, in
 float64, independently of bcos_kernels.reference.  fp32/fp64 are compared
 with tight tolerances; bf16/fp16 follow the design's convention: the error of
 the kernel against the float64 formula is at most twice the error of the same
@@ -166,6 +166,114 @@ def test_patch_norm_backward(n, c, h, w, k, s, p, d, g, dtype, layout):
     ref64 = autograd_ref(x.double(), grad_norm.double())
     ref_lowp = autograd_ref(x, grad_norm) if dtype in LOWP else None
     assert_close(grad_x, ref64, ref_lowp)
+
+
+@over_geometries
+def test_patch_norm_backward_add_(n, c, h, w, k, s, p, d, g, dtype, layout):
+    """Adds exactly the gradient patch_norm_backward returns into grad_x, in the layout x is read in."""
+    x = make_x(n, c, h, w, dtype, layout)
+    norm = ops.patch_norm(x, list(k), list(s), list(p), list(d), g)
+    grad_norm = randn(*norm.shape, dtype=dtype, seed=5)
+    args = (grad_norm, x, norm, list(k), list(s), list(p), list(d), g)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    start = randn(*x.shape, dtype=dtype, seed=7).contiguous(memory_format=fmt)
+    grad_x = start.clone(memory_format=fmt)
+    ops.patch_norm_backward_add_(grad_x, *args)
+    gx = ops.patch_norm_backward(*args)
+    # one rounding of the sum instead of two (and a fused multiply-add where the compiler makes one)
+    assert_close(grad_x, start.double() + gx.double(), start + gx if dtype in LOWP else None)
+
+
+def test_patch_norm_backward_add_rejects_another_layout():
+    x = make_x(2, 4, 6, 6, torch.float32, "channels_last")
+    norm = ops.patch_norm(x, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    args = (torch.ones_like(norm), x, norm, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="grad_x must be channels_last"):
+        ops.patch_norm_backward_add_(torch.zeros(x.shape), *args)
+    with pytest.raises(RuntimeError, match="grad_x must have the shape"):
+        ops.patch_norm_backward_add_(torch.zeros(2, 4, 6, 5), *args)
+
+
+# ---------------------------------------------------------------------------
+# weight_normalize and its backward: w / ||w|| per filter.
+# ---------------------------------------------------------------------------
+# (shape, layout): conv filters NCHW and channels_last, 1x1, one filter, a linear, one input feature,
+# rows longer than the 16 summation lanes and not a multiple of them
+WEIGHT_CASES = [
+    pytest.param((7, 5, 3, 3), "contiguous", id="conv-3x3-odd"),
+    pytest.param((7, 5, 3, 3), "channels_last", id="conv-3x3-channels-last"),
+    pytest.param((4, 6, 7, 7), "strided", id="conv-7x7-strided"),
+    pytest.param((9, 33, 1, 1), "contiguous", id="conv-1x1"),
+    pytest.param((1, 3, 2, 2), "contiguous", id="one-filter"),
+    pytest.param((5, 37), "contiguous", id="linear"),
+    pytest.param((6, 1), "contiguous", id="linear-one-input"),
+]
+
+
+def make_weight(shape, layout, dtype, seed=0):
+    if layout == "strided":  # a non-dense view: every other input channel
+        return randn(shape[0], 2 * shape[1], *shape[2:], dtype=dtype, seed=seed)[:, ::2]
+    w = randn(*shape, dtype=dtype, seed=seed)
+    return w.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else w
+
+
+def ref_weight_normalize(w):
+    dims = tuple(range(1, w.dim()))
+    norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+    return w / norm, norm
+
+
+@pytest.mark.parametrize("shape,layout", WEIGHT_CASES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float16], ids=str)
+def test_weight_normalize(shape, layout, dtype):
+    w = make_weight(shape, layout, dtype)
+    w_hat, norm = ops.weight_normalize(w)
+    assert w_hat.shape == w.shape and norm.shape == (shape[0],) + (1,) * (len(shape) - 1)
+    assert w_hat.is_contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    )
+    ref_w_hat, ref_norm = ref_weight_normalize(w.double())
+    lowp = ref_weight_normalize(w) if dtype in LOWP else (None, None)
+    assert_close(norm, ref_norm, lowp[1])
+    assert_close(w_hat, ref_w_hat, lowp[0])
+
+
+@pytest.mark.parametrize("shape,layout", WEIGHT_CASES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float16], ids=str)
+def test_weight_normalize_backward(shape, layout, dtype):
+    w = make_weight(shape, layout, dtype)
+    grad = randn(*shape, dtype=dtype, seed=3)  # NCHW even for a channels_last weight
+    w_hat, norm = ops.weight_normalize(w)
+    grad_w = ops.weight_normalize_backward(grad, w_hat, norm)
+    assert grad_w.shape == w.shape
+
+    def autograd_ref(wr, g):
+        wr = wr.detach().requires_grad_()
+        (gw,) = torch.autograd.grad(ref_weight_normalize(wr)[0], wr, g)
+        return gw
+
+    assert_close(grad_w, autograd_ref(w.double(), grad.double()), autograd_ref(w, grad) if dtype in LOWP else None)
+
+
+def test_weight_normalize_zero_filter_is_nan_like_the_reference():
+    w = randn(3, 4, 3, 3)
+    w[1] = 0
+    w_hat, norm = ops.weight_normalize(w)
+    ref_w_hat, ref_norm = ref_weight_normalize(w)
+    torch.testing.assert_close(w_hat, ref_w_hat, equal_nan=True)
+    assert torch.isnan(w_hat[1]).all() and norm[1].item() == 0
+
+
+def test_weight_normalize_errors_name_the_argument():
+    with pytest.raises(RuntimeError, match="weight must have at least 2 dimensions"):
+        ops.weight_normalize(torch.ones(3))
+    with pytest.raises(RuntimeError, match="weight must be a floating point tensor"):
+        ops.weight_normalize(torch.ones(3, 2, dtype=torch.int32))
+    w_hat, norm = ops.weight_normalize(torch.ones(3, 2))
+    with pytest.raises(RuntimeError, match="grad_w_hat must have the shape"):
+        ops.weight_normalize_backward(torch.ones(3, 3), w_hat, norm)
+    with pytest.raises(RuntimeError, match="norm must hold one value per filter"):
+        ops.weight_normalize_backward(torch.ones(3, 2), w_hat, norm[:2])
 
 
 def test_patch_norm_float16():
@@ -478,6 +586,20 @@ def test_opcheck_patch_norm(dtype, layout):
         norm = ops.patch_norm(x, *args)
         grad_norm = randn(*norm.shape, dtype=dtype, seed=3)
         torch.library.opcheck(ops.patch_norm_backward.default, (grad_norm, x, norm, *args), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_weight_normalize(layout):
+    w = make_weight((5, 3, 3, 3), layout, torch.float32)
+    torch.library.opcheck(ops.weight_normalize.default, (w,), test_utils=OPCHECK_UTILS)
+    w_hat, norm = ops.weight_normalize(w)
+    grad = randn(5, 3, 3, 3, seed=2)
+    torch.library.opcheck(ops.weight_normalize_backward.default, (grad, w_hat, norm), test_utils=OPCHECK_UTILS)
+    x = make_x(2, 3, 6, 6, torch.float32, layout)
+    norm_x = ops.patch_norm(x, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    grad_x = torch.zeros_like(x)
+    args = (grad_x, torch.ones_like(norm_x), x, norm_x, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(ops.patch_norm_backward_add_.default, args, test_utils=OPCHECK_UTILS)
 
 
 @pytest.mark.parametrize("max_out", [1, 3])

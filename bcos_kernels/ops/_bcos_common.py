@@ -84,11 +84,19 @@ def scale_backward(grad_out, lin_max, norm, winner, shape, norm_channels: int, b
     )
 
 
+def _weight_kernels_for(weight: torch.Tensor) -> bool:
+    """Whether the extension's one-pass weight normalisation kernels serve ``weight`` (CPU tensors)."""
+    return weight.device.type == "cpu" and backends.cpu_extension() is not None
+
+
 def weight_norm_backward(grad_w_hat: torch.Tensor, w_hat: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:
     """Gradient through w_hat = w / ||w|| (per output filter): (g - w_hat <g, w_hat>) / ||w||.
 
-    Three passes over the weight (dot products as one batched GEMV, one addcmul, one in-place scale): the
-    weights of late ResNet layers are as large as their activations."""
+    On the CPU one pass of the extension (each filter read once from memory); elsewhere three passes (dot
+    products as one batched GEMV, one addcmul, one in-place scale): the weights of late ResNet layers and of ViT
+    linears are as large as their activations."""
+    if _weight_kernels_for(w_hat):
+        return torch.ops.bcos_kernels.weight_normalize_backward(grad_w_hat, w_hat, w_norm)
     rows = w_hat.shape[0]
     dot = torch.bmm(grad_w_hat.reshape(rows, 1, -1), w_hat.reshape(rows, -1, 1))  # no (rows, K) temporary
     shape = (rows,) + (1,) * (w_hat.dim() - 1)
@@ -96,9 +104,11 @@ def weight_norm_backward(grad_w_hat: torch.Tensor, w_hat: torch.Tensor, w_norm: 
 
 
 def weight_and_norm(weight: torch.Tensor, normalize_weight: bool):
-    """(w_hat, ||w|| per filter or None)."""
+    """(w_hat, ||w|| per filter or None); on the CPU one pass of the extension."""
     if not normalize_weight:
         return weight, None
+    if _weight_kernels_for(weight):
+        return torch.ops.bcos_kernels.weight_normalize(weight)
     dims = tuple(range(1, weight.dim()))
     w_norm = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
     return weight / w_norm, w_norm

@@ -7,6 +7,10 @@ CPU kernels exactly (csrc/cpu/bcos_cpu.cpp), including the layout rules:
 - patch_norm: (N, G, Ho, Wo), contiguous.
 - patch_norm_backward: the shape of x; channels_last when x is
   channels_last-contiguous but not NCHW-contiguous, else NCHW-contiguous.
+- patch_norm_backward_add_: adds into its grad_x argument; returns nothing.
+- weight_normalize: w_hat like weight (its layout kept where each filter is
+  one block: NCHW or channels_last), norm (O, 1, ...) contiguous;
+  weight_normalize_backward: grad like w_hat.
 - bcos_scale_forward: out (N, O, P); with max_out > 1 lin_max (N, O, P) and
   winner uint8 (N, O, P); with max_out == 1 both are empty (0,) tensors (an op
   output may not alias its input, so lin_max is not ``lin``: use lin).  The
@@ -56,6 +60,29 @@ def _patch_norm_fake(x, kernel_size, stride, padding, dilation, groups):
 def _patch_norm_backward_fake(grad_norm, x, norm, kernel_size, stride, padding, dilation, groups):
     torch._check(x.dim() == 4, lambda: f"x must have 4 dimensions (N, C, H, W), got shape {tuple(x.shape)}")
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+
+
+@torch.library.register_fake("bcos_kernels::patch_norm_backward_add_")
+def _patch_norm_backward_add_fake(grad_x, grad_norm, x, norm, kernel_size, stride, padding, dilation, groups):
+    return None
+
+
+def _filter_block_format(w):
+    """The layout the weight kernels keep: channels_last where w is that and not NCHW-contiguous, else NCHW."""
+    return memory_format_of(w) if w.dim() == 4 else torch.contiguous_format
+
+
+@torch.library.register_fake("bcos_kernels::weight_normalize")
+def _weight_normalize_fake(weight):
+    w_hat = torch.empty(
+        weight.shape, dtype=weight.dtype, device=weight.device, memory_format=_filter_block_format(weight)
+    )
+    return w_hat, weight.new_empty((weight.shape[0],) + (1,) * (weight.dim() - 1))
+
+
+@torch.library.register_fake("bcos_kernels::weight_normalize_backward")
+def _weight_normalize_backward_fake(grad_w_hat, w_hat, norm):
+    return torch.empty(w_hat.shape, dtype=w_hat.dtype, device=w_hat.device, memory_format=_filter_block_format(w_hat))
 
 
 def _check_channel_scale(channel_scale, lin, out_channels):

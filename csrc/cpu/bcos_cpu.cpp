@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
@@ -22,6 +23,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "arg_checks.h"
@@ -387,7 +389,18 @@ void scatter_planes(const scalar_t* grad_norm, const scalar_t* norm, acc_type<sc
   });
 }
 
-template <typename scalar_t>
+// kAccumulate: gx += x * R (into the gradient the convolution's backward
+// already wrote, saving a separate add pass), else gx = x * R.
+template <bool kAccumulate, typename scalar_t, typename acc_t>
+BCOS_FORCE_INLINE void store_product(scalar_t* dst, acc_t v) {
+  if constexpr (kAccumulate) {
+    *dst = static_cast<scalar_t>(static_cast<acc_t>(*dst) + v);
+  } else {
+    *dst = static_cast<scalar_t>(v);
+  }
+}
+
+template <bool kAccumulate, typename scalar_t>
 void mul_by_group_nchw(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t* gx, const Geometry& g) {
   using acc_t = acc_type<scalar_t>;
   const int64_t HW = g.H * g.W;
@@ -404,12 +417,12 @@ void mul_by_group_nchw(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t*
       const scalar_t* src = x + nc * HW + p0;
       const acc_t* r = R + (n * g.G + grp) * HW + p0;
       scalar_t* dst = gx + nc * HW + p0;
-      for (int64_t p = 0; p < len; ++p) dst[p] = static_cast<scalar_t>(static_cast<acc_t>(src[p]) * r[p]);
+      for (int64_t p = 0; p < len; ++p) store_product<kAccumulate>(dst + p, static_cast<acc_t>(src[p]) * r[p]);
     }
   });
 }
 
-template <typename scalar_t>
+template <bool kAccumulate, typename scalar_t>
 void mul_by_group_nhwc(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t* gx, const Geometry& g) {
   using acc_t = acc_type<scalar_t>;
   const int64_t HW = g.H * g.W;
@@ -420,7 +433,7 @@ void mul_by_group_nhwc(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t*
       const acc_t r = R[(n * g.G + grp) * HW + p];
       const scalar_t* s = src + grp * g.Cg;
       scalar_t* d = dst + grp * g.Cg;
-      for (int64_t c = 0; c < g.Cg; ++c) d[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * r);
+      for (int64_t c = 0; c < g.Cg; ++c) store_product<kAccumulate>(d + c, static_cast<acc_t>(s[c]) * r);
     }
   });
 }
@@ -783,6 +796,61 @@ void scale_backward_kernel(const scalar_t* grad_out, const scalar_t* lin_max, co
   });
 }
 
+// ---------------------------------------------------------------------------
+// Weight normalisation w_hat = w / ||w|| per filter, and its backward
+// (g - w_hat <g, w_hat>) / ||w||.  A filter is one contiguous block of K
+// elements in NCHW and in channels_last weights alike (only the order inside
+// it differs, and neither formula depends on it), so both walk O rows of K.
+// One pass over memory each way: a row is read again from cache.
+// ---------------------------------------------------------------------------
+template <typename acc_t, typename A, typename B>
+BCOS_FORCE_INLINE double row_dot(const A* a, const B* b, int64_t len) {
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<acc_t>(a[k + j]) * static_cast<acc_t>(b[k + j]);
+  }
+  double s = 0.0;
+  for (; k < len; ++k) s += static_cast<double>(static_cast<acc_t>(a[k]) * static_cast<acc_t>(b[k]));
+  for (int j = 0; j < kLanes; ++j) s += static_cast<double>(lanes[j]);
+  return s;
+}
+
+template <typename scalar_t>
+void normalize_rows(const scalar_t* w, scalar_t* w_hat, scalar_t* norm, int64_t O, int64_t K) {
+  using acc_t = acc_type<scalar_t>;
+  parallel_units(O, grain_for(2 * K), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
+    for (int64_t o = begin; o < end; ++o) {
+      const scalar_t* r = w + o * K;
+      // Rounded to the weight's dtype before dividing, as weight / norm does in that dtype.
+      const scalar_t nv = static_cast<scalar_t>(std::sqrt(row_dot<acc_t>(r, r, K)));
+      const acc_t n = static_cast<acc_t>(nv);
+      scalar_t* dst = w_hat + o * K;
+      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<scalar_t>(static_cast<acc_t>(r[k]) / n);
+      norm[o] = nv;
+    }
+  });
+}
+
+template <typename scalar_t>
+void normalize_rows_backward(const scalar_t* grad, const scalar_t* w_hat, const scalar_t* norm, scalar_t* grad_w,
+                             int64_t O, int64_t K) {
+  using acc_t = acc_type<scalar_t>;
+  parallel_units(O, grain_for(3 * K), [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
+    for (int64_t o = begin; o < end; ++o) {
+      const scalar_t* g = grad + o * K;
+      const scalar_t* wh = w_hat + o * K;
+      const acc_t dot = static_cast<acc_t>(row_dot<acc_t>(g, wh, K));
+      const acc_t n = static_cast<acc_t>(norm[o]);
+      scalar_t* dst = grad_w + o * K;
+      for (int64_t k = 0; k < K; ++k) {
+        dst[k] = static_cast<scalar_t>((static_cast<acc_t>(g[k]) - static_cast<acc_t>(wh[k]) * dot) / n);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // ===========================================================================
@@ -812,6 +880,30 @@ at::Tensor patch_norm(const at::Tensor& x_in, at::IntArrayRef kernel_size, at::I
   return norm;
 }
 
+namespace {
+
+// grad_x (= or += with kAccumulate) x * R, R the transposed box sum of grad_norm / norm; grad_x in the layout
+// the kernels read x in.
+template <bool kAccumulate>
+void patch_norm_backward_into(at::Tensor& grad_x, const at::Tensor& grad_norm_in, const at::Tensor& x,
+                              const at::Tensor& norm_in, const Geometry& g, bool cl) {
+  const at::Tensor grad_norm = grad_norm_in.contiguous();
+  const at::Tensor norm = norm_in.contiguous();
+  at::Tensor R = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dtype(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bcos_patch_norm_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    scatter_planes(grad_norm.const_data_ptr<scalar_t>(), norm.const_data_ptr<scalar_t>(), R.data_ptr<acc_t>(), g);
+    const acc_t* r = static_cast<const acc_t*>(R.data_ptr<acc_t>());
+    if (cl) {
+      mul_by_group_nhwc<kAccumulate>(x.const_data_ptr<scalar_t>(), r, grad_x.data_ptr<scalar_t>(), g);
+    } else {
+      mul_by_group_nchw<kAccumulate>(x.const_data_ptr<scalar_t>(), r, grad_x.data_ptr<scalar_t>(), g);
+    }
+  });
+}
+
+}  // namespace
+
 at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor& x_in, const at::Tensor& norm_in,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups) {
@@ -822,21 +914,89 @@ at::Tensor patch_norm_backward(const at::Tensor& grad_norm_in, const at::Tensor&
   const auto grad_x_format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(grad_x_format));
   if (grad_x.numel() == 0) return grad_x;
-  const at::Tensor grad_norm = grad_norm_in.contiguous();
-  const at::Tensor norm = norm_in.contiguous();
-  at::Tensor R = at::empty({g.N, g.G, g.H, g.W}, x.options().dtype(acc_dtype(x.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bcos_patch_norm_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    scatter_planes(grad_norm.const_data_ptr<scalar_t>(), norm.const_data_ptr<scalar_t>(), R.data_ptr<acc_t>(), g);
-    if (cl) {
-      mul_by_group_nhwc(x.const_data_ptr<scalar_t>(), static_cast<const acc_t*>(R.data_ptr<acc_t>()),
-                        grad_x.data_ptr<scalar_t>(), g);
-    } else {
-      mul_by_group_nchw(x.const_data_ptr<scalar_t>(), static_cast<const acc_t*>(R.data_ptr<acc_t>()),
-                        grad_x.data_ptr<scalar_t>(), g);
-    }
-  });
+  patch_norm_backward_into<false>(grad_x, grad_norm_in, x, norm_in, g, cl);
   return grad_x;
+}
+
+void patch_norm_backward_add_(at::Tensor& grad_x, const at::Tensor& grad_norm_in, const at::Tensor& x_in,
+                              const at::Tensor& norm_in, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const Geometry g = bcos_checks::check_patch_norm_backward_args<CpuDevice, Geometry>(
+      grad_norm_in, x_in, norm_in, kernel_size, stride, padding, dilation, groups);
+  const bool cl = use_channels_last(x_in);
+  const at::Tensor x = cl ? x_in : x_in.contiguous();
+  TORCH_CHECK(grad_x.sizes() == x.sizes() && grad_x.scalar_type() == x.scalar_type() && grad_x.device() == x.device(),
+              "patch_norm_backward_add_: grad_x must have the shape, dtype and device of x, got ", grad_x.sizes(),
+              " ", grad_x.scalar_type(), " for x ", x.sizes(), " ", x.scalar_type());
+  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(grad_x.is_contiguous(format), "patch_norm_backward_add_: grad_x must be ",
+              cl ? "channels_last" : "contiguous", " like the layout x is read in");
+  if (grad_x.numel() == 0) return;
+  patch_norm_backward_into<true>(grad_x, grad_norm_in, x, norm_in, g, cl);
+}
+
+namespace {
+
+// The O filters of a weight as rows of K elements (the filter block is contiguous in NCHW and channels_last).
+std::pair<int64_t, int64_t> weight_rows(const at::Tensor& w, const char* name) {
+  TORCH_CHECK(w.dim() >= 2, name, " must have at least 2 dimensions (out_features, ...), got ", w.dim());
+  TORCH_CHECK(w.is_floating_point(), name, " must be a floating point tensor, got ", w.scalar_type());
+  TORCH_CHECK(w.device().is_cpu(), name, " must be on the CPU, got ", w.device());
+  const int64_t O = w.size(0);
+  return {O, O == 0 ? 0 : w.numel() / O};
+}
+
+// w itself if each filter is one contiguous block of K elements (contiguous or channels_last), else a copy.
+at::Tensor filter_blocks(const at::Tensor& w) {
+  if (w.is_contiguous()) return w;
+  if (w.dim() == 4 && w.is_contiguous(at::MemoryFormat::ChannelsLast)) return w;
+  return w.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> weight_normalize(const at::Tensor& weight_in) {
+  const auto [O, K] = weight_rows(weight_in, "weight");
+  const at::Tensor weight = filter_blocks(weight_in);
+  at::Tensor w_hat = at::empty_like(weight);  // keeps the layout
+  std::vector<int64_t> norm_shape(weight.dim(), 1);
+  norm_shape[0] = O;
+  at::Tensor norm = at::empty(norm_shape, weight.options().memory_format(at::MemoryFormat::Contiguous));
+  if (weight.numel() == 0) {
+    norm.zero_();
+    return {w_hat, norm};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "bcos_weight_normalize", [&] {
+    normalize_rows(weight.const_data_ptr<scalar_t>(), w_hat.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(), O, K);
+  });
+  return {w_hat, norm};
+}
+
+at::Tensor weight_normalize_backward(const at::Tensor& grad_w_hat_in, const at::Tensor& w_hat_in,
+                                     const at::Tensor& norm_in) {
+  const auto [O, K] = weight_rows(w_hat_in, "w_hat");
+  TORCH_CHECK(grad_w_hat_in.sizes() == w_hat_in.sizes() && grad_w_hat_in.scalar_type() == w_hat_in.scalar_type(),
+              "weight_normalize_backward: grad_w_hat must have the shape and dtype of w_hat, got ",
+              grad_w_hat_in.sizes(), " ", grad_w_hat_in.scalar_type(), " for ", w_hat_in.sizes(), " ",
+              w_hat_in.scalar_type());
+  TORCH_CHECK(norm_in.numel() == O && norm_in.scalar_type() == w_hat_in.scalar_type(),
+              "weight_normalize_backward: norm must hold one value per filter (", O, ") in w_hat's dtype, got ",
+              norm_in.numel(), " ", norm_in.scalar_type());
+  const at::Tensor w_hat = filter_blocks(w_hat_in);
+  // grad in w_hat's layout so that element k of a row means the same weight in both.
+  const at::Tensor grad = w_hat.is_contiguous() ? grad_w_hat_in.contiguous()
+                                                : grad_w_hat_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor norm = norm_in.contiguous();
+  at::Tensor grad_w = at::empty_like(w_hat);
+  if (grad_w.numel() == 0) return grad_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w_hat.scalar_type(), "bcos_weight_normalize_backward",
+                                  [&] {
+                                    normalize_rows_backward(grad.const_data_ptr<scalar_t>(),
+                                                            w_hat.const_data_ptr<scalar_t>(),
+                                                            norm.const_data_ptr<scalar_t>(),
+                                                            grad_w.data_ptr<scalar_t>(), O, K);
+                                  });
+  return grad_w;
 }
 
 namespace {

@@ -71,11 +71,12 @@ def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
         [need_x, need_w, need_bias],
     )
     if need_x and grad_norm.numel():
-        grad_x.add_(
-            torch.ops.bcos_kernels.patch_norm_backward(
-                grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups
-            )
-        )  # in place: grad_x is this op's own tensor
+        args = (grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups)
+        # In place (grad_x is this op's own tensor); on the CPU added inside the patch-norm backward's pass.
+        if x.device.type == "cpu" and grad_x.is_contiguous(memory_format=memory_format_of(x)):
+            torch.ops.bcos_kernels.patch_norm_backward_add_(grad_x, *args)
+        else:
+            grad_x.add_(torch.ops.bcos_kernels.patch_norm_backward(*args))
     # The layouts the fake promises (copies only where convolution_backward chose another: it follows x's).
     if need_x:
         grad_x = grad_x.contiguous(memory_format=memory_format_of(x))
