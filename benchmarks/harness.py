@@ -96,6 +96,8 @@ def baseline_description() -> dict:
         "original": bcos,
         **{f"reference ({op})": text for op, text in _REFERENCE_OF.items()},
         "plain": "a plain op of the same shape (conv2d / linear / relu / per-channel multiply): the limit",
+        "plain_channels_last": "the plain conv2d with module and input channels_last; the ratio to plain takes the "
+        "faster of the two layouts",
         "memory": "GPU: torch.cuda.max_memory_allocated over a forward+backward minus what was allocated before; "
         "CPU: bytes saved for backward plus the output (inputs and parameters excluded)",
     }

@@ -6,7 +6,9 @@
 
 Per (op, case, dtype, mode): each provider's median ms, then
   base/ours   the baseline ("original", else our "reference" of it) over ours: > 1 means ours is faster;
-  ours/plain  ours over a plain conv/linear/elementwise op of the same shape: 1 is the limit;
+  ours/plain  ours over a plain conv/linear/elementwise op of the same shape: 1 is the limit; for convolutions
+              the faster of the NCHW plain conv and the channels_last one ("plain_channels_last": module and
+              input channels_last, what a plain network would run) where both ran;
   mem base/ours, mem ours/plain   the same for peak memory.
 "ours" is the fastest of our backends that ran ("cuda", "triton", "cpu", "torch").
 Records carry "iqr_ms" next to "median_ms" (files written before bcos_kernels.timing lack it; both are read).
@@ -21,6 +23,7 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
 
 OURS = ("cuda", "triton", "cpu", "torch")
+PLAIN = ("plain", "plain_channels_last")  # the best of them is the limit
 PROVIDER_ORDER = (
     "original",
     "original_compiled",
@@ -32,6 +35,7 @@ PROVIDER_ORDER = (
     "triton",
     "cuda",
     "plain",
+    "plain_channels_last",
 )
 
 
@@ -56,6 +60,7 @@ def table_rows(records: Iterable, mode: Optional[str] = None, dtype: Optional[st
         mem = {p: _get(r, "peak_mem_mb") for p, r in by.items()}
         ours = min((p for p in OURS if p in by), key=lambda p: ms[p], default=None)
         base = "original" if "original" in by else ("reference" if "reference" in by else None)
+        plain = min((p for p in PLAIN if p in by), key=lambda p: ms[p], default=None)
         rows.append(
             dict(
                 op=op,
@@ -66,9 +71,10 @@ def table_rows(records: Iterable, mode: Optional[str] = None, dtype: Optional[st
                 ours=ours,
                 base=base,
                 base_over_ours=_ratio(ms.get(base), ms.get(ours)),
-                ours_over_plain=_ratio(ms.get(ours), ms.get("plain")),
+                plain=plain,
+                ours_over_plain=_ratio(ms.get(ours), ms.get(plain)),
                 mem_base_over_ours=_ratio(mem.get(base), mem.get(ours)),
-                mem_ours_over_plain=_ratio(mem.get(ours), mem.get("plain")),
+                mem_ours_over_plain=_ratio(mem.get(ours), mem.get(plain)),
             )
         )
     return rows

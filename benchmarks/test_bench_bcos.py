@@ -1,6 +1,7 @@
 """B-cos conv2d and linear at every distinct layer shape of B-cos ResNet-50, DenseNet-121 and ViT-B/16: the
 original `bcos` modules (else our reference, labelled so), torch.compile of them, each backend of ours and a plain
-conv2d/linear of the same shape (the limit a B-cos layer cannot beat)."""
+conv2d/linear of the same shape (the limit a B-cos layer cannot beat), for the conv in both layouts: "plain" (NCHW,
+like the input ours gets) and "plain_channels_last" (module and input channels_last); the report takes the faster."""
 
 import pytest
 import torch
@@ -10,13 +11,15 @@ from shapes import BCOS_CONV_BATCH, BCOS_CONVS, BCOS_LINEAR_BATCH, BCOS_LINEARS
 
 from bcos_kernels import nn as bnn
 
-CONV_PROVIDERS = baseline_providers("bcos_conv2d") + our_providers("bcos_conv2d") + ["plain"]
+CONV_PROVIDERS = baseline_providers("bcos_conv2d") + our_providers("bcos_conv2d") + ["plain", "plain_channels_last"]
 LINEAR_PROVIDERS = baseline_providers("bcos_linear") + our_providers("bcos_linear") + ["plain"]
 
 
 def _conv_module(provider, c):
     if provider == "plain":
         return torch.nn.Conv2d(c.cin, c.cout, c.k, c.stride, c.padding, bias=False)
+    if provider == "plain_channels_last":
+        return _conv_module("plain", c).to(memory_format=torch.channels_last)
     if provider == "original":
         return bcos_module("modules").BcosConv2d(c.cin, c.cout, c.k, c.stride, c.padding)
     backend = reference_backend("bcos_conv2d") if provider == "reference" else provider
@@ -38,6 +41,8 @@ def _linear_module(provider, c):
 @pytest.mark.parametrize("case", BCOS_CONVS, ids=lambda c: c.name)
 def test_bcos_conv2d(case, dtype, provider, mode):
     x = torch.randn(BCOS_CONV_BATCH, case.cin, case.hw, case.hw, device=DEVICE, dtype=dtype)
+    if provider == "plain_channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     bench(
         "bcos_conv2d",
         case.name,

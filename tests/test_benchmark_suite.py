@@ -138,6 +138,15 @@ def test_table_ratios():
     assert md.count("\n") == 4 and "| bcos_conv2d | c | float32 | fwd |" in md
 
 
+def test_plain_is_the_faster_layout():
+    records = [_rec("cpu", 6.0, 3.0), _rec("plain", 4.0, 1.0), _rec("plain_channels_last", 3.0, 2.0)]
+    (row,) = report.table_rows(records)
+    assert row["plain"] == "plain_channels_last"
+    assert row["ours_over_plain"] == pytest.approx(2.0) and row["mem_ours_over_plain"] == pytest.approx(1.5)
+    (row,) = report.table_rows(records[:2])  # only the NCHW one ran
+    assert row["plain"] == "plain" and row["ours_over_plain"] == pytest.approx(1.5)
+
+
 def test_table_filters_by_mode():
     records = [_rec("torch", 1.0, mode="fwd"), _rec("torch", 2.0, mode="bwd")]
     assert [r["mode"] for r in report.table_rows(records, mode="bwd")] == ["bwd"]

@@ -444,6 +444,19 @@ void mul_by_group_nhwc(const scalar_t* x, const acc_type<scalar_t>* R, scalar_t*
 // forward walks a block in tiles of kTile held in local arrays.
 // ---------------------------------------------------------------------------
 constexpr int64_t kPosBlock = 2048;
+
+// Positions per unit of the backward (which walks the group's channels row by
+// row over a block): whole rows where there are enough (image, group) units
+// to share out, so that consecutive rows o, o + 1 are one sequential stream
+// of memory (measured 1.7-2x faster than blocks that cut the rows, at
+// 256 x 56 x 56); else blocks of kPosBlock.  A function of the shape only,
+// never of the thread count, so the grad_b partial sums stay deterministic.
+constexpr int64_t kMinRowUnits = 8;
+constexpr int64_t kMaxRowBlock = 16384;
+
+inline int64_t backward_pos_block(int64_t images_x_groups, int64_t P) {
+  return (images_x_groups >= kMinRowUnits && P <= kMaxRowBlock) ? std::max<int64_t>(P, 1) : kPosBlock;
+}
 constexpr int64_t kTile = 256;
 
 // A tile of the forward's MaxOut, in local arrays: the maxima lm and the
@@ -726,23 +739,24 @@ void scale_backward_kernel(const scalar_t* grad_out, const scalar_t* lin_max, co
   constexpr bool kReadNorm = kMode != bcos_math::kModeOne;
   const int64_t Gu = kReadNorm ? G : 1;  // the one mode has no norm: a single group
   const int64_t Og = O / Gu;
-  const int64_t nblk = div_up(P, kPosBlock);
+  const int64_t block = backward_pos_block(N * Gu, P);
+  const int64_t nblk = div_up(P, block);
   const acc_t bm1 = static_cast<acc_t>(b - 1.0);
   const acc_t inv_scale = static_cast<acc_t>(1.0 / scale);
   constexpr bool kComputeBound = kMode == bcos_math::kModeGeneral;
-  const int64_t grain = grain_for(kPosBlock * Og * (M + 2));
+  const int64_t grain = grain_for(block * Og * (M + 2));
   parallel_units<kComputeBound>(N * Gu * nblk, grain, [&](int64_t begin, int64_t end) BCOS_UNIT_BODY {
-    ScratchBuffer<acc_t> buffers(4 * kPosBlock);
+    ScratchBuffer<acc_t> buffers(4 * block);
     acc_t* dl = buffers.data();
-    acc_t* dn = dl + kPosBlock;
-    acc_t* db = dn + kPosBlock;
-    acc_t* inv_n = db + kPosBlock;
+    acc_t* dn = dl + block;
+    acc_t* db = dn + block;
+    acc_t* inv_n = db + block;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t ng = u / nblk;  // n * Gu + group
       const int64_t n = ng / Gu;
       const int64_t grp = ng % Gu;
-      const int64_t p0 = (u % nblk) * kPosBlock;
-      const int64_t len = std::min(kPosBlock, P - p0);
+      const int64_t p0 = (u % nblk) * block;
+      const int64_t len = std::min(block, P - p0);
       double db_sum = 0.0;
       if constexpr (kNeedDn) std::fill(dn, dn + len, acc_t(0));
       if constexpr (kReadNorm) {
@@ -1063,7 +1077,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bcos_scale_backward(
   if (t.grad_lin.numel() == 0) return t.outputs();
   const bool need_dn = t.need_dn;
   const bool need_db = t.need_db;
-  const int64_t nunits = s.N * (mode == bcos_math::kModeOne ? 1 : s.G) * div_up(s.P, kPosBlock);
+  const int64_t norm_units = s.N * (mode == bcos_math::kModeOne ? 1 : s.G);
+  const int64_t nunits = norm_units * div_up(s.P, backward_pos_block(norm_units, s.P));
   std::vector<double> partial_db(need_db ? nunits : 0, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.grad_out.scalar_type(), "bcos_scale_backward", [&] {
