@@ -7,7 +7,55 @@ import torch
 import torch.nn.functional as F
 
 from bcos_kernels.ops import _bcos_common as common
+from bcos_kernels.ops import _conv_layout
 from bcos_kernels.ops._layout import memory_format_of
+
+CL = torch.channels_last
+
+
+def _measured_layout(x) -> bool:
+    """Whether the convolution's layout is chosen by measurement (_conv_layout): NCHW x on the CPU. A
+    channels_last x runs channels_last, and cuDNN (backend "cuda", which shares this path) chooses its own."""
+    return x.device.type == "cpu" and memory_format_of(x) == torch.contiguous_format
+
+
+def _conv_key(step, x, w_hat, opts):
+    geometry = tuple(tuple(v) for v in (opts.stride, opts.padding, opts.dilation))
+    return (step, tuple(x.shape), tuple(w_hat.shape), geometry, opts.groups, x.dtype)
+
+
+def conv_forward(x, w_hat, bias, opts):
+    """F.conv2d, returning NCHW-contiguous lin for an NCHW x, in the layout measured faster for the shape."""
+    args = (bias, opts.stride, opts.padding, opts.dilation, opts.groups)
+    if not _measured_layout(x):
+        return F.conv2d(x, w_hat, *args)
+    return _conv_layout.run_faster(
+        _conv_key("forward", x, w_hat, opts),
+        lambda: F.conv2d(x, w_hat, *args),
+        lambda: F.conv2d(x.contiguous(memory_format=CL), w_hat.contiguous(memory_format=CL), *args).contiguous(),
+    )
+
+
+def conv_backward(grad_lin, x, w_hat, opts, mask):
+    """aten.convolution_backward (grads of x, w_hat, bias), for an NCHW x in the layout measured faster; grad_x
+    comes back in x's layout."""
+    geometry = (opts.stride, opts.padding, opts.dilation, False, [0, 0], opts.groups, mask)
+
+    def run(g, xx, w):
+        return torch.ops.aten.convolution_backward(g, xx, w, [w_hat.shape[0]], *geometry)
+
+    if not _measured_layout(x):
+        return run(grad_lin, x, w_hat)
+
+    def channels_last():
+        grad_x, grad_w, grad_bias = run(
+            grad_lin.contiguous(memory_format=CL), x.contiguous(memory_format=CL), w_hat.contiguous(memory_format=CL)
+        )
+        return (grad_x.contiguous() if grad_x is not None else None), grad_w, grad_bias
+
+    return _conv_layout.run_faster(
+        _conv_key("backward", x, w_hat, opts) + (tuple(mask),), lambda: run(grad_lin, x, w_hat), channels_last
+    )
 
 
 def scaled_forward(lin, x, weight, b_val, b_is_tensor, opts, channel_scale):
@@ -29,7 +77,7 @@ def aten_forward(x, weight, bias, b_tensor, channel_scale, scaled, opts):
     max_out = opts.max_out
     b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
     w_hat, _ = common.weight_and_norm(weight, opts.normalize_weight)
-    lin = F.conv2d(x, w_hat, bias, opts.stride, opts.padding, opts.dilation, opts.groups)
+    lin = conv_forward(x, w_hat, bias, opts)
     n, filters, ho, wo = lin.shape
     lin = lin.reshape(n, filters, ho * wo).contiguous()
     out, lin_max, winner, norm = scaled(lin, x, weight, b_val, b_is_tensor, opts, channel_scale)
@@ -57,19 +105,7 @@ def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
     )
     grad_lin = grad_lin.view(n, out_channels * max_out, ho, wo)
     w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)
-    grad_x, grad_w_hat, grad_bias = torch.ops.aten.convolution_backward(
-        grad_lin,
-        x,
-        w_hat,
-        [weight.shape[0]],
-        stride,
-        padding,
-        dilation,
-        False,
-        [0, 0],
-        groups,
-        [need_x, need_w, need_bias],
-    )
+    grad_x, grad_w_hat, grad_bias = conv_backward(grad_lin, x, w_hat, opts, [need_x, need_w, need_bias])
     if need_x and grad_norm.numel():
         args = (grad_norm.view(n, groups, ho, wo), x, norm, list(weight.shape[2:]), stride, padding, dilation, groups)
         # In place (grad_x is this op's own tensor); on the CPU added inside the patch-norm backward's pass.
