@@ -48,15 +48,16 @@ def test_measured_once_per_shape_and_step(monkeypatch):
     choices = _conv_layout.choices()
     assert sorted(key[0][0] for key in choices) == ["backward", "forward"]
     assert set(choices.values()) <= {_conv_layout.NCHW, _conv_layout.CHANNELS_LAST}
-    assert len(calls) == 4  # two timed runs per step, on the first call only
+    runs = 2 * _conv_layout.ROUNDS  # per step, on the first call only
+    assert len(calls) == 2 * runs
     _call(torch.randn(1, 3, 6, 6, requires_grad=True), w)  # a new batch size is a new shape
-    assert len(_conv_layout.choices()) == 4 and len(calls) == 8
+    assert len(_conv_layout.choices()) == 4 and len(calls) == 4 * runs
 
 
 def test_a_channels_last_win_is_kept(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     ran = []
-    times = iter([1.0, 0.5])  # nchw, then channels_last: channels_last is faster
+    times = iter([1.0, 0.5] * _conv_layout.ROUNDS)  # nchw, then channels_last: channels_last is faster
     monkeypatch.setattr(_conv_layout, "_timed", lambda fn: (next(times), fn()))
     result = _conv_layout.run_faster("k", lambda: ran.append("nchw") or "a", lambda: ran.append("cl") or "b")
     assert result == "b" and _conv_layout.choices()[("k", torch.get_num_threads())] == _conv_layout.CHANNELS_LAST
@@ -67,7 +68,7 @@ def test_a_channels_last_win_is_kept(monkeypatch):
 
 def test_a_tie_keeps_nchw(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    times = iter([1.0, 0.97])  # within the margin
+    times = iter([1.0, 0.97] * _conv_layout.ROUNDS)  # within the margin
     monkeypatch.setattr(_conv_layout, "_timed", lambda fn: (next(times), fn()))
     assert _conv_layout.run_faster("k", lambda: "a", lambda: "b") == "a"
 

@@ -451,7 +451,7 @@ constexpr int64_t kPosBlock = 2048;
 // of memory (measured 1.7-2x faster than blocks that cut the rows, at
 // 256 x 56 x 56); else blocks of kPosBlock.  A function of the shape only,
 // never of the thread count, so the grad_b partial sums stay deterministic.
-constexpr int64_t kMinRowUnits = 8;
+constexpr int64_t kMinRowUnits = 4;  // two per thread on a 2-core machine
 constexpr int64_t kMaxRowBlock = 16384;
 
 inline int64_t backward_pos_block(int64_t images_x_groups, int64_t P) {
