@@ -146,12 +146,17 @@ def test_patch_norm(n, c, h, w, k, s, p, d, g, dtype, layout):
     assert_close(norm, ref64, ref_lowp)
 
 
-@over_geometries
-def test_patch_norm_backward(n, c, h, w, k, s, p, d, g, dtype, layout):
+def patch_norm_backward_args(n, c, h, w, k, s, p, d, g, dtype, layout):
+    """(grad_norm, x, norm, geometry...): the arguments of patch_norm_backward for a geometry."""
     x = make_x(n, c, h, w, dtype, layout)
     norm = ops.patch_norm(x, list(k), list(s), list(p), list(d), g)
-    grad_norm = randn(*norm.shape, dtype=dtype, seed=5)
-    grad_x = ops.patch_norm_backward(grad_norm, x, norm, list(k), list(s), list(p), list(d), g)
+    return randn(*norm.shape, dtype=dtype, seed=5), x, norm, list(k), list(s), list(p), list(d), g
+
+
+@over_geometries
+def test_patch_norm_backward(n, c, h, w, k, s, p, d, g, dtype, layout):
+    grad_norm, x, *_ = args = patch_norm_backward_args(n, c, h, w, k, s, p, d, g, dtype, layout)
+    grad_x = ops.patch_norm_backward(*args)
     assert grad_x.shape == x.shape and grad_x.dtype == dtype
     if layout == "channels_last":
         assert grad_x.is_contiguous(memory_format=torch.channels_last)
@@ -171,10 +176,7 @@ def test_patch_norm_backward(n, c, h, w, k, s, p, d, g, dtype, layout):
 @over_geometries
 def test_patch_norm_backward_add_(n, c, h, w, k, s, p, d, g, dtype, layout):
     """Adds exactly the gradient patch_norm_backward returns into grad_x, in the layout x is read in."""
-    x = make_x(n, c, h, w, dtype, layout)
-    norm = ops.patch_norm(x, list(k), list(s), list(p), list(d), g)
-    grad_norm = randn(*norm.shape, dtype=dtype, seed=5)
-    args = (grad_norm, x, norm, list(k), list(s), list(p), list(d), g)
+    _, x, *_ = args = patch_norm_backward_args(n, c, h, w, k, s, p, d, g, dtype, layout)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     start = randn(*x.shape, dtype=dtype, seed=7).contiguous(memory_format=fmt)
     grad_x = start.clone(memory_format=fmt)
