@@ -138,6 +138,8 @@ class Support:
     # whether "auto" picks it for a call (keyword facts -> bool), for a backend measured slower than the next one
     # in AUTO_ORDER on some calls (benchmarks/results); None: for every call it can run
     auto: Optional[Callable[..., bool]] = None
+    # the forms it can compute an op in, where an op has several (the DAU: ops/dau_conv2d/cost_model.py)
+    forms: Tuple[str, ...] = ("lowrank",)
 
 
 def _deterministic_only(deterministic: bool = False, **_) -> bool:
@@ -166,7 +168,7 @@ OPS: Dict[str, Dict[str, Support]] = {
     "bcos_linear": _BCOS,
     "dau_conv2d": {
         "reference": Support(),
-        "torch": Support(),
+        "torch": Support(forms=("lowrank", "materialised")),
         "triton": Support(TRITON_DTYPES, _dau_triton_limits),
         "cuda": Support(CUDA_DTYPES, _dau_cuda_limits),
     },

@@ -192,6 +192,7 @@ def test_custom_ops_reject_cpu_tensors():
             torch.randn(50, 3),
             torch.rand(50, 2),
             gout,
+            torch.empty(0),
             detach=False,
             needs=[True, True, True, False],
             **dau_options,
@@ -312,14 +313,14 @@ def test_dau_glue_layouts_match_the_fakes(layout, bias):
     for norm in ("squash", "l2"):
         want = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, **opts._replace(norm=norm)._asdict())
         for t, w in zip(got, want):
-            _same_layout(t, w)
-    out, z, s = got
+            _same_layout(x.new_empty(0) if t is None else t, w)  # None: no per-pixel weights kept
+    out, z, s, _ = got
     for g in (torch.empty_like(out), out.contiguous(memory_format=torch.channels_last)):
         for detach in (False, True):
             for needs in ([True, True, True, bias], [True, False, False, False], [False, True, True, bias]):
-                grads = dau_cuda.backward(g, x, a, e, b, z, s, out, opts._replace(detach=detach), needs)
+                grads = dau_cuda.backward(g, x, a, e, b, z, s, out, None, opts._replace(detach=detach), needs)
                 want = torch.ops.bcos_kernels.dau_conv2d_backward(
-                    g, x, a, e, b, z, s, out, needs=needs, **opts._replace(detach=detach)._asdict()
+                    g, x, a, e, b, z, s, out, x.new_empty(0), needs=needs, **opts._replace(detach=detach)._asdict()
                 )
                 for t, w in zip(grads, want):
                     _same_layout(x.new_empty(0) if t is None else t, w)
@@ -588,11 +589,11 @@ def test_dau_opcheck(dev):
         options = dict(kernel_size=3, stride=[2, 1], padding=[1, 0], norm=norm, detach=detach, backend="cuda")
         leaves = [t.clone().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in args]
         torch.library.opcheck(torch.ops.bcos_kernels.dau_conv2d.default, tuple(leaves), options)
-        out, z, s = torch.ops.bcos_kernels.dau_conv2d.default(*args, **options)
+        out, z, s, w = torch.ops.bcos_kernels.dau_conv2d.default(*args, **options)
         for needs in ([True, True, True, bias is not None], [True, False, False, False], [False, True, True, False]):
             torch.library.opcheck(
                 torch.ops.bcos_kernels.dau_conv2d_backward.default,
-                (torch.randn_like(out), xx, a, e, bias, z, s, out),
+                (torch.randn_like(out), xx, a, e, bias, z, s, out, w),
                 dict(options, needs=needs),
             )
 

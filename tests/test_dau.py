@@ -15,7 +15,7 @@ import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: pytest finds it here)
 
 from bcos_kernels.nn.dau import DAUConv2d
-from bcos_kernels.ops.dau_conv2d import dau_conv2d, lowrank
+from bcos_kernels.ops.dau_conv2d import cost_model, dau_conv2d, lowrank, materialised
 from bcos_kernels.ops.dau_conv2d.reference import dau_conv2d_lowrank, dau_conv2d_original
 
 F64 = torch.float64
@@ -249,8 +249,121 @@ def test_channels_last_and_module_vs_original_reference():
     assert xg.grad is not None and all(p.grad is None for p in m.parameters())
 
 
-def test_saves_no_per_pixel_weights():
-    """Autograd keeps only small tensors (z: r channels; ||w||: O channels; the output) besides the inputs."""
+PLANS = [cost_model.Plan(f, b) for f in cost_model.FORMS for b in cost_model.FORMS]
+
+
+def force_plan(monkeypatch, plan):
+    monkeypatch.setattr(cost_model, "choose", lambda shape, needs_backward=True: plan)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.forward}-{p.backward}")
+def test_materialised_chunks_and_empty_batch(plan, monkeypatch):
+    """Each plan of backend "torch" with one image per chunk of its transients, and with an empty batch."""
+    force_plan(monkeypatch, plan)
+    monkeypatch.setattr(materialised, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(importlib.import_module("bcos_kernels.ops.dau_conv2d.torch"), "CHUNK_ELEMENTS", 1)
+    for n, k, stride, padding in ((3, 3, 2, 1), (2, 1, 1, 0), (0, 3, 1, 1), (0, 1, 1, 0)):
+        a, e, b = make_params(3, 4, 5, k)
+        x = torch.rand(n, 3, 7, 9, dtype=F64)
+        for norm, detach in (("squash", False), ("l2", False), ("squash", True)):
+            kw = dict(kernel_size=k, stride=stride, padding=padding, norm=norm, detach=detach)
+            if n == 0:  # the original cannot view an empty batch: the gradients of the parameters are 0
+                out, grads, _ = grads_of(dau_conv2d, (x, a, e, b), kw, torch.zeros(0, 4, 7 // stride, 9 // stride))
+                assert out.shape == (0, 4, 7 // stride, 9 // stride) and grads[0].shape == x.shape
+                assert all(t is None or (t == 0).all() for t in grads[1:])
+                continue
+            ref_out, ref_grads, g = grads_of(dau_conv2d_original, (x, a, e, b), kw)
+            out, grads, _ = grads_of(dau_conv2d, (x, a, e, b), kw, g)
+            assert_close_to(out, ref_out, F64, f"{plan} n={n} k={k} out")
+            for got, want in zip(grads, ref_grads):
+                assert_close_to(got, want, F64, f"{plan} n={n} k={k} grad")
+
+
+def test_cost_model_choices():
+    """The plans of the CoDA-Net layers where the forms differ most (cost_model.py's fit), and what decides."""
+    shape = cost_model.DauShape
+    # ImageNet-100 L9 (64->100, rank 256 @20, batch 1): the Gram terms outweigh the weights
+    assert cost_model.choose(shape(400, 576, 100, 256, True)) == cost_model.Plan("materialised", "materialised")
+    # CIFAR-10 L9 (1x1 64->10, rank 64 @8, batch 8): R = 65 > D = 64
+    assert cost_model.choose(shape(512, 64, 10, 64, True)) == cost_model.Plan("materialised", "materialised")
+    # CIFAR-10 L2 and L7 (3x3 16->16 r32 @32, 64->64 r64 @8, batch 8): the long reductions of the low-rank conv
+    assert cost_model.choose(shape(8192, 144, 16, 32, True)) == cost_model.Plan("lowrank", "lowrank")
+    assert cost_model.choose(shape(512, 576, 64, 64, True)) == cost_model.Plan("lowrank", "lowrank")
+    # inference: the forward alone decides, and no weights are kept
+    plan = cost_model.choose(shape(400, 576, 100, 256, True), needs_backward=False)
+    assert plan.forward == "materialised" and not plan.saves_weights
+    assert cost_model.Plan("materialised", "materialised").saves_weights
+    assert not cost_model.Plan("lowrank", "materialised").saves_weights
+
+
+def test_front_door_plans_the_backward_only_when_needed(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cost_model, "choose", lambda s, needs_backward=True: seen.append(needs_backward) or PLANS[0])
+    a, e, b = make_params(3, 4, 5, 3)
+    x = torch.rand(2, 3, 5, 5, dtype=F64)
+    dau_conv2d(x, a, e, b, kernel_size=3)  # nothing requires grad
+    dau_conv2d(x.requires_grad_(), a, e, b, kernel_size=3)
+    with torch.no_grad():
+        dau_conv2d(x, a, e, b, kernel_size=3)
+    dau_conv2d(x.detach(), a.requires_grad_(), e, b, kernel_size=3, detach=True)  # explanation mode: x only
+    assert seen == [False, True, False, False]
+
+
+def test_plan_errors_and_kept_weights():
+    """A form a backend lacks is refused by name; the op returns w only when both forms are materialised."""
+    a, e, b = make_params(3, 4, 5, 3)
+    x = torch.rand(2, 3, 5, 5, dtype=F64)
+    opts = dict(kernel_size=3, stride=[1, 1], padding=[1, 1], norm="squash", detach=False)
+    with pytest.raises(ValueError, match="backend 'triton' has no forward_form='materialised'"):
+        torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, **opts, backend="triton", forward_form="materialised")
+    with pytest.raises(ValueError, match="backward_form='sparse'"):
+        torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, **opts, backend="torch", backward_form="sparse")
+    for plan in PLANS:
+        out, z, s, w = torch.ops.bcos_kernels.dau_conv2d(
+            x, a, e, b, **opts, backend="torch", forward_form=plan.forward, backward_form=plan.backward
+        )
+        assert w.shape == ((2 * 25, 27 * 4) if plan.saves_weights else (0,)), plan
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.forward}-{p.backward}")
+def test_opcheck_every_plan(plan):
+    a, e, b = make_params(3, 4, 5, 3)
+    x = torch.rand(2, 3, 7, 6, dtype=F64).contiguous(memory_format=torch.channels_last)
+    args = tuple(t.requires_grad_(True) for t in (x, a, e, b))
+    opts = dict(kernel_size=3, stride=[2, 1], padding=[1, 0], norm="squash", detach=False, backend="torch")
+    torch.library.opcheck(
+        torch.ops.bcos_kernels.dau_conv2d.default,
+        args,
+        dict(opts, forward_form=plan.forward, backward_form=plan.backward),
+    )
+
+
+def test_kept_weights_are_no_more_than_the_originals(monkeypatch):
+    """The one plan that keeps w keeps P*D*O elements (the original's per-pixel weights) and nothing larger."""
+    force_plan(monkeypatch, cost_model.Plan("materialised", "materialised"))
+    c, o, r, k = 16, 8, 6, 3
+    a, e, b = (t.float().requires_grad_(True) for t in make_params(c, o, r, k))
+    x = torch.rand(2, c, 9, 9, requires_grad=True)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, a, e, b)}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = dau_conv2d(x, a, e, b, kernel_size=k)
+    pixels = out.shape[0] * out.shape[2] * out.shape[3]
+    assert max(saved) == pixels * c * k * k * o
+    assert sum(saved) <= pixels * (c * k * k * o + r + 2 * o)
+
+
+def test_saves_no_per_pixel_weights(monkeypatch):
+    """Autograd keeps only small tensors (z: r channels; ||w||: O channels; the output) besides the inputs, in
+    every plan but the one that keeps w (test above)."""
+    monkeypatch.setattr(cost_model, "choose", lambda shape, needs_backward=True: cost_model.Plan("lowrank", "lowrank"))
     c, o, r, k = 16, 8, 6, 3
     a, e, b = (t.float().requires_grad_(True) for t in make_params(c, o, r, k))
     x = torch.rand(2, c, 9, 9, requires_grad=True)

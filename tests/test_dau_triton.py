@@ -265,7 +265,7 @@ def test_opcheck(case):
 def test_opcheck_backward_op():
     x, a, e, b = _small()
     options = dict(kernel_size=3, stride=[1, 1], padding=[1, 1], norm="squash", backend="triton")
-    out, z, s = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, detach=False, **options)
+    out, z, s, w = torch.ops.bcos_kernels.dau_conv2d(x, a, e, b, detach=False, **options)
     g = torch.randn_like(out)
     for detach, needs in (
         (False, [True, True, True, True]),
@@ -274,7 +274,7 @@ def test_opcheck_backward_op():
     ):
         torch.library.opcheck(
             torch.ops.bcos_kernels.dau_conv2d_backward.default,
-            (g, x, a, e, b, z, s, out),
+            (g, x, a, e, b, z, s, out, w),
             dict(options, detach=detach, needs=needs),
             test_utils=("test_schema", "test_faketensor"),
         )

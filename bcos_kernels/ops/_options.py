@@ -15,8 +15,18 @@ _SCHEMA_TYPES = {float: "float", int: "SymInt", bool: "bool", str: "str", List[i
 
 
 def schema_fields(options: type) -> str:
-    """``"float b, SymInt[] stride, ..."`` for the fields of the NamedTuple ``options``."""
-    return ", ".join(f"{_SCHEMA_TYPES[t]} {name}" for name, t in typing.get_type_hints(options).items())
+    """``"float b, SymInt[] stride, ..."`` for the fields of the NamedTuple ``options``; a field with a default
+    gets it in the schema too (``str form="lowrank"``), so that direct calls of the op may leave it out."""
+    defaults = options._field_defaults
+
+    def field(name, t):
+        if name not in defaults:
+            return f"{_SCHEMA_TYPES[t]} {name}"
+        value = defaults[name]
+        literal = f'"{value}"' if isinstance(value, str) else str(value)
+        return f"{_SCHEMA_TYPES[t]} {name}={literal}"
+
+    return ", ".join(field(name, t) for name, t in typing.get_type_hints(options).items())
 
 
 def custom_op(name: str, tensors: str, options: type, returns: str, extra: str = ""):

@@ -17,6 +17,7 @@ from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
 from bcos_kernels.ops._layout import conv_output_size
 from bcos_kernels.ops._options import custom_op
+from bcos_kernels.ops.dau_conv2d import cost_model
 from bcos_kernels.ops.dau_conv2d.lowrank import compute_dtype
 from bcos_kernels.ops.dau_conv2d.reference import NORMS, dau_conv2d_original, default_padding
 
@@ -102,7 +103,8 @@ def dau_conv2d(
             norm=norm,
             detach=detach,
         )
-    out, _, _ = dau_conv2d_op(
+    plan = _plan(name, x, rank_weight, expand_weight, expand_bias, kernel_size, ho, wo, detach)
+    out, _, _, _ = dau_conv2d_op(
         x,
         rank_weight,
         expand_weight,
@@ -113,8 +115,25 @@ def dau_conv2d(
         norm=norm,
         detach=detach,
         backend=name,
+        forward_form=plan.forward,
+        backward_form=plan.backward,
     )
     return out
+
+
+def _plan(backend, x, rank_weight, expand_weight, expand_bias, kernel_size, ho, wo, detach) -> cost_model.Plan:
+    """The forms to compute: the cost model's choice where the backend has both (cost_model.py), else low-rank.
+    Only the forward counts when nothing will need a gradient."""
+    if "materialised" not in backends.OPS["dau_conv2d"][backend].forms:
+        return cost_model.Plan("lowrank", "lowrank")
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in ((x,) if detach else (x, rank_weight, expand_weight, expand_bias))
+    )
+    d = x.shape[1] * kernel_size * kernel_size
+    shape = cost_model.DauShape(
+        x.shape[0] * ho * wo, d, expand_weight.shape[0] // d, rank_weight.shape[0], expand_bias is not None
+    )
+    return cost_model.choose(shape, needs_backward=grads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,19 +149,28 @@ class DauOptions(NamedTuple):
     norm: str
     detach: bool  # for the backward only
     backend: str
+    # the plan of backend "torch" (cost_model.py); "lowrank" for the backends that have only that form
+    forward_form: str = "lowrank"
+    backward_form: str = "lowrank"
 
 
 _FORWARD_INPUTS = "Tensor x, Tensor rank_weight, Tensor expand_weight, Tensor? expand_bias"
 
 
-@custom_op("bcos_kernels::dau_conv2d", _FORWARD_INPUTS, DauOptions, "(Tensor, Tensor, Tensor)")
+@custom_op("bcos_kernels::dau_conv2d", _FORWARD_INPUTS, DauOptions, "(Tensor, Tensor, Tensor, Tensor)")
 def dau_conv2d_op(x, rank_weight, expand_weight, expand_bias, **options):
-    """Returns (out, z, s): out (N, O, Ho, Wo) contiguous in x's dtype; z (N*Ho*Wo, r) and s = ||w||
-    (N*Ho*Wo, O), pixel-major, in the compute dtype (fp32 for half inputs): what the backward needs, not
-    differentiable."""
+    """Returns (out, z, s, w): out (N, O, Ho, Wo) contiguous in x's dtype; z (N*Ho*Wo, r) and s = ||w||
+    (N*Ho*Wo, O), pixel-major, in the compute dtype (fp32 for half inputs); w the per-pixel weights
+    (N*Ho*Wo, C*k*k*O) when the plan keeps them (both forms materialised), else empty: what the backward needs,
+    not differentiable."""
     opts = DauOptions(**options)
     kernels = backends.checked_kernels("dau_conv2d", opts.backend, x.device)
-    return kernels.forward(x, rank_weight, expand_weight, expand_bias, opts)
+    for field in ("forward_form", "backward_form"):
+        form = getattr(opts, field)
+        if form not in backends.OPS["dau_conv2d"][opts.backend].forms:
+            raise ValueError(f"bcos_kernels.dau_conv2d: backend {opts.backend!r} has no {field}={form!r}")
+    out, z, s, w = kernels.forward(x, rank_weight, expand_weight, expand_bias, opts)
+    return out, z, s, z.new_empty(0) if w is None else w
 
 
 @dau_conv2d_op.register_fake
@@ -153,25 +181,27 @@ def _(x, rank_weight, expand_weight, expand_bias, **options):
     ho, wo = conv_output_size(x.shape[2:], (k, k), opts.stride, opts.padding)
     n, c = x.shape[:2]
     o = expand_weight.shape[0] // (c * k * k)
+    kept = cost_model.Plan(opts.forward_form, opts.backward_form).saves_weights
     return (
         x.new_empty((n, o, ho, wo)),
         x.new_empty((n * ho * wo, rank_weight.shape[0]), dtype=cdt),
         x.new_empty((n * ho * wo, o), dtype=cdt),
+        x.new_empty((n * ho * wo, expand_weight.shape[0]) if kept else (0,), dtype=cdt),
     )
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    out, z, s = output
-    ctx.mark_non_differentiable(z, s)
-    # Saved: the inputs (alive anyway), z (r channels), s (O channels) and the output (O channels, alive anyway
-    # while the next layer uses it). NOT saved: any O*R-channel intermediate; the backward recomputes what it
-    # needs of it (see the backends' docstrings).
-    ctx.save_for_backward(*inputs, z, s, out)
+    out, z, s, w = output
+    ctx.mark_non_differentiable(z, s, w)
+    # Saved: the inputs (alive anyway), z (r channels), s (O channels), the output (O channels, alive anyway
+    # while the next layer uses it) and w when the plan keeps it (then as large as the original's weights). NOT
+    # saved: any O*R-channel intermediate; the backward recomputes what it needs of it (see the backends).
+    ctx.save_for_backward(*inputs, z, s, out, w)
     ctx.options = dict(keyword_only_inputs)
 
 
 @torch.autograd.function.once_differentiable  # z, s and out are saved as constants: no double backward
-def _backward(ctx, grad_out, _grad_z, _grad_s):
+def _backward(ctx, grad_out, _grad_z, _grad_s, _grad_w):
     needs = list(ctx.needs_input_grad[:4])
     if ctx.options["detach"]:  # explanation mode: w and ||w|| are constants, x gets a gradient through x_patch
         needs[1:] = [False] * 3
@@ -181,7 +211,8 @@ def _backward(ctx, grad_out, _grad_z, _grad_s):
     if impl.OPAQUE_BACKWARD:
         grads = dau_conv2d_backward_op(grad_out, *ctx.saved_tensors, **ctx.options, needs=needs)
     else:
-        grads = impl.backward(grad_out, *ctx.saved_tensors, DauOptions(**ctx.options), needs)
+        *saved, w = ctx.saved_tensors
+        grads = impl.backward(grad_out, *saved, w if w.numel() else None, DauOptions(**ctx.options), needs)
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
@@ -190,24 +221,36 @@ dau_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 @custom_op(
     "bcos_kernels::dau_conv2d_backward",
-    f"Tensor grad_out, {_FORWARD_INPUTS}, Tensor z, Tensor s, Tensor out",
+    f"Tensor grad_out, {_FORWARD_INPUTS}, Tensor z, Tensor s, Tensor out, Tensor weights",
     DauOptions,
     "(Tensor, Tensor, Tensor, Tensor)",
     extra="bool[] needs",
 )
-def dau_conv2d_backward_op(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, *, needs, **options):
+def dau_conv2d_backward_op(
+    grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, weights, *, needs, **options
+):
     """Gradients for (x, rank_weight, expand_weight, expand_bias) of the forward op; an empty tensor where
     ``needs`` is False (and for the parameters in explanation mode). A custom op of its own so that compiled
     graphs keep the kernels opaque."""
     opts = DauOptions(**options)
     grads = backends.checked_kernels("dau_conv2d", opts.backend, x.device).backward(
-        grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, list(needs)
+        grad_out,
+        x,
+        rank_weight,
+        expand_weight,
+        expand_bias,
+        z,
+        s,
+        out,
+        weights if weights.numel() else None,
+        opts,
+        list(needs),
     )
     return tuple(x.new_empty(0) if t is None else t for t in grads)
 
 
 @dau_conv2d_backward_op.register_fake
-def _(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, *, needs, **options):
+def _(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, weights, *, needs, **options):
     detach = options["detach"]
     like = (x, rank_weight, expand_weight, expand_bias)
     return tuple(

@@ -78,10 +78,10 @@ def forward(x, rank_weight, expand_weight, expand_bias, opts):
         s = ss[0]
     else:
         s = torch.cat(ss) if ss else x.new_empty((0, o), dtype=cdt)
-    return out, z, s
+    return out, z, s, None  # the low-rank form only: no per-pixel weights kept
 
 
-def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, needs):
+def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, weights, opts, needs):
     kernel_size, stride, padding, norm, detach = opts.kernel_size, opts.stride, opts.padding, opts.norm, opts.detach
     need_x, need_a, need_e, need_b = needs
     need_b = need_b and expand_bias is not None

@@ -143,8 +143,9 @@ def from_pixel_major(t: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 
 def batch_chunks(n: int, per_image: int, budget: int) -> List[Tuple[int, int]]:
     """[i0, i1) ranges of the batch with at most ``budget`` elements per O*R-channel transient, at least one
-    image each; one range under torch.compile (a traced loop would be unrolled)."""
-    if torch.compiler.is_compiling():
+    image each; one range under torch.compile (a traced loop would be unrolled) and for an empty batch (whose
+    tensors are then empty, not missing)."""
+    if torch.compiler.is_compiling() or n == 0:
         return [(0, n)]
     step = max(1, min(n, budget // max(per_image, 1)))
     return [(i, min(n, i + step)) for i in range(0, n, step)]

@@ -1,6 +1,8 @@
-"""Backend "torch" of the DAU convolution: the low-rank form (lowrank.py, DESIGN.md section 3) in plain torch ops
-with a hand-written backward; the per-pixel dynamic weights (N, C*k*k, O, Ho, Wo) are never built. z and y come
-out of one convolution with r + O*R filters, in the compute dtype (fp32 for half inputs).
+"""Backend "torch" of the DAU convolution, in plain torch ops with hand-written backwards, in two forms chosen per
+shape by cost_model.py for the forward and the backward separately (the plan comes in the options): the
+materialised form (materialised.py), and the low-rank form (lowrank.py, DESIGN.md section 3), below, which never
+builds the per-pixel dynamic weights (N, C*k*k, O, Ho, Wo). z and y come out of one convolution with r + O*R
+filters, in the compute dtype (fp32 for half inputs).
 
 Layout: x goes channels_last, so that the conv outputs are pixel-major (N*Ho*Wo, channels) and every per-pixel
 contraction over R is a batched mat-vec (bmm) that reads the O*R-channel tensor once, without an elementwise
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bcos_kernels.ops._layout import conv_output_size
-from bcos_kernels.ops.dau_conv2d import lowrank
+from bcos_kernels.ops.dau_conv2d import lowrank, materialised
 from bcos_kernels.ops.dau_conv2d.lowrank import add, conv_backward, from_pixel_major, pixel_major
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per O*R-channel transient (read at call time: tests lower it)
@@ -52,6 +54,24 @@ def _operands(
 
 
 def forward(x, rank_weight, expand_weight, expand_bias, opts):
+    """(out, z, s, w) in the plan's forward form; w (kept for a materialised backward) or None."""
+    if opts.forward_form == "materialised":
+        return materialised.forward(
+            x, rank_weight, expand_weight, expand_bias, opts, save_weights=opts.backward_form == "materialised"
+        )
+    return (*_lowrank_forward(x, rank_weight, expand_weight, expand_bias, opts), None)
+
+
+def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, weights, opts, needs):
+    """The gradients in the plan's backward form (either reads what either forward saved)."""
+    if opts.backward_form == "materialised":
+        return materialised.backward(
+            grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, weights, opts, needs
+        )
+    return _lowrank_backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, needs)
+
+
+def _lowrank_forward(x, rank_weight, expand_weight, expand_bias, opts):
     kernel_size, stride, padding, norm = opts.kernel_size, opts.stride, opts.padding, opts.norm
     xc, a, filt2d, rows, gram_t = _operands(x, rank_weight, expand_weight, expand_bias, kernel_size)
     n = x.shape[0]
@@ -77,7 +97,7 @@ def forward(x, rank_weight, expand_weight, expand_bias, opts):
     return out, z, s
 
 
-def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, needs):
+def _lowrank_backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, needs):
     kernel_size, stride, padding, norm, detach = opts.kernel_size, opts.stride, opts.padding, opts.norm, opts.detach
     need_x, need_a, need_e, need_b = needs
     need_z = need_x or need_a  # the paths through z = conv(x, rank_weight)

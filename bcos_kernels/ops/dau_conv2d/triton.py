@@ -455,7 +455,7 @@ def _parameter_tables(expand_weight: torch.Tensor, expand_bias: Optional[torch.T
 
 
 def forward(x, rank_weight, expand_weight, expand_bias, opts):
-    """(out (N, O, Ho, Wo) contiguous in x's dtype, z (P, r) fp32, s = ||w|| (P, O) fp32)."""
+    """(out (N, O, Ho, Wo) contiguous in x's dtype, z (P, r) fp32, s = ||w|| (P, O) fp32, None: no w kept)."""
     kernel_size, stride, padding, norm = opts.kernel_size, opts.stride, opts.padding, opts.norm
     n, c = x.shape[:2]
     rank = rank_weight.shape[0]
@@ -467,7 +467,7 @@ def forward(x, rank_weight, expand_weight, expand_bias, opts):
     z = torch.empty((num_pix, rank), device=x.device, dtype=torch.float32)
     s = torch.empty((num_pix, units), device=x.device, dtype=torch.float32)
     if num_pix == 0:
-        return out, z, s
+        return out, z, s, None
     a = rank_weight.contiguous()
     e = expand_weight.contiguous()
     b = None if expand_bias is None else expand_bias.contiguous()
@@ -494,10 +494,10 @@ def forward(x, rank_weight, expand_weight, expand_bias, opts):
         KS=kernel_size, SQUASH=norm == "squash", HAS_BIAS=b is not None, BLOCK_P=block_p,
         BLOCK_D=16 if x.dtype == torch.float32 else 32, BLOCK_U=UNITS_PER_PROGRAM, RANK_CHUNK=rank_chunk,
         BLOCK_T=MIN_DOT, DATA_DOT=data_dot, **LAUNCH)
-    return out, z, s
+    return out, z, s, None  # the low-rank form only: no per-pixel weights kept
 
 
-def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, opts, needs):
+def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, weights, opts, needs):
     """Gradients for (x, rank_weight, expand_weight, expand_bias) (None where ``needs`` is False). The kernels
     read the per-pixel fp32 dnum (P, O) and dq (P, O) (lowrank.output_grads; no dq in explanation mode: w and
     ||w|| are constants, only x gets a gradient, through x_patch)."""
