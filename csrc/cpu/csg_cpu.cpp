@@ -41,6 +41,23 @@ struct Gate {
   }
 };
 
+// sum_p a[p] * b[p] in S, over kLanes interleaved partial sums added up at the end: a fixed order (deterministic),
+// and independent sums the compiler can keep in one vector register (one running sum would wait on the latency
+// of every add).
+constexpr int64_t kLanes = 8;
+template <typename S, typename T>
+S dot(const T* a, const T* b, int64_t n) {
+  S part[kLanes] = {};
+  int64_t p = 0;
+  for (; p + kLanes <= n; p += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) part[j] += static_cast<S>(a[p + j]) * static_cast<S>(b[p + j]);
+  }
+  for (; p < n; ++p) part[p % kLanes] += static_cast<S>(a[p]) * static_cast<S>(b[p]);
+  S acc = 0;
+  for (int64_t j = 0; j < kLanes; ++j) acc += part[j];
+  return acc;
+}
+
 // dst = src * gate(n, c) for every element, walking src's layout (src: x forward, grad_out backward).  With
 // per_sample (need_mask), also per_sample[n, c] = sum over the positions of src * x.
 template <typename T>
@@ -58,11 +75,7 @@ void gate_pass(const T* src, const T* x, const Gate<T>& gate, const CsgShape& s,
           const A f = gate(n, c);
           for (int64_t p = 0; p < s.HW; ++p) dst[off + p] = static_cast<T>(static_cast<A>(src[off + p]) * f);
         }
-        if (per_sample != nullptr) {
-          S acc = 0;
-          for (int64_t p = 0; p < s.HW; ++p) acc += static_cast<S>(src[off + p]) * static_cast<S>(x[off + p]);
-          per_sample[row] = acc;
-        }
+        if (per_sample != nullptr) per_sample[row] = dot<S>(src + off, x + off, s.HW);
       }
     });
     return;
