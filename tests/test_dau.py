@@ -339,9 +339,10 @@ def test_opcheck_every_plan(plan):
     )
 
 
-def test_kept_weights_are_no_more_than_the_originals(monkeypatch):
-    """The one plan that keeps w keeps P*D*O elements (the original's per-pixel weights) and nothing larger."""
-    force_plan(monkeypatch, cost_model.Plan("materialised", "materialised"))
+def saved_sizes(monkeypatch, plan):
+    """(element counts of the tensors autograd keeps besides the inputs, pixels, (C, O, r, k)) of one call in
+    ``plan``."""
+    force_plan(monkeypatch, plan)
     c, o, r, k = 16, 8, 6, 3
     a, e, b = (t.float().requires_grad_(True) for t in make_params(c, o, r, k))
     x = torch.rand(2, c, 9, 9, requires_grad=True)
@@ -355,29 +356,22 @@ def test_kept_weights_are_no_more_than_the_originals(monkeypatch):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = dau_conv2d(x, a, e, b, kernel_size=k)
-    pixels = out.shape[0] * out.shape[2] * out.shape[3]
+    return saved, out.shape[0] * out.shape[2] * out.shape[3], (c, o, r, k)
+
+
+def test_kept_weights_are_no_more_than_the_originals(monkeypatch):
+    """The one plan that keeps w keeps P*D*O elements (the original's per-pixel weights) and nothing larger."""
+    saved, pixels, (c, o, r, k) = saved_sizes(monkeypatch, cost_model.Plan("materialised", "materialised"))
     assert max(saved) == pixels * c * k * k * o
     assert sum(saved) <= pixels * (c * k * k * o + r + 2 * o)
 
 
-def test_saves_no_per_pixel_weights(monkeypatch):
+@pytest.mark.parametrize("plan", PLANS[:3], ids=lambda p: f"{p.forward}-{p.backward}")
+def test_saves_no_per_pixel_weights(monkeypatch, plan):
     """Autograd keeps only small tensors (z: r channels; ||w||: O channels; the output) besides the inputs, in
     every plan but the one that keeps w (test above)."""
-    monkeypatch.setattr(cost_model, "choose", lambda shape, needs_backward=True: cost_model.Plan("lowrank", "lowrank"))
-    c, o, r, k = 16, 8, 6, 3
-    a, e, b = (t.float().requires_grad_(True) for t in make_params(c, o, r, k))
-    x = torch.rand(2, c, 9, 9, requires_grad=True)
-    inputs = {t.untyped_storage().data_ptr() for t in (x, a, e, b)}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in inputs:
-            saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = dau_conv2d(x, a, e, b, kernel_size=k)
-    pixels = out.shape[0] * out.shape[2] * out.shape[3]
+    assert not plan.saves_weights
+    saved, pixels, (c, o, r, k) = saved_sizes(monkeypatch, plan)
     assert sum(saved) <= pixels * (r + 2 * o)
     assert max(saved) < pixels * o * (r + 1)  # not even the O*R-channel intermediate
 

@@ -161,6 +161,11 @@ def conv_backward(
     return gx, gw
 
 
+def join(parts: List[torch.Tensor]) -> torch.Tensor:
+    """The per-chunk results of a batch as one tensor (no copy for a single chunk)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def add(acc: Optional[torch.Tensor], t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """acc + t, where acc None is 0 (sums over the chunks of the batch)."""
     return t if acc is None else acc + t

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from bcos_kernels.ops._layout import conv_output_size
 from bcos_kernels.ops.dau_conv2d import lowrank
-from bcos_kernels.ops.dau_conv2d.lowrank import add, conv_backward, from_pixel_major, pixel_major
+from bcos_kernels.ops.dau_conv2d.lowrank import add, conv_backward, from_pixel_major, join, pixel_major
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per (P, D*O) transient when w is not kept (read at call time)
 NORM_SLICE_ELEMENTS = 1 << 16  # the squares of w summed 256 KiB (fp32) at a time
@@ -61,7 +61,7 @@ def _norms(w: torch.Tensor) -> torch.Tensor:
     stays in cache (torch.linalg.vector_norm over the middle dim is several times slower at small O)."""
     step = max(1, NORM_SLICE_ELEMENTS // max(1, w.shape[1] * w.shape[2]))
     parts = [torch.square(w[i : i + step]).sum(1) for i in range(0, max(1, w.shape[0]), step)]
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)).sqrt_()
+    return join(parts).sqrt_()
 
 
 def _weights(z: torch.Tensor, expand_rows: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -99,10 +99,10 @@ def forward(x, rank_weight, expand_weight, expand_bias, opts, save_weights: bool
         if save_weights:
             ws.append(w)
         del w
-    num, s = (t[0] if len(t) == 1 else torch.cat(t) for t in (nums, qs))
+    num, s = join(nums), join(qs)
     inv, _ = lowrank.inverse_norm(s, opts.norm)
     out = from_pixel_major(num * inv, n, ho, wo).to(x.dtype).contiguous()
-    w_all = (ws[0] if len(ws) == 1 else torch.cat(ws)).view(z.shape[0], d * o) if save_weights else None
+    w_all = join(ws).view(z.shape[0], d * o) if save_weights else None
     return out, z, s, w_all
 
 
@@ -149,13 +149,9 @@ def backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s, out, we
         if need_x:
             gxs.append(gx)
 
-    grads: List[Optional[torch.Tensor]] = [None] * 4
-    if need_x:
-        grads[0] = (gxs[0] if len(gxs) == 1 else torch.cat(gxs)).to(x.dtype)
-    if need_a and not detach:
-        grads[1] = ga.to(rank_weight.dtype)
-    if need_e:
-        grads[2] = grad_rows.reshape(expand_weight.shape).to(expand_weight.dtype)
-    if need_b:
-        grads[3] = grad_bias.to(expand_bias.dtype)
-    return grads
+    return [
+        join(gxs).to(x.dtype) if need_x else None,
+        ga.to(rank_weight.dtype) if need_a and not detach else None,
+        grad_rows.reshape(expand_weight.shape).to(expand_weight.dtype) if need_e else None,
+        grad_bias.to(expand_bias.dtype) if need_b else None,
+    ]

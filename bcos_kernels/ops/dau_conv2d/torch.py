@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from bcos_kernels.ops._layout import conv_output_size
 from bcos_kernels.ops.dau_conv2d import lowrank, materialised
-from bcos_kernels.ops.dau_conv2d.lowrank import add, conv_backward, from_pixel_major, pixel_major
+from bcos_kernels.ops.dau_conv2d.lowrank import add, conv_backward, from_pixel_major, join, pixel_major
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per O*R-channel transient (read at call time: tests lower it)
 
@@ -90,7 +90,7 @@ def _lowrank_forward(x, rank_weight, expand_weight, expand_bias, opts):
         ss.append(torch.bmm(gz, za.unsqueeze(2)).squeeze(2))  # (p, O): ||w_o||^2 = za^T G_o za
         del gz
         zs.append(z)
-    num, z, s = (t[0] if len(t) == 1 else torch.cat(t) for t in (nums, zs, ss))
+    num, z, s = join(nums), join(zs), join(ss)
     s = s.clamp_min(0).sqrt()  # (P, O): ||w_o||
     inv, _ = lowrank.inverse_norm(s, norm)
     out = from_pixel_major(num * inv, n, ho, wo).to(x.dtype).contiguous()
@@ -152,5 +152,5 @@ def _lowrank_backward(grad_out, x, rank_weight, expand_weight, expand_bias, z, s
     if need_a:
         grads[1] = ga.to(rank_weight.dtype)
     if need_x:
-        grads[0] = (gxs[0] if len(gxs) == 1 else torch.cat(gxs)).to(x.dtype)
+        grads[0] = join(gxs).to(x.dtype)
     return grads
