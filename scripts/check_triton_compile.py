@@ -261,10 +261,12 @@ def _dau_cases(full: bool):
                     detach=False,
                     backend="triton",
                 )
-                out, z, s = dau.forward(x, a, e, bias, opts)
+                out, z, s, w = dau.forward(x, a, e, bias, opts)
                 for detach in (False, True):
                     needs = [True, not detach, not detach, not detach and has_bias]
-                    dau.backward(torch.empty_like(out), x, a, e, bias, z, s, out, opts._replace(detach=detach), needs)
+                    dau.backward(
+                        torch.empty_like(out), x, a, e, bias, z, s, out, w, opts._replace(detach=detach), needs
+                    )
 
 
 CASES = [_bcos_cases, _lwta_csg_cases, _dau_cases]
