@@ -12,7 +12,14 @@ from bcos_kernels.bcosify import add_inverse, bcosify  # noqa: E402
 from bcos_kernels.convert import convert  # noqa: E402
 from bcos_kernels.explain import explain, explanation_mode, gradient_to_image  # noqa: E402
 from bcos_kernels.fold import fold_batchnorm, unfold_batchnorm  # noqa: E402
-from bcos_kernels.ops import bcos_conv2d, bcos_linear, class_specific_gate, dau_conv2d, lwta  # noqa: E402
+from bcos_kernels.ops import (  # noqa: E402
+    batch_norm_uncentered,
+    bcos_conv2d,
+    bcos_linear,
+    class_specific_gate,
+    dau_conv2d,
+    lwta,
+)
 
 try:  # the one version string is setup.py's; installed, it is in the package metadata
     from importlib.metadata import version as _version
@@ -23,6 +30,7 @@ except ImportError:  # PackageNotFoundError: a source tree that is not installed
 __all__ = [
     "add_inverse",
     "available_backends",
+    "batch_norm_uncentered",
     "bcos_conv2d",
     "bcos_linear",
     "bcosify",

@@ -142,6 +142,12 @@ class Support:
     forms: Tuple[str, ...] = ("lowrank",)
 
 
+def _same_dtypes(mixed_dtypes=(), **_) -> Optional[str]:
+    if mixed_dtypes:
+        return f"{', '.join(mixed_dtypes)} must have x's dtype (mixed dtypes run the reference)"
+    return None
+
+
 def _deterministic_only(deterministic: bool = False, **_) -> bool:
     # LWTA's C++ kernels (backend "cpu") beat the reference 7-15x in the deterministic mode; in the stochastic one
     # the fused re-draw and transcendentals cost about as much as the reference's passes (0.7-1.35x, see the
@@ -177,6 +183,10 @@ OPS: Dict[str, Dict[str, Support]] = {
         "reference": Support(keeps_channels_last=True),
         "cpu": Support(keeps_channels_last=True, auto=_deterministic_only),
         **_ELEMENTWISE,
+    },
+    "batch_norm_uncentered": {
+        "reference": Support(keeps_channels_last=True),
+        "torch": Support(keeps_channels_last=True, limits=_same_dtypes),
     },
     "class_specific_gate": {
         "reference": Support(keeps_channels_last=None),

@@ -35,7 +35,15 @@ from bcos_kernels import nn as ours
 __all__ = ["convert"]
 
 # Our modules are never converted again (convert is idempotent).
-_OUR_TYPES = (ours.BcosConv2d, ours.BcosConv2dV1, ours.BcosLinear, ours.DAUConv2d, ours.LWTA, ours.ClassSpecificGate)
+_OUR_TYPES = (
+    ours.BcosConv2d,
+    ours.BcosConv2dV1,
+    ours.BcosLinear,
+    ours.DAUConv2d,
+    ours.LWTA,
+    ours.ClassSpecificGate,
+    ours.BatchNormUncentered2d,
+)
 
 
 class Unsupported(ValueError):
@@ -180,6 +188,15 @@ def _lwta(original: nn.Module, backend: Optional[str]) -> nn.Module:
     return new
 
 
+def _uncentered_norm(original: nn.Module, backend: Optional[str]) -> nn.Module:
+    """The `bcos` package's BatchNormUncentered2d (its parameters and buffers shared). Not an interpretable layer
+    but most of a B-cos CNN's non-conv time in training (the original's ``var``): it takes ``backend`` when its op
+    has it ("reference", "torch"), else "auto"."""
+    return ours.BatchNormUncentered2d.from_module(
+        original, backend if backend in backends.OPS["batch_norm_uncentered"] else None
+    )
+
+
 def _csg_gate(original: nn.Module, backend: Optional[str]) -> nn.Module:
     """CSGCNN's LearnableMaskLayer."""
     with torch.device("meta"):
@@ -224,6 +241,12 @@ _RULES = (
         ("models.ResNet.activations", "activations"),
         _has("U", "temp", "temp_test", "deterministic", "kl_flag", "inplace"),
         _lwta,
+    ),
+    _Rule(
+        "BatchNormUncentered2d",
+        ("bcos.modules.norms.uncentered_norms.batchnorm_uncentered",),
+        _has("num_features", "eps", "momentum", "running_var", "track_running_stats"),
+        _uncentered_norm,
     ),
     _Rule("LearnableMaskLayer", ("resnet_std", "VOCPart.train.resnet_std"), _has("mask", "avg_pool"), _csg_gate),
 )
@@ -272,7 +295,8 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
 
     Converted: `bcos.modules` BcosConv2d, BcosConv2dWithScale, BcosLinear (B-cos v2); B-cosification's
     BcosifyConv2d / BcosifyLinear (learned b included); moboehle/B-cos v1 BcosConv2d; CoDA-Nets
-    ``CoDAConv2d(DAUWeights)``; DISCOVER's LWTA; CSGCNN's LearnableMaskLayer. Everything else is untouched, so
+    ``CoDAConv2d(DAUWeights)``; DISCOVER's LWTA; CSGCNN's LearnableMaskLayer; and the `bcos` package's
+    BatchNormUncentered2d (on ``backend`` where its op has it, else "auto"). Everything else is untouched, so
     outputs and gradients are those of the original model (up to floating-point rounding).
     """
     backends.check_name(backend)

@@ -226,3 +226,36 @@ CLASS_SPECIFIC_GATE = [
     _csg("channels_last_train", (2, 5, 3, 3), 3, channels_last=True),
     _csg("channels_last_eval", (2, 5, 3, 2), 2, training=False, channels_last=True),
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Uncentered batch norm: ``running_var`` is a tuple of numbers (tests/ops/test_batch_norm_uncentered.py makes a
+# fresh buffer in x's dtype for every call, so that no run sees another's update)
+# ---------------------------------------------------------------------------------------------------------------
+def _norm(case_id, shape, training=True, weight=True, bias=True, detach=False, tracked=True, channels_last=False):
+    g = _generator(case_id)
+    c = shape[1]
+    # an offset per channel: the mean term of the gradient matters
+    x = torch.randn(shape, generator=g, dtype=F64) * 2 + torch.randn(c, generator=g, dtype=F64)[None, :, None, None]
+    inputs = dict(x=x)
+    if weight:
+        inputs["weight"] = torch.rand(c, generator=g, dtype=F64) + 0.5
+    if bias:
+        inputs["bias"] = torch.randn(c, generator=g, dtype=F64)
+    running = tuple((torch.rand(c, generator=g, dtype=F64) + 0.5).tolist()) if tracked or not training else None
+    kwargs = dict(running_var=running, training=training, momentum=0.1, eps=1e-5, detach=detach)
+    return Case(case_id, inputs, kwargs, channels_last)
+
+
+BATCH_NORM_UNCENTERED = [
+    _norm("train", (3, 5, 4, 7)),
+    _norm("train_no_bias", (2, 6, 3, 3), bias=False),  # the B-cos models' NoBias(BatchNormUncentered2d)
+    _norm("train_not_affine", (2, 4, 5, 5), weight=False, bias=False),
+    _norm("train_untracked_odd", (3, 7, 5, 3), tracked=False),
+    _norm("eval", (2, 5, 3, 4), training=False, bias=False),
+    _norm("explanation_train", (2, 5, 3, 3), detach=True),
+    _norm("batch1_1x2", (1, 8, 1, 2)),  # two values a channel
+    _norm("batch2_1x1_stride_like", (2, 3, 1, 1), bias=False),
+    _norm("channels_last_train", (2, 5, 3, 3), channels_last=True),
+    _norm("channels_last_eval", (2, 6, 2, 3), training=False, channels_last=True),
+]

@@ -18,37 +18,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from bcos_kernels.nn.bcos import DetachableModule
-
-
-def batch_norm_uncentered_2d(
-    input: Tensor,
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    training: bool,
-    momentum: float,
-    eps: float,
-    detach: bool,
-) -> Tensor:
-    """The original's function, operation for operation (same order, so the same rounding)."""
-    if input.dim() != 4:
-        raise ValueError(f"input must be (N, C, H, W), got shape {tuple(input.shape)}")
-    if training:
-        stats_of = input.detach() if detach else input
-        var = stats_of.var(dim=(0, 2, 3), unbiased=False)
-        if running_var is not None:
-            running_var.copy_((1 - momentum) * running_var + momentum * var.detach())
-    else:
-        if running_var is None:
-            raise ValueError("running_var must be tracked to evaluate the norm in eval mode")
-        var = running_var
-    std = (var + eps).sqrt()[None, ..., None, None]
-    result = input / std
-    if weight is not None:
-        result = weight[None, ..., None, None] * result
-    if bias is not None:
-        result = result + bias[None, ..., None, None]
-    return result
+from bcos_kernels.ops.batch_norm_uncentered import batch_norm_uncentered
 
 
 class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
@@ -56,6 +26,8 @@ class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
 
     ``detach`` (explanation mode, ``set_explanation_mode`` of DetachableModule) detaches the batch statistics in
     training mode, as the original. ``folded`` is set by ``bcos_kernels.fold_batchnorm``: see the module docstring.
+    ``backend``: as :func:`bcos_kernels.batch_norm_uncentered` (None: "auto", the fast path; "reference": the
+    original's operations).
     """
 
     def __init__(
@@ -68,6 +40,7 @@ class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
         device=None,
         dtype=None,
         bias: bool = True,
+        backend: Optional[str] = None,
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if not bias:
@@ -75,9 +48,10 @@ class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
                 raise ValueError("bias=False needs affine=True (there is no bias without affine parameters)")
             self.bias = None
         self.folded = False
+        self.backend = backend
 
     @classmethod
-    def from_module(cls, norm: nn.BatchNorm2d) -> "BatchNormUncentered2d":
+    def from_module(cls, norm: nn.BatchNorm2d, backend: Optional[str] = None) -> "BatchNormUncentered2d":
         """The same norm (its parameters and buffers shared, not copied) as an instance of this class."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -89,6 +63,7 @@ class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
             new._buffers[name] = buf
         new.detach = bool(getattr(norm, "detach", False))
         new.folded = False
+        new.backend = getattr(norm, "backend", backend) if backend is None else backend
         return new
 
     def _momentum_and_count(self) -> float:
@@ -116,8 +91,16 @@ class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
         factor = self._momentum_and_count()
         training = self.uses_batch_statistics()
         running_var = self.running_var if not self.training or self.track_running_stats else None
-        return batch_norm_uncentered_2d(
-            input, running_var, self.weight, self.bias, training, factor, self.eps, self.detach
+        return batch_norm_uncentered(
+            input,
+            running_var,
+            self.weight,
+            self.bias,
+            training=training,
+            momentum=factor,
+            eps=self.eps,
+            detach=self.detach,
+            backend=getattr(self, "backend", None),
         )
 
     def extra_repr(self) -> str:
