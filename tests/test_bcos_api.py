@@ -185,6 +185,9 @@ def test_op_backends_table_matches_the_front_doors():
         "class_specific_gate": lambda be: bcos_kernels.class_specific_gate(
             X, torch.rand(4, 3), torch.tensor([0, 2]), backend=be
         ),
+        "batch_norm_uncentered": lambda be: bcos_kernels.batch_norm_uncentered(
+            X, torch.ones(4), None, None, training=True, backend=be
+        ),
     }
     assert set(calls) == set(backends.OPS)
     for op, call in calls.items():
