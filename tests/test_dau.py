@@ -509,3 +509,21 @@ def test_good_input_and_backends():
         torch.testing.assert_close(dau_conv2d(x, a, e, b, backend=backend, **kw), want)
     with pytest.raises(ValueError, match="norm"):
         DAUConv2d(3, 4, 2, norm="squashing")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside torch.compile
+def test_compile_dynamic_batch_sizes_one_graph():
+    """dynamic=True: the front door's plan is not a guard on the batch size (compiled: the low-rank plan)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    m = DAUConv2d(4, 5, 3, kernel_size=3).double()
+    compiled = torch.compile(m, dynamic=True, fullgraph=True)
+    for n in (2, 3, 5):
+        x = torch.rand(n, 4, 9, 7, dtype=F64, requires_grad=True)
+        got, want = compiled(x), m(x)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(
+            torch.autograd.grad(got.square().sum(), x)[0], torch.autograd.grad(want.square().sum(), x)[0]
+        )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

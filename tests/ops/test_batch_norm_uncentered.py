@@ -140,3 +140,19 @@ def test_one_value_a_channel(dtype):
     torch.testing.assert_close(outs[1][0], outs[0][0])
     torch.testing.assert_close(outs[1][1], outs[0][1])
     torch.testing.assert_close(outs[1][1], torch.full_like(x, 1e-5**-0.5))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compile_dynamic_batch_sizes_one_graph():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    norm = bnn.BatchNormUncentered2d(4, bias=False).double()
+    eager = copy.deepcopy(norm)
+    compiled = torch.compile(norm, dynamic=True, fullgraph=True)
+    for n in (2, 3, 5):
+        x = torch.rand(n, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+        got, want = compiled(x), eager(x)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+    torch.testing.assert_close(norm.running_var, eager.running_var)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -123,8 +123,9 @@ def dau_conv2d(
 
 def _plan(backend, x, rank_weight, expand_weight, expand_bias, kernel_size, ho, wo, detach) -> cost_model.Plan:
     """The forms to compute: the cost model's choice where the backend has both (cost_model.py), else low-rank.
-    Only the forward counts when nothing will need a gradient."""
-    if "materialised" not in backends.OPS["dau_conv2d"][backend].forms:
+    Only the forward counts when nothing will need a gradient. Under torch.compile: low-rank (the model's
+    comparisons of symbolic sizes would guard on them, i.e. recompile per batch size under dynamic shapes)."""
+    if torch.compiler.is_compiling() or "materialised" not in backends.OPS["dau_conv2d"][backend].forms:
         return cost_model.Plan("lowrank", "lowrank")
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in ((x,) if detach else (x, rank_weight, expand_weight, expand_bias))
