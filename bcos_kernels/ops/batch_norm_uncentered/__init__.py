@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 
 from bcos_kernels import backends
 from bcos_kernels.ops._checks import check_tensor
+from bcos_kernels.ops._dtypes import compute_dtype
 from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.batch_norm_uncentered import reference
 
@@ -37,6 +38,7 @@ def batch_norm_uncentered(
     batch statistics are constants for autograd (explanation mode)."""
     check_tensor("x", x, 4)
     channels = x.shape[1]
+    mixed = []  # the per-channel tensors not in x's dtype
     for name, t in (("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -45,16 +47,13 @@ def batch_norm_uncentered(
             raise ValueError(f"{name} has {t.shape[0]} elements but x has {channels} channels")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must be on the same device")
+        if t.dtype != x.dtype:
+            mixed.append(name)
     if not training and running_var is None:
         raise ValueError("running_var must be tracked to evaluate the norm in eval mode")
     for name, value in (("momentum", momentum), ("eps", eps)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    mixed = [
-        n
-        for n, t in (("running_var", running_var), ("weight", weight), ("bias", bias))
-        if t is not None and t.dtype != x.dtype
-    ]
     name = backends.resolve("batch_norm_uncentered", backend, x, mixed_dtypes=tuple(mixed))
     if name == "reference":
         return reference.batch_norm_uncentered_2d(x, running_var, weight, bias, training, momentum, eps, detach)
@@ -98,8 +97,7 @@ def batch_norm_uncentered_op(x, running_var, weight, bias, **options):
 
 @batch_norm_uncentered_op.register_fake
 def _(x, running_var, weight, bias, **options):
-    cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    stats = [x.new_empty((x.shape[1],), dtype=cdt) for _ in range(3)]
+    stats = [x.new_empty((x.shape[1],), dtype=compute_dtype(x.dtype)) for _ in range(3)]
     return (torch.empty_like(x), *stats)
 
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from bcos_kernels.ops._dtypes import compute_dtype
+
 DIMS = (0, 2, 3)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _per_channel(t: torch.Tensor) -> torch.Tensor:
@@ -29,7 +27,7 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
 
 def statistics(x: torch.Tensor):
     """(mean, biased variance) per channel, in the compute dtype."""
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     xc = x.to(cdt)
     mean = xc.mean(DIMS)
     var = torch.square(xc - _per_channel(mean)).mean(DIMS)
@@ -37,11 +35,11 @@ def statistics(x: torch.Tensor):
 
 
 def forward(x, running_var, weight, bias, opts):
-    """(out, mean, inv_std): mean is that of the batch (zeros when the running variance is used)."""
+    """(out, mean, var, inv_std): the batch's mean and variance, or zeros and running_var in eval mode."""
     if opts.training:
         mean, var = statistics(x)
     else:
-        var = running_var.to(_compute_dtype(x.dtype), copy=True)  # an output may not alias an input
+        var = running_var.to(compute_dtype(x.dtype), copy=True)  # an output may not alias an input
         mean = torch.zeros_like(var)
     inv_std = torch.rsqrt(var + opts.eps)
     scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)

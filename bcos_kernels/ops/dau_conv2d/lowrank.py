@@ -27,11 +27,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of z, s and every per-pixel factor: fp32 for half inputs (fp64 stays fp64)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
+from bcos_kernels.ops._dtypes import compute_dtype  # noqa: F401  (of z, s and the per-pixel factors)
 
 # ------------------------------------------------------------------------------------------------ parameters
 
