@@ -249,7 +249,7 @@ def test_channels_last_and_module_vs_original_reference():
     assert xg.grad is not None and all(p.grad is None for p in m.parameters())
 
 
-PLANS = [cost_model.Plan(f, b) for f in cost_model.FORMS for b in cost_model.FORMS]
+PLANS = cost_model.PLANS
 
 
 def force_plan(monkeypatch, plan):

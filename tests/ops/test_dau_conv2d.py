@@ -12,7 +12,7 @@ test_reference_backend, test_backend, test_channels_last = op_tests(
 )
 
 
-PLANS = [cost_model.Plan(f, b) for f in cost_model.FORMS for b in cost_model.FORMS]
+PLANS = cost_model.PLANS
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -51,6 +51,9 @@ class Plan(NamedTuple):
         return self.forward == "materialised" and self.backward == "materialised"
 
 
+PLANS = tuple(Plan(f, b) for f in FORMS for b in FORMS)
+
+
 def _gemm(m: int, k: int, n: int) -> float:
     return max(2.0 * m * k * n / FLOPS_PER_S, 4.0 * (m * k + k * n + m * n) / BYTES_PER_S)
 
@@ -106,5 +109,4 @@ def choose(s: DauShape, needs_backward: bool = True) -> Plan:
     if not needs_backward:
         fwd = min(FORMS, key=lambda f: (forward_seconds(f, s), f != "lowrank"))
         return Plan(fwd, "lowrank")
-    plans = [Plan(f, b) for f in FORMS for b in FORMS]
-    return min(plans, key=lambda pl: (plan_seconds(pl, s), pl.forward != "lowrank", pl.backward != "lowrank"))
+    return min(PLANS, key=lambda pl: (plan_seconds(pl, s), pl.forward != "lowrank", pl.backward != "lowrank"))

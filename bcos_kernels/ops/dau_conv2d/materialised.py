@@ -37,10 +37,15 @@ CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per (P, D*O) transient when w is not 
 NORM_SLICE_ELEMENTS = 1 << 16  # the squares of w summed 256 KiB (fp32) at a time
 
 
+def _pointwise(kernel_size: int, stride, padding) -> bool:
+    """A 1x1 kernel with stride 1 and no padding: the patches are x itself."""
+    return kernel_size == 1 and list(stride) == [1, 1] and list(padding) == [0, 0]
+
+
 def _patches(x: torch.Tensor, kernel_size: int, stride, padding) -> torch.Tensor:
-    """The input patches pixel-major (P, D) in the unfold order d = c*k*k + i*k + j (a view for a 1x1 kernel
-    with stride 1 and no padding on a channels_last x)."""
-    if kernel_size == 1 and list(stride) == [1, 1] and list(padding) == [0, 0]:
+    """The input patches pixel-major (P, D) in the unfold order d = c*k*k + i*k + j (a view when _pointwise and
+    x is channels_last)."""
+    if _pointwise(kernel_size, stride, padding):
         return pixel_major(x)
     cols = F.unfold(x, kernel_size, padding=padding, stride=stride)  # (n, D, L)
     return cols.transpose(1, 2).reshape(cols.shape[0] * cols.shape[2], cols.shape[1])
@@ -49,7 +54,7 @@ def _patches(x: torch.Tensor, kernel_size: int, stride, padding) -> torch.Tensor
 def _fold(grad_patches: torch.Tensor, x: torch.Tensor, kernel_size: int, stride, padding) -> torch.Tensor:
     """The gradient of x (x's shape) from the gradient of its patches (P, D): the adjoint of _patches."""
     n, c, h, w = x.shape
-    if kernel_size == 1 and list(stride) == [1, 1] and list(padding) == [0, 0]:
+    if _pointwise(kernel_size, stride, padding):
         return from_pixel_major(grad_patches, n, h, w)
     ho, wo = conv_output_size((h, w), (kernel_size, kernel_size), stride, padding)
     cols = grad_patches.reshape(n, ho * wo, grad_patches.shape[1]).transpose(1, 2)  # (n, D, L)
