@@ -148,11 +148,12 @@ def _same_dtypes(mixed_dtypes=(), **_) -> Optional[str]:
     return None
 
 
-def _deterministic_only(deterministic: bool = False, **_) -> bool:
-    # LWTA's C++ kernels (backend "cpu") beat the reference 7-15x in the deterministic mode; in the stochastic one
-    # the fused re-draw and transcendentals cost about as much as the reference's passes (0.7-1.35x, see the
-    # closing note of issue 19), so "auto" leaves those calls to the next backend.
-    return deterministic
+def _lwta_cpu_auto(deterministic: bool = False, keeps_probabilities: bool = False, **_) -> bool:
+    # LWTA's C++ kernels (backend "cpu") beat the reference 3-5x in the deterministic mode, and 1.6-3x sampling an
+    # fp32/fp64 x, whose softmax probabilities they keep for the backward (issue 19's closing notes). Sampling a
+    # bf16/fp16 x they draw the noise again in the backward, about as slow as the reference: "auto" leaves those
+    # calls to the next backend.
+    return deterministic or keeps_probabilities
 
 
 _BCOS = {
@@ -181,7 +182,7 @@ OPS: Dict[str, Dict[str, Support]] = {
     # the LWTA reference's x * mask keeps x's layout; the gate's reference does only in eval (it returns x)
     "lwta": {
         "reference": Support(keeps_channels_last=True),
-        "cpu": Support(keeps_channels_last=True, auto=_deterministic_only),
+        "cpu": Support(keeps_channels_last=True, auto=_lwta_cpu_auto),
         **_ELEMENTWISE,
     },
     "batch_norm_uncentered": {

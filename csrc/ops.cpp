@@ -55,6 +55,11 @@ at::Tensor lwta_block_backward(const at::Tensor& grad_out, const at::Tensor& x, 
                                const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset);
 
 at::Tensor lwta_uniform(const at::Tensor& x, int64_t seed, int64_t offset);
+std::tuple<at::Tensor, at::Tensor> lwta_sample_forward(const at::Tensor& x, int64_t competitors, double temperature,
+                                                       const std::optional<at::Tensor>& noise, int64_t seed,
+                                                       int64_t offset);
+at::Tensor lwta_sample_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& probs,
+                                int64_t competitors, double temperature);
 
 // Class-specific gate (csrc/cpu/csg_cpu.cpp; schemas: csrc/cuda_schemas.cpp).
 at::Tensor csg_gate_forward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& labels);
@@ -95,6 +100,16 @@ TORCH_LIBRARY(bcos_kernels, m) {
       "bool b_is_tensor, int max_out, float scale, bool detach, bool need_grad_norm, bool need_grad_b) "
       "-> (Tensor grad_lin, Tensor grad_norm, Tensor grad_b)",
       tags);
+  // The stochastic LWTA keeping the softmax probabilities (CPU only; fp32/fp64 x, probs in its dtype, both
+  // contiguous): the forward of lwta_block_forward with the probabilities instead of the winner; the backward
+  // reads them (and finds the winner again from them) instead of drawing the noise again.
+  m.def(
+      "lwta_sample_forward(Tensor x, int competitors, float temperature, Tensor? noise, int seed, int offset) "
+      "-> (Tensor out, Tensor probs)",
+      tags);
+  m.def(
+      "lwta_sample_backward(Tensor grad_out, Tensor x, Tensor probs, int competitors, float temperature) -> Tensor",
+      tags);
 }
 
 TORCH_LIBRARY_IMPL(bcos_kernels, CPU, m) {
@@ -108,6 +123,8 @@ TORCH_LIBRARY_IMPL(bcos_kernels, CPU, m) {
   m.impl("lwta_block_forward", &bcos_kernels::cpu::lwta_block_forward);
   m.impl("lwta_block_backward", &bcos_kernels::cpu::lwta_block_backward);
   m.impl("lwta_uniform", &bcos_kernels::cpu::lwta_uniform);
+  m.impl("lwta_sample_forward", &bcos_kernels::cpu::lwta_sample_forward);
+  m.impl("lwta_sample_backward", &bcos_kernels::cpu::lwta_sample_backward);
   m.impl("csg_gate_forward", &bcos_kernels::cpu::csg_gate_forward);
   m.impl("csg_gate_backward", &bcos_kernels::cpu::csg_gate_backward);
 }

@@ -173,6 +173,7 @@ LWTA = [
     _lwta("conv_U2_eval", (2, 6, 2, 3), 2, "eval"),
     _lwta("conv_U3_deterministic", (2, 6, 3, 3), 3, "deterministic"),
     _lwta("conv_batch1_1x1", (1, 6, 1, 1), 2),
+    _lwta("conv_U4_train_two_tiles", (3, 16, 10, 10), 4),
     _lwta("linear_U2_train", (3, 6), 2),
     _lwta("linear_U3_train", (3, 9), 3),
     _lwta("linear_U4_eval", (5, 8), 4, "eval"),

@@ -9,7 +9,7 @@ from helpers import assert_csg_compile_matches_eager
 from originals import mirror_source
 
 from bcos_kernels.nn.csg import ClassSpecificGate
-from bcos_kernels.ops.class_specific_gate import class_specific_gate
+from bcos_kernels.ops.class_specific_gate import class_specific_gate, density, density_loss
 from bcos_kernels.ops.class_specific_gate import reference as ref
 
 ORIGINAL_FILE = "VOCPart/train/resnet_std.py"
@@ -96,6 +96,38 @@ def test_regulariser_below_budget_and_clip_match_original(original):
     assert torch.equal(ours.mask, orig.mask)
     assert ours.mask.data_ptr() == storage  # in place: optimiser state stays attached
     assert torch.equal(ref.csg_density_loss(ours.mask), orig.loss_function())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_regulariser_at_imagenet_size_against_fp64(dtype):
+    """The layer's L1 regulariser and density (density_loss / density, not torch.norm(p=1)) on a 2048 x 1000 mask
+    with negative entries and zeros: within the numerics contract of the fp64 value (the original's fp32
+    torch.norm misses it by about 6e-4 at this size), gradient sign(mask) and 0 at 0."""
+    g = torch.Generator().manual_seed(3)
+    mask64 = torch.rand(2048, 1000, generator=g, dtype=torch.float64) * 1.2 - 0.2
+    mask64[::7, ::5] = 0
+    mask = mask64.to(dtype).requires_grad_()
+    layer = ClassSpecificGate(2048, 1000)
+    with torch.no_grad():
+        layer.mask = torch.nn.Parameter(mask.detach().clone())
+    exact = mask.detach().double().abs().sum()
+    tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    reg = layer.loss_function()
+    assert reg.dtype == dtype
+    torch.testing.assert_close(reg.double(), torch.relu(exact - 0.2 * mask.numel()), rtol=tol, atol=0)
+    torch.testing.assert_close(layer.get_density().double(), exact / mask.numel(), rtol=tol, atol=0)
+    (grad,) = torch.autograd.grad(reg * 3.0, layer.mask)
+    assert torch.equal(grad, 3.0 * torch.sgn(mask.detach()))
+    assert int((grad == 0).sum()) == int((mask == 0).sum()) > 0
+
+
+def test_regulariser_gradient_zero_below_budget_and_gradcheck():
+    mask = torch.full((8, 4), 0.1, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(density_loss(mask), mask)
+    assert torch.equal(grad, torch.zeros_like(mask))  # density 0.1 < 0.2: relu inactive
+    mask = (torch.rand(5, 3, dtype=torch.float64) - 0.3).requires_grad_()
+    torch.autograd.gradcheck(density_loss, (mask,))
+    torch.autograd.gradcheck(density, (mask,))
 
 
 # ---------------------------------------------------------------- op vs reference

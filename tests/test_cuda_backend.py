@@ -209,6 +209,7 @@ def test_custom_ops_reject_cpu_tensors():
             None,
             torch.tensor([1]),
             torch.zeros(2, 2, 5, 5, dtype=torch.uint8),
+            torch.empty(0),
             competitors=2,
             temperature=1.0,
             nhwc=False,
@@ -275,13 +276,14 @@ def test_lwta_glue_layouts_match_the_fakes(layout):
     nhwc = is_channels_last(x)
     for noise in (torch.empty(x.shape, device="meta"), None):
         out, winner = lwta_cuda.forward(x, noise, None, opts)
-        fake_out, fake_winner = torch.ops.bcos_kernels.lwta(x, noise, None, **opts._asdict())
+        fake_out, fake_winner, fake_probs = torch.ops.bcos_kernels.lwta(x, noise, None, **opts._asdict())
         _same_layout(out, fake_out)
         _same_layout(winner, fake_winner)
+        assert fake_probs.numel() == 0  # backend "cuda" keeps no probabilities
         for g in (torch.empty(x.shape, device="meta"), torch.empty_like(x)):
-            args = (g, x if noise is not None else None, noise, None, winner)
+            args = (g, x if noise is not None else None, noise, None, winner, fake_probs)
             _same_layout(
-                lwta_cuda.backward(*args, opts, nhwc=nhwc),
+                lwta_cuda.backward(*args[:5], opts, nhwc=nhwc),
                 torch.ops.bcos_kernels.lwta_backward(*args, **opts._asdict(), nhwc=nhwc),
             )
 
@@ -712,11 +714,11 @@ def test_lwta_opcheck(dev, case):
     seed = None if case in ("noise", "deterministic") else torch.tensor([3])
     options = dict(competitors=4, temperature=0.8, backend="cuda")
     torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, noise, seed), options)
-    _, winner = torch.ops.bcos_kernels.lwta.default(x, noise, seed, **options)
+    _, winner, probs = torch.ops.bcos_kernels.lwta.default(x, noise, seed, **options)
     stochastic = noise is not None or seed is not None
     torch.library.opcheck(
         torch.ops.bcos_kernels.lwta_backward.default,
-        (torch.randn(shape, device=dev), x.detach() if stochastic else None, noise, seed, winner),
+        (torch.randn(shape, device=dev), x.detach() if stochastic else None, noise, seed, winner, probs),
         dict(options, nhwc=case == "channels_last"),
     )
 

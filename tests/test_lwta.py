@@ -162,11 +162,12 @@ def test_channels_last(mode):
     assert out_op.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out_op, out_r)
     torch.testing.assert_close(grad_op, grad_r, rtol=1e-5, atol=1e-6)
-    # the noise drawn inside follows x's logical order, not its memory order
+    # backend "torch" draws its noise (torch.rand) in x's logical order, not its memory order; "cpu" (auto's
+    # choice here) and "cuda" draw from the kernels' stream in memory order (ops/lwta/cpu.py)
     torch.manual_seed(5)
-    a = lwta(x.detach(), 4)
+    a = lwta(x.detach(), 4, backend="torch")
     torch.manual_seed(5)
-    b = lwta(x.detach().contiguous(), 4)
+    b = lwta(x.detach().contiguous(), 4, backend="torch")
     assert torch.equal(a, b)
 
 
@@ -273,17 +274,49 @@ def test_gradcheck_fp64(shape, U):
     assert torch.autograd.gradcheck(lambda t: lwta(t, U, deterministic=True), (x,))
 
 
-@pytest.mark.parametrize("case", ["conv", "channels_last", "linear3d", "deterministic"])
-def test_opcheck(case):
+@pytest.mark.skipif(
+    backends.device_reason("cpu", "cpu") is not None,
+    reason="backend 'cpu' needs the C++ extension (scripts/install.sh)",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape,U,channels_last", [((3, 16, 10, 10), 4, False), ((2, 6, 5, 3), 3, True), ((4, 5, 12), 4, False)]
+)
+def test_cpu_kept_probabilities_are_the_softmax(shape, U, channels_last, dtype):
+    """Backend "cpu"'s third output (stochastic fp32/fp64): y_soft = softmax((x + gumbel(u)) / T) over each block,
+    in x's layout; the winners are its first maxima. (3, 16, 10, 10): blocks 8 at a time with a tail of 4, over
+    two tiles; (2, 6, 5, 3) channels_last and (4, 5, 12): blocks along a contiguous dim, one at a time."""
+    x, u, _ = _inputs(shape, dtype=dtype, channels_last=channels_last)
+    out, winner, probs = torch.ops.bcos_kernels.lwta(x.detach(), u, None, competitors=U, temperature=0.8, backend="cpu")
+    assert winner.numel() == 0 and probs.dtype == dtype and probs.stride() == x.stride()
+    dim = ref.competition_dim(x)
+    logits = (x.detach().double() + ref.gumbel(u).double()) / 0.8  # the noise's transform in its dtype (fp32)
+    want = logits.unflatten(dim, (x.shape[dim] // U, U)).softmax(dim + 1).flatten(dim, dim + 1)
+    torch.testing.assert_close(probs.double(), want, rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    first_max = probs.unflatten(dim, (x.shape[dim] // U, U)).argmax(dim + 1, keepdim=True)
+    keep = torch.zeros_like(probs.unflatten(dim, (x.shape[dim] // U, U))).scatter_(dim + 1, first_max, 1.0)
+    assert torch.equal(out != 0, (keep.flatten(dim, dim + 1) != 0) & (x != 0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("case", ["conv", "channels_last", "linear3d", "deterministic", "seed", "float64"])
+def test_opcheck(case, backend):
+    """The op and its backward, for "cpu" with the probabilities kept (stochastic fp32/fp64) and without."""
+    if backend == "torch" and case == "seed":
+        pytest.skip('backend "torch" takes noise, not a seed')
     shape = (2, 5, 8) if case == "linear3d" else (2, 8, 3, 3)
-    x, u, _ = _inputs(shape, channels_last=case == "channels_last")
-    noise = None if case == "deterministic" else u
-    options = dict(competitors=4, temperature=0.8, backend="torch")
-    torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, noise, None), options)
-    _, winner = torch.ops.bcos_kernels.lwta.default(x, noise, None, **options)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    x, u, _ = _inputs(shape, channels_last=case == "channels_last", dtype=dtype)
+    noise = None if case in ("deterministic", "seed") else u
+    seed = torch.tensor([3]) if case == "seed" else None
+    options = dict(competitors=4, temperature=0.8, backend=backend)
+    torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, noise, seed), options)
+    _, winner, probs = torch.ops.bcos_kernels.lwta.default(x, noise, seed, **options)
+    kept = backend == "cpu" and case != "deterministic"
+    assert (probs.shape == x.shape and winner.numel() == 0) if kept else probs.numel() == 0
     torch.library.opcheck(
         torch.ops.bcos_kernels.lwta_backward.default,
-        (torch.randn(shape), x.detach(), noise, None, winner),
+        (torch.randn(shape, dtype=dtype), x.detach(), noise, seed, winner, probs),
         dict(options, nhwc=case == "channels_last"),
     )
 
@@ -335,7 +368,7 @@ def test_compile_inductor_matches_eager():
 
 def test_module_eval_uses_temp_test_for_the_gradient():
     x, _, gout = _inputs((2, 8, 3, 3))
-    m = LWTA(U=4, temp=0.3).eval()
+    m = LWTA(U=4, temp=0.3, backend="torch").eval()  # torch.rand: the reference's draws after one seed
     torch.manual_seed(3)
     out, grad = _fwd_bwd(m, x, gout)
     torch.manual_seed(3)
@@ -425,10 +458,11 @@ def test_cpu_backend_draws_the_philox_stream_and_reproduces_a_seed():
     # a seeded call is the call with the uniforms that seed gives, as the reference computes it
     from bcos_kernels.ops.lwta import cpu
 
-    for shape, U in (((2, 8, 5, 3), 2), ((4, 12), 3)):
+    # (50, 2, 7, 7): two tiles, the second starting inside a Philox call (element 41 * 98 = 4 * 1004 + 2)
+    for shape, U in (((2, 8, 5, 3), 2), ((4, 12), 3), ((50, 2, 7, 7), 2)):
         x = torch.randn(shape)
         seed_t = torch.tensor([seed])
-        out, winner = torch.ops.bcos_kernels.lwta(x, None, seed_t, competitors=U, temperature=0.7, backend="cpu")
+        out, _, _ = torch.ops.bcos_kernels.lwta(x, None, seed_t, competitors=U, temperature=0.7, backend="cpu")
         want = ref.lwta(x, U, temperature=0.7, noise=cpu.uniforms(x, seed_t))
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
         assert torch.equal(out != 0, want != 0)  # the same winners

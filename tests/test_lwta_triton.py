@@ -273,11 +273,13 @@ def test_opcheck(case):
     seed = None if case in ("noise", "deterministic") else seed
     options = dict(competitors=4, temperature=0.8, backend="triton")
     torch.library.opcheck(torch.ops.bcos_kernels.lwta.default, (x, noise, seed), options)
-    _, winner = torch.ops.bcos_kernels.lwta.default(x, noise, seed, **options)
+    _, winner, probs = torch.ops.bcos_kernels.lwta.default(x, noise, seed, **options)
     nhwc = case == "channels_last"
     grad = torch.randn(shape, device=DEVICE)
     torch.library.opcheck(
-        torch.ops.bcos_kernels.lwta_backward.default, (grad, x.detach(), noise, seed, winner), dict(options, nhwc=nhwc)
+        torch.ops.bcos_kernels.lwta_backward.default,
+        (grad, x.detach(), noise, seed, winner, probs),
+        dict(options, nhwc=nhwc),
     )
 
 

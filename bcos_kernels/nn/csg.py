@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from bcos_kernels.ops.class_specific_gate import class_specific_gate
+from bcos_kernels.ops.class_specific_gate import class_specific_gate, density, density_loss
 from bcos_kernels.ops.class_specific_gate import reference as ref
 
 
@@ -36,10 +36,10 @@ class ClassSpecificGate(nn.Module):
         return self.mask
 
     def get_density(self) -> torch.Tensor:
-        return ref.csg_density(self.mask)
+        return density(self.mask)
 
     def loss_function(self) -> torch.Tensor:
-        return ref.csg_density_loss(self.mask)
+        return density_loss(self.mask)
 
     def clip_lmask(self) -> None:
         ref.clip_mask_(self.mask)

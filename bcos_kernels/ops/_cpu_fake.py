@@ -19,6 +19,9 @@ CPU kernels exactly (csrc/cpu/bcos_cpu.cpp), including the layout rules:
 - bcos_scale_backward: grad_lin (N, O * max_out, P); grad_norm (N, G, P) or
   empty (0,); grad_b 0-dim float32 (float64 for float64 input) or empty (0,).
 
+The LWTA sampling ops that keep the probabilities (CPU only) get theirs at the end too:
+lwta_sample_forward (out and probs like x, contiguous) and lwta_sample_backward.
+
 The ops with only a CUDA kernel (csrc/cuda_schemas.cpp) get fakes too, at the
 end of this file: bcos_conv_scale_forward, dau_combine_forward/backward,
 lwta_block_forward/backward, lwta_uniform, csg_gate_forward/backward.
@@ -204,6 +207,16 @@ if _has_op("lwta_block_forward"):
 
     @torch.library.register_fake("bcos_kernels::lwta_block_backward")
     def _lwta_block_backward_fake(grad_out, x, winner, competitors, temperature, deterministic, noise, seed, offset):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("bcos_kernels::lwta_sample_forward")
+    def _lwta_sample_forward_fake(x, competitors, temperature, noise, seed, offset):
+        """out and probs: x's shape and dtype, contiguous."""
+        torch._check(2 <= x.dim() <= 4, lambda: f"x must have 2, 3 or 4 dimensions, got shape {tuple(x.shape)}")
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @torch.library.register_fake("bcos_kernels::lwta_sample_backward")
+    def _lwta_sample_backward_fake(grad_out, x, probs, competitors, temperature):
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("bcos_kernels::lwta_uniform")

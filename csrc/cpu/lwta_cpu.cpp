@@ -70,45 +70,99 @@ bool have_avx2() {  // and SLEEF
   return yes;
 }
 
-// l[i] = (gumbel(u[i]) + x[i]) / temperature for i < n, the Gumbel transform as bcos_math::gumbel_from_uniform.
-__attribute__((target("avx2,fma"))) void logits_avx2(const float* u, const float* x, float temperature, int64_t n,
+// 8 floats from p (len < 8: the first len, the rest `fill`), and the store of the first len of v.
+__attribute__((target("avx2"), always_inline)) inline __m256i first_lanes(int64_t len) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(len)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+__attribute__((target("avx2"), always_inline)) inline __m256 load8(const float* p, int64_t len, float fill) {
+  if (len == 8) return _mm256_loadu_ps(p);
+  const __m256i lanes = first_lanes(len);
+  return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, lanes), _mm256_castsi256_ps(lanes));
+}
+__attribute__((target("avx2"), always_inline)) inline void store8(float* p, int64_t len, __m256 v) {
+  if (len == 8) return _mm256_storeu_ps(p, v);
+  _mm256_maskstore_ps(p, first_lanes(len), v);
+}
+
+// l[i] = (gumbel(u[i]) + x[i]) / temperature for i < n, the Gumbel transform as bcos_math::gumbel_from_uniform
+// (a tail padded with a harmless u = 0.5).
+__attribute__((target("avx2"))) void logits_avx2(const float* u, const float* x, float temperature, int64_t n,
                                                      float* l) {
   const __m256 eps = _mm256_set1_ps(static_cast<float>(bcos_math::kGumbelEps));
   const __m256 t = _mm256_set1_ps(temperature);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t i = 0; i < n; i += 8) {
     const int64_t len = std::min<int64_t>(8, n - i);
-    alignas(32) float ub[8] = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
-    alignas(32) float xb[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::copy(u + i, u + i + len, ub);  // the tail padded with a harmless 0.5
-    std::copy(x + i, x + i + len, xb);
-    __m256 a = Sleef_logf8_u10(_mm256_add_ps(_mm256_load_ps(ub), eps));
+    __m256 a = Sleef_logf8_u10(_mm256_add_ps(load8(u + i, len, 0.5f), eps));
     a = Sleef_logf8_u10(_mm256_sub_ps(eps, a));
     const __m256 g = _mm256_xor_ps(a, sign);
-    alignas(32) float out[8];
-    _mm256_store_ps(out, _mm256_div_ps(_mm256_add_ps(g, _mm256_load_ps(xb)), t));
-    std::copy(out, out + len, l + i);
+    store8(l + i, len, _mm256_div_ps(_mm256_add_ps(g, load8(x + i, len, 0.0f)), t));
   }
 }
 
 // e[i] = exp(l[i] - m[i]) for i < n.
-__attribute__((target("avx2,fma"))) void exp_shifted_avx2(const float* l, const float* m, int64_t n, float* e) {
+__attribute__((target("avx2"))) void exp_shifted_avx2(const float* l, const float* m, int64_t n, float* e) {
   for (int64_t i = 0; i < n; i += 8) {
     const int64_t len = std::min<int64_t>(8, n - i);
-    alignas(32) float lb[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    alignas(32) float mb[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::copy(l + i, l + i + len, lb);
-    std::copy(m + i, m + i + len, mb);
-    alignas(32) float out[8];
-    _mm256_store_ps(out, Sleef_expf8_u10(_mm256_sub_ps(_mm256_load_ps(lb), _mm256_load_ps(mb))));
-    std::copy(out, out + len, e + i);
+    store8(e + i, len, Sleef_expf8_u10(_mm256_sub_ps(load8(l + i, len, 0.0f), load8(m + i, len, 0.0f))));
   }
+}
+
+// (hi, lo) 32-bit halves of m * a in each of the 8 lanes.
+__attribute__((target("avx2"), always_inline)) inline void mul_hilo(__m256i m, __m256i a, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6 as 64-bit products
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// bcos_math::uniform_from_bits of 8 words (below 2^24 after the shift: the signed conversion is exact).
+__attribute__((target("avx2"), always_inline)) inline __m256 uniform_from_bits8(__m256i w) {
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), _mm256_set1_ps(5.9604644775390625e-08f));
+}
+
+// The uniforms of the 32 elements from 4 * block of the call (seed, offset) into u: 8 Philox calls at once, one
+// per lane, the same rounds as bcos_math::philox4x32_10 (block's high word the same for all 8 lanes).
+__attribute__((target("avx2"))) void uniforms32_avx2(uint64_t seed, uint64_t offset, uint64_t block,
+                                                         float* u) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(bcos_math::kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(bcos_math::kPhiloxM1));
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block))),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block >> 32)));
+  __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += bcos_math::kPhiloxW0;
+      k1 += bcos_math::kPhiloxW1;
+    }
+    __m256i hi0, lo0, hi1, lo1;
+    mul_hilo(m0, c0, hi0, lo0);
+    mul_hilo(m1, c2, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+  }
+  // words -> floats (bcos_math::uniform_from_bits), then lane L's 4 words to u[4L .. 4L + 3]
+  const __m256 f0 = uniform_from_bits8(c0), f1 = uniform_from_bits8(c1);
+  const __m256 f2 = uniform_from_bits8(c2), f3 = uniform_from_bits8(c3);
+  const __m256 t0 = _mm256_unpacklo_ps(f0, f1), t1 = _mm256_unpackhi_ps(f0, f1);
+  const __m256 t2 = _mm256_unpacklo_ps(f2, f3), t3 = _mm256_unpackhi_ps(f2, f3);
+  const __m256 r0 = _mm256_shuffle_ps(t0, t2, 0x44), r1 = _mm256_shuffle_ps(t0, t2, 0xEE);  // lanes 0|4, 1|5
+  const __m256 r2 = _mm256_shuffle_ps(t1, t3, 0x44), r3 = _mm256_shuffle_ps(t1, t3, 0xEE);  // lanes 2|6, 3|7
+  _mm256_storeu_ps(u, _mm256_permute2f128_ps(r0, r1, 0x20));
+  _mm256_storeu_ps(u + 8, _mm256_permute2f128_ps(r2, r3, 0x20));
+  _mm256_storeu_ps(u + 16, _mm256_permute2f128_ps(r0, r1, 0x31));
+  _mm256_storeu_ps(u + 24, _mm256_permute2f128_ps(r2, r3, 0x31));
 }
 #endif
 
 // The uniforms of elements [start, start + n) of the call (seed, offset) into u: one Philox call per four
 // elements (bcos_math::lwta_uniform draws element i from word i % 4 of the call for i / 4).
-void fill_uniforms(uint64_t seed, uint64_t offset, int64_t start, int64_t n, float* u) {
+void fill_uniforms_scalar(uint64_t seed, uint64_t offset, int64_t start, int64_t n, float* u) {
   int64_t i = start;
   const int64_t end = start + n;
   while (i < end) {
@@ -118,6 +172,28 @@ void fill_uniforms(uint64_t seed, uint64_t offset, int64_t start, int64_t n, flo
         static_cast<uint32_t>(offset >> 32), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
     for (int64_t w = i & 3; w < 4 && i < end; ++w, ++i) u[i - start] = bcos_math::uniform_from_bits(r.v[w]);
   }
+}
+
+// The same, 32 elements at a time where the CPU has AVX2.
+void fill_uniforms(uint64_t seed, uint64_t offset, int64_t start, int64_t n, float* u) {
+#if defined(BCOS_LWTA_AVX2)
+  if (have_avx2()) {
+    const int64_t end = start + n;
+    int64_t i = std::min(end, (start + 3) & ~int64_t{3});  // the vector steps start at a whole Philox call
+    fill_uniforms_scalar(seed, offset, start, i - start, u);
+    for (; i + 32 <= end; i += 32) {
+      const uint64_t block = static_cast<uint64_t>(i) >> 2;
+      if ((block & 0xFFFFFFFFu) > 0xFFFFFFF7u) {  // the low counter word wraps inside the step
+        fill_uniforms_scalar(seed, offset, i, 32, u + (i - start));
+      } else {
+        uniforms32_avx2(seed, offset, block, u + (i - start));
+      }
+    }
+    fill_uniforms_scalar(seed, offset, i, end - i, u + (i - start));
+    return;
+  }
+#endif
+  fill_uniforms_scalar(seed, offset, start, n, u);
 }
 
 // A tile's buffers, per thread.
@@ -296,6 +372,165 @@ void backward_blocks(const T* grad_out, const T* x, const uint8_t* winner, T* gr
   });
 }
 
+// ---------------------------------------------------------------------------
+// Sampling with the probabilities kept (lwta_sample_forward / lwta_sample_backward, fp32 and fp64 x): the forward
+// stores each unit's softmax probability, so the backward reads them instead of drawing the noise again (its two
+// logs and an exp an element were most of its cost). The winner is the first maximum of the kept probabilities,
+// found again by the backward with the forward's comparisons.
+// ---------------------------------------------------------------------------
+#if defined(BCOS_LWTA_AVX2)
+// 8 neighbouring blocks of a group (inner positions j .. j + len - 1; unit k of block j at k * inner + j): from
+// their logits l, the probabilities into p and the output into out (x: the group's x). No FMA in this target,
+// so the products and sums round as in the scalar bcos_math functions.
+__attribute__((target("avx2"))) void sample_blocks8(const float* l, const float* x, int U, int64_t inner, int64_t len,
+                                                    float* p, float* out) {
+  __m256 m = load8(l, len, 0.0f);
+  for (int k = 1; k < U; ++k) {
+    const __m256 v = load8(l + k * inner, len, 0.0f);
+    m = _mm256_blendv_ps(m, v, _mm256_cmp_ps(v, m, _CMP_GT_OQ));
+  }
+  __m256 sum = _mm256_setzero_ps();
+  for (int k = 0; k < U; ++k) {
+    const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(load8(l + k * inner, len, 0.0f), m));
+    store8(p + k * inner, len, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  __m256 best = _mm256_setzero_ps();
+  __m256 win = _mm256_setzero_ps();  // the winner's unit index, as a float
+  for (int k = 0; k < U; ++k) {
+    const __m256 pk = _mm256_div_ps(load8(p + k * inner, len, 1.0f), sum);
+    store8(p + k * inner, len, pk);
+    const __m256 gt = k == 0 ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_cmp_ps(pk, best, _CMP_GT_OQ);
+    best = _mm256_blendv_ps(best, pk, gt);
+    win = _mm256_blendv_ps(win, _mm256_set1_ps(static_cast<float>(k)), gt);
+  }
+  const __m256 keep = _mm256_add_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), best), best);
+  for (int k = 0; k < U; ++k) {
+    const __m256 is_win = _mm256_cmp_ps(win, _mm256_set1_ps(static_cast<float>(k)), _CMP_EQ_OQ);
+    store8(out + k * inner, len, _mm256_and_ps(_mm256_mul_ps(load8(x + k * inner, len, 0.0f), keep), is_win));
+  }
+}
+
+// The backward of 8 neighbouring blocks from their kept probabilities p (layout as sample_blocks8).
+__attribute__((target("avx2"))) void sample_backward_blocks8(const float* grad_out, const float* x, const float* p,
+                                                             int U, int64_t inner, int64_t len, float temperature,
+                                                             float* grad_x) {
+  __m256 best = _mm256_setzero_ps(), win = _mm256_setzero_ps();
+  __m256 dot = _mm256_setzero_ps();
+  for (int k = 0; k < U; ++k) {
+    const __m256 pk = load8(p + k * inner, len, 0.0f);
+    const __m256 gt = k == 0 ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_cmp_ps(pk, best, _CMP_GT_OQ);
+    best = _mm256_blendv_ps(best, pk, gt);
+    win = _mm256_blendv_ps(win, _mm256_set1_ps(static_cast<float>(k)), gt);
+    const __m256 v = _mm256_mul_ps(load8(grad_out + k * inner, len, 0.0f), load8(x + k * inner, len, 0.0f));
+    dot = _mm256_add_ps(dot, _mm256_mul_ps(v, pk));
+  }
+  const __m256 t = _mm256_set1_ps(temperature), one = _mm256_set1_ps(1.0f);
+  for (int k = 0; k < U; ++k) {
+    const __m256 pk = load8(p + k * inner, len, 0.0f);
+    const __m256 up = load8(grad_out + k * inner, len, 0.0f);
+    const __m256 v = _mm256_mul_ps(up, load8(x + k * inner, len, 0.0f));
+    const __m256 grad = _mm256_div_ps(_mm256_mul_ps(_mm256_sub_ps(v, dot), pk), t);
+    const __m256 with_win = _mm256_add_ps(grad, _mm256_mul_ps(up, _mm256_add_ps(_mm256_sub_ps(one, pk), pk)));
+    const __m256 is_win = _mm256_cmp_ps(win, _mm256_set1_ps(static_cast<float>(k)), _CMP_EQ_OQ);
+    store8(grad_x + k * inner, len, _mm256_blendv_ps(grad, with_win, is_win));
+  }
+}
+
+// The forward over tiles of whole groups (fp32 x, AVX2): the noise and logits of a tile with the vector math;
+// blocks 8 at a time along inner, or, for inner < 8 (blocks along a contiguous last dim), one at a time from
+// the tile's exps.
+template <typename Noise>
+void sample_forward_tiles(const float* x, const Noise& noise, const LwtaShape& s, int U, float temperature,
+                          float* out, float* probs) {
+  const int64_t group = U * s.inner;
+  for_each_tile(s, U, [&](int64_t g0, int64_t g1, TileBuffers& buf) {
+    const int64_t start = g0 * group, n = (g1 - g0) * group;
+    const float* u;
+    if constexpr (std::is_same_v<Noise, PhiloxNoise>) {
+      fill_uniforms(noise.seed, noise.offset, start, n, buf.u.data());
+      u = buf.u.data();
+    } else {
+      u = noise.u + start;
+    }
+    float* l = buf.l.data();
+    logits_avx2(u, x + start, temperature, n, l);
+    if (s.inner >= 8) {
+      for (int64_t g = 0; g < n; g += group) {
+        for (int64_t j = 0; j < s.inner; j += 8) {
+          const int64_t at = g + j;
+          sample_blocks8(l + at, x + start + at, U, s.inner, std::min<int64_t>(8, s.inner - j), probs + start + at,
+                         out + start + at);
+        }
+      }
+      return;
+    }
+    for (int64_t g = 0; g < n; g += group) {  // each element's block maximum, then the exps of the tile
+      for (int64_t j = 0; j < s.inner; ++j) {
+        float mx = l[g + j];
+        for (int k = 1; k < U; ++k) mx = l[g + j + k * s.inner] > mx ? l[g + j + k * s.inner] : mx;
+        for (int k = 0; k < U; ++k) buf.m[g + j + k * s.inner] = mx;
+      }
+    }
+    exp_shifted_avx2(l, buf.m.data(), n, buf.e.data());
+    for_each_tile_block(s, U, g0, g1, buf, [&](int64_t, int64_t off, const auto& prob) {
+      float* p = probs + start + off;
+      for (int k = 0; k < U; ++k) p[k * s.inner] = prob(k);
+      const auto choice = bcos_math::lwta_choice_from_probs<float>(U, [&](int k) { return p[k * s.inner]; });
+      const float win_value = bcos_math::lwta_winner_value(x[start + off + choice.winner * s.inner], choice.p_win);
+      for (int k = 0; k < U; ++k) out[start + off + k * s.inner] = k == choice.winner ? win_value : 0.0f;
+    });
+  });
+}
+#endif
+
+// The forward one block at a time (fp64, or no AVX2): the scalar math of forward_blocks, the probabilities kept.
+template <typename T, typename Noise>
+void sample_forward_blocks(const T* x, const Noise& noise, const LwtaShape& s, int U, T temperature, T* out,
+                           T* probs) {
+  for_each_block(s, U, [&](int64_t, int64_t base) {
+    T logits[256];
+    for (int k = 0; k < U; ++k) {
+      logits[k] = (noise.template gumbel<T>(base + k * s.inner) + x[base + k * s.inner]) / temperature;
+    }
+    const auto st = bcos_math::softmax_stats<T>(U, [&](int k) { return logits[k]; });
+    T* p = probs + base;
+    for (int k = 0; k < U; ++k) p[k * s.inner] = bcos_math::softmax_prob(logits[k], st);
+    const auto choice = bcos_math::lwta_choice_from_probs<T>(U, [&](int k) { return p[k * s.inner]; });
+    const T win_value = bcos_math::lwta_winner_value(x[base + choice.winner * s.inner], choice.p_win);
+    for (int k = 0; k < U; ++k) out[base + k * s.inner] = k == choice.winner ? win_value : T(0);
+  });
+}
+
+template <typename T>
+void sample_backward(const T* grad_out, const T* x, const T* probs, const LwtaShape& s, int U, T temperature,
+                     T* grad_x) {
+#if defined(BCOS_LWTA_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx2() && s.inner >= 8) {
+      const int64_t group = U * s.inner, groups = s.outer * (s.C / U);
+      at::parallel_for(0, groups, std::max<int64_t>(1, kTileElems / group), [&](int64_t b, int64_t e) {
+        for (int64_t g = b * group; g < e * group; g += group) {
+          for (int64_t j = 0; j < s.inner; j += 8) {
+            sample_backward_blocks8(grad_out + g + j, x + g + j, probs + g + j, U, s.inner,
+                                    std::min<int64_t>(8, s.inner - j), temperature, grad_x + g + j);
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
+  for_each_block(s, U, [&](int64_t, int64_t base) {
+    auto prob = [&](int k) { return probs[base + k * s.inner]; };
+    auto up = [&](int k) { return grad_out[base + k * s.inner]; };
+    auto v = [&](int k) { return up(k) * x[base + k * s.inner]; };
+    auto store = [&](int k, T g) { grad_x[base + k * s.inner] = g; };
+    const int win = bcos_math::lwta_choice_from_probs<T>(U, prob).winner;
+    bcos_math::lwta_backward_from_probs<T>(U, win, temperature, prob, v, up, store);
+  });
+}
+
 // Runs fn(noise source) with the uniforms of `noise` (float32 or T) or, when it is undefined, drawn from
 // (seed, offset).
 template <typename T, typename Fn>
@@ -363,6 +598,60 @@ at::Tensor lwta_block_backward(const at::Tensor& grad_out_in, const at::Tensor& 
                         deterministic, source);
       }
     });
+  });
+  return grad_x;
+}
+
+std::tuple<at::Tensor, at::Tensor> lwta_sample_forward(const at::Tensor& x_in, int64_t competitors,
+                                                       double temperature, const std::optional<at::Tensor>& noise_in,
+                                                       int64_t seed, int64_t offset) {
+  CpuDevice::check(x_in, "x");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "lwta_sample_forward: x must be float32 or float64 (the probabilities are kept in its dtype), got ",
+              x_in.scalar_type());
+  const LwtaShape s = bcos_checks::check_lwta_args(x_in, competitors, temperature, false);
+  const at::Tensor noise = bcos_checks::lwta_noise<CpuDevice>(noise_in, x_in, false);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor probs = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return {out, probs};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lwta_sample_forward", [&] {
+    with_noise<scalar_t>(noise, seed, offset, [&](const auto& source) {
+      const int U = static_cast<int>(competitors);
+#if defined(BCOS_LWTA_AVX2)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (have_avx2()) {
+          sample_forward_tiles(x.const_data_ptr<float>(), source, s, U, static_cast<float>(temperature),
+                               out.data_ptr<float>(), probs.data_ptr<float>());
+          return;
+        }
+      }
+#endif
+      sample_forward_blocks(x.const_data_ptr<scalar_t>(), source, s, U, static_cast<scalar_t>(temperature),
+                            out.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>());
+    });
+  });
+  return {out, probs};
+}
+
+at::Tensor lwta_sample_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& probs_in,
+                                int64_t competitors, double temperature) {
+  CpuDevice::check(x_in, "x");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "lwta_sample_backward: x must be float32 or float64, got ", x_in.scalar_type());
+  const LwtaShape s = bcos_checks::check_lwta_args(x_in, competitors, temperature, false);
+  for (const auto& [t, name] : {std::pair{&grad_out_in, "grad_out"}, std::pair{&probs_in, "probs"}}) {
+    CpuDevice::check_with(*t, name, x_in, "x");
+    bcos_checks::check_same_dtype(*t, name, x_in, "x");
+    TORCH_CHECK(t->sizes() == x_in.sizes(), name, " must have the shape of x ", x_in.sizes(), ", got ", t->sizes());
+  }
+  const at::Tensor x = x_in.contiguous(), grad_out = grad_out_in.contiguous(), probs = probs_in.contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  if (grad_x.numel() == 0) return grad_x;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lwta_sample_backward", [&] {
+    sample_backward(grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                    probs.const_data_ptr<scalar_t>(), s, static_cast<int>(competitors),
+                    static_cast<scalar_t>(temperature), grad_x.data_ptr<scalar_t>());
   });
   return grad_x;
 }

@@ -86,7 +86,8 @@ def lwta(
     plain argmax (no noise, no temperature). ``noise``: uniforms u to use
     instead of drawing them (ignored in deterministic mode). ``backend``:
     "reference", "torch", "cpu", "triton", "cuda", "auto" or None (the ``BCOS_KERNELS_BACKEND`` env var, else
-    auto; on the CPU auto takes "cpu" for the deterministic mode, where it is measured faster).
+    auto; on the CPU auto takes "cpu" for the deterministic mode and for sampling an fp32/fp64 x, where it is
+    measured faster).
     """
     check_tensor("x", x, (2, 3, 4))
     positive_int("competitors", competitors)
@@ -108,7 +109,8 @@ def lwta(
             raise ValueError(f"noise is on {noise.device} but x is on {x.device}; they must be on the same device")
         if noise.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"noise must have dtype float32 or x's dtype {x.dtype}, got {noise.dtype}")
-    name = backends.resolve("lwta", backend, x, deterministic=deterministic)
+    keeps = _by_name.cpu.keeps_probabilities(x, stochastic=not deterministic)  # read by auto's choice on the CPU
+    name = backends.resolve("lwta", backend, x, deterministic=deterministic, keeps_probabilities=keeps)
     if name == "reference":
         return ref.lwta(
             x, competitors, temperature=temperature, deterministic=deterministic, training=training, noise=noise
@@ -121,7 +123,7 @@ def lwta(
             noise, seed = getattr(_by_name, name).draw_noise(x)
         if not training:
             temperature = TEST_TEMPERATURE
-    out, _ = lwta_op(x, noise, seed, competitors=competitors, temperature=temperature, backend=name)
+    out, _, _ = lwta_op(x, noise, seed, competitors=competitors, temperature=temperature, backend=name)
     return out
 
 
@@ -137,61 +139,81 @@ class LwtaOptions(NamedTuple):
     backend: str
 
 
-@custom_op("bcos_kernels::lwta", "Tensor x, Tensor? noise, Tensor? seed", LwtaOptions, "(Tensor, Tensor)")
+def _keeps_probabilities(backend: str, x: torch.Tensor, noise, seed) -> bool:
+    """Whether the backend's forward keeps the softmax probabilities for its backward (``keeps_probabilities`` of
+    its file; a backend without one never does)."""
+    keeps = getattr(backends.kernels("lwta", backend), "keeps_probabilities", None)
+    return keeps is not None and keeps(x, stochastic=noise is not None or seed is not None)
+
+
+@custom_op("bcos_kernels::lwta", "Tensor x, Tensor? noise, Tensor? seed", LwtaOptions, "(Tensor, Tensor, Tensor)")
 def lwta_op(x, noise, seed, **options):
-    """(out, winner): winner is the uint8 index of the winning unit of each block (channels_last if x is).
+    """(out, winner, probs): winner is the uint8 index of the winning unit of each block (channels_last if x is);
+    probs the softmax probabilities of a backend that keeps them for its backward (x's shape, dtype and layout;
+    winner is then empty: the backward finds it again from them), else empty.
 
     noise given: the stochastic LWTA with uniforms ``noise``; else seed given (backends "cpu", "triton", "cuda": a
     1-element int64 tensor): uniforms drawn in the kernel from it; neither: deterministic (argmax of x).
     """
     opts = LwtaOptions(**options)
-    return backends.checked_kernels("lwta", opts.backend, x.device).forward(x, noise, seed, opts)
+    kernels = backends.checked_kernels("lwta", opts.backend, x.device)
+    if _keeps_probabilities(opts.backend, x, noise, seed):
+        out, probs = kernels.sample_forward(x, noise, seed, opts)
+        return out, x.new_empty(0, dtype=torch.uint8), probs
+    out, winner = kernels.forward(x, noise, seed, opts)
+    return out, winner, x.new_empty(0)
 
 
 @lwta_op.register_fake
 def _(x, noise, seed, **options):
     opts = LwtaOptions(**options)
     backends.kernels("lwta", opts.backend)  # an unknown backend fails when traced too
+    if _keeps_probabilities(opts.backend, x, noise, seed):
+        probs = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+        return torch.empty_like(x), x.new_empty(0, dtype=torch.uint8), probs
     winner = torch.empty(
         block_shape(x, opts.competitors), dtype=torch.uint8, device=x.device, memory_format=memory_format_of(x)
     )
-    return torch.empty_like(x), winner
+    return torch.empty_like(x), winner, x.new_empty(0)
 
 
 @custom_op(
     "bcos_kernels::lwta_backward",
-    "Tensor grad_out, Tensor? x, Tensor? noise, Tensor? seed, Tensor winner",
+    "Tensor grad_out, Tensor? x, Tensor? noise, Tensor? seed, Tensor winner, Tensor probs",
     LwtaOptions,
     "Tensor",
     extra="bool nhwc",
 )
-def lwta_backward_op(grad_out, x, noise, seed, winner, *, nhwc, **options):
+def lwta_backward_op(grad_out, x, noise, seed, winner, probs, *, nhwc, **options):
     """d L / d x of the forward (channels_last if ``nhwc`` else contiguous). x is None in deterministic mode
-    (neither noise nor seed) for a backend whose backward reads the winner alone."""
+    (neither noise nor seed) for a backend whose backward reads the winner alone; probs: the forward's third
+    output."""
     opts = LwtaOptions(**options)
     kernels = backends.checked_kernels("lwta", opts.backend, grad_out.device)
+    if x is not None and _keeps_probabilities(opts.backend, x, noise, seed):
+        return kernels.sample_backward(grad_out, x, probs, opts, nhwc=nhwc)
     return kernels.backward(grad_out, x, noise, seed, winner, opts, nhwc=nhwc)
 
 
 @lwta_backward_op.register_fake
-def _(grad_out, x, noise, seed, winner, *, nhwc, **options):
+def _(grad_out, x, noise, seed, winner, probs, *, nhwc, **options):
     return torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=memory_format(nhwc))
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     x, noise, seed = inputs
-    _, winner = output
-    ctx.mark_non_differentiable(winner)
+    _, winner, probs = output
+    ctx.mark_non_differentiable(winner, probs)
     stochastic = noise is not None or seed is not None
     # the backward recomputes y_soft from x in the stochastic mode; in the deterministic one only some backends
     # read x
     keeps_x = stochastic or backends.kernels("lwta", keyword_only_inputs["backend"]).KEEPS_X_WHEN_DETERMINISTIC
-    ctx.save_for_backward(x if keeps_x else None, noise, seed, winner)
+    ctx.save_for_backward(x if keeps_x else None, noise, seed, winner, probs)
     ctx.options = dict(keyword_only_inputs)
     ctx.nhwc = is_channels_last(x)
 
 
-def _backward(ctx, grad_out, _grad_winner):
+def _backward(ctx, grad_out, _grad_winner, _grad_probs):
     if not ctx.needs_input_grad[0]:
         return None, None, None
     return lwta_backward_op(grad_out, *ctx.saved_tensors, **ctx.options, nhwc=ctx.nhwc), None, None

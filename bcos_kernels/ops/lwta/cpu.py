@@ -86,6 +86,36 @@ def forward(x, noise, seed, opts):
     return out, winner
 
 
+def keeps_probabilities(x: torch.Tensor, stochastic: bool) -> bool:
+    """Whether the forward keeps the softmax probabilities for the backward (the ops lwta_sample_forward /
+    lwta_sample_backward): sampling on the CPU with an fp32 or fp64 x. The backward then reads them instead of
+    drawing the noise again, for x's size in memory more (the original keeps y_soft, as large). Not for bf16/fp16:
+    the probabilities are kept in fp32, twice x's size."""
+    return stochastic and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def sample_forward(x, noise, seed, opts):
+    """(out, probs) of the stochastic forward keeping the probabilities (see keeps_probabilities); both in x's
+    layout as forward's out."""
+    nhwc = is_channels_last(x)
+    out, probs = torch.ops.bcos_kernels.lwta_sample_forward(
+        _view(x, nhwc), opts.competitors, opts.temperature, _view(noise, nhwc), _seed_value(noise, seed), 0
+    )
+    if nhwc:
+        return _unview(out, x.shape, True), _unview(probs, x.shape, True)
+    if not x.is_contiguous():
+        out = torch.empty_like(x).copy_(out)  # x's strides, as forward's out; probs stays contiguous (the fake's)
+    return out, probs
+
+
+def sample_backward(grad_out, x, probs, opts, *, nhwc):
+    g = _view(grad_out.contiguous(memory_format=memory_format(nhwc)) if grad_out.dim() == 4 else grad_out, nhwc)
+    grad = torch.ops.bcos_kernels.lwta_sample_backward(
+        g, _view(x, nhwc), _view(probs, nhwc), opts.competitors, opts.temperature
+    )
+    return _unview(grad, grad_out.shape, nhwc)
+
+
 def backward(grad_out, x, noise, seed, winner, opts, *, nhwc):
     competitors, temperature = opts.competitors, opts.temperature
     deterministic = noise is None and seed is None
