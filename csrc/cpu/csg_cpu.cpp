@@ -41,19 +41,6 @@ struct Gate {
   }
 };
 
-// The (N, C) table of gate(n, c), gathered row c of the mask at a time: read in (n, c) order, a mask with many
-// classes costs a TLB miss per element (rows K elements apart, a page each for K >= 1024 floats), N times over.
-template <typename T>
-std::vector<at::opmath_type<T>> gate_table(const Gate<T>& gate, const CsgShape& s) {
-  std::vector<at::opmath_type<T>> table(s.N * s.C);
-  at::parallel_for(0, s.C, 256, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      for (int64_t n = 0; n < s.N; ++n) table[n * s.C + c] = gate(n, c);
-    }
-  });
-  return table;
-}
-
 // sum_p a[p] * b[p] in S, over kLanes interleaved partial sums added up at the end: a fixed order (deterministic),
 // and independent sums the compiler can keep in one vector register (one running sum would wait on the latency
 // of every add).
@@ -78,15 +65,14 @@ void gate_pass(const T* src, const T* x, const Gate<T>& gate, const CsgShape& s,
                Acc<T>* per_sample) {
   using A = at::opmath_type<T>;
   using S = Acc<T>;
-  const std::vector<A> gates = dst != nullptr ? gate_table(gate, s) : std::vector<A>();
   if (!s.channels_last) {
     // rows (n, c) of HW contiguous positions
     at::parallel_for(0, s.N * s.C, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(s.HW, 1)), [&](int64_t b,
                                                                                                        int64_t e) {
       for (int64_t row = b; row < e; ++row) {
-        const int64_t off = row * s.HW;
+        const int64_t n = row / s.C, c = row % s.C, off = row * s.HW;
         if (dst != nullptr) {
-          const A f = gates[row];
+          const A f = gate(n, c);
           for (int64_t p = 0; p < s.HW; ++p) dst[off + p] = static_cast<T>(static_cast<A>(src[off + p]) * f);
         }
         if (per_sample != nullptr) per_sample[row] = dot<S>(src + off, x + off, s.HW);
@@ -94,11 +80,12 @@ void gate_pass(const T* src, const T* x, const Gate<T>& gate, const CsgShape& s,
     });
     return;
   }
-  // NHWC: per sample, positions with their C channels contiguous
+  // NHWC: per sample, its C gates gathered once; positions with their C channels contiguous
   at::parallel_for(0, s.N, 1, [&](int64_t b, int64_t e) {
+    std::vector<A> f(s.C);
     std::vector<S> acc(s.C);
     for (int64_t n = b; n < e; ++n) {
-      const A* f = dst != nullptr ? gates.data() + n * s.C : nullptr;
+      for (int64_t c = 0; c < s.C; ++c) f[c] = dst != nullptr ? gate(n, c) : A(0);
       std::fill(acc.begin(), acc.end(), S(0));
       for (int64_t p = 0; p < s.HW; ++p) {
         const int64_t off = (n * s.HW + p) * s.C;
