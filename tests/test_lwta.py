@@ -3,6 +3,8 @@
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -298,6 +300,40 @@ def test_cpu_kept_probabilities_are_the_softmax(shape, U, channels_last, dtype):
     assert torch.equal(out != 0, (keep.flatten(dim, dim + 1) != 0) & (x != 0))
 
 
+# The sampling kernels' outputs for _VECTOR_PATH_CASES, as a subprocess computes them (see the test below).
+_VECTOR_PATH_SCRIPT = """
+import sys, torch, bcos_kernels
+cases = [((3, 16, 10, 10), 4), ((2, 6, 20, 3), 2), ((2, 8, 3, 3), 4), ((5, 41), 1)]
+out = []
+for i, (shape, U) in enumerate(cases):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(i))
+    out.append(torch.ops.bcos_kernels.lwta_uniform(x, 77, 5))
+    out.extend(torch.ops.bcos_kernels.lwta_sample_forward(x, U, 0.7, None, 77, 5))
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(
+    backends.device_reason("cpu", "cpu") is not None,
+    reason="backend 'cpu' needs the C++ extension (scripts/install.sh)",
+)
+def test_cpu_sampling_avx2_and_avx512_paths_agree_bit_for_bit(tmp_path):
+    """The Philox draws and the sampling forward (probabilities and output) are the same with the AVX-512 paths
+    as with the AVX2 ones (BCOS_KERNELS_NO_AVX512 set) -- each run in a fresh process, as the CPU's features are
+    read once. Inner sizes 100 (16 blocks at a time and a tail), 60, 9 (8 at a time) and 1."""
+    runs = []
+    for no_avx512 in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "BCOS_KERNELS_NO_AVX512"}
+        if no_avx512:
+            env["BCOS_KERNELS_NO_AVX512"] = "1"
+        path = tmp_path / f"run{int(no_avx512)}.pt"
+        subprocess.run([sys.executable, "-c", _VECTOR_PATH_SCRIPT, str(path)], env=env, check=True)
+        runs.append(torch.load(path))
+    assert len(runs[0]) == len(runs[1]) == 12
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("case", ["conv", "channels_last", "linear3d", "deterministic", "seed", "float64"])
 def test_opcheck(case, backend):
@@ -453,8 +489,11 @@ def _stream(seed, offset, n):
 )
 def test_cpu_backend_draws_the_philox_stream_and_reproduces_a_seed():
     seed, offset = 0x1234_5678_9ABC, 3
-    x = torch.randn(3, 13)  # 39 elements: whole and partial groups of four
-    assert torch.equal(torch.ops.bcos_kernels.lwta_uniform(x, seed, offset).flatten(), _stream(seed, offset, 39))
+    # 39 elements: whole and partial groups of four; 205: also the vector steps (32 and 64 elements) and a tail
+    for shape in ((3, 13), (5, 41)):
+        x = torch.randn(shape)
+        want = _stream(seed, offset, x.numel())
+        assert torch.equal(torch.ops.bcos_kernels.lwta_uniform(x, seed, offset).flatten(), want)
     # a seeded call is the call with the uniforms that seed gives, as the reference computes it
     from bcos_kernels.ops.lwta import cpu
 

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -31,6 +32,7 @@ extern "C" __m256 Sleef_logf8_u10(__m256) __attribute__((weak));
 extern "C" __m256 Sleef_expf8_u10(__m256) __attribute__((weak));
 // and its 16-wide log for CPUs with AVX-512 (the Gumbel transform's two logs are most of a sampling forward)
 extern "C" __m512 Sleef_logf16_u10(__m512) __attribute__((weak));
+extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
 #endif
 
 #include "arg_checks.h"
@@ -102,8 +104,10 @@ __attribute__((target("avx2"))) void logits_avx2(const float* u, const float* x,
   }
 }
 
+// BCOS_KERNELS_NO_AVX512 set (to anything) keeps the AVX2 paths: the tests compare the two, bit for bit.
 bool have_avx512() {
-  static const bool yes = have_avx2() && __builtin_cpu_supports("avx512f") && &Sleef_logf16_u10 != nullptr;
+  static const bool yes = std::getenv("BCOS_KERNELS_NO_AVX512") == nullptr && have_avx2() && __builtin_cpu_supports("avx512f") && &Sleef_logf16_u10 != nullptr &&
+                          &Sleef_expf16_u10 != nullptr;
   return yes;
 }
 
@@ -122,6 +126,58 @@ __attribute__((target("avx512f"))) void logits_avx512(const float* u, const floa
     const __m512 g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), sign));
     _mm512_mask_storeu_ps(l + i, lanes, _mm512_div_ps(_mm512_add_ps(g, _mm512_maskz_loadu_ps(lanes, x + i)), t));
   }
+}
+
+// mul_hilo, 16 lanes.
+__attribute__((target("avx512f"), always_inline)) inline void mul_hilo16(__m512i m, __m512i a, __m512i& hi,
+                                                                           __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+// uniforms32_avx2 for the 64 elements from 4 * block: 16 Philox calls at once.
+__attribute__((target("avx512f"))) void uniforms64_avx512(uint64_t seed, uint64_t offset, uint64_t block,
+                                                          float* u) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(bcos_math::kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(bcos_math::kPhiloxM1));
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(block))),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(block >> 32)));
+  __m512i c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  __m512i c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += bcos_math::kPhiloxW0;
+      k1 += bcos_math::kPhiloxW1;
+    }
+    __m512i hi0, lo0, hi1, lo1;
+    mul_hilo16(m0, c0, hi0, lo0);
+    mul_hilo16(m1, c2, hi1, lo1);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+  }
+  const __m512 scale = _mm512_set1_ps(5.9604644775390625e-08f);
+  const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c0, 8)), scale);
+  const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c1, 8)), scale);
+  const __m512 f2 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c2, 8)), scale);
+  const __m512 f3 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c3, 8)), scale);
+  // lane L's 4 words to u[4L .. 4L + 3]: the 4 x 4 transposes of uniforms32_avx2 in each 128-bit quarter (r_j's
+  // quarter i: lane 4i + j), then a 4 x 4 transpose of the quarters
+  const __m512 t0 = _mm512_unpacklo_ps(f0, f1), t1 = _mm512_unpackhi_ps(f0, f1);
+  const __m512 t2 = _mm512_unpacklo_ps(f2, f3), t3 = _mm512_unpackhi_ps(f2, f3);
+  const __m512 r0 = _mm512_shuffle_ps(t0, t2, 0x44), r1 = _mm512_shuffle_ps(t0, t2, 0xEE);
+  const __m512 r2 = _mm512_shuffle_ps(t1, t3, 0x44), r3 = _mm512_shuffle_ps(t1, t3, 0xEE);
+  const __m512 a = _mm512_shuffle_f32x4(r0, r1, 0x44), b = _mm512_shuffle_f32x4(r2, r3, 0x44);
+  const __m512 c = _mm512_shuffle_f32x4(r0, r1, 0xEE), d = _mm512_shuffle_f32x4(r2, r3, 0xEE);
+  _mm512_storeu_ps(u, _mm512_shuffle_f32x4(a, b, 0x88));
+  _mm512_storeu_ps(u + 16, _mm512_shuffle_f32x4(a, b, 0xDD));
+  _mm512_storeu_ps(u + 32, _mm512_shuffle_f32x4(c, d, 0x88));
+  _mm512_storeu_ps(u + 48, _mm512_shuffle_f32x4(c, d, 0xDD));
 }
 
 // logits_avx512 where the CPU has AVX-512, else logits_avx2.
@@ -204,17 +260,21 @@ void fill_uniforms_scalar(uint64_t seed, uint64_t offset, int64_t start, int64_t
   }
 }
 
-// The same, 32 elements at a time where the CPU has AVX2.
+// The same, 64 (AVX-512) or 32 (AVX2) elements at a time where the CPU has the instructions.
 void fill_uniforms(uint64_t seed, uint64_t offset, int64_t start, int64_t n, float* u) {
 #if defined(BCOS_LWTA_AVX2)
   if (have_avx2()) {
+    const bool wide = have_avx512();
+    const int64_t step = wide ? 64 : 32;
     const int64_t end = start + n;
     int64_t i = std::min(end, (start + 3) & ~int64_t{3});  // the vector steps start at a whole Philox call
     fill_uniforms_scalar(seed, offset, start, i - start, u);
-    for (; i + 32 <= end; i += 32) {
+    for (; i + step <= end; i += step) {
       const uint64_t block = static_cast<uint64_t>(i) >> 2;
-      if ((block & 0xFFFFFFFFu) > 0xFFFFFFF7u) {  // the low counter word wraps inside the step
-        fill_uniforms_scalar(seed, offset, i, 32, u + (i - start));
+      if ((block & 0xFFFFFFFFu) > 0xFFFFFFFFu - step / 4 + 1) {  // the low counter word wraps inside the step
+        fill_uniforms_scalar(seed, offset, i, step, u + (i - start));
+      } else if (wide) {
+        uniforms64_avx512(seed, offset, block, u + (i - start));
       } else {
         uniforms32_avx2(seed, offset, block, u + (i - start));
       }
@@ -441,6 +501,43 @@ __attribute__((target("avx2"))) void sample_blocks8(const float* l, const float*
   }
 }
 
+// 16 floats from q where `lanes` is set, `fill` elsewhere.
+__attribute__((target("avx512f"), always_inline)) inline __m512 load16(const float* q, __mmask16 lanes, float fill) {
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lanes, q);
+}
+
+// sample_blocks8 for 16 neighbouring blocks (AVX-512: the same operations, so the same values).
+__attribute__((target("avx512f"))) void sample_blocks16(const float* l, const float* x, int U, int64_t inner,
+                                                        int64_t len, float* p, float* out) {
+  const __mmask16 lanes = static_cast<__mmask16>((1u << len) - 1u);
+  __m512 m = load16(l, lanes, 0.0f);
+  for (int k = 1; k < U; ++k) {
+    const __m512 v = load16(l + k * inner, lanes, 0.0f);
+    m = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, m, _CMP_GT_OQ), m, v);
+  }
+  __m512 sum = _mm512_setzero_ps();
+  for (int k = 0; k < U; ++k) {
+    const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(load16(l + k * inner, lanes, 0.0f), m));
+    _mm512_mask_storeu_ps(p + k * inner, lanes, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  __m512 best = _mm512_setzero_ps();
+  __m512i win = _mm512_setzero_si512();
+  for (int k = 0; k < U; ++k) {
+    const __m512 pk = _mm512_div_ps(load16(p + k * inner, lanes, 1.0f), sum);
+    _mm512_mask_storeu_ps(p + k * inner, lanes, pk);
+    const __mmask16 gt = k == 0 ? static_cast<__mmask16>(0xFFFF) : _mm512_cmp_ps_mask(pk, best, _CMP_GT_OQ);
+    best = _mm512_mask_blend_ps(gt, best, pk);
+    win = _mm512_mask_blend_epi32(gt, win, _mm512_set1_epi32(k));
+  }
+  const __m512 keep = _mm512_add_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), best), best);
+  for (int k = 0; k < U; ++k) {
+    const __mmask16 is_win = _mm512_cmpeq_epi32_mask(win, _mm512_set1_epi32(k));
+    _mm512_mask_storeu_ps(out + k * inner, lanes,
+                          _mm512_maskz_mul_ps(is_win, load16(x + k * inner, lanes, 0.0f), keep));
+  }
+}
+
 // The backward of 8 neighbouring blocks from their kept probabilities p (layout as sample_blocks8).
 __attribute__((target("avx2"))) void sample_backward_blocks8(const float* grad_out, const float* x, const float* p,
                                                              int U, int64_t inner, int64_t len, float temperature,
@@ -486,11 +583,13 @@ void sample_forward_tiles(const float* x, const Noise& noise, const LwtaShape& s
     float* l = buf.l.data();
     logits_vec(u, x + start, temperature, n, l);
     if (s.inner >= 8) {
+      const bool wide = s.inner >= 16 && have_avx512();
+      const int64_t step = wide ? 16 : 8;
       for (int64_t g = 0; g < n; g += group) {
-        for (int64_t j = 0; j < s.inner; j += 8) {
-          const int64_t at = g + j;
-          sample_blocks8(l + at, x + start + at, U, s.inner, std::min<int64_t>(8, s.inner - j), probs + start + at,
-                         out + start + at);
+        for (int64_t j = 0; j < s.inner; j += step) {
+          const int64_t at = g + j, len = std::min<int64_t>(step, s.inner - j);
+          (wide ? sample_blocks16 : sample_blocks8)(l + at, x + start + at, U, s.inner, len, probs + start + at,
+                                                    out + start + at);
         }
       }
       return;
