@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from bcos_kernels import backends
+from bcos_kernels.ops import _eager
 from bcos_kernels.ops._checks import positive_int
 from bcos_kernels.ops._layout import memory_format_of
 from bcos_kernels.ops._options import custom_op
@@ -204,7 +205,7 @@ def fused_input_grads(ctx, backward_op, grad_out, saved):
     needs[3] = needs[3] and b_tensor is not None
     if not any(needs):
         return (None,) * 4
-    grads = backward_op(grad_out, x, weight, b_tensor, lin_max, norm, winner, **ctx.options, needs=needs)
+    grads = _eager.call(backward_op, grad_out, x, weight, b_tensor, lin_max, norm, winner, **ctx.options, needs=needs)
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 

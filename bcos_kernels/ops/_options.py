@@ -10,6 +10,8 @@ from typing import List
 
 import torch
 
+from bcos_kernels.ops import _eager
+
 # Python type -> schema type, as torch.library's schema inference writes them.
 _SCHEMA_TYPES = {float: "float", int: "SymInt", bool: "bool", str: "str", List[int]: "SymInt[]", List[bool]: "bool[]"}
 
@@ -31,6 +33,14 @@ def schema_fields(options: type) -> str:
 
 def custom_op(name: str, tensors: str, options: type, returns: str, extra: str = ""):
     """``torch.library.custom_op`` with the schema ``(tensors, *, options' fields, extra) -> returns``; the
-    decorated function takes the tensors positionally and the options as keywords (``**options``)."""
+    decorated function takes the tensors positionally and the options as keywords (``**options``). The function is
+    also recorded for the eager fast path (_eager.py)."""
     fields = schema_fields(options) + (", " + extra if extra else "")
-    return torch.library.custom_op(name, mutates_args=(), schema=f"({tensors}, *, {fields}) -> {returns}")
+    decorate = torch.library.custom_op(name, mutates_args=(), schema=f"({tensors}, *, {fields}) -> {returns}")
+
+    def register(fn):
+        op = decorate(fn)
+        _eager.register_impl(op, fn)
+        return op
+
+    return register

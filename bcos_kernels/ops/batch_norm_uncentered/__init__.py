@@ -13,6 +13,7 @@ import torch
 from typing import NamedTuple, Optional
 
 from bcos_kernels import backends
+from bcos_kernels.ops import _eager
 from bcos_kernels.ops._checks import check_tensor
 from bcos_kernels.ops._dtypes import compute_dtype
 from bcos_kernels.ops._options import custom_op
@@ -57,7 +58,8 @@ def batch_norm_uncentered(
     name = backends.resolve("batch_norm_uncentered", backend, x, mixed_dtypes=tuple(mixed))
     if name == "reference":
         return reference.batch_norm_uncentered_2d(x, running_var, weight, bias, training, momentum, eps, detach)
-    out, _, var, _ = batch_norm_uncentered_op(
+    out, _, var, _ = _eager.call(
+        batch_norm_uncentered_op,
         x,
         None if training else running_var,
         weight,
@@ -120,4 +122,4 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_inv_std):
     return grad_x, None, grad_w, grad_b
 
 
-batch_norm_uncentered_op.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(batch_norm_uncentered_op, _backward, _setup_context)

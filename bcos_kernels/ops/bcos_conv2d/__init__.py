@@ -12,6 +12,7 @@ import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops import _bcos_common as common
+from bcos_kernels.ops import _eager
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
 from bcos_kernels.ops._layout import conv_output_size
 from bcos_kernels.ops._options import custom_op
@@ -89,7 +90,7 @@ def bcos_conv2d(
     name = backends.resolve("bcos_conv2d", backend, x)
     if name == "reference":
         return ref.bcos_conv2d(x, weight, bias, **dict(opts, b=b), channel_scale=channel_scale)
-    out, _, _, _ = bcos_conv2d_fused(x, weight, bias, b_tensor, channel_scale, **opts, backend=name)
+    out, _, _, _ = _eager.call(bcos_conv2d_fused, x, weight, bias, b_tensor, channel_scale, **opts, backend=name)
     return out
 
 
@@ -158,4 +159,4 @@ def _backward(ctx, grad_out, _grad_lin_max, _grad_norm, _grad_winner):
     return common.fused_input_grads(ctx, bcos_conv2d_fused_backward, grad_out, saved) + (grad_channel_scale,)
 
 
-bcos_conv2d_fused.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(bcos_conv2d_fused, _backward, _setup_context)

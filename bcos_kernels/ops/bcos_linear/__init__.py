@@ -11,6 +11,7 @@ import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops import _bcos_common as common
+from bcos_kernels.ops import _eager
 from bcos_kernels.ops._checks import check_like, check_tensor
 from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.bcos_linear import reference as ref
@@ -35,7 +36,7 @@ def bcos_linear(
     name = backends.resolve("bcos_linear", backend, x)
     if name == "reference":
         return ref.bcos_linear(x, weight, bias, **dict(opts, b=b))
-    out, _, _, _ = bcos_linear_fused(x, weight, bias, b_tensor, **opts, backend=name)
+    out, _, _, _ = _eager.call(bcos_linear_fused, x, weight, bias, b_tensor, **opts, backend=name)
     return out
 
 
@@ -68,6 +69,6 @@ def _(x, weight, bias, b_tensor, **options):
 
 bcos_linear_fused_backward = common.fused_backward_op("bcos_linear", LinearOptions, grad_x_in_layout_of_x=False)
 
-bcos_linear_fused.register_autograd(
-    common.fused_backward(bcos_linear_fused_backward), setup_context=common.setup_fused_context
+_eager.register_autograd(
+    bcos_linear_fused, common.fused_backward(bcos_linear_fused_backward), common.setup_fused_context
 )

@@ -27,6 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from bcos_kernels import backends
+from bcos_kernels.ops import _eager
 from bcos_kernels.ops._checks import check_like, check_tensor
 from bcos_kernels.ops._layout import is_channels_last, memory_format
 from bcos_kernels.ops._options import custom_op
@@ -89,7 +90,7 @@ def class_specific_gate(
         return ref.class_specific_gate(x, mask, labels, training=training)
     if not training:
         return x
-    return class_specific_gate_op(x, mask, labels, backend=name)
+    return _eager.call(class_specific_gate_op, x, mask, labels, backend=name)
 
 
 # ---------------------------------------------------------------------------
@@ -126,10 +127,13 @@ def density_loss(mask: torch.Tensor) -> torch.Tensor:
 # the custom ops: each backend's forward and backward in its file here (bcos_kernels.backends.kernels)
 
 
-@torch.library.custom_op("bcos_kernels::class_specific_gate", mutates_args=())
-def class_specific_gate_op(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, backend: str) -> torch.Tensor:
+def _gate(x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, backend: str) -> torch.Tensor:
     """x * mask[:, labels] broadcast per sample (training mode); labels int64."""
     return backends.checked_kernels("class_specific_gate", backend, x.device).forward(x, mask, labels)
+
+
+class_specific_gate_op = torch.library.custom_op("bcos_kernels::class_specific_gate", _gate, mutates_args=())
+_eager.register_impl(class_specific_gate_op, _gate)
 
 
 @class_specific_gate_op.register_fake
@@ -187,10 +191,10 @@ def _backward(ctx, grad_out):
     need_x, need_mask = ctx.needs_input_grad[:2]
     if not (need_x or need_mask):
         return None, None, None
-    grad_x, grad_mask = class_specific_gate_backward_op(
-        grad_out, *ctx.saved_tensors, **ctx.options, need_x=need_x, need_mask=need_mask
+    grad_x, grad_mask = _eager.call(
+        class_specific_gate_backward_op, grad_out, *ctx.saved_tensors, **ctx.options, need_x=need_x, need_mask=need_mask
     )
     return grad_x if need_x else None, grad_mask if need_mask else None, None
 
 
-class_specific_gate_op.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(class_specific_gate_op, _backward, _setup_context)

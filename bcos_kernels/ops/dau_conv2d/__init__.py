@@ -14,6 +14,7 @@ import torch
 from typing import List, NamedTuple
 
 from bcos_kernels import backends
+from bcos_kernels.ops import _eager
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
 from bcos_kernels.ops._layout import conv_output_size
 from bcos_kernels.ops._options import custom_op
@@ -104,7 +105,8 @@ def dau_conv2d(
             detach=detach,
         )
     plan = _plan(name, x, rank_weight, expand_weight, expand_bias, kernel_size, ho, wo, detach)
-    out, _, _, _ = dau_conv2d_op(
+    out, _, _, _ = _eager.call(
+        dau_conv2d_op,
         x,
         rank_weight,
         expand_weight,
@@ -210,14 +212,14 @@ def _backward(ctx, grad_out, _grad_z, _grad_s, _grad_w):
         return (None,) * 4
     impl = backends.kernels("dau_conv2d", ctx.options["backend"])
     if impl.OPAQUE_BACKWARD:
-        grads = dau_conv2d_backward_op(grad_out, *ctx.saved_tensors, **ctx.options, needs=needs)
+        grads = _eager.call(dau_conv2d_backward_op, grad_out, *ctx.saved_tensors, **ctx.options, needs=needs)
     else:
         *saved, w = ctx.saved_tensors
         grads = impl.backward(grad_out, *saved, w if w.numel() else None, DauOptions(**ctx.options), needs)
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
-dau_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(dau_conv2d_op, _backward, _setup_context)
 
 
 @custom_op(

@@ -49,6 +49,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from bcos_kernels import backends
+from bcos_kernels.ops import _eager
 from bcos_kernels.ops._checks import check_tensor, positive_int
 from bcos_kernels.ops._layout import block_shape, is_channels_last, memory_format, memory_format_of
 from bcos_kernels.ops._options import custom_op
@@ -123,7 +124,7 @@ def lwta(
             noise, seed = getattr(_by_name, name).draw_noise(x)
         if not training:
             temperature = TEST_TEMPERATURE
-    out, _, _ = lwta_op(x, noise, seed, competitors=competitors, temperature=temperature, backend=name)
+    out, _, _ = _eager.call(lwta_op, x, noise, seed, competitors=competitors, temperature=temperature, backend=name)
     return out
 
 
@@ -216,7 +217,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 def _backward(ctx, grad_out, _grad_winner, _grad_probs):
     if not ctx.needs_input_grad[0]:
         return None, None, None
-    return lwta_backward_op(grad_out, *ctx.saved_tensors, **ctx.options, nhwc=ctx.nhwc), None, None
+    return _eager.call(lwta_backward_op, grad_out, *ctx.saved_tensors, **ctx.options, nhwc=ctx.nhwc), None, None
 
 
-lwta_op.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(lwta_op, _backward, _setup_context)
