@@ -171,7 +171,9 @@ _ELEMENTWISE = {
 
 # Which backends implement each op, and what they support.
 OPS: Dict[str, Dict[str, Support]] = {
-    "bcos_conv2d": _BCOS,
+    # backend "cpu" keeps a channels_last x's layout in the conv (ops/bcos_conv2d/cpu.py), not "cuda" (cuDNN's
+    # NCHW scale pass)
+    "bcos_conv2d": {**_BCOS, "cpu": Support(CPU_DTYPES, keeps_channels_last=True)},
     "bcos_linear": _BCOS,
     "dau_conv2d": {
         "reference": Support(),

@@ -98,6 +98,8 @@ def baseline_description() -> dict:
         "plain": "a plain op of the same shape (conv2d / linear / relu / per-channel multiply): the limit",
         "plain_channels_last": "the plain conv2d with module and input channels_last; the ratio to plain takes the "
         "faster of the two layouts",
+        "original_channels_last, cpu_channels_last": "the original module and ours (backend cpu) with module and input "
+        "channels_last; base and ours take the faster layout of each",
         "memory": "GPU: torch.cuda.max_memory_allocated over a forward+backward minus what was allocated before; "
         "CPU: bytes saved for backward plus the output (inputs and parameters excluded)",
     }

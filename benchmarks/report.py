@@ -10,7 +10,8 @@ Per (op, case, dtype, mode): each provider's median ms, then
               the faster of the NCHW plain conv and the channels_last one ("plain_channels_last": module and
               input channels_last, what a plain network would run) where both ran;
   mem base/ours, mem ours/plain   the same for peak memory.
-"ours" is the fastest of our backends that ran ("cuda", "triton", "cpu", "torch").
+"ours" is the fastest of our backends that ran ("cuda", "triton", "cpu", "torch", and "cpu_channels_last": backend
+"cpu" on a channels_last module and input); "original" the faster of it and "original_channels_last".
 Records carry "iqr_ms" next to "median_ms" (files written before bcos_kernels.timing lack it; both are read).
 """
 
@@ -22,16 +23,19 @@ import os
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
 
-OURS = ("cuda", "triton", "cpu", "torch")
+OURS = ("cuda", "triton", "cpu", "torch", "cpu_channels_last")
+ORIGINAL = ("original", "original_channels_last")
 PLAIN = ("plain", "plain_channels_last")  # the best of them is the limit
 PROVIDER_ORDER = (
     "original",
+    "original_channels_last",
     "original_compiled",
     "original_batched",
     "reference",
     "reference_compiled",
     "torch",
     "cpu",
+    "cpu_channels_last",
     "triton",
     "cuda",
     "plain",
@@ -59,7 +63,8 @@ def table_rows(records: Iterable, mode: Optional[str] = None, dtype: Optional[st
         ms = {p: _get(r, "median_ms") for p, r in by.items()}
         mem = {p: _get(r, "peak_mem_mb") for p, r in by.items()}
         ours = min((p for p in OURS if p in by), key=lambda p: ms[p], default=None)
-        base = "original" if "original" in by else ("reference" if "reference" in by else None)
+        base = min((p for p in ORIGINAL if p in by), key=lambda p: ms[p], default=None)
+        base = base if base is not None else ("reference" if "reference" in by else None)
         plain = min((p for p in PLAIN if p in by), key=lambda p: ms[p], default=None)
         rows.append(
             dict(

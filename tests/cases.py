@@ -87,6 +87,8 @@ BCOS_CONV2D = [
     _bcos_conv("dilation2", dilation=2, padding=2, hw=(6, 7)),
     _bcos_conv("batch1", n=1, hw=(4, 5), padding=1, b=_learnable_b(2.0)),
     _bcos_conv("channels_last_b2", padding=1, channels_last=True),
+    _bcos_conv("channels_last_b1_1x1_stride2", k=1, stride=2, padding=0, b=1.0, channels_last=True),
+    _bcos_conv("channels_last_detach_maxout", o=3, max_out=2, padding=1, detach=True, channels_last=True),
     _bcos_conv(
         "channels_last_groups_maxout_b_tensor_channel_scale",
         c=4,

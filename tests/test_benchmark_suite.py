@@ -147,6 +147,21 @@ def test_plain_is_the_faster_layout():
     assert row["plain"] == "plain" and row["ours_over_plain"] == pytest.approx(1.5)
 
 
+def test_original_and_ours_are_their_faster_layout():
+    records = [
+        _rec("original", 9.0, 1.0),
+        _rec("original_channels_last", 6.0, 1.0),
+        _rec("cpu", 4.0, 1.0),
+        _rec("cpu_channels_last", 3.0, 1.0),
+        _rec("plain", 2.0, 1.0),
+    ]
+    (row,) = report.table_rows(records)
+    assert row["base"] == "original_channels_last" and row["ours"] == "cpu_channels_last"
+    assert row["base_over_ours"] == pytest.approx(2.0) and row["ours_over_plain"] == pytest.approx(1.5)
+    (row,) = report.table_rows([records[0], records[3], records[4]])
+    assert row["base"] == "original" and row["base_over_ours"] == pytest.approx(3.0)
+
+
 def test_table_filters_by_mode():
     records = [_rec("torch", 1.0, mode="fwd"), _rec("torch", 2.0, mode="bwd")]
     assert [r["mode"] for r in report.table_rows(records, mode="bwd")] == ["bwd"]

@@ -8,9 +8,30 @@ import torch.nn.functional as F
 
 from bcos_kernels.ops import _bcos_common as common
 from bcos_kernels.ops import _conv_layout
-from bcos_kernels.ops._layout import memory_format_of
+from bcos_kernels.ops._layout import is_channels_last, memory_format_of
 
 CL = torch.channels_last
+
+
+def _nhwc(x, opts) -> bool:
+    """Whether this call stays channels_last: a channels_last x on the CPU with this backend (the registry's
+    keeps_channels_last). The conv then runs channels_last with no conversion, and the scale passes read its
+    output as the (N*Ho*Wo, channels, 1) matrix of its memory: the outputs come back channels_last, so a
+    channels_last network stays so (on this package's 2-core CPU a plain 1x1 64->256 conv at 56x56 runs 1.7x
+    faster channels_last at 2 threads)."""
+    return opts.backend == "cpu" and x.device.type == "cpu" and is_channels_last(x)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last (N, C, H, W) t as the (N*H*W, C, 1) matrix of its memory (a view)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c, 1)
+
+
+def _unrows(t: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """The inverse of _rows for a kernel's (N*H*W, C, 1) output: channels_last (N, C, H, W), not an autograd view
+    of the kernel's tensor (so that a caller may modify it in place)."""
+    return t.view(n, h, w, t.shape[1]).permute(0, 3, 1, 2).detach()
 
 
 def _measured_layout(x) -> bool:
@@ -58,18 +79,44 @@ def conv_backward(grad_lin, x, w_hat, opts, mask):
     )
 
 
+def _patch_norm(x, weight, b_val, b_is_tensor, opts):
+    """The patch norms (N, G, Ho, Wo), or an empty tensor where b = 1 needs none."""
+    if b_val == 1 and not b_is_tensor:
+        return x.new_empty(0)
+    return torch.ops.bcos_kernels.patch_norm(
+        x, list(weight.shape[2:]), opts.stride, opts.padding, opts.dilation, opts.groups
+    )
+
+
+def _norm_rows(norm: torch.Tensor) -> torch.Tensor:
+    """norm (N, G, Ho, Wo) as the (N*Ho*Wo, G, 1) rows of the channels_last scale passes (a view for G = 1)."""
+    return _rows(norm).contiguous() if norm.numel() else norm
+
+
 def scaled_forward(lin, x, weight, b_val, b_is_tensor, opts, channel_scale):
     """(out, lin_max, winner, norm) of the extension's separate patch-norm and scale passes."""
-    stride, padding, dilation, groups = opts.stride, opts.padding, opts.dilation, opts.groups
     n, _, p = lin.shape
-    if b_val == 1 and not b_is_tensor:
-        norm = x.new_empty(0)
-    else:
-        norm = torch.ops.bcos_kernels.patch_norm(x, list(weight.shape[2:]), stride, padding, dilation, groups)
-    norm_view = norm.reshape(n, groups, p) if norm.numel() else norm
+    norm = _patch_norm(x, weight, b_val, b_is_tensor, opts)
+    norm_view = norm.reshape(n, opts.groups, p) if norm.numel() else norm
     scalars = (b_val, b_is_tensor, opts.max_out, opts.scale)
     out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(lin, norm_view, *scalars, channel_scale)
     return out, lin_max, winner, norm
+
+
+def _nhwc_forward(lin, x, weight, b_val, b_is_tensor, opts, channel_scale):
+    """The outputs of aten_forward for a call that stays channels_last (_nhwc), lin the conv's (CL) output."""
+    n, _, ho, wo = lin.shape
+    lin = lin.contiguous(memory_format=CL)  # a copy only where oneDNN returned another layout
+    norm = _patch_norm(x, weight, b_val, b_is_tensor, opts)
+    scalars = (b_val, b_is_tensor, opts.max_out, opts.scale)
+    out, lin_max, winner = torch.ops.bcos_kernels.bcos_scale_forward(
+        _rows(lin), _norm_rows(norm), *scalars, channel_scale
+    )
+    if opts.max_out == 1:
+        lin_max = lin  # the conv's own output, not a view
+    else:
+        lin_max, winner = _unrows(lin_max, n, ho, wo), _unrows(winner, n, ho, wo)
+    return _unrows(out, n, ho, wo), lin_max, norm, winner
 
 
 def aten_forward(x, weight, bias, b_tensor, channel_scale, scaled, opts):
@@ -78,6 +125,8 @@ def aten_forward(x, weight, bias, b_tensor, channel_scale, scaled, opts):
     b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
     w_hat, _ = common.weight_and_norm(weight, opts.normalize_weight)
     lin = conv_forward(x, w_hat, bias, opts)
+    if _nhwc(x, opts):
+        return _nhwc_forward(lin, x, weight, *common.b_value(opts.b, b_tensor), opts, channel_scale)
     n, filters, ho, wo = lin.shape
     lin = lin.reshape(n, filters, ho * wo).contiguous()
     out, lin_max, winner, norm = scaled(lin, x, weight, b_val, b_is_tensor, opts, channel_scale)
@@ -100,10 +149,23 @@ def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
     max_out, normalize_weight = opts.max_out, opts.normalize_weight
     need_x, need_w, need_bias, need_b = needs
     n, out_channels, ho, wo = lin_max.shape
-    grad_lin, grad_norm, grad_b = common.scale_backward(
-        grad_out, lin_max, norm, winner, (n, out_channels, ho * wo), groups, b_tensor, opts, needs
-    )
-    grad_lin = grad_lin.view(n, out_channels * max_out, ho, wo)
+    if _nhwc(x, opts):
+        b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
+        grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
+            _rows(grad_out.contiguous(memory_format=CL)),
+            _rows(lin_max),
+            _norm_rows(norm),
+            _rows(winner) if max_out > 1 else winner,
+            *(b_val, b_is_tensor, max_out, opts.scale, opts.detach, need_x, need_b),
+        )
+        grad_lin = grad_lin.view(n, ho, wo, out_channels * max_out).permute(0, 3, 1, 2)
+        if grad_norm.numel():
+            grad_norm = grad_norm.view(n, ho, wo, groups).permute(0, 3, 1, 2).contiguous()
+    else:
+        grad_lin, grad_norm, grad_b = common.scale_backward(
+            grad_out, lin_max, norm, winner, (n, out_channels, ho * wo), groups, b_tensor, opts, needs
+        )
+        grad_lin = grad_lin.view(n, out_channels * max_out, ho, wo)
     w_hat, w_norm = common.weight_and_norm(weight, normalize_weight)
     grad_x, grad_w_hat, grad_bias = conv_backward(grad_lin, x, w_hat, opts, [need_x, need_w, need_bias])
     if need_x and grad_norm.numel():
