@@ -102,3 +102,33 @@ def test_compiled_graph_keeps_the_op():
     torch._dynamo.reset()
     torch.compile(fn, backend=backend, fullgraph=True)(torch.randn(2, 4, 3, 3), torch.rand(4, 3))
     assert any("bcos_kernels.class_specific_gate" in t for t in seen), seen
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((str(func), out.numel() if isinstance(out, torch.Tensor) else 0))
+        return out
+
+
+@pytest.mark.skipif("cpu" not in backends.available_backends("cpu"), reason="backend 'cpu' needs the C++ extension")
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "op"])
+def test_backward_fills_no_zeros_for_the_saved_outputs(fast, monkeypatch):
+    """The gradients of the outputs that only feed the backward (lin_max, as large as out) are not materialised as
+    zeros: the backward runs no fill of an output-sized tensor."""
+    if not fast:
+        monkeypatch.setenv("BCOS_KERNELS_EAGER_FAST_PATH", "0")
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    w = torch.randn(16, 8, 1, 1, requires_grad=True)
+    out = bcos_kernels.bcos_conv2d(x, w, backend="cpu")
+    grad = torch.randn_like(out)
+    recorder = _Recorder()
+    with recorder:
+        out.backward(grad)
+    fills = [c for c in recorder.calls if ("fill" in c[0] or "zeros" in c[0]) and c[1] == out.numel()]
+    assert not fills, fills
+    assert x.grad is not None and w.grad is not None

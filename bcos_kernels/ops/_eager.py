@@ -36,9 +36,24 @@ def register_impl(op, impl: Callable) -> None:
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
-    """``op.register_autograd(backward, setup_context=setup_context)``, also for the fast path."""
-    op.register_autograd(backward, setup_context=setup_context)
-    _ENTRIES[op] = _ENTRIES[op]._replace(setup_context=setup_context, backward=backward)
+    """``op.register_autograd(backward, setup_context=...)``, also for the fast path. The context does not
+    materialise the gradients of outputs that got none: every op here has one differentiable output, and its others
+    (saved statistics such as the B-cos conv's lin_max, as large as the output) would each get a tensor of zeros,
+    filled on every backward (1.1 ms of a 13 ms 1x1 64->256 conv at 2 threads) for the backward to ignore."""
+
+    def setup(ctx, inputs, keyword_only_inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.input_count = len(inputs)
+        setup_context(ctx, inputs, keyword_only_inputs, output)
+
+    def backward_of_output(ctx, grad_out, *others):
+        # no gradient for the differentiable output (e.g. gradcheck's pass for another output): none for the inputs
+        if grad_out is None:
+            return (None,) * ctx.input_count
+        return backward(ctx, grad_out, *others)
+
+    op.register_autograd(backward_of_output, setup_context=setup)
+    _ENTRIES[op] = _ENTRIES[op]._replace(setup_context=setup, backward=backward_of_output)
 
 
 def enabled() -> bool:
