@@ -317,21 +317,28 @@ torch.save(out, sys.argv[1])
     backends.device_reason("cpu", "cpu") is not None,
     reason="backend 'cpu' needs the C++ extension (scripts/install.sh)",
 )
-def test_cpu_sampling_avx2_and_avx512_paths_agree_bit_for_bit(tmp_path):
-    """The Philox draws and the sampling forward (probabilities and output) are the same with the AVX-512 paths
-    as with the AVX2 ones (BCOS_KERNELS_NO_AVX512 set) -- each run in a fresh process, as the CPU's features are
-    read once. Inner sizes 100 (16 blocks at a time and a tail), 60, 9 (8 at a time) and 1."""
+def test_cpu_sampling_isa_paths_agree_bit_for_bit(tmp_path):
+    """The Philox draws and the sampling forward (probabilities and output) are the same, bit for bit, with the
+    AVX-512 and AVX2 paths, and the same draws and winners with the scalar one (std::log/exp against SLEEF's:
+    an ulp apart) -- BCOS_KERNELS_CPU_ISA lowers the instruction set, each run in a fresh process, as the CPU's
+    features are read once. Inner sizes 100 (16 blocks at a time and a tail), 60, 9 (8 at a time) and 1."""
     runs = []
-    for no_avx512 in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "BCOS_KERNELS_NO_AVX512"}
-        if no_avx512:
-            env["BCOS_KERNELS_NO_AVX512"] = "1"
-        path = tmp_path / f"run{int(no_avx512)}.pt"
+    for isa in (None, "avx2", "baseline"):
+        env = {k: v for k, v in os.environ.items() if k != "BCOS_KERNELS_CPU_ISA"}
+        if isa is not None:
+            env["BCOS_KERNELS_CPU_ISA"] = isa
+        path = tmp_path / f"run-{isa}.pt"
         subprocess.run([sys.executable, "-c", _VECTOR_PATH_SCRIPT, str(path)], env=env, check=True)
         runs.append(torch.load(path))
-    assert len(runs[0]) == len(runs[1]) == 12
-    for a, b in zip(*runs):
+    assert [len(r) for r in runs] == [12, 12, 12]
+    for a, b in zip(runs[0], runs[1]):
         assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(runs[0], runs[2])):
+        if i % 3 == 0:  # the uniforms
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+            assert torch.equal(a != 0, b != 0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

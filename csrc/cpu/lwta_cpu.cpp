@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -68,9 +69,19 @@ struct TensorNoise {
 // of one (outer, block row), which hold `inner` blocks (block j's unit k at k * inner + j).
 // ---------------------------------------------------------------------------
 #if defined(BCOS_LWTA_AVX2)
+// BCOS_KERNELS_CPU_ISA=baseline|avx2 lowers the instruction set, as for the B-cos kernels (csrc/cpu/bcos_cpu.cpp):
+// the tests compare the paths, which give the same bits.
+bool isa_allowed(const char* lowest_refused) {
+  const char* env = std::getenv("BCOS_KERNELS_CPU_ISA");
+  if (env == nullptr) return true;
+  const std::string want(env);
+  return !(want == "baseline" || want == lowest_refused);
+}
+
 bool have_avx2() {  // and SLEEF
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          &Sleef_logf8_u10 != nullptr && &Sleef_expf8_u10 != nullptr;
+  static const bool yes = isa_allowed("baseline") && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma") && &Sleef_logf8_u10 != nullptr &&
+                          &Sleef_expf8_u10 != nullptr;
   return yes;
 }
 
@@ -104,9 +115,8 @@ __attribute__((target("avx2"))) void logits_avx2(const float* u, const float* x,
   }
 }
 
-// BCOS_KERNELS_NO_AVX512 set (to anything) keeps the AVX2 paths: the tests compare the two, bit for bit.
 bool have_avx512() {
-  static const bool yes = std::getenv("BCOS_KERNELS_NO_AVX512") == nullptr && have_avx2() && __builtin_cpu_supports("avx512f") && &Sleef_logf16_u10 != nullptr &&
+  static const bool yes = isa_allowed("avx2") && have_avx2() && __builtin_cpu_supports("avx512f") && &Sleef_logf16_u10 != nullptr &&
                           &Sleef_expf16_u10 != nullptr;
   return yes;
 }
