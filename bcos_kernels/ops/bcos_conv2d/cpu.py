@@ -126,7 +126,7 @@ def aten_forward(x, weight, bias, b_tensor, channel_scale, scaled, opts):
     w_hat, _ = common.weight_and_norm(weight, opts.normalize_weight)
     lin = conv_forward(x, w_hat, bias, opts)
     if _nhwc(x, opts):
-        return _nhwc_forward(lin, x, weight, *common.b_value(opts.b, b_tensor), opts, channel_scale)
+        return _nhwc_forward(lin, x, weight, b_val, b_is_tensor, opts, channel_scale)
     n, filters, ho, wo = lin.shape
     lin = lin.reshape(n, filters, ho * wo).contiguous()
     out, lin_max, winner, norm = scaled(lin, x, weight, b_val, b_is_tensor, opts, channel_scale)
@@ -150,13 +150,11 @@ def backward(grad_out, x, weight, b_tensor, lin_max, norm, winner, opts, needs):
     need_x, need_w, need_bias, need_b = needs
     n, out_channels, ho, wo = lin_max.shape
     if _nhwc(x, opts):
-        b_val, b_is_tensor = common.b_value(opts.b, b_tensor)
-        grad_lin, grad_norm, grad_b = torch.ops.bcos_kernels.bcos_scale_backward(
-            _rows(grad_out.contiguous(memory_format=CL)),
-            _rows(lin_max),
-            _norm_rows(norm),
-            _rows(winner) if max_out > 1 else winner,
-            *(b_val, b_is_tensor, max_out, opts.scale, opts.detach, need_x, need_b),
+        # the scale passes on the (N*Ho*Wo, channels, 1) rows of the channels_last memory
+        rows = (_rows(grad_out.contiguous(memory_format=CL)), _rows(lin_max), _norm_rows(norm))
+        winner_rows = _rows(winner) if max_out > 1 else winner
+        grad_lin, grad_norm, grad_b = common.scale_backward(
+            *rows, winner_rows, (n * ho * wo, out_channels, 1), groups, b_tensor, opts, needs
         )
         grad_lin = grad_lin.view(n, ho, wo, out_channels * max_out).permute(0, 3, 1, 2)
         if grad_norm.numel():
