@@ -191,6 +191,11 @@ OPS: Dict[str, Dict[str, Support]] = {
         "reference": Support(keeps_channels_last=True),
         "torch": Support(keeps_channels_last=True, limits=_same_dtypes),
     },
+    # out of explanation mode every backend is ATen's norm; in it, "torch" needs parameters in x's dtype
+    "detachable_norm": {
+        "reference": Support(keeps_channels_last=None),
+        "torch": Support(keeps_channels_last=None, limits=_same_dtypes),
+    },
     "class_specific_gate": {
         "reference": Support(keeps_channels_last=None),
         "cpu": Support(keeps_channels_last=True),

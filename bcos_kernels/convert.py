@@ -43,7 +43,13 @@ _OUR_TYPES = (
     ours.LWTA,
     ours.ClassSpecificGate,
     ours.BatchNormUncentered2d,
+    ours.DetachableLayerNorm,
+    ours.DetachableGroupNorm2d,
+    ours.Attention,
 )
+
+# Ours that hold layers of the original model (adopted as they are): their children are converted in turn.
+_CONTAINERS = (ours.Attention,)
 
 
 class Unsupported(ValueError):
@@ -197,6 +203,25 @@ def _uncentered_norm(original: nn.Module, backend: Optional[str]) -> nn.Module:
     )
 
 
+def _layer_norm(original: nn.Module, backend: Optional[str]) -> nn.Module:
+    """The `bcos` package's DetachableLayerNorm (the ViTs' norm; parameters shared)."""
+    return ours.DetachableLayerNorm.from_module(
+        original, backend if backend in backends.OPS["detachable_norm"] else None
+    )
+
+
+def _group_norm(original: nn.Module, backend: Optional[str]) -> nn.Module:
+    """The `bcos` package's DetachableGroupNorm2d and its one-group / per-channel forms (the ViT-C stem's norm)."""
+    return ours.DetachableGroupNorm2d.from_module(
+        original, backend if backend in backends.OPS["detachable_norm"] else None
+    )
+
+
+def _attention(original: nn.Module, backend: Optional[str]) -> nn.Module:
+    """The B-cos ViTs' Attention (`bcos.models.vit`): its submodules are adopted and converted in turn."""
+    return ours.Attention.from_original(original)
+
+
 def _csg_gate(original: nn.Module, backend: Optional[str]) -> nn.Module:
     """CSGCNN's LearnableMaskLayer."""
     with torch.device("meta"):
@@ -248,6 +273,28 @@ _RULES = (
         _has("num_features", "eps", "momentum", "running_var", "track_running_stats"),
         _uncentered_norm,
     ),
+    *(
+        _Rule(
+            name,
+            ("bcos.modules.norms.centered_norms",),
+            _has("num_groups", "num_channels", "eps", "detach"),
+            _group_norm,
+        )
+        for name in ("DetachableGroupNorm2d", "DetachableGNLayerNorm2d", "DetachableGNInstanceNorm2d")
+    ),
+    _Rule(
+        "DetachableLayerNorm",
+        ("bcos.modules.norms.centered_norms",),
+        _has("normalized_shape", "eps", "elementwise_affine", "detach"),
+        _layer_norm,
+    ),
+    # "Attention" is a common name: the structure test asks for the attributes only the B-cos ViTs' one has
+    _Rule(
+        "Attention",
+        ("bcos.models.vit",),
+        _has("heads", "scale", "norm", "attend", "to_qkv", "to_out", "pos_info", "attention_biases", "detach"),
+        _attention,
+    ),
     _Rule("LearnableMaskLayer", ("resnet_std", "VOCPart.train.resnet_std"), _has("mask", "avg_pool"), _csg_gate),
 )
 
@@ -295,8 +342,10 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
 
     Converted: `bcos.modules` BcosConv2d, BcosConv2dWithScale, BcosLinear (B-cos v2); B-cosification's
     BcosifyConv2d / BcosifyLinear (learned b included); moboehle/B-cos v1 BcosConv2d; CoDA-Nets
-    ``CoDAConv2d(DAUWeights)``; DISCOVER's LWTA; CSGCNN's LearnableMaskLayer; and the `bcos` package's
-    BatchNormUncentered2d (on ``backend`` where its op has it, else "auto"). Everything else is untouched, so
+    ``CoDAConv2d(DAUWeights)``; DISCOVER's LWTA; CSGCNN's LearnableMaskLayer; the `bcos` package's
+    BatchNormUncentered2d, DetachableLayerNorm and DetachableGroupNorm2d (GN layer/instance forms included; on
+    ``backend`` where their ops have it, else "auto"); and the B-cos ViTs' Attention (`bcos.models.vit`, on
+    ``scaled_dot_product_attention``; its projections and norm converted in turn). Everything else is untouched, so
     outputs and gradients are those of the original model (up to floating-point rounding).
     """
     backends.check_name(backend)
@@ -331,13 +380,13 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
             new = converted(path, child)
             if new is not None:
                 setattr(parent, name, new)
-            elif id(child) not in seen:
+            if (new is None or isinstance(new, _CONTAINERS)) and id(child) not in seen:
                 seen.add(id(child))
-                visit(child, path + ".", seen)
+                visit(new if new is not None else child, path + ".", seen)
 
     root = converted("", model)
-    if root is None:
-        visit(model, "", set())
+    if root is None or isinstance(root, _CONTAINERS):
+        visit(model if root is None else root, "", set())
     if left:
         warnings.warn(
             "bcos_kernels.convert left these layers as they are (they run the original code):\n  " + "\n  ".join(left),

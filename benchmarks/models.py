@@ -7,6 +7,8 @@ convolutions (the limit a B-cos / CoDA network cannot beat):
 - ``bcos_resnet50()``: the `bcos` package's B-cos ResNet-50, as its ImageNet experiment builds it;
   ``bcos_kernels.convert(copy.deepcopy(model), backend)`` puts our layers in, ``with_plain_layers(model)`` plain
   convolutions.
+- ``bcos_vit_ti()``: the `bcos` package's B-cos ViT-Ti/16, as its ``vit_final`` experiment builds it;
+  ``plain_vit(model)`` the same ViT with plain linears, layer norms and attention (the limit).
 - ``coda_net_cifar10(provider)``: the 9-layer CoDA-Net of the CIFAR-10 experiment ("9L-S-CoDA-SQ-1000").
 - ``largest_batch`` / ``gpu_step_fits``: the largest batch whose training step fits in GPU memory.
 - ``check_parity``: the benchmark refuses to time a model that disagrees with the original.
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 from harness import Workload, sync
-from originals import bcos_module  # tests/ is on sys.path: harness puts it there
+from originals import bcos_module, bcos_vit  # tests/ is on sys.path: harness puts it there
 from shapes import CODA_CIFAR10_ARCH, CODA_CIFAR10_LOGIT_BIAS, CODA_CIFAR10_LOGIT_TEMPERATURE
 from torch import nn
 
@@ -102,6 +104,24 @@ def with_plain_layers(model: nn.Module) -> nn.Module:
         return new.train(m.training)
 
     return _swapped(model, replace)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# B-cos ViT-Ti/16
+# ---------------------------------------------------------------------------------------------------------------
+def bcos_vit_ti() -> nn.Module:
+    """The `bcos` package's B-cos ViT-Ti/16 (simple_vit_ti_patch16_224, 1000 classes), built as its
+    ``vit_final`` experiment config does (tests/originals.py ``bcos_vit``)."""
+    return bcos_vit("simple_vit_ti_patch16_224", num_classes=1000)
+
+
+def plain_vit(model: nn.Module) -> nn.Module:
+    """A deep copy of the B-cos ViT ``model`` as the fastest plain ViT of its shape: plain linears and convs
+    (``with_plain_layers``), and the attention on scaled_dot_product_attention with ATen's layer norm (our
+    converted Attention and norms, which out of explanation mode are exactly those)."""
+    import bcos_kernels
+
+    return bcos_kernels.convert(with_plain_layers(model))
 
 
 # ---------------------------------------------------------------------------------------------------------------

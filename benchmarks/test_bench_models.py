@@ -1,5 +1,5 @@
-"""Whole-model training steps (op "model"): the B-cos ResNet-50 of the `bcos` package and the CIFAR-10 CoDA-Net,
-each with the original layers (and, on a GPU, torch.compile of them), with each backend of ours swapped in, and with
+"""Whole-model training steps (op "model"): the B-cos ResNet-50 and ViT-Ti/16 of the `bcos` package and the CIFAR-10
+CoDA-Net, each with the original layers (and, on a GPU, torch.compile of them), with each backend of ours swapped in, and with
 plain convolutions (the limit). A training step: the model in train() mode (batch norm on batch statistics), gradients
 for the parameters only (the input needs none).
 
@@ -30,13 +30,20 @@ from harness import (
     our_providers,
     sync,
 )
-from shapes import CODA_CIFAR10_IMAGE, CODA_CIFAR10_MODEL_BATCH, RESNET50_MODEL_BATCH, RESNET50_MODEL_IMAGE
+from shapes import (
+    CODA_CIFAR10_IMAGE,
+    CODA_CIFAR10_MODEL_BATCH,
+    RESNET50_MODEL_BATCH,
+    RESNET50_MODEL_IMAGE,
+    VIT_MODEL_BATCH,
+)
 
 import bcos_kernels
 from bcos_kernels.timing import measure
 
 RESNET = "B-cos ResNet-50 train step"
 CODA = "CoDA-Net CIFAR-10 9L train step"
+VIT = "B-cos ViT-Ti/16 train step"
 
 GPU = DEVICE.type == "cuda"
 # The smoke run only proves the file runs: one mode (the three share the harness's code path, which the per-layer
@@ -57,8 +64,9 @@ CODA_OURS = our_providers("dau_conv2d")
 # "model:bcos": the bcos package's model is the original; "model:coda": the CoDA-Net runs our exact DAU reference
 RESNET_PROVIDERS = _baselines("model:bcos") + RESNET_OURS + ["plain"]
 CODA_PROVIDERS = _baselines("model:coda") + CODA_OURS + ["plain"]
-BASELINE = {RESNET: "original", CODA: "reference"}
-SHORT = {RESNET: "resnet50", CODA: "coda"}
+VIT_PROVIDERS = _baselines("model:bcos") + our_providers("bcos_linear") + ["plain"]
+BASELINE = {RESNET: "original", CODA: "reference", VIT: "original"}
+SHORT = {RESNET: "resnet50", CODA: "coda", VIT: "vit_ti"}
 
 # Parity: max |ours - original| <= PARITY_RTOL * max |original|, for the logits and the input gradient, in float32.
 PARITY_BATCH = 2
@@ -71,7 +79,7 @@ PARITY_IMAGE = max(RESNET50_MODEL_IMAGE, 64)
 skip_without_bcos = pytest.mark.skipif(
     not bcos_installed(),
     reason="the original `bcos` package is not installed (pip install --no-deps bcos==0.1.3): "
-    "no B-cos ResNet-50 to time (the CoDA-Net case still runs)",
+    "no B-cos ResNet-50 or ViT to time (the CoDA-Net case still runs)",
 )
 
 
@@ -96,14 +104,30 @@ def build_resnet(provider: str) -> torch.nn.Module:
     return bcos_kernels.convert(copy.deepcopy(_resnet_original()), backend=provider)
 
 
+@functools.lru_cache(maxsize=None)
+def _vit_original() -> torch.nn.Module:
+    """The B-cos ViT-Ti/16 with fixed parameters (only copied, as the ResNet)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return models.bcos_vit_ti().train()
+
+
+def build_vit(provider: str) -> torch.nn.Module:
+    if provider == "original":
+        return copy.deepcopy(_vit_original())
+    if provider == "plain":
+        return models.plain_vit(_vit_original())
+    return bcos_kernels.convert(copy.deepcopy(_vit_original()), backend=provider)
+
+
 def build_coda(provider: str) -> torch.nn.Module:
     # coda_net_cifar10 seeds its own parameters: every provider gets the same ones
     return models.coda_net_cifar10(provider).train()
 
 
-BUILD = {RESNET: build_resnet, CODA: build_coda}
-IMAGE = {RESNET: RESNET50_MODEL_IMAGE, CODA: CODA_CIFAR10_IMAGE}
-BATCH = {RESNET: RESNET50_MODEL_BATCH, CODA: CODA_CIFAR10_MODEL_BATCH}
+BUILD = {RESNET: build_resnet, CODA: build_coda, VIT: build_vit}
+IMAGE = {RESNET: RESNET50_MODEL_IMAGE, CODA: CODA_CIFAR10_IMAGE, VIT: RESNET50_MODEL_IMAGE}
+BATCH = {RESNET: RESNET50_MODEL_BATCH, CODA: CODA_CIFAR10_MODEL_BATCH, VIT: VIT_MODEL_BATCH}
 
 
 def _input(case: str, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -170,6 +194,14 @@ def _bench_case(case, dtype, provider, mode):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_resnet50_train_step(dtype, provider, mode):
     _bench_case(RESNET, dtype, provider, mode)
+
+
+@skip_without_bcos
+@pytest.mark.parametrize("mode", BENCH_MODES)
+@pytest.mark.parametrize("provider", VIT_PROVIDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_vit_ti_train_step(dtype, provider, mode):
+    _bench_case(VIT, dtype, provider, mode)
 
 
 @pytest.mark.parametrize("mode", BENCH_MODES)

@@ -262,3 +262,36 @@ BATCH_NORM_UNCENTERED = [
     _norm("channels_last_train", (2, 5, 3, 3), channels_last=True),
     _norm("channels_last_eval", (2, 6, 2, 3), training=False, channels_last=True),
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The B-cos ViTs' detachable norms: ``kind`` "layer" (``groups`` = normalized_shape) or "group" (``groups`` = the
+# number of groups); mostly in explanation mode (``detach``), the path with our own backward
+# ---------------------------------------------------------------------------------------------------------------
+def _detachable_norm(case_id, shape, kind, groups, weight=True, bias=True, detach=True, channels_last=False):
+    g = _generator(case_id)
+    affine = tuple(groups) if kind == "layer" else (shape[1],)
+    # an offset per feature: the mean's term of the gradient matters
+    x = torch.randn(shape, generator=g, dtype=F64) * 2 + 1.5
+    inputs = dict(x=x)
+    if weight:
+        inputs["weight"] = torch.rand(affine, generator=g, dtype=F64) + 0.5
+    if bias:
+        inputs["bias"] = torch.randn(affine, generator=g, dtype=F64)
+    return Case(case_id, inputs, dict(kind=kind, groups=groups, eps=1e-5, detach=detach), channels_last)
+
+
+DETACHABLE_NORM = [
+    _detachable_norm("layer_tokens", (2, 5, 12), "layer", (12,)),
+    _detachable_norm("layer_no_bias", (3, 7, 9), "layer", (9,), bias=False),  # the ViTs' NoBias(LayerNorm)
+    _detachable_norm("layer_not_affine_2d", (2, 6), "layer", (6,), weight=False, bias=False),
+    _detachable_norm("layer_two_dims", (2, 3, 4, 5), "layer", (4, 5)),
+    _detachable_norm("layer_one_row", (1, 1, 7), "layer", (7,), bias=False),
+    _detachable_norm("layer_trained", (2, 4, 8), "layer", (8,), detach=False),
+    _detachable_norm("group_one_group", (2, 6, 3, 5), "group", 1, bias=False),  # DetachableGNLayerNorm2d
+    _detachable_norm("group_three_groups", (3, 6, 2, 3), "group", 3),
+    _detachable_norm("group_instance", (2, 4, 3, 3), "group", 4, weight=False, bias=False),
+    _detachable_norm("group_batch1_1x1", (1, 5, 1, 1), "group", 1),  # 5 values a group
+    _detachable_norm("group_channels_last", (2, 6, 3, 4), "group", 2, bias=False, channels_last=True),
+    _detachable_norm("group_trained", (2, 4, 3, 3), "group", 2, detach=False),
+]

@@ -25,6 +25,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from bcos_kernels.originals import import_bcos_modules
 
@@ -136,3 +137,26 @@ def imported_from_mirror(repo: str, paths, module_names, root):
         for k in [k for k in sys.modules if k.split(".")[0] in tops]:
             del sys.modules[k]
         sys.modules.update(saved)
+
+
+def bcos_vit(arch: str, num_classes: int = 10):
+    """A B-cos ViT of the `bcos` package (``bcos.models.vit.<arch>``, random parameters) configured as its
+    ``vit_final`` experiments build them: BcosLinear / BcosConv2d with b=2, NoBias(DetachableLayerNorm), no
+    activation, the 6-channel input, NoBias(DetachableGNLayerNorm2d) in the conv stem, and the LogitLayer with
+    bias -log(K - 1) after it (BcosSequential)."""
+    import warnings
+
+    vit, modules = bcos_module("models.vit"), bcos_module("modules")
+    centered, no_bias = modules.norms.centered_norms, modules.norms.NoBias
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "use the pretrained entrypoints": those download weights
+        model = getattr(vit, arch)(
+            num_classes=num_classes,
+            linear_layer=functools.partial(modules.BcosLinear, b=2, max_out=1),
+            conv2d_layer=functools.partial(modules.BcosConv2d, b=2, max_out=1),
+            norm_layer=no_bias(centered.DetachableLayerNorm),
+            act_layer=torch.nn.Identity,
+            channels=6,
+            norm2d_layer=no_bias(centered.DetachableGNLayerNorm2d),
+        )
+    return modules.BcosSequential(model, modules.LogitLayer(logit_bias=-math.log(num_classes - 1)))

@@ -13,9 +13,17 @@ from bcos_kernels.nn.bcos import (
 from bcos_kernels.nn.csg import ClassSpecificGate
 from bcos_kernels.nn.dau import DAUConv2d
 from bcos_kernels.nn.lwta import LWTA
-from bcos_kernels.nn.norms import BatchNormUncentered2d
+from bcos_kernels.nn.norms import (
+    BatchNormUncentered2d,
+    DetachableGNInstanceNorm2d,
+    DetachableGNLayerNorm2d,
+    DetachableGroupNorm2d,
+    DetachableLayerNorm,
+)
+from bcos_kernels.nn.vit import Attention
 
 __all__ = [
+    "Attention",
     "BatchNormUncentered2d",
     "BcosConv2d",
     "BcosConv2dV1",
@@ -25,6 +33,10 @@ __all__ = [
     "BcosifyLinear",
     "ClassSpecificGate",
     "DAUConv2d",
+    "DetachableGNInstanceNorm2d",
+    "DetachableGNLayerNorm2d",
+    "DetachableGroupNorm2d",
+    "DetachableLayerNorm",
     "LWTA",
     "NormedConv2d",
     "NormedLinear",

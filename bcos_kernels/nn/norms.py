@@ -1,4 +1,5 @@
-"""Uncentered batch norm of the B-cos models (`bcos.modules.norms.BatchNormUncentered2d`).
+"""The B-cos models' norms: the CNNs' uncentered batch norm (`bcos.modules.norms.BatchNormUncentered2d`) and the
+ViTs' detachable layer and group norms (`bcos.modules.norms.centered_norms`, at the end).
 
 B-cos networks must stay dynamic-linear, so their batch norm divides by the standard deviation without
 subtracting the mean: ``out = input / sqrt(var + eps) * weight (+ bias)``. The bias is usually removed
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from bcos_kernels.nn.bcos import DetachableModule
 from bcos_kernels.ops.batch_norm_uncentered import batch_norm_uncentered
+from bcos_kernels.ops.detachable_norm import detachable_group_norm, detachable_layer_norm
 
 
 class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
@@ -109,3 +111,77 @@ class BatchNormUncentered2d(nn.BatchNorm2d, DetachableModule):
             + (", bias=False" if self.affine and self.bias is None else "")
             + (", folded" if self.folded else "")
         )
+
+
+def _share_state(new: nn.Module, norm: nn.Module, names) -> None:
+    """``new`` (built with ``__new__``) gets ``norm``'s attributes ``names``, parameters and buffers, shared."""
+    nn.Module.__init__(new)
+    for name in names:
+        setattr(new, name, getattr(norm, name))
+    new.training = norm.training
+    for name, param in norm._parameters.items():
+        new._parameters[name] = param
+    for name, buf in norm._buffers.items():
+        new._buffers[name] = buf
+    new.detach = bool(getattr(norm, "detach", False))
+
+
+class DetachableLayerNorm(nn.LayerNorm, DetachableModule):
+    """`bcos.modules.norms.DetachableLayerNorm`, the B-cos ViTs' norm (``NoBias(...)``: ``bias=False``). In
+    explanation mode (``detach``) the variance is a constant for autograd; that backward is hand-written
+    (``bcos_kernels.ops.detachable_layer_norm``)."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.detach = False
+        self.backend = backend
+
+    @classmethod
+    def from_module(cls, norm: nn.LayerNorm, backend: Optional[str] = None) -> "DetachableLayerNorm":
+        """The same norm (parameters shared, not copied) as an instance of this class."""
+        new = cls.__new__(cls)
+        _share_state(new, norm, ("normalized_shape", "eps", "elementwise_affine"))
+        new.backend = backend
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        return detachable_layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, detach=self.detach, backend=self.backend
+        )
+
+
+class DetachableGroupNorm2d(nn.GroupNorm, DetachableModule):
+    """`bcos.modules.norms.DetachableGroupNorm2d` (the ViT-C conv stem's norm is its one-group form,
+    DetachableGNLayerNorm2d). In explanation mode (``detach``) the variance is a constant for autograd."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.detach = False
+        self.backend = backend
+
+    @classmethod
+    def from_module(cls, norm: nn.GroupNorm, backend: Optional[str] = None) -> "DetachableGroupNorm2d":
+        """The same norm (parameters shared, not copied) as an instance of this class."""
+        new = cls.__new__(cls)
+        _share_state(new, norm, ("num_groups", "num_channels", "eps", "affine"))
+        new.backend = backend
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        return detachable_group_norm(
+            input, self.num_groups, self.weight, self.bias, self.eps, detach=self.detach, backend=self.backend
+        )
+
+
+class DetachableGNLayerNorm2d(DetachableGroupNorm2d):
+    """`bcos.modules.norms.DetachableGNLayerNorm2d`: one group, a layer norm over (C, H, W)."""
+
+    def __init__(self, num_channels: int, *args, **kwargs):
+        super().__init__(1, num_channels, *args, **kwargs)
+
+
+class DetachableGNInstanceNorm2d(DetachableGroupNorm2d):
+    """`bcos.modules.norms.DetachableGNInstanceNorm2d`: a group per channel."""
+
+    def __init__(self, num_channels: int, *args, **kwargs):
+        super().__init__(num_channels, num_channels, *args, **kwargs)
