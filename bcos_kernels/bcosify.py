@@ -1,11 +1,12 @@
-"""B-cosification of a standard CNN: ``bcosify(model)``, and the ``add_inverse`` input encoding.
+"""B-cosification of a standard CNN or ViT: ``bcosify(model)``, and the ``add_inverse`` input encoding.
 
 B-cosification (Arya, Rao, Boehle, Schiele, NeurIPS 2024; github shrebox/B-cosification) turns a pretrained
 standard network into a B-cos network that is then fine-tuned: every conv and linear becomes a B-cos layer that
 keeps the pretrained (unnormalised) weights, batch norms stop centering, biases are dropped, and the first conv
 reads the B-cos input encoding ``[x, 1 - x]``. ``bcosify`` does this conversion in place on any ``nn.Module``
-built from standard layers (torchvision ResNets, DenseNets, VGGs, home-made CNNs), using this package's fused
-modules. What it does to each layer, and where it follows or departs from the original, is in its docstring.
+built from standard layers (torchvision ResNets, DenseNets, VGGs, home-made CNNs; the `bcos` package's standard
+SimpleViT / ViT-C and ViTs on ``nn.MultiheadAttention``, CLIP's and torchvision's layout), using this package's
+fused modules. What it does to each layer, and where it follows or departs from the original, is in its docstring.
 """
 
 from __future__ import annotations
@@ -19,17 +20,56 @@ from torch import Tensor, nn
 
 from bcos_kernels import backends
 from bcos_kernels.nn.bcos import BcosConv2d, BcosConv2dV1, BcosifyConv2d, BcosifyLinear, BcosLinear
-from bcos_kernels.nn.norms import BatchNormUncentered2d
+from bcos_kernels.nn.norms import BatchNormUncentered2d, DetachableGroupNorm2d, DetachableLayerNorm
+from bcos_kernels.nn.vit import Attention, DetachableGELU, DetachableQuickGELU, MultiheadAttention
 
-__all__ = ["add_inverse", "bcosify"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "add_inverse", "bcosify"]
+
+# The normalisations of the original's BcosifyNetwork, per RGB channel (``add_inverse(x, mean=..., std=...)``
+# extends them to the 6 channels as it does); CLIP's "mean zero" variant is ``add_inverse(x, std=CLIP_STD)``.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Modules that are already B-cos: left as they are and never entered (a BcosConv2d holds an nn.Conv2d, which
 # must not be converted a second time).
-_BCOS_MODULES = (BcosConv2d, BcosLinear, BcosConv2dV1, BatchNormUncentered2d)
+_BCOS_MODULES = (
+    BcosConv2d,
+    BcosLinear,
+    BcosConv2dV1,
+    BatchNormUncentered2d,
+    DetachableLayerNorm,
+    DetachableGroupNorm2d,
+    DetachableGELU,
+    DetachableQuickGELU,
+)
 
 # Weighted layers the original does not convert and that we cannot convert faithfully: refused, so that a model
 # is never silently left half-converted.
-_UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.MultiheadAttention)
+_UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+# In a ViT (see ``_is_vit``): the qkv projection of the `bcos` package's ViT attention, which the original keeps a
+# plain linear (its q and k only form the attention matrix, detached in explanation mode), and the linear patch
+# embedding of its SimpleViT, which reads the [x, 1 - x] encoding pixel by pixel.
+_QKV_NAME = "to_qkv"
+_PATCH_LINEAR = "to_patch_embedding.linear"
+
+
+def _is_vit(model: nn.Module) -> bool:
+    """A transformer: an ``nn.MultiheadAttention`` or an attention with a ``to_qkv`` projection (the `bcos`
+    package's ViTs)."""
+    return any(
+        isinstance(m, (nn.MultiheadAttention, Attention, MultiheadAttention))
+        or isinstance(getattr(m, _QKV_NAME, None), nn.Linear)
+        for m in model.modules()
+    )
+
+
+def _is_quick_gelu(module: nn.Module) -> bool:
+    # CLIP's QuickGELU (clip/model.py): x * sigmoid(1.702 x); recognised by name, CLIP is not a dependency
+    return type(module).__name__ == "QuickGELU" and not list(module.parameters())
+
 
 # Centered norms that the original leaves in place for CNNs; they keep the network from being dynamic linear,
 # so we say so once.
@@ -135,7 +175,8 @@ def _named_modules_outside_bcos(model: nn.Module):
 class _Plan:
     """Everything ``bcosify`` will do, worked out (and every error raised) before the model is touched."""
 
-    def __init__(self, model, add_channels, last_layer_name, keep_bias, maxpool_to_avgpool, keep_relu):
+    def __init__(self, model, add_channels, last_layer_name, keep_bias, maxpool_to_avgpool, keep_relu, vit):
+        self.vit = vit
         replaced = (
             (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
             + ((nn.MaxPool2d,) if maxpool_to_avgpool else ())
@@ -156,9 +197,15 @@ class _Plan:
         for name, module in _named_modules_outside_bcos(model):
             where = name or "<model>"
             if isinstance(add_channels, str) and name == add_channels:
-                if not isinstance(module, nn.Conv2d) or isinstance(module, _BCOS_MODULES):
-                    raise ValueError(f"add_channels={add_channels!r} names a {type(module).__name__}, not an nn.Conv2d")
-                self._check_widenable(module, where)
+                if vit and type(module) is nn.Linear:
+                    self._check_widenable_linear(module, where)
+                elif not isinstance(module, nn.Conv2d) or isinstance(module, _BCOS_MODULES):
+                    raise ValueError(
+                        f"add_channels={add_channels!r} names a {type(module).__name__}, not an nn.Conv2d"
+                        + (" or the linear patch embedding" if vit else "")
+                    )
+                else:
+                    self._check_widenable(module, where)
                 self.widen.add(id(module))
                 first_convs.append(name)
             if last_layer_name is not None and name == last_layer_name:
@@ -174,9 +221,29 @@ class _Plan:
             if isinstance(module, _UNSUPPORTED):
                 raise ValueError(
                     f"layer {where!r} ({type(module).__name__}) cannot be B-cosified: the original "
-                    "B-cosification of CNNs converts only nn.Conv2d, nn.Linear and nn.BatchNorm2d "
-                    "(attention needs its dedicated B-cos ViT/CLIP models)"
+                    "B-cosification converts only 2-D convs, linears, norms and (ViTs) GELUs"
                 )
+            if isinstance(module, nn.MultiheadAttention):
+                if not vit:
+                    raise ValueError(
+                        f"layer {where!r} is an nn.MultiheadAttention: B-cosify a transformer with vit=True"
+                    )
+                reason = MultiheadAttention.unsupported(module)
+                if reason is not None:
+                    raise ValueError(f"layer {where!r}: an nn.MultiheadAttention with {reason} has no B-cos form here")
+                for p_name in ("in_proj_weight", "in_proj_bias"):
+                    if not isinstance(getattr(module, p_name), (nn.Parameter, type(None))):
+                        raise ValueError(f"layer {where!r}: its {p_name} is not a plain nn.Parameter")
+            if (
+                vit
+                and add_channels is True
+                and not first_convs  # a conv stem before it reads the image (the ViT-C models)
+                and type(module) is nn.Linear
+                and (name == _PATCH_LINEAR or name.endswith("." + _PATCH_LINEAR))
+            ):
+                self._check_widenable_linear(module, where)
+                self.widen.add(id(module))
+                first_convs.append(name)
             if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
                 raise ValueError(
                     f"layer {where!r} has uninitialised (lazy) parameters: run one forward pass before bcosify"
@@ -212,7 +279,7 @@ class _Plan:
                         f"layer {where!r}: a MaxPool2d with return_indices or dilation has no "
                         "AvgPool2d equivalent (pass maxpool_to_avgpool=False to keep it)"
                     )
-            if isinstance(module, _CENTERED_NORMS):
+            if isinstance(module, _CENTERED_NORMS) and not (vit and isinstance(module, (nn.LayerNorm, nn.GroupNorm))):
                 self.left_alone.append(f"{where} ({type(module).__name__})")
         if isinstance(add_channels, str) and not first_convs:
             raise ValueError(f"add_channels={add_channels!r}: the model has no module of that name")
@@ -221,7 +288,8 @@ class _Plan:
         if add_channels is True and len(first_convs) != 1:
             # the original warns in both cases and goes on
             what = (
-                "no nn.Conv2d with 3 input channels: the input encoding [x, 1 - x] is not added"
+                f"no nn.Conv2d with 3 input channels{' (nor a ' + _PATCH_LINEAR + ')' if vit else ''}: the input "
+                "encoding [x, 1 - x] is not added"
                 if not first_convs
                 else f"several nn.Conv2d with 3 input channels ({', '.join(first_convs)}): all of them get the "
                 "[x, 1 - x] input; pass add_channels='<name of the first conv>' to widen only that one"
@@ -234,6 +302,15 @@ class _Plan:
             # the widened input is [x, 1 - x]: a channel's two halves are C channels apart, never in one group
             raise ValueError(
                 f"layer {where!r}: a grouped first conv (groups={conv.groups}) cannot take the [x, 1 - x] input"
+            )
+
+    @staticmethod
+    def _check_widenable_linear(lin: nn.Linear, where: str) -> None:
+        if lin.in_features % 3:
+            # the SimpleViT's patches are (p1 p2 c): each pixel's 3 colour features are consecutive
+            raise ValueError(
+                f"layer {where!r}: a linear patch embedding must read 3 colour features a pixel, got "
+                f"{lin.in_features} input features"
             )
 
 
@@ -250,9 +327,11 @@ class _Converter:
         keep_bias: bool,
         maxpool_to_avgpool: bool,
         keep_relu: bool,
+        detachable_gelu: bool,
         backend: Optional[str],
     ):
         self.plan = plan
+        self.detachable_gelu = detachable_gelu
         self.b_kwargs = b_kwargs
         self.b_param_init = b_param_init
         self.keep_bias = keep_bias
@@ -344,6 +423,46 @@ class _Converter:
             new.bias = nn.Parameter(folded, requires_grad=bn.bias.requires_grad)
         return new
 
+    def _convert_vit_layer(self, module: nn.Module, name: str) -> Optional[nn.Module]:
+        """The replacement of a layer that a ViT's B-cosification treats on its own (None: not such a layer)."""
+        if isinstance(module, nn.MultiheadAttention):
+            new = MultiheadAttention.from_module(module, self.linear(module.out_proj))
+            if not self.keep_bias:
+                new.in_proj_bias = None
+            return new
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] == _QKV_NAME:
+            # stays a plain linear (the original's choice); its bias goes with the others
+            if not self.keep_bias:
+                module.bias = None
+            return module
+        if isinstance(module, nn.Linear) and id(module) in self.plan.widen:
+            return self.patch_linear(module)
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            norm_type = DetachableLayerNorm if isinstance(module, nn.LayerNorm) else DetachableGroupNorm2d
+            new = norm_type.from_module(
+                module, self.backend if self.backend in backends.OPS["detachable_norm"] else None
+            )
+            if not self.keep_bias:
+                new.bias = None
+            return new
+        if isinstance(module, nn.GELU) or _is_quick_gelu(module):
+            if not self.detachable_gelu:
+                return nn.Identity()
+            return (DetachableGELU() if isinstance(module, nn.GELU) else DetachableQuickGELU()).train(module.training)
+        return None
+
+    def patch_linear(self, lin: nn.Linear) -> BcosifyLinear:
+        # The SimpleViT's patch features are (p1 p2 c), so with 6 channels each pixel reads (x, 1 - x) as 6
+        # consecutive features: each pixel's 3 weights w become (w, -w) / 2, the linear counterpart of the first
+        # conv's cat([w, -w]) / 2 (the original's add_channels). A new parameter: its shape changes.
+        with torch.no_grad():
+            half = lin.weight.view(lin.out_features, -1, 3) / 2
+            wide = torch.cat([half, -half], dim=2).view(lin.out_features, 2 * lin.in_features)
+        new = self.linear(lin)
+        new.in_features = new.linear.in_features = 2 * lin.in_features
+        new.linear.weight = nn.Parameter(wide, requires_grad=lin.weight.requires_grad)
+        return new
+
     def convert(self, module: nn.Module, name: str) -> nn.Module:
         """The replacement of `module` (itself when it stays), its children converted first."""
         if id(module) in self.done:
@@ -357,6 +476,10 @@ class _Converter:
             return module
         if isinstance(module, nn.Conv2d):
             return self.conv(module, name)
+        if self.plan.vit:
+            new = self._convert_vit_layer(module, name)
+            if new is not None:
+                return new
         if isinstance(module, nn.Linear):
             if id(module) == self.plan.last_layer:
                 return self.linear_as_conv1x1(module)
@@ -391,6 +514,8 @@ def bcosify(
     last_layer_name: Optional[str] = None,
     maxpool_to_avgpool: bool = True,
     keep_relu: bool = True,
+    vit: Optional[bool] = None,
+    detachable_gelu: bool = True,
     backend: Optional[str] = None,
 ) -> nn.Module:
     """B-cosify a standard CNN in place, as B-cosification (shrebox/B-cosification) does, and return it.
@@ -431,14 +556,40 @@ def bcosify(
       one); we swap every ``MaxPool2d``. ``AdaptiveMaxPool2d`` and average pools stay.
     - ``nn.ReLU`` stays (the original's default); ``keep_relu=False`` replaces it with ``nn.Identity`` (the
       original's ``act_layer=False`` ablation). Functional ReLUs in ``forward`` are untouched either way.
-    - Left alone, as the original does for CNNs: other activations, pools, dropout, flatten, and centered norms
+    - Left alone in a CNN, as the original does: other activations, pools, dropout, flatten, and centered norms
       (``LayerNorm``, ``GroupNorm``, ``BatchNorm1d/3d``, ``SyncBatchNorm``, instance norms; a warning lists them,
       since they keep the network from being dynamic linear).
-    - Refused (``ValueError`` naming the layer, before anything is changed): ``Conv1d/3d``, transposed convs and
-      ``nn.MultiheadAttention`` (the original has dedicated ViT/CLIP models for attention, whose ``out_proj`` a
-      module swap would silently bypass), convs with a ``padding_mode`` other than zeros or an asymmetric
+    - Refused (``ValueError`` naming the layer, before anything is changed): ``Conv1d/3d``, transposed convs,
+      ``nn.MultiheadAttention`` with ``vit=False``, convs with a ``padding_mode`` other than zeros or an asymmetric
       ``padding='same'``, layers whose weight is recomputed (weight norm, parametrizations), max pools with
       dilation or ``return_indices``, uninitialised lazy modules.
+
+    Transformers (``vit=True``; None: when the model holds an ``nn.MultiheadAttention`` or an attention with a
+    ``to_qkv`` linear), as the original's ``bcosify_vit.py`` does for the `bcos` package's standard ViTs, plus:
+
+    - ``nn.LayerNorm`` -> ``bcos_kernels.nn.DetachableLayerNorm`` and ``nn.GroupNorm`` (the ViT-C conv stem's
+      norm) -> ``DetachableGroupNorm2d``, parameters shared, their biases removed with the others: in explanation
+      mode their variance is a constant.
+    - ``nn.GELU`` -> ``bcos_kernels.nn.DetachableGELU`` (the erf form; its gate a constant in explanation mode),
+      or ``nn.Identity`` with ``detachable_gelu=False`` (the original's ``act_layer=False``). Departure: CLIP's
+      ``QuickGELU`` (recognised by its class name) -> ``DetachableQuickGELU``; the original has no rule for it.
+    - A linear named ``to_qkv`` stays a plain linear (the original's choice: q and k only form the attention
+      matrix, detached in explanation mode); its bias, if any, is removed with the others.
+    - The first layer reading the image gets the ``[x, 1 - x]`` input: a conv with 3 input channels (the conv
+      stem's first conv, torchvision's ``conv_proj``, CLIP's ``conv1``: ``cat([w, -w], dim=1) / 2`` as above),
+      else the SimpleViT's linear patch embedding ``to_patch_embedding.linear``, whose features are (p1 p2 c):
+      each pixel's 3 weights ``w`` become ``(w, -w) / 2`` (the original's interleaving by groups of 3).
+    - The `bcos` package's ViT ``Attention`` -> ``bcos_kernels.nn.Attention`` (``convert``'s rule: SDPA).
+    - Departure (the original converts no ``nn.MultiheadAttention``; its CLIP models are ResNets):
+      ``nn.MultiheadAttention`` -> ``bcos_kernels.nn.MultiheadAttention``: the packed q/k/v projection stays
+      plain, as ``to_qkv``; ``out_proj`` becomes a B-cosify linear; the attention runs on SDPA; explanation mode
+      detaches q and k. Its ``in_proj_bias`` is removed with the other biases (the v part of it would be an
+      additive term of the output). Refused: ``kdim``/``vdim`` other than ``embed_dim``, ``bias_k``/``bias_v``,
+      ``add_zero_attn``.
+    - Kept as they are: class tokens and learned positional embeddings (additive parameters, which keep such a
+      model affine rather than linear in its input), the SimpleViT's sin-cos embedding, CLIP's ``proj`` matrix.
+      The original's ``gap_reorder`` (head before the token mean) is a change of its ViT's ``forward``, not of
+      the conversion.
 
     Every new module takes the training/eval mode of the one it replaces; a module registered at several places
     becomes one new module. Forward hooks on replaced modules are not carried over.
@@ -457,9 +608,11 @@ def bcosify(
     Not reproduced from the original: its wrapper module (``BcosifyNetwork``: the 6-channel normalisation, see
     ``add_inverse``, and ``LogitLayer`` adding ``-log(num_classes - 1)`` to the logits: add that constant in the
     loss or a wrapper of your own), ``BcosSequential`` (a class swap that only adds the `bcos` package's
-    explanation helpers), the ``linear_b`` schedule of B (a gradient hook of its trainer), and the CLIP
-    attention pool. Its new norms restart ``num_batches_tracked`` at 0 and its new layers start in training
-    mode; ours share the count and keep each replaced module's mode (the count only matters for
+    explanation helpers), the ``linear_b`` schedule of B (a gradient hook of its trainer), and the attention pool
+    of its ResNet-50 CLIP. Its 6-channel normalisations are ``add_inverse(x, mean=IMAGENET_MEAN,
+    std=IMAGENET_STD)``, ``add_inverse(x, mean=CLIP_MEAN, std=CLIP_STD)`` and (CLIP "mean zero")
+    ``add_inverse(x, std=CLIP_STD)``. Its new norms restart ``num_batches_tracked`` at 0 and its new layers start
+    in training mode; ours share the count and keep each replaced module's mode (the count only matters for
     ``momentum=None``).
     """
     if not isinstance(model, nn.Module):
@@ -473,8 +626,12 @@ def bcosify(
         ("keep_bias", keep_bias),
         ("maxpool_to_avgpool", maxpool_to_avgpool),
         ("keep_relu", keep_relu),
+        ("detachable_gelu", detachable_gelu),
     ):
         _check_flag(flag, value)
+    if vit is None:
+        vit = _is_vit(model)
+    _check_flag("vit", vit)
     if clamping and not learn_b:
         raise ValueError("clamping=True clamps a learnable b: it needs learn_b=True")
     if b_loss and not learn_b:
@@ -485,7 +642,7 @@ def bcosify(
         raise TypeError(f"last_layer_name must be None or the name of an nn.Linear, got {last_layer_name!r}")
     backends.check_name(backend)
 
-    plan = _Plan(model, add_channels, last_layer_name, keep_bias, maxpool_to_avgpool, keep_relu)
+    plan = _Plan(model, add_channels, last_layer_name, keep_bias, maxpool_to_avgpool, keep_relu, vit)
     if plan.left_alone:
         warnings.warn(
             "bcosify: left unchanged (centered norms: the network is not dynamic linear): "
@@ -498,6 +655,13 @@ def bcosify(
     if learn_b:
         b_param_init = (b - 2 if b_loss else b) + 1e-6
     b_kwargs = dict(b=float(b), clamping=clamping, b_loss=b_loss)
-    converter = _Converter(plan, b_kwargs, b_param_init, keep_bias, maxpool_to_avgpool, keep_relu, backend)
+    converter = _Converter(
+        plan, b_kwargs, b_param_init, keep_bias, maxpool_to_avgpool, keep_relu, detachable_gelu, backend
+    )
     converter.convert(model, "")
+    if vit:
+        # the `bcos` package's ViT attention (its projections and norm B-cosified above) -> ours, on SDPA
+        from bcos_kernels.convert import convert
+
+        convert(model, backend)
     return model

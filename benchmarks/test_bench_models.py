@@ -1,7 +1,7 @@
-"""Whole-model training steps (op "model"): the B-cos ResNet-50 and ViT-Ti/16 of the `bcos` package and the CIFAR-10
-CoDA-Net, each with the original layers (and, on a GPU, torch.compile of them), with each backend of ours swapped in, and with
-plain convolutions (the limit). A training step: the model in train() mode (batch norm on batch statistics), gradients
-for the parameters only (the input needs none).
+"""Whole-model training steps (op "model"): the B-cos ResNet-50 and ViT-Ti/16 of the `bcos` package and the
+CIFAR-10 CoDA-Net, each with the original layers (and, on a GPU, torch.compile of them), with each backend of ours
+swapped in, and with plain convolutions / linears (the limit; the ViT's with SDPA attention). A training step: the
+model in train() mode (batch norm on batch statistics), gradients for the parameters only (the input needs none).
 
 Every provider of ours is first checked against the original on a small float32 batch (benchmarks/models.py
 check_parity): a model that disagrees with the original is not timed. On a GPU, the largest batch whose training

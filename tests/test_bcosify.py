@@ -556,7 +556,10 @@ def _with(layer, name="extra"):
     [
         (lambda: _with(nn.Conv1d(3, 3, 1)), "layer 'extra' \\(Conv1d\\) cannot be B-cosified"),
         (lambda: _with(nn.ConvTranspose2d(3, 3, 1)), "'extra' \\(ConvTranspose2d\\)"),
-        (lambda: _with(nn.Sequential(nn.MultiheadAttention(4, 2))), "'extra.0' \\(MultiheadAttention\\)"),
+        (
+            lambda: _with(nn.Sequential(nn.MultiheadAttention(4, 2, add_bias_kv=True))),
+            "'extra.0': an nn.MultiheadAttention with bias_k",
+        ),
         (lambda: _with(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")), "'extra': padding_mode='reflect'"),
         (lambda: _with(nn.Conv2d(4, 4, (3, 4), padding="same")), "'extra': padding='same' with an even kernel"),
         (lambda: _with(nn.MaxPool2d(2, dilation=2)), "'extra': a MaxPool2d with return_indices or dilation"),

@@ -20,7 +20,7 @@ from bcos_kernels.nn.norms import (
     DetachableGroupNorm2d,
     DetachableLayerNorm,
 )
-from bcos_kernels.nn.vit import Attention
+from bcos_kernels.nn.vit import Attention, DetachableGELU, DetachableQuickGELU, MultiheadAttention
 
 __all__ = [
     "Attention",
@@ -33,11 +33,14 @@ __all__ = [
     "BcosifyLinear",
     "ClassSpecificGate",
     "DAUConv2d",
+    "DetachableGELU",
     "DetachableGNInstanceNorm2d",
     "DetachableGNLayerNorm2d",
     "DetachableGroupNorm2d",
     "DetachableLayerNorm",
+    "DetachableQuickGELU",
     "LWTA",
+    "MultiheadAttention",
     "NormedConv2d",
     "NormedLinear",
 ]

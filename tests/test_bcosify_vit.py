@@ -1,0 +1,369 @@
+"""bcos_kernels.bcosify on transformers: the `bcos` package's standard SimpleViT / ViT-C against the original
+B-cosification of ViTs (shrebox/B-cosification bcosify_vit.py, executed from its mirror on its own modules), and
+a CLIP-style ViT on nn.MultiheadAttention (which the original has no conversion for) against the properties the
+conversion must have: with b = 1 and its biases it is the standard model, without biases it is dynamic linear."""
+
+import copy
+import functools
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+from helpers import one_intra_op_thread  # noqa: F401  (autouse: tiny tensors, one intra-op thread)
+from originals import bcos_module, load_source, mirror_source
+from torch import nn
+
+import bcos_kernels
+from bcos_kernels import nn as bnn
+from bcos_kernels.bcosify import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, add_inverse, bcosify
+
+DT = torch.float64
+REPO = "shrebox+B-cosification"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Standard ViTs of the `bcos` package (its vit_final baseline config) and the original conversion
+# ---------------------------------------------------------------------------------------------------------------
+def standard_simple_vit(stem: bool) -> nn.Module:
+    """A small standard SimpleViT (``stem``: ViT-C, with the conv stem) as the `bcos` package's baseline
+    experiments build them: nn.Linear / nn.Conv2d, nn.LayerNorm, nn.GELU, DetachableGNLayerNorm2d in the stem,
+    3 input channels; affine parameters and biases away from their defaults."""
+    vit = bcos_module("models.vit")
+    centered = bcos_module("modules").norms.centered_norms
+    common = dict(
+        num_classes=7,
+        dim=24,
+        depth=2,
+        heads=3,
+        mlp_dim=40,
+        channels=3,
+        linear_layer=nn.Linear,
+        conv2d_layer=nn.Conv2d,
+        norm_layer=nn.LayerNorm,
+        act_layer=nn.GELU,
+        norm2d_layer=centered.DetachableGNLayerNorm2d,
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "use the pretrained entrypoints"
+        if stem:
+            model = vit.SimpleViT(image_size=4, patch_size=1, conv_stem=[8, 16], **common)
+        else:
+            model = vit.SimpleViT(image_size=12, patch_size=4, **common)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.3, 0.3)
+            elif p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model.to(DT)
+
+
+class _Normalize(nn.Module):
+    """Stand-in for torchvision.transforms.Normalize on tensors (what the original wrapper applies)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x):
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
+        return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _original_bcosify_vit_module():
+    """The original bcosify_vit.py on the original's own modules from the mirror, with a stand-in torchvision
+    (Normalize); sys.modules is restored afterwards."""
+    sources = {
+        name: mirror_source(REPO, path)
+        for name, path in [
+            ("bcos.common", "bcos/common.py"),
+            ("bcos.modules.common", "bcos/modules/common.py"),
+            ("bcos.modules.bcosconv2d", "bcos/modules/bcosconv2d.py"),
+            ("bcos.modules.bcoslinear", "bcos/modules/bcoslinear.py"),
+            ("bcos.modules.logitlayer", "bcos/modules/logitlayer.py"),
+            ("bcos.modules.bcosifyconv2d", "bcos/modules/bcosifyconv2d.py"),
+            ("bcos.modules.bcosifylinear", "bcos/modules/bcosifylinear.py"),
+            ("bcos.modules.norms.centered_norms", "bcos/modules/norms/centered_norms.py"),
+            ("bcosify_vit", "bcosify_vit.py"),
+        ]
+    }
+    tv = types.ModuleType("torchvision")
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    tv.transforms.Normalize = _Normalize
+    tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
+    stand_ins = {
+        "torchvision": tv,
+        "torchvision.transforms": tv.transforms,
+        "torchvision.transforms.functional": tv.transforms.functional,
+    }
+    packages = {}
+    for pkg in ("bcos", "bcos.modules", "bcos.modules.norms"):
+        packages[pkg] = types.ModuleType(pkg)
+        packages[pkg].__path__ = []
+    packages["bcos.modules"].norms = packages["bcos.modules.norms"]
+    names = list(stand_ins) + list(packages) + list(sources)
+    saved = {name: sys.modules[name] for name in names if name in sys.modules}
+    try:
+        sys.modules.update(stand_ins)
+        sys.modules.update(packages)
+        loaded = {}
+        for name, source in sources.items():
+            package = name.rpartition(".")[0]
+            loaded[name] = sys.modules[name] = load_source(name, source, {"__package__": package})
+            if name == "bcos.modules.logitlayer":
+                packages["bcos.modules"].LogitLayer = loaded[name].LogitLayer
+            if name == "bcos.modules.norms.centered_norms":
+                for cls in ("DetachableLayerNorm", "DetachableGroupNorm2d"):
+                    setattr(packages["bcos.modules.norms"], cls, getattr(loaded[name], cls))
+    finally:
+        for name in names:
+            if name in saved:
+                sys.modules[name] = saved[name]
+            else:
+                sys.modules.pop(name, None)
+    return loaded["bcosify_vit"]
+
+
+def original_bcosified_vit(std: nn.Module, *, b=2.0, act_layer=True, clip=None, keep_bias=False) -> nn.Module:
+    """`std` B-cosified by the original: BcosifyNetwork of bcosify_vit.py (its forward normalises the 6-channel
+    input: ImageNet's, or with ``clip`` "mean" / "mean_zero" CLIP's), then what its model.py does (every bias set
+    to None, unless the config's use_bias)."""
+    orig = _original_bcosify_vit_module()
+    config = dict(
+        weights="pretrained",
+        act_layer=act_layer,
+        bfy_mean_zero=clip == "mean_zero",
+        bcos_args=dict(b=b, max_out=1),
+        bcosify_args=dict(clip_kd=clip is not None),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = orig.BcosifyNetwork(copy.deepcopy(std), config, add_channels=True, logit_layer=False)
+    if not keep_bias:
+        for mod in net.modules():
+            if hasattr(mod, "bias") and mod.bias is not None:
+                mod.bias = None
+    return net.to(DT)
+
+
+def _set_explanation_mode(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, "set_explanation_mode"):
+            m.set_explanation_mode(on)
+
+
+def _results(fn, params, x, seed=1):
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return [out.detach(), *torch.autograd.grad(out, [x, *params], g, allow_unused=True)]
+
+
+NORMALISATION = {
+    None: dict(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "mean": dict(mean=CLIP_MEAN, std=CLIP_STD),
+    "mean_zero": dict(mean=None, std=CLIP_STD),
+}
+
+
+@pytest.mark.parametrize("stem", [False, True], ids=["vit", "vitc"])
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(clip="mean"), dict(clip="mean_zero", act_layer=False), dict(b=1.5, keep_bias=True)],
+    ids=["imagenet", "clip", "clip-mean-zero-no-gelu", "b1.5-bias"],
+)
+@pytest.mark.parametrize("mode", ["train", "explanation"])
+def test_matches_original(stem, config, mode):
+    std = standard_simple_vit(stem)
+    original = original_bcosified_vit(std, **config)
+    ours = bcosify(
+        copy.deepcopy(std),
+        b=config.get("b", 2.0),
+        keep_bias=config.get("keep_bias", False),
+        detachable_gelu=config.get("act_layer", True),
+    )
+    assert ours.state_dict().keys() == original.model.state_dict().keys()
+    for model in (original, ours):
+        model.train(mode == "train")
+        _set_explanation_mode(model, mode == "explanation")
+    size = 16 if stem else 12
+    rgb = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=DT)
+    normalisation = NORMALISATION[config.get("clip")]
+    want = _results(original, list(original.model.parameters()), add_inverse(rgb))
+    got = _results(lambda x: ours(add_inverse(x[:, :3], **normalisation)), list(ours.parameters()), add_inverse(rgb))
+    names = ["out", "grad x", *(n for n, _ in ours.named_parameters())]
+    # the gradient w.r.t. the encoding: ours reaches it through its first 3 channels only (add_inverse of them)
+    want[1], got[1] = want[1][:, :3] - want[1][:, 3:], got[1][:, :3]
+    for name, a, b in zip(names, want, got):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_layers_of_a_bcosified_simple_vit():
+    ours = bcosify(standard_simple_vit(stem=False))
+    types_ = {type(m) for m in ours.modules()}
+    assert {bnn.Attention, bnn.BcosifyLinear, bnn.DetachableLayerNorm, bnn.DetachableGELU} <= types_
+    assert not types_ & {nn.LayerNorm, nn.GELU, bcos_module("models.vit").Attention}
+    attention = ours.transformer.encoder_0.attn
+    assert type(attention.to_qkv) is nn.Linear  # the original keeps the qkv projection plain
+    assert ours.to_patch_embedding.linear.linear.weight.shape == (24, 2 * 3 * 16)
+    assert not [n for n, _ in ours.named_parameters() if n.endswith("bias")]
+
+
+def test_linear_patch_embedding_reads_the_encoding_as_the_standard_one():
+    """b = 1 and the biases kept: the B-cosified SimpleViT on the normalised [x, 1 - x] encoding is the standard
+    model on the normalised image (GELU and layer norms are unchanged out of explanation mode)."""
+    std = standard_simple_vit(stem=False)
+    ours = bcosify(copy.deepcopy(std), b=1.0, keep_bias=True)
+    rgb = torch.rand(2, 3, 12, 12, dtype=DT)
+    z = (rgb - torch.tensor(IMAGENET_MEAN, dtype=DT)[:, None, None]) / torch.tensor(IMAGENET_STD, dtype=DT)[
+        :, None, None
+    ]
+    torch.testing.assert_close(ours(add_inverse(rgb, mean=IMAGENET_MEAN, std=IMAGENET_STD)), std(z))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A CLIP-style ViT on nn.MultiheadAttention (no original conversion exists for it)
+# ---------------------------------------------------------------------------------------------------------------
+class QuickGELU(nn.Module):
+    """CLIP's activation, as CLIP defines it (recognised by bcosify by its name)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads, act, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=batch_first)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), act(), nn.Linear(2 * width, width))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class ClipStyleViT(nn.Module):
+    """CLIP's VisionTransformer layout: patch conv without bias, class token, learned positional embedding,
+    ln_pre, residual attention blocks (sequence-first, QuickGELU), ln_post on the class token, a projection
+    matrix. ``batch_first=True``, GELU: torchvision's layout instead."""
+
+    def __init__(self, width=24, heads=3, layers=2, patch=4, image=12, out=10, batch_first=False, act=QuickGELU):
+        super().__init__()
+        self.batch_first = batch_first
+        self.conv1 = nn.Conv2d(3, width, patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(width) * 0.1)
+        self.positional_embedding = nn.Parameter(torch.randn((image // patch) ** 2 + 1, width) * 0.1)
+        self.ln_pre = nn.LayerNorm(width)
+        self.blocks = nn.Sequential(*[Block(width, heads, act, batch_first) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, out) * width**-0.5)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (N, tokens, width)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+        x = self.blocks(x if self.batch_first else x.transpose(0, 1))
+        x = x if self.batch_first else x.transpose(0, 1)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+def clip_style_vit(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = ClipStyleViT(**kwargs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.uniform_(-0.3, 0.3)
+            elif p.dim() == 1 and "embedding" not in name:
+                p.uniform_(0.5, 1.5)
+    return model.to(DT)
+
+
+LAYOUTS = [dict(), dict(batch_first=True, act=nn.GELU)]
+LAYOUT_IDS = ["clip", "torchvision-like"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_clip_style_vit_with_b1_and_biases_is_the_standard_model(layout):
+    std = clip_style_vit(**layout)
+    ours = bcosify(copy.deepcopy(std), b=1.0, keep_bias=True)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in ours.modules())
+    assert isinstance(ours.blocks[0].attn, bnn.MultiheadAttention)
+    assert isinstance(ours.blocks[0].attn.out_proj, bnn.BcosifyLinear)
+    assert ours.conv1.linear.weight.shape[1] == 6
+    rgb = torch.rand(3, 3, 12, 12, dtype=DT)
+    z = (rgb - torch.tensor(CLIP_MEAN, dtype=DT)[:, None, None]) / torch.tensor(CLIP_STD, dtype=DT)[:, None, None]
+    x = add_inverse(rgb, mean=CLIP_MEAN, std=CLIP_STD)
+    want = _results(std, list(std.parameters()), z)
+    got = _results(lambda x6: ours(add_inverse(x6, mean=CLIP_MEAN, std=CLIP_STD)), list(ours.parameters()), rgb)
+    torch.testing.assert_close(got[0], want[0])
+    assert x.shape[1] == 6
+    # the parameters they share (all but the widened patch conv) get the same gradients
+    std_grads = dict(zip([n for n, _ in std.named_parameters()], want[2:]))
+    for (name, _), grad in zip(ours.named_parameters(), got[2:]):
+        key = name.replace(".linear.", ".")
+        if key != "conv1.weight":
+            torch.testing.assert_close(grad, std_grads[key], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_clip_style_vit_without_biases_is_dynamic_linear(layout):
+    """No biases, no positional embedding or class token (additive terms): in explanation mode the output is
+    W(x) x with W(x) the input gradient, exactly, and the explanation does not change the output."""
+    std = clip_style_vit(**layout)
+    with torch.no_grad():
+        std.positional_embedding.zero_()
+        std.class_embedding.zero_()
+    ours = bcosify(std).eval()
+    x = add_inverse(torch.rand(2, 3, 12, 12, dtype=DT))
+    plain = ours(x)
+    _set_explanation_mode(ours, True)
+    for k in range(plain.shape[1]):
+        xs = x.clone().requires_grad_(True)
+        out = ours(xs)
+        (grad,) = torch.autograd.grad(out[:, k].sum(), xs)
+        torch.testing.assert_close(out.detach(), plain)
+        torch.testing.assert_close((grad * x).flatten(1).sum(1), out[:, k].detach())
+
+
+def test_batched_explain_of_a_bcosified_clip_style_vit_matches_per_image():
+    ours = bcosify(clip_style_vit()).eval()
+    x = add_inverse(torch.rand(3, 3, 12, 12, dtype=DT))
+    got = bcos_kernels.explain(ours, x, target=2)
+    _set_explanation_mode(ours, True)
+    for i in range(3):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(ours(xi)[0, 2], xi)
+        torch.testing.assert_close(got["dynamic_linear_weights"][i], want[0])
+
+
+def test_multihead_attention_options_without_a_bcos_form_are_refused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.MultiheadAttention(8, 2, add_bias_kv=True))
+    with pytest.raises(ValueError, match="bias_k"):
+        bcosify(model)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.MultiheadAttention(8, 2, kdim=4))
+    with pytest.raises(ValueError, match="kdim"):
+        bcosify(model)
+    with pytest.raises(ValueError, match="vit=True"):
+        bcosify(nn.Sequential(nn.Conv2d(3, 8, 1), nn.MultiheadAttention(8, 2)), vit=False)
+
+
+def test_cnn_mode_leaves_norms_and_gelus_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.GELU())
+    with pytest.warns(UserWarning, match="centered norms"):
+        out = bcosify(model)
+    assert type(out[1]) is nn.GroupNorm and type(out[2]) is nn.GELU
+    vit = bcosify(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.GELU()), vit=True)
+    assert isinstance(vit[1], bnn.DetachableGroupNorm2d) and isinstance(vit[2], bnn.DetachableGELU)
+    assert isinstance(
+        bcosify(nn.Sequential(nn.Conv2d(3, 8, 1), nn.GELU()), vit=True, detachable_gelu=False)[1], nn.Identity
+    )
