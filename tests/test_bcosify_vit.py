@@ -367,3 +367,40 @@ def test_cnn_mode_leaves_norms_and_gelus_alone():
     assert isinstance(
         bcosify(nn.Sequential(nn.Conv2d(3, 8, 1), nn.GELU()), vit=True, detachable_gelu=False)[1], nn.Identity
     )
+
+
+def _clip_vision_transformer() -> nn.Module:
+    """CLIP's own VisionTransformer (CLIP/clip/model.py of the B-cosification mirror, whose forward allows
+    ``positional_embedding = None`` as B-cosification sets it), small and random, in fp32 (CLIP's LayerNorm
+    computes in fp32 and refuses fp64 parameters)."""
+    clip = load_source("clip_model", mirror_source(REPO, "CLIP/clip/model.py"))
+    torch.manual_seed(0)
+    model = clip.VisionTransformer(input_resolution=12, patch_size=4, width=24, layers=2, heads=3, output_dim=10)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.uniform_(-0.3, 0.3)
+            elif p.dim() == 1 and "embedding" not in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def test_clip_vision_transformer():
+    std = _clip_vision_transformer()
+    ours = bcosify(copy.deepcopy(std), b=1.0, keep_bias=True)
+    assert {bnn.MultiheadAttention, bnn.DetachableQuickGELU, bnn.DetachableLayerNorm} <= {
+        type(m) for m in ours.modules()
+    }
+    rgb = torch.rand(2, 3, 12, 12)
+    z = (rgb - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    torch.testing.assert_close(ours(add_inverse(rgb, mean=CLIP_MEAN, std=CLIP_STD)), std(z), atol=1e-5, rtol=1e-4)
+    # B-cosified as the original treats CLIP: no biases, no positional embedding; then dynamic linear
+    std.positional_embedding = None
+    with torch.no_grad():
+        std.class_embedding.zero_()
+    ours = bcosify(std).eval()
+    _set_explanation_mode(ours, True)
+    x = add_inverse(rgb).requires_grad_(True)
+    out = ours(x)
+    (grad,) = torch.autograd.grad(out[:, 3].sum(), x)
+    torch.testing.assert_close((grad * x).flatten(1).sum(1), out[:, 3].detach(), atol=1e-5, rtol=1e-4)
