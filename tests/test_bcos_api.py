@@ -188,6 +188,7 @@ def test_op_backends_table_matches_the_front_doors():
         "batch_norm_uncentered": lambda be: bcos_kernels.batch_norm_uncentered(
             X, torch.ones(4), None, None, training=True, backend=be
         ),
+        "detachable_norm": lambda be: bcos_kernels.ops.detachable_group_norm(X, 2, detach=True, backend=be),
     }
     assert set(calls) == set(backends.OPS)
     for op, call in calls.items():

@@ -143,8 +143,9 @@ def _assert_within_twice_the_reference(errors, what):
 # ---------------------------------------------------------------------------------------------------------------
 # Everywhere: the table, the errors for CPU tensors, the glue's layouts against the fakes.
 # ---------------------------------------------------------------------------------------------------------------
-# The uncentered batch norm's fast path is ATen ops (backend "torch"), the same on a GPU: it has no CUDA kernels.
-ATEN_ONLY_OPS = {"batch_norm_uncentered"}
+# The uncentered batch norm's and the detachable norms' fast paths are ATen ops (backend "torch"), the same on a
+# GPU: they have no CUDA kernels.
+ATEN_ONLY_OPS = {"batch_norm_uncentered", "detachable_norm"}
 CUDA_OPS = sorted(set(backends.OPS) - ATEN_ONLY_OPS)
 
 

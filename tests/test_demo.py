@@ -111,3 +111,19 @@ def test_example_says_what_to_install_without_matplotlib(tmp_path):
     assert proc.returncode != 0
     assert "pip install 'bcos-kernels[viz]'" in proc.stderr and "matplotlib" in proc.stderr, proc.stderr
     assert "training" not in proc.stdout and not out.exists()  # it stops before any work
+
+
+def test_bcosify_vit_example_quick(tmp_path):
+    """examples/bcosify_vit.py --quick: trains, B-cosifies, fine-tunes, explains a batch and writes its PNGs."""
+    out = tmp_path / "vit"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    example = os.path.join(ROOT, "examples", "bcosify_vit.py")
+    cmd = [sys.executable, example, "--quick", "--batch", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    layers = re.search(r"B-cosified layers: (.*)", proc.stdout).group(1).split(", ")
+    assert {"BcosifyConv2d", "BcosifyLinear", "MultiheadAttention", "DetachableLayerNorm"} <= set(layers)
+    pngs = sorted(p.name for p in out.iterdir())
+    assert "overview.png" in pngs and len(pngs) == 4
+    with Image.open(out / "overview.png") as image:
+        assert image.size[0] > 100 and np.asarray(image).std() > 0
