@@ -404,3 +404,14 @@ def test_clip_vision_transformer():
     out = ours(x)
     (grad,) = torch.autograd.grad(out[:, 3].sum(), x)
     torch.testing.assert_close((grad * x).flatten(1).sum(1), out[:, 3].detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bcosified_clip_style_vit_compiles_in_one_graph():
+    ours = bcosify(clip_style_vit()).float().eval()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(ours, fullgraph=True)
+    x = add_inverse(torch.rand(2, 3, 12, 12))
+    torch.testing.assert_close(compiled(x), ours(x), atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

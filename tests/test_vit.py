@@ -151,3 +151,25 @@ def test_batched_explanations_match_the_original_per_image(arch):
         torch.testing.assert_close(got["contribution_map"][i], (x[i] * weights[0]).sum(0), atol=1e-10, rtol=0)
     assert got["explanation"].shape == (3, SIZE, SIZE, 4)
     assert not any(getattr(m, "detach", False) for m in ours.modules() if hasattr(m, "set_explanation_mode"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_converted_vit_compiles_in_one_graph_in_both_modes():
+    torch.manual_seed(0)
+    original = bcos_vit("simple_vit_ti_patch16_224")
+    for i in range(1, 12):  # one encoder block keeps the compile short
+        delattr(original[0].transformer, f"encoder_{i}")
+    ours = bcos_kernels.convert(original)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(ours, fullgraph=True)
+    x = torch.rand(2, 6, 32, 32)
+    for flag in (False, True):
+        _set_explanation_mode(ours, flag)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, want = compiled(xa), ours(xb)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        ga, gb = torch.autograd.grad(got.sum(), xa), torch.autograd.grad(want.sum(), xb)
+        torch.testing.assert_close(ga[0], gb[0], atol=1e-5, rtol=1e-5)
+    # one graph per mode: explanation mode is a different program (q, k and the norms' variance detached)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
