@@ -7,8 +7,8 @@ convolutions (the limit a B-cos / CoDA network cannot beat):
 - ``bcos_resnet50()``: the `bcos` package's B-cos ResNet-50, as its ImageNet experiment builds it;
   ``bcos_kernels.convert(copy.deepcopy(model), backend)`` puts our layers in, ``with_plain_layers(model)`` plain
   convolutions.
-- ``bcos_vit_ti()``: the `bcos` package's B-cos ViT-Ti/16, as its ``vit_final`` experiment builds it;
-  ``plain_vit(model)`` the same ViT with plain linears, layer norms and attention (the limit).
+- ``bcos_vit_ti()`` / ``bcos_vit_s()``: the `bcos` package's B-cos ViT-Ti/16 and ViT-S/16, as its ``vit_final``
+  experiment builds them; ``plain_vit(model)`` the same ViT with plain linears, layer norms and attention (the limit).
 - ``coda_net_cifar10(provider)``: the 9-layer CoDA-Net of the CIFAR-10 experiment ("9L-S-CoDA-SQ-1000").
 - ``largest_batch`` / ``gpu_step_fits``: the largest batch whose training step fits in GPU memory.
 - ``check_parity``: the benchmark refuses to time a model that disagrees with the original.
@@ -113,6 +113,11 @@ def bcos_vit_ti() -> nn.Module:
     """The `bcos` package's B-cos ViT-Ti/16 (simple_vit_ti_patch16_224, 1000 classes), built as its
     ``vit_final`` experiment config does (tests/originals.py ``bcos_vit``)."""
     return bcos_vit("simple_vit_ti_patch16_224", num_classes=1000)
+
+
+def bcos_vit_s() -> nn.Module:
+    """The same for ViT-S/16 (simple_vit_s_patch16_224)."""
+    return bcos_vit("simple_vit_s_patch16_224", num_classes=1000)
 
 
 def plain_vit(model: nn.Module) -> nn.Module:

@@ -246,8 +246,9 @@ BCOS_LINEAR_BATCH = 2 if SMOKE else (64 if GPU else 2)
 # ---------------------------------------------------------------------------------------------------------------
 RESNET50_MODEL_BATCH = 1 if SMOKE else (64 if GPU else 2)
 RESNET50_MODEL_IMAGE = 32 if SMOKE else 224
-# the B-cos ViT-Ti/16 train step (benchmarks/test_bench_models.py), at the ResNet's image size
+# the B-cos ViT-Ti/16 and ViT-S/16 train steps (benchmarks/test_bench_models.py), at the ResNet's image size
 VIT_MODEL_BATCH = 1 if SMOKE else (64 if GPU else 4)
+VIT_S_MODEL_BATCH = 1 if SMOKE else (64 if GPU else 2)
 CODA_CIFAR10_MODEL_BATCH = 2 if SMOKE else (64 if GPU else 8)
 
 

@@ -36,6 +36,7 @@ from shapes import (
     RESNET50_MODEL_BATCH,
     RESNET50_MODEL_IMAGE,
     VIT_MODEL_BATCH,
+    VIT_S_MODEL_BATCH,
 )
 
 import bcos_kernels
@@ -44,6 +45,7 @@ from bcos_kernels.timing import measure
 RESNET = "B-cos ResNet-50 train step"
 CODA = "CoDA-Net CIFAR-10 9L train step"
 VIT = "B-cos ViT-Ti/16 train step"
+VIT_S = "B-cos ViT-S/16 train step"
 
 GPU = DEVICE.type == "cuda"
 # The smoke run only proves the file runs: one mode (the three share the harness's code path, which the per-layer
@@ -65,8 +67,8 @@ CODA_OURS = our_providers("dau_conv2d")
 RESNET_PROVIDERS = _baselines("model:bcos") + RESNET_OURS + ["plain"]
 CODA_PROVIDERS = _baselines("model:coda") + CODA_OURS + ["plain"]
 VIT_PROVIDERS = _baselines("model:bcos") + our_providers("bcos_linear") + ["plain"]
-BASELINE = {RESNET: "original", CODA: "reference", VIT: "original"}
-SHORT = {RESNET: "resnet50", CODA: "coda", VIT: "vit_ti"}
+BASELINE = {RESNET: "original", CODA: "reference", VIT: "original", VIT_S: "original"}
+SHORT = {RESNET: "resnet50", CODA: "coda", VIT: "vit_ti", VIT_S: "vit_s"}
 
 # Parity: max |ours - original| <= PARITY_RTOL * max |original|, for the logits and the input gradient, in float32.
 PARITY_BATCH = 2
@@ -105,19 +107,19 @@ def build_resnet(provider: str) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=None)
-def _vit_original() -> torch.nn.Module:
-    """The B-cos ViT-Ti/16 with fixed parameters (only copied, as the ResNet)."""
+def _vit_original(case: str) -> torch.nn.Module:
+    """The B-cos ViT-Ti/16 or ViT-S/16 with fixed parameters (only copied, as the ResNet)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return models.bcos_vit_ti().train()
+        return (models.bcos_vit_ti() if case == VIT else models.bcos_vit_s()).train()
 
 
-def build_vit(provider: str) -> torch.nn.Module:
+def build_vit(provider: str, case: str = VIT) -> torch.nn.Module:
     if provider == "original":
-        return copy.deepcopy(_vit_original())
+        return copy.deepcopy(_vit_original(case))
     if provider == "plain":
-        return models.plain_vit(_vit_original())
-    return bcos_kernels.convert(copy.deepcopy(_vit_original()), backend=provider)
+        return models.plain_vit(_vit_original(case))
+    return bcos_kernels.convert(copy.deepcopy(_vit_original(case)), backend=provider)
 
 
 def build_coda(provider: str) -> torch.nn.Module:
@@ -125,9 +127,9 @@ def build_coda(provider: str) -> torch.nn.Module:
     return models.coda_net_cifar10(provider).train()
 
 
-BUILD = {RESNET: build_resnet, CODA: build_coda, VIT: build_vit}
-IMAGE = {RESNET: RESNET50_MODEL_IMAGE, CODA: CODA_CIFAR10_IMAGE, VIT: RESNET50_MODEL_IMAGE}
-BATCH = {RESNET: RESNET50_MODEL_BATCH, CODA: CODA_CIFAR10_MODEL_BATCH, VIT: VIT_MODEL_BATCH}
+BUILD = {RESNET: build_resnet, CODA: build_coda, VIT: build_vit, VIT_S: functools.partial(build_vit, case=VIT_S)}
+IMAGE = {RESNET: RESNET50_MODEL_IMAGE, CODA: CODA_CIFAR10_IMAGE, VIT: RESNET50_MODEL_IMAGE, VIT_S: RESNET50_MODEL_IMAGE}
+BATCH = {RESNET: RESNET50_MODEL_BATCH, CODA: CODA_CIFAR10_MODEL_BATCH, VIT: VIT_MODEL_BATCH, VIT_S: VIT_S_MODEL_BATCH}
 
 
 def _input(case: str, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -202,6 +204,14 @@ def test_resnet50_train_step(dtype, provider, mode):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_vit_ti_train_step(dtype, provider, mode):
     _bench_case(VIT, dtype, provider, mode)
+
+
+@skip_without_bcos
+@pytest.mark.parametrize("mode", BENCH_MODES)
+@pytest.mark.parametrize("provider", VIT_PROVIDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_vit_s_train_step(dtype, provider, mode):
+    _bench_case(VIT_S, dtype, provider, mode)
 
 
 @pytest.mark.parametrize("mode", BENCH_MODES)
