@@ -202,16 +202,9 @@ def test_resnet50_train_step(dtype, provider, mode):
 @pytest.mark.parametrize("mode", BENCH_MODES)
 @pytest.mark.parametrize("provider", VIT_PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_vit_ti_train_step(dtype, provider, mode):
-    _bench_case(VIT, dtype, provider, mode)
-
-
-@skip_without_bcos
-@pytest.mark.parametrize("mode", BENCH_MODES)
-@pytest.mark.parametrize("provider", VIT_PROVIDERS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_vit_s_train_step(dtype, provider, mode):
-    _bench_case(VIT_S, dtype, provider, mode)
+@pytest.mark.parametrize("case", [VIT, VIT_S], ids=[SHORT[VIT], SHORT[VIT_S]])
+def test_vit_train_step(case, dtype, provider, mode):
+    _bench_case(case, dtype, provider, mode)
 
 
 @pytest.mark.parametrize("mode", BENCH_MODES)

@@ -160,3 +160,84 @@ def bcos_vit(arch: str, num_classes: int = 10):
             norm2d_layer=no_bias(centered.DetachableGNLayerNorm2d),
         )
     return modules.BcosSequential(model, modules.LogitLayer(logit_bias=-math.log(num_classes - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# B-cosification (shrebox/B-cosification): its scripts executed from the mirror on its own `bcos` modules
+# ---------------------------------------------------------------------------------------------------------------
+BCOSIFICATION = "shrebox+B-cosification"
+# the original's B-cos layers, in import order (its BcosConv2d differs from bcos 0.1.3: tuple dilation, a bias)
+BCOSIFICATION_LAYERS = [
+    ("bcos.common", "bcos/common.py"),
+    ("bcos.modules.common", "bcos/modules/common.py"),
+    ("bcos.modules.bcosconv2d", "bcos/modules/bcosconv2d.py"),
+    ("bcos.modules.bcoslinear", "bcos/modules/bcoslinear.py"),
+    ("bcos.modules.logitlayer", "bcos/modules/logitlayer.py"),
+    ("bcos.modules.bcosifyconv2d", "bcos/modules/bcosifyconv2d.py"),
+    ("bcos.modules.bcosifylinear", "bcos/modules/bcosifylinear.py"),
+]
+
+
+class NormalizeStandIn(torch.nn.Module):
+    """Stand-in for torchvision.transforms.Normalize on tensors (what the original wrapper applies)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x):
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
+        return (x - mean) / std
+
+
+def torchvision_stand_ins() -> dict:
+    """{name: module} for the torchvision the B-cosification scripts import (transforms.Normalize, and its
+    ``functional`` imported unused); {} where the real torchvision is installed (imported here, outside any
+    patch of sys.modules, so that it stays imported)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        import torchvision.transforms  # noqa: F401
+
+        return {}
+    tv = types.ModuleType("torchvision")
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    tv.transforms.Normalize = NormalizeStandIn
+    tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
+    return {
+        "torchvision": tv,
+        "torchvision.transforms": tv.transforms,
+        "torchvision.transforms.functional": tv.transforms.functional,
+    }
+
+
+def load_bcosification(paths, stand_ins, on_load=None) -> dict:
+    """Execute ``paths`` ((module name, path in the mirror), in order) of the B-cosification mirror as modules of
+    bare ``bcos``, ``bcos.modules`` and ``bcos.modules.norms`` packages, with ``stand_ins`` ({name: module}) in
+    sys.modules meanwhile; ``on_load(name, module, packages)`` after each (to fill the packages' names the next
+    ones import). Only the names set here are swapped in, then restored: a wholesale restore of sys.modules would
+    also drop modules first imported meanwhile (numpy, ...), which must not be imported twice. Returns
+    {name: module}."""
+    sources = {name: mirror_source(BCOSIFICATION, path) for name, path in paths}
+    packages = {}
+    for pkg in ("bcos", "bcos.modules", "bcos.modules.norms"):
+        packages[pkg] = types.ModuleType(pkg)
+        packages[pkg].__path__ = []
+    packages["bcos.modules"].norms = packages["bcos.modules.norms"]
+    names = list(stand_ins) + list(packages) + list(sources)
+    saved = {name: sys.modules[name] for name in names if name in sys.modules}
+    loaded = {}
+    try:
+        sys.modules.update(stand_ins)
+        sys.modules.update(packages)
+        for name, source in sources.items():
+            package = name.rpartition(".")[0]
+            loaded[name] = sys.modules[name] = load_source(name, source, {"__package__": package})
+            if on_load is not None:
+                on_load(name, loaded[name], packages)
+    finally:
+        for name in names:
+            if name in saved:
+                sys.modules[name] = saved[name]
+            else:
+                sys.modules.pop(name, None)
+    return loaded

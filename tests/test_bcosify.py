@@ -4,7 +4,6 @@ handling of parameters, devices, modes and bad arguments."""
 
 import copy
 import functools
-import importlib.util
 import sys
 import types
 import warnings
@@ -12,7 +11,7 @@ import warnings
 import pytest
 import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse: tiny tensors, one intra-op thread)
-from originals import load_source, mirror_source
+from originals import BCOSIFICATION_LAYERS, load_bcosification, torchvision_stand_ins
 from torch import nn
 
 import bcos_kernels
@@ -20,7 +19,6 @@ from bcos_kernels import nn as bnn
 from bcos_kernels.bcosify import add_inverse, bcosify
 
 DT = torch.float64
-REPO = "shrebox+B-cosification"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -85,80 +83,32 @@ def set_explanation_mode(model: nn.Module, on: bool) -> None:
             m.set_explanation_mode(on)
 
 
-class _Normalize(nn.Module):
-    """Stand-in for torchvision.transforms.Normalize on tensors (what the original wrapper applies)."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.mean, self.std = mean, std
-
-    def forward(self, x):
-        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
-        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
-        return (x - mean) / std
-
-
 @functools.lru_cache(maxsize=None)
 def _original_bcosify_module():
     """The original bcosify.py (BcosifyNetwork: add_channels + bcosify), executed on the original's own
-    bcos/modules files from the mirror (its BcosConv2d differs from bcos 0.1.3: tuple dilation, a bias argument),
-    with stand-ins for what a CNN conversion never uses (torchvision's Normalize where torchvision is missing,
-    CLIP's AttentionPool2d, BcosAttentionPool2d). sys.modules is restored afterwards."""
-    sources = {
-        name: mirror_source(REPO, path)
-        for name, path in [
-            ("bcos.common", "bcos/common.py"),
-            ("bcos.modules.common", "bcos/modules/common.py"),
-            ("bcos.modules.bcosconv2d", "bcos/modules/bcosconv2d.py"),
-            ("bcos.modules.bcoslinear", "bcos/modules/bcoslinear.py"),
-            ("bcos.modules.logitlayer", "bcos/modules/logitlayer.py"),
-            ("bcos.modules.bcosifyconv2d", "bcos/modules/bcosifyconv2d.py"),
-            ("bcos.modules.bcosifylinear", "bcos/modules/bcosifylinear.py"),
-            ("bcos.modules.norms.uncentered_norms", "bcos/modules/norms/uncentered_norms/batchnorm_uncentered.py"),
-            ("bcosify", "bcosify.py"),
-        ]
-    }
-    if importlib.util.find_spec("torchvision") is not None:
-        import torchvision.transforms  # noqa: F401  (imported outside the patch so that it stays imported)
-
-        stand_ins = {}
-    else:
-        tv = types.ModuleType("torchvision")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        tv.transforms.Normalize = _Normalize
-        stand_ins = {"torchvision": tv, "torchvision.transforms": tv.transforms}
+    bcos/modules files from the mirror, with stand-ins for what a CNN conversion never uses (torchvision's
+    Normalize where torchvision is missing, CLIP's AttentionPool2d, BcosAttentionPool2d)."""
     clip = types.ModuleType("CLIP.clip.model")
     clip.AttentionPool2d = type("AttentionPool2d", (nn.Module,), {})
-    stand_ins.update(
-        {"CLIP": types.ModuleType("CLIP"), "CLIP.clip": types.ModuleType("CLIP.clip"), "CLIP.clip.model": clip}
-    )
-    # Only the names set here are swapped in, then restored: a wholesale restore of sys.modules would also drop
-    # modules first imported meanwhile (numpy, ...), which must not be imported twice.
-    packages = {}
-    for pkg in ("bcos", "bcos.modules", "bcos.modules.norms"):
-        packages[pkg] = types.ModuleType(pkg)
-        packages[pkg].__path__ = []
-    names = list(stand_ins) + list(packages) + list(sources)
-    saved = {name: sys.modules[name] for name in names if name in sys.modules}
-    try:
-        sys.modules.update(stand_ins)
-        sys.modules.update(packages)
-        loaded = {}
-        for name, source in sources.items():
-            package = name.rpartition(".")[0]
-            loaded[name] = sys.modules[name] = load_source(name, source, {"__package__": package})
-            if name == "bcos.modules.logitlayer":
-                pkg = packages["bcos.modules"]
-                pkg.BcosSequential = loaded["bcos.modules.common"].BcosSequential
-                pkg.LogitLayer = loaded[name].LogitLayer
-                pkg.BcosAttentionPool2d = type("BcosAttentionPool2d", (nn.Module,), {})
-    finally:
-        for name in names:
-            if name in saved:
-                sys.modules[name] = saved[name]
-            else:
-                sys.modules.pop(name, None)
-    return loaded["bcosify"]
+    stand_ins = {
+        **torchvision_stand_ins(),
+        "CLIP": types.ModuleType("CLIP"),
+        "CLIP.clip": types.ModuleType("CLIP.clip"),
+        "CLIP.clip.model": clip,
+    }
+
+    def on_load(name, module, packages):
+        if name == "bcos.modules.logitlayer":
+            pkg = packages["bcos.modules"]
+            pkg.BcosSequential = sys.modules["bcos.modules.common"].BcosSequential
+            pkg.LogitLayer = module.LogitLayer
+            pkg.BcosAttentionPool2d = type("BcosAttentionPool2d", (nn.Module,), {})
+
+    paths = BCOSIFICATION_LAYERS + [
+        ("bcos.modules.norms.uncentered_norms", "bcos/modules/norms/uncentered_norms/batchnorm_uncentered.py"),
+        ("bcosify", "bcosify.py"),
+    ]
+    return load_bcosification(paths, stand_ins, on_load)["bcosify"]
 
 
 def original_bcosified(

@@ -5,14 +5,20 @@ conversion must have: with b = 1 and its biases it is the standard model, withou
 
 import copy
 import functools
-import sys
-import types
 import warnings
 
 import pytest
 import torch
 from helpers import one_intra_op_thread  # noqa: F401  (autouse: tiny tensors, one intra-op thread)
-from originals import bcos_module, load_source, mirror_source
+from originals import (
+    BCOSIFICATION,
+    BCOSIFICATION_LAYERS,
+    bcos_module,
+    load_bcosification,
+    load_source,
+    mirror_source,
+    torchvision_stand_ins,
+)
 from torch import nn
 
 import bcos_kernels
@@ -20,7 +26,6 @@ from bcos_kernels import nn as bnn
 from bcos_kernels.bcosify import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, add_inverse, bcosify
 
 DT = torch.float64
-REPO = "shrebox+B-cosification"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,81 +57,26 @@ def standard_simple_vit(stem: bool) -> nn.Module:
             model = vit.SimpleViT(image_size=4, patch_size=1, conv_stem=[8, 16], **common)
         else:
             model = vit.SimpleViT(image_size=12, patch_size=4, **common)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.uniform_(-0.3, 0.3)
-            elif p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-    return model.to(DT)
-
-
-class _Normalize(nn.Module):
-    """Stand-in for torchvision.transforms.Normalize on tensors (what the original wrapper applies)."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.mean, self.std = mean, std
-
-    def forward(self, x):
-        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
-        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
-        return (x - mean) / std
+    return _pretrained_looking(model).to(DT)
 
 
 @functools.lru_cache(maxsize=None)
 def _original_bcosify_vit_module():
-    """The original bcosify_vit.py on the original's own modules from the mirror, with a stand-in torchvision
-    (Normalize); sys.modules is restored afterwards."""
-    sources = {
-        name: mirror_source(REPO, path)
-        for name, path in [
-            ("bcos.common", "bcos/common.py"),
-            ("bcos.modules.common", "bcos/modules/common.py"),
-            ("bcos.modules.bcosconv2d", "bcos/modules/bcosconv2d.py"),
-            ("bcos.modules.bcoslinear", "bcos/modules/bcoslinear.py"),
-            ("bcos.modules.logitlayer", "bcos/modules/logitlayer.py"),
-            ("bcos.modules.bcosifyconv2d", "bcos/modules/bcosifyconv2d.py"),
-            ("bcos.modules.bcosifylinear", "bcos/modules/bcosifylinear.py"),
-            ("bcos.modules.norms.centered_norms", "bcos/modules/norms/centered_norms.py"),
-            ("bcosify_vit", "bcosify_vit.py"),
-        ]
-    }
-    tv = types.ModuleType("torchvision")
-    tv.transforms = types.ModuleType("torchvision.transforms")
-    tv.transforms.Normalize = _Normalize
-    tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
-    stand_ins = {
-        "torchvision": tv,
-        "torchvision.transforms": tv.transforms,
-        "torchvision.transforms.functional": tv.transforms.functional,
-    }
-    packages = {}
-    for pkg in ("bcos", "bcos.modules", "bcos.modules.norms"):
-        packages[pkg] = types.ModuleType(pkg)
-        packages[pkg].__path__ = []
-    packages["bcos.modules"].norms = packages["bcos.modules.norms"]
-    names = list(stand_ins) + list(packages) + list(sources)
-    saved = {name: sys.modules[name] for name in names if name in sys.modules}
-    try:
-        sys.modules.update(stand_ins)
-        sys.modules.update(packages)
-        loaded = {}
-        for name, source in sources.items():
-            package = name.rpartition(".")[0]
-            loaded[name] = sys.modules[name] = load_source(name, source, {"__package__": package})
-            if name == "bcos.modules.logitlayer":
-                packages["bcos.modules"].LogitLayer = loaded[name].LogitLayer
-            if name == "bcos.modules.norms.centered_norms":
-                for cls in ("DetachableLayerNorm", "DetachableGroupNorm2d"):
-                    setattr(packages["bcos.modules.norms"], cls, getattr(loaded[name], cls))
-    finally:
-        for name in names:
-            if name in saved:
-                sys.modules[name] = saved[name]
-            else:
-                sys.modules.pop(name, None)
-    return loaded["bcosify_vit"]
+    """The original bcosify_vit.py on the original's own modules from the mirror (torchvision stood in for where
+    it is missing)."""
+
+    def on_load(name, module, packages):
+        if name == "bcos.modules.logitlayer":
+            packages["bcos.modules"].LogitLayer = module.LogitLayer
+        if name == "bcos.modules.norms.centered_norms":
+            for cls in ("DetachableLayerNorm", "DetachableGroupNorm2d"):
+                setattr(packages["bcos.modules.norms"], cls, getattr(module, cls))
+
+    paths = BCOSIFICATION_LAYERS + [
+        ("bcos.modules.norms.centered_norms", "bcos/modules/norms/centered_norms.py"),
+        ("bcosify_vit", "bcosify_vit.py"),
+    ]
+    return load_bcosification(paths, torchvision_stand_ins(), on_load)["bcosify_vit"]
 
 
 def original_bcosified_vit(std: nn.Module, *, b=2.0, act_layer=True, clip=None, keep_bias=False) -> nn.Module:
@@ -276,16 +226,20 @@ class ClipStyleViT(nn.Module):
         return self.ln_post(x[:, 0]) @ self.proj
 
 
-def clip_style_vit(**kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    model = ClipStyleViT(**kwargs)
+def _pretrained_looking(model: nn.Module) -> nn.Module:
+    """Biases and norm weights away from their defaults (embeddings left as initialised)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "bias" in name:
                 p.uniform_(-0.3, 0.3)
             elif p.dim() == 1 and "embedding" not in name:
                 p.uniform_(0.5, 1.5)
-    return model.to(DT)
+    return model
+
+
+def clip_style_vit(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return _pretrained_looking(ClipStyleViT(**kwargs)).to(DT)
 
 
 LAYOUTS = [dict(), dict(batch_first=True, act=nn.GELU)]
@@ -373,16 +327,11 @@ def _clip_vision_transformer() -> nn.Module:
     """CLIP's own VisionTransformer (CLIP/clip/model.py of the B-cosification mirror, whose forward allows
     ``positional_embedding = None`` as B-cosification sets it), small and random, in fp32 (CLIP's LayerNorm
     computes in fp32 and refuses fp64 parameters)."""
-    clip = load_source("clip_model", mirror_source(REPO, "CLIP/clip/model.py"))
+    clip = load_source("clip_model", mirror_source(BCOSIFICATION, "CLIP/clip/model.py"))
     torch.manual_seed(0)
-    model = clip.VisionTransformer(input_resolution=12, patch_size=4, width=24, layers=2, heads=3, output_dim=10)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name:
-                p.uniform_(-0.3, 0.3)
-            elif p.dim() == 1 and "embedding" not in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return _pretrained_looking(
+        clip.VisionTransformer(input_resolution=12, patch_size=4, width=24, layers=2, heads=3, output_dim=10)
+    )
 
 
 def test_clip_vision_transformer():

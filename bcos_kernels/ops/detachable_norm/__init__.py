@@ -63,14 +63,8 @@ def detachable_layer_norm(
     if x.dim() < len(normalized_shape) or tuple(x.shape[x.dim() - len(normalized_shape) :]) != normalized_shape:
         raise ValueError(f"x of shape {tuple(x.shape)} does not end in normalized_shape {normalized_shape}")
     mixed = _check_affine(x, weight, bias, normalized_shape, "normalized_shape")
-    eps = _check_eps(eps)
-    name = backends.resolve("detachable_norm", backend, x, mixed_dtypes=mixed)
-    if not detach:
-        return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    if name == "reference":
-        return reference.layer_norm(x, normalized_shape, weight, bias, eps, True)
-    opts = dict(kind="layer", groups=1, norm_dims=len(normalized_shape), eps=eps, backend=name)
-    return _eager.call(detached_norm, x, weight, bias, **opts)[0]
+    norm = NormOptions("layer", 1, len(normalized_shape), _check_eps(eps), "")
+    return _normalise(x, weight, bias, norm, detach, backend, mixed, normalized_shape)
 
 
 def detachable_group_norm(
@@ -91,14 +85,21 @@ def detachable_group_norm(
     if x.shape[1] % num_groups:
         raise ValueError(f"x has {x.shape[1]} channels, which num_groups={num_groups} does not divide")
     mixed = _check_affine(x, weight, bias, (x.shape[1],), "one value per channel of x")
-    eps = _check_eps(eps)
+    norm = NormOptions("group", num_groups, x.dim() - 1, _check_eps(eps), "")
+    return _normalise(x, weight, bias, norm, detach, backend, mixed, num_groups)
+
+
+def _normalise(x, weight, bias, norm: "NormOptions", detach: bool, backend, mixed, shape_or_groups):
+    """The checked call: ATen's norm out of explanation mode, else the reference or the custom op."""
     name = backends.resolve("detachable_norm", backend, x, mixed_dtypes=mixed)
+    layer = norm.kind == "layer"
     if not detach:
-        return F.group_norm(x, num_groups, weight, bias, eps)
+        aten = F.layer_norm if layer else F.group_norm
+        return aten(x, shape_or_groups, weight, bias, norm.eps)
     if name == "reference":
-        return reference.group_norm(x, num_groups, weight, bias, eps, True)
-    opts = dict(kind="group", groups=num_groups, norm_dims=x.dim() - 1, eps=eps, backend=name)
-    return _eager.call(detached_norm, x, weight, bias, **opts)[0]
+        original = reference.layer_norm if layer else reference.group_norm
+        return original(x, shape_or_groups, weight, bias, norm.eps, True)
+    return _eager.call(detached_norm, x, weight, bias, **norm._replace(backend=name)._asdict())[0]
 
 
 class NormOptions(NamedTuple):
