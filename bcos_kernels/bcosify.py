@@ -223,6 +223,13 @@ class _Plan:
                     f"layer {where!r} ({type(module).__name__}) cannot be B-cosified: the original "
                     "B-cosification converts only 2-D convs, linears, norms and (ViTs) GELUs"
                 )
+            if type(module).__name__ == "AttentionPool2d" and hasattr(module, "c_proj"):
+                # CLIP ResNets' attention pool calls F.multi_head_attention_forward with its projections' weights:
+                # swapping those linears for B-cos ones would be bypassed silently
+                raise ValueError(
+                    f"layer {where!r} is CLIP's AttentionPool2d, which reads its projections' weights directly: "
+                    "its B-cos form (the original's BcosAttentionPool2d) is not implemented here"
+                )
             if isinstance(module, nn.MultiheadAttention):
                 if not vit:
                     raise ValueError(
@@ -609,7 +616,8 @@ def bcosify(
     ``add_inverse``, and ``LogitLayer`` adding ``-log(num_classes - 1)`` to the logits: add that constant in the
     loss or a wrapper of your own), ``BcosSequential`` (a class swap that only adds the `bcos` package's
     explanation helpers), the ``linear_b`` schedule of B (a gradient hook of its trainer), and the attention pool
-    of its ResNet-50 CLIP. Its 6-channel normalisations are ``add_inverse(x, mean=IMAGENET_MEAN,
+    of its ResNet-50 CLIP (CLIP's ``AttentionPool2d`` is refused: it reads its projections' weights directly).
+    Its 6-channel normalisations are ``add_inverse(x, mean=IMAGENET_MEAN,
     std=IMAGENET_STD)``, ``add_inverse(x, mean=CLIP_MEAN, std=CLIP_STD)`` and (CLIP "mean zero")
     ``add_inverse(x, std=CLIP_STD)``. Its new norms restart ``num_batches_tracked`` at 0 and its new layers start
     in training mode; ours share the count and keep each replaced module's mode (the count only matters for

@@ -364,3 +364,15 @@ def test_bcosified_clip_style_vit_compiles_in_one_graph():
     x = add_inverse(torch.rand(2, 3, 12, 12))
     torch.testing.assert_close(compiled(x), ours(x), atol=1e-5, rtol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_clip_attention_pool_is_refused():
+    class AttentionPool2d(nn.Module):  # CLIP's ResNet head: F.multi_head_attention_forward on its weights
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.c_proj = (nn.Linear(8, 8) for _ in range(4))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), AttentionPool2d())
+    with pytest.raises(ValueError, match="AttentionPool2d"):
+        bcosify(model)
+    assert type(model[0]) is nn.Conv2d  # nothing changed
