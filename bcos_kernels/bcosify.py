@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from bcos_kernels import backends
-from bcos_kernels.nn.bcos import BcosConv2d, BcosConv2dV1, BcosifyConv2d, BcosifyLinear, BcosLinear
+from bcos_kernels.nn.bcos import BcosConv2d, BcosConv2dV1, BcosifyConv2d, BcosifyLinear, BcosLinear, LogitLayer
 from bcos_kernels.nn.norms import BatchNormUncentered2d, DetachableGroupNorm2d, DetachableLayerNorm
 from bcos_kernels.nn.vit import Attention, DetachableGELU, DetachableQuickGELU, MultiheadAttention
 
@@ -523,9 +523,11 @@ def bcosify(
     keep_relu: bool = True,
     vit: Optional[bool] = None,
     detachable_gelu: bool = True,
+    logit_bias: Optional[float] = None,
+    logit_temperature: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> nn.Module:
-    """B-cosify a standard CNN in place, as B-cosification (shrebox/B-cosification) does, and return it.
+    """B-cosify a standard CNN or ViT in place, as B-cosification (shrebox/B-cosification) does, and return it.
 
     Feed the result ``add_inverse(x, mean=..., std=...)`` with the mean and std the standard model was trained
     with (the original's wrapper normalises the 6-channel input inside the network; this function cannot add a
@@ -612,9 +614,12 @@ def bcosify(
 
     ``backend`` is passed to every B-cos module (None: ``BCOS_KERNELS_BACKEND`` or "auto").
 
-    Not reproduced from the original: its wrapper module (``BcosifyNetwork``: the 6-channel normalisation, see
-    ``add_inverse``, and ``LogitLayer`` adding ``-log(num_classes - 1)`` to the logits: add that constant in the
-    loss or a wrapper of your own), ``BcosSequential`` (a class swap that only adds the `bcos` package's
+    ``logit_bias`` / ``logit_temperature`` (the original's ``logit_layer=True``, whose default bias is
+    ``-log(1000 - 1)``): the result is ``nn.Sequential(model, bcos_kernels.nn.LogitLayer(logit_temperature,
+    logit_bias))``, the model itself converted in place; without them ``model`` itself is returned.
+
+    Not reproduced from the original: the rest of its wrapper module (``BcosifyNetwork``: the 6-channel
+    normalisation, see ``add_inverse``), ``BcosSequential`` (a class swap that only adds the `bcos` package's
     explanation helpers), the ``linear_b`` schedule of B (a gradient hook of its trainer), and the attention pool
     of its ResNet-50 CLIP (CLIP's ``AttentionPool2d`` is refused: it reads its projections' weights directly).
     Its 6-channel normalisations are ``add_inverse(x, mean=IMAGENET_MEAN,
@@ -637,6 +642,10 @@ def bcosify(
         ("detachable_gelu", detachable_gelu),
     ):
         _check_flag(flag, value)
+    # checked before anything changes
+    logit_layer = (
+        None if logit_bias is None and logit_temperature is None else LogitLayer(logit_temperature, logit_bias)
+    )
     if vit is None:
         vit = _is_vit(model)
     _check_flag("vit", vit)
@@ -672,4 +681,4 @@ def bcosify(
         from bcos_kernels.convert import convert
 
         convert(model, backend)
-    return model
+    return model if logit_layer is None else nn.Sequential(model, logit_layer)

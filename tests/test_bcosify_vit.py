@@ -376,3 +376,32 @@ def test_clip_attention_pool_is_refused():
     with pytest.raises(ValueError, match="AttentionPool2d"):
         bcosify(model)
     assert type(model[0]) is nn.Conv2d  # nothing changed
+
+
+def test_logit_layer_as_the_original():
+    """The original's ``logit_layer=True`` (bias -log(999)) is ``logit_bias=``: our result ends in a LogitLayer."""
+    import math
+
+    std = standard_simple_vit(stem=False)
+    orig = _original_bcosify_vit_module()
+    config = dict(weights="pretrained", bcos_args=dict(b=2.0, max_out=1), bcosify_args=dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        original = orig.BcosifyNetwork(copy.deepcopy(std), config, add_channels=True, logit_layer=True).to(DT)
+    for mod in original.modules():
+        if hasattr(mod, "bias") and mod.bias is not None:
+            mod.bias = None
+    ours = bcosify(copy.deepcopy(std), logit_bias=-math.log(999))
+    assert isinstance(ours, nn.Sequential) and isinstance(ours[1], bnn.LogitLayer)
+    rgb = torch.rand(2, 3, 12, 12, dtype=DT)
+    want = original(add_inverse(rgb))
+    got = ours(add_inverse(rgb, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs", [dict(logit_bias=float("nan")), dict(logit_temperature=0.0), dict(logit_bias=True)])
+def test_bad_logit_layer_arguments(kwargs):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1))
+    with pytest.raises(ValueError, match="logit_"):
+        bcosify(model, **kwargs)
+    assert type(model[0]) is nn.Conv2d

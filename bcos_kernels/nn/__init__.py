@@ -7,6 +7,7 @@ from bcos_kernels.nn.bcos import (
     BcosifyConv2d,
     BcosifyLinear,
     BcosLinear,
+    LogitLayer,
     NormedConv2d,
     NormedLinear,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "DetachableLayerNorm",
     "DetachableQuickGELU",
     "LWTA",
+    "LogitLayer",
     "MultiheadAttention",
     "NormedConv2d",
     "NormedLinear",

@@ -346,3 +346,31 @@ class BcosifyLinear(BcosLinear):
         return self.linear.weight
 
     effective_b = _bcosify_b
+
+
+class LogitLayer(nn.Module):
+    """`bcos.modules.LogitLayer`: ``logits / logit_temperature + logit_bias`` (None: 1 and 0), no parameters.
+    The B-cos models end in it (bias ``-log(K - 1)`` for K classes, so that a binary cross-entropy on one-hot
+    targets starts near its optimum for the off classes)."""
+
+    def __init__(self, logit_temperature: Optional[float] = None, logit_bias: Optional[float] = None):
+        super().__init__()
+        for name, value in (("logit_temperature", logit_temperature), ("logit_bias", logit_bias)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
+                raise ValueError(f"{name} must be None or a finite number, got {value!r}")
+        if logit_temperature is not None and logit_temperature <= 0:
+            raise ValueError(f"logit_temperature must be positive, got {logit_temperature!r}")
+        self.logit_temperature = logit_temperature
+        self.logit_bias = logit_bias
+
+    def forward(self, in_tensor: Tensor) -> Tensor:
+        if self.logit_temperature is not None:
+            in_tensor = in_tensor / self.logit_temperature
+        if self.logit_bias is not None:
+            in_tensor = in_tensor + self.logit_bias
+        return in_tensor
+
+    def extra_repr(self) -> str:
+        return f"logit_temperature={self.logit_temperature}, logit_bias={self.logit_bias}"
