@@ -405,3 +405,58 @@ def test_bad_logit_layer_arguments(kwargs):
     with pytest.raises(ValueError, match="logit_"):
         bcosify(model, **kwargs)
     assert type(model[0]) is nn.Conv2d
+
+
+def _kpm(n, s):
+    mask = torch.rand(n, s, generator=torch.Generator().manual_seed(5)) > 0.6
+    mask[:, 0] = False  # every query keeps a key
+    return mask
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize(
+    "call",
+    [
+        dict(need_weights=False),
+        dict(),  # need_weights=True, averaged
+        dict(average_attn_weights=False),
+        dict(attn_mask="bool", need_weights=False),
+        dict(attn_mask="float"),
+        dict(key_padding_mask=True),
+        dict(cross=True),
+        dict(unbatched=True),
+        dict(dropout=True),
+    ],
+    ids=lambda c: "-".join(c) or "weights",
+)
+def test_multihead_attention_matches_torch(call, batch_first):
+    """Our MultiheadAttention with the module's own out_proj is nn.MultiheadAttention, option by option."""
+    call = dict(call)
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, dropout=0.3 if call.pop("dropout", False) else 0.0, batch_first=batch_first)
+    mha = mha.to(DT)
+    ours = bnn.MultiheadAttention.from_module(mha, mha.out_proj)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 2, 12, generator=g, dtype=DT)
+    kv = torch.randn(7, 2, 12, generator=g, dtype=DT) if call.pop("cross", False) else x
+    if batch_first:
+        x, kv = x.transpose(0, 1), (kv.transpose(0, 1) if kv is not x else None)
+        kv = x if kv is None else kv
+    if call.pop("unbatched", False):
+        x = kv = x[0] if batch_first else x[:, 0]
+    s = kv.shape[-2] if batch_first or kv.dim() == 2 else kv.shape[0]
+    if call.get("attn_mask") == "bool":
+        call["attn_mask"] = torch.rand(x.shape[-2] if batch_first or x.dim() == 2 else x.shape[0], s, generator=g) > 0.7
+        call["attn_mask"][:, 0] = False
+    elif call.get("attn_mask") == "float":
+        call["attn_mask"] = torch.randn(x.shape[-2] if batch_first else x.shape[0], s, generator=g, dtype=DT)
+    if call.pop("key_padding_mask", False):
+        call["key_padding_mask"] = _kpm(2, s)
+    torch.manual_seed(2)
+    want = mha(x, kv, kv, **call)
+    torch.manual_seed(2)
+    got = ours(x, kv, kv, **call)
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=0)
+    assert (got[1] is None) == (want[1] is None)
+    if want[1] is not None:
+        torch.testing.assert_close(got[1], want[1], atol=1e-12, rtol=0)

@@ -209,9 +209,9 @@ class MultiheadAttention(DetachableModule):
             scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5
             if mask is not None:
                 scores = scores + mask
-            attn = torch.softmax(scores, dim=-1)
-            weights = attn.mean(1) if average_attn_weights else attn
-            out = F.dropout(attn, dropout, self.training) @ v
+            attn = F.dropout(torch.softmax(scores, dim=-1), dropout, self.training)
+            weights = attn.mean(1) if average_attn_weights else attn  # after dropout, as nn.MultiheadAttention
+            out = attn @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(length, n, self.embed_dim))  # (L, N, E)
