@@ -1,0 +1,79 @@
+"""Distributed data parallel training through our layers: a 2-process DDP run (gloo, CPU) of a converted B-cos
+ResNet-18 and a converted B-cos ViT-Ti gives the parameter gradients of one process on the whole batch.
+
+The ResNet runs in eval mode: its batch norms then use their running statistics, which is what makes one batch
+split over two processes the same computation as the whole batch in one (DDP does not synchronise batch
+statistics). The ViT has no batch norm and runs in training mode."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from originals import bcos_resnet18_imagenet_config, bcos_vit
+
+import bcos_kernels
+
+WORLD = 2
+BATCH = 4  # the global batch; each process gets BATCH // WORLD
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model = bcos_resnet18_imagenet_config().eval()
+    else:
+        model = bcos_vit("simple_vit_ti_patch16_224")
+        for i in range(2, 12):  # two encoder blocks keep the run short
+            delattr(model[0].transformer, f"encoder_{i}")
+        model.train()
+    return bcos_kernels.convert(model).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(BATCH, 6, 32, 32, generator=g, dtype=torch.float64)
+    weights = torch.randn(BATCH, 10, generator=g, dtype=torch.float64)
+    return x, weights
+
+
+def _loss(model, x, weights):
+    # a mean over the samples, as a training loss is: DDP's averaging of the two halves' gradients then gives the
+    # gradient of the whole batch's mean
+    return (model(x) * weights).sum(1).mean()
+
+
+def _worker(rank: int, name: str, init_file: str, out_dir: str):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model(name))
+        x, weights = _data()
+        part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        _loss(model, x[part], weights[part]).backward()
+        grads = {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}
+        torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
+@pytest.mark.parametrize("name", ["resnet18", "vit_ti"])
+def test_ddp_two_processes_give_the_whole_batch_gradients(name, tmp_path):
+    mp.spawn(_worker, args=(name, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    model = _model(name)
+    x, weights = _data()
+    _loss(model, x, weights).backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    half = _model(name)
+    _loss(half, x[: BATCH // WORLD], weights[: BATCH // WORLD]).backward()
+    # the comparison means something: one process's own half alone gives other gradients
+    assert any(not torch.allclose(p.grad, want[n]) for n, p in half.named_parameters() if p.grad is not None)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"grads{rank}.pt")
+        assert got.keys() == want.keys()
+        for key, grad in want.items():
+            torch.testing.assert_close(got[key], grad, atol=1e-10, rtol=1e-8, msg=lambda m: f"rank {rank} {key}: {m}")
