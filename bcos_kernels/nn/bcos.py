@@ -17,7 +17,7 @@ from typing import Optional, Tuple, Union
 import torch.nn as nn
 from torch import Tensor
 
-from bcos_kernels.ops._checks import positive_int
+from bcos_kernels.ops._checks import is_finite_number, positive_int
 from bcos_kernels.ops.bcos_conv2d import bcos_conv2d
 from bcos_kernels.ops.bcos_conv2d.reference import normalized_weight
 from bcos_kernels.ops.bcos_linear import bcos_linear
@@ -357,7 +357,7 @@ class LogitLayer(nn.Module):
         super().__init__()
         for name, value in (("logit_temperature", logit_temperature), ("logit_bias", logit_bias)):
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite_number(value)
             ):
                 raise ValueError(f"{name} must be None or a finite number, got {value!r}")
         if logit_temperature is not None and logit_temperature <= 0:

@@ -9,7 +9,7 @@ import torch
 
 from bcos_kernels import backends
 from bcos_kernels.ops import _eager
-from bcos_kernels.ops._checks import positive_int
+from bcos_kernels.ops._checks import is_finite_number, positive_int
 from bcos_kernels.ops._layout import memory_format_of
 from bcos_kernels.ops._options import custom_op
 
@@ -27,13 +27,13 @@ def check_b(b, x: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
         # No value check: it would synchronise with the GPU on every call; the
         # B-cosification modules clamp b themselves.
         return math.nan, b
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 1:
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not is_finite_number(b) or b < 1:
         raise ValueError(f"b must be a finite number >= 1 (or a tensor), got {b!r}")
     return float(b), None
 
 
 def check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not is_finite_number(scale) or scale == 0:
         raise ValueError(f"scale must be a finite non-zero number, got {scale!r}")
     return float(scale)
 

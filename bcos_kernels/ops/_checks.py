@@ -7,6 +7,7 @@ input never reaches a kernel.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -55,3 +56,10 @@ def int_pair(name: str, value, *, minimum: int = 1) -> Tuple[int, int]:
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def is_finite_number(value) -> bool:
+    """``math.isfinite`` by comparisons, which also hold for a float that ``torch.compile(dynamic=True)`` made
+    symbolic (a module's float attribute): dynamo cannot trace ``math.isfinite`` on those, and would break the
+    graph."""
+    return value == value and value != math.inf and value != -math.inf
