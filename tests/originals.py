@@ -162,6 +162,22 @@ def bcos_vit(arch: str, num_classes: int = 10):
     return modules.BcosSequential(model, modules.LogitLayer(logit_bias=-math.log(num_classes - 1)))
 
 
+SMALL_MODELS = ["resnet18", "vit_ti"]
+
+
+def small_bcos_model(name: str) -> torch.nn.Module:
+    """An original B-cos model for the whole-model tests (seeded random parameters): "resnet18"
+    (:func:`bcos_resnet18_imagenet_config`) or "vit_ti" (``simple_vit_ti_patch16_224`` with two encoder blocks,
+    which keeps a capture or a training step short)."""
+    torch.manual_seed(0)
+    if name == "resnet18":
+        return bcos_resnet18_imagenet_config()
+    model = bcos_vit("simple_vit_ti_patch16_224")
+    for i in range(2, 12):
+        delattr(model[0].transformer, f"encoder_{i}")
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # B-cosification (shrebox/B-cosification): its scripts executed from the mirror on its own `bcos` modules
 # ---------------------------------------------------------------------------------------------------------------

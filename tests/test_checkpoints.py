@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from originals import bcos_resnet18_imagenet_config, bcos_vit
+from originals import SMALL_MODELS, small_bcos_model
 from torch.utils.checkpoint import checkpoint
 
 import bcos_kernels
@@ -18,13 +18,8 @@ DT = torch.float64
 
 
 def _original(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if name == "resnet18":
-        return bcos_resnet18_imagenet_config().to(DT).eval()
-    model = bcos_vit("simple_vit_ti_patch16_224")
-    for i in range(2, 12):
-        delattr(model[0].transformer, f"encoder_{i}")
-    return model.to(DT).train()
+    model = small_bcos_model(name).to(DT)
+    return model.eval() if name == "resnet18" else model.train()
 
 
 def _grads(model, x):
@@ -50,7 +45,7 @@ class Checkpointed(torch.nn.Module):
 
 
 X = torch.rand(2, 6, 32, 32, generator=torch.Generator().manual_seed(2), dtype=DT)
-NAMES = ["resnet18", "vit_ti"]
+NAMES = SMALL_MODELS
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

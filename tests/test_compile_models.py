@@ -6,23 +6,16 @@ which would take minutes per model on a 2-core CPU."""
 
 import pytest
 import torch
-from originals import bcos_resnet18_imagenet_config, bcos_vit
+from originals import SMALL_MODELS, small_bcos_model
 
 import bcos_kernels
 
 
 def _converted(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if name == "resnet18":
-        model = bcos_resnet18_imagenet_config()
-    else:
-        model = bcos_vit("simple_vit_ti_patch16_224")
-        for i in range(2, 12):  # two encoder blocks keep the capture short
-            delattr(model[0].transformer, f"encoder_{i}")
-    return bcos_kernels.convert(model).eval()
+    return bcos_kernels.convert(small_bcos_model(name)).eval()
 
 
-NAMES = ["resnet18", "vit_ti"]
+NAMES = SMALL_MODELS
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

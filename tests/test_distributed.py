@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from originals import bcos_resnet18_imagenet_config, bcos_vit
+from originals import SMALL_MODELS, small_bcos_model
 
 import bcos_kernels
 
@@ -22,14 +22,8 @@ BATCH = 4  # the global batch; each process gets BATCH // WORLD
 
 
 def _model(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if name == "resnet18":
-        model = bcos_resnet18_imagenet_config().eval()
-    else:
-        model = bcos_vit("simple_vit_ti_patch16_224")
-        for i in range(2, 12):  # two encoder blocks keep the run short
-            delattr(model[0].transformer, f"encoder_{i}")
-        model.train()
+    model = small_bcos_model(name)
+    model = model.eval() if name == "resnet18" else model.train()
     return bcos_kernels.convert(model).double()
 
 
@@ -62,7 +56,7 @@ def _worker(rank: int, name: str, init_file: str, out_dir: str):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
-@pytest.mark.parametrize("name", ["resnet18", "vit_ti"])
+@pytest.mark.parametrize("name", SMALL_MODELS)
 def test_ddp_two_processes_give_the_whole_batch_gradients(name, tmp_path):
     mp.spawn(_worker, args=(name, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     model = _model(name)

@@ -18,6 +18,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from bcos_kernels.ops import _autocast
+
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -50,7 +52,8 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
         # no gradient for the differentiable output (e.g. gradcheck's pass for another output): none for the inputs
         if grad_out is None:
             return (None,) * ctx.input_count
-        return backward(ctx, grad_out, *others)
+        with _autocast.off(grad_out):  # backward() called inside the autocast region
+            return backward(ctx, grad_out, *others)
 
     op.register_autograd(backward_of_output, setup_context=setup)
     _ENTRIES[op] = _ENTRIES[op]._replace(setup_context=setup, backward=backward_of_output)
@@ -92,7 +95,13 @@ class _EagerFunction(torch.autograd.Function):
 
 
 def call(op, *tensors, **options):
-    """``op(*tensors, **options)``, by the fast path where it may be taken (see the module docstring)."""
+    """``op(*tensors, **options)``, by the fast path where it may be taken (see the module docstring), with autocast
+    off (_autocast.py)."""
+    with _autocast.off(tensors[0]):
+        return _call(op, tensors, options)
+
+
+def _call(op, tensors, options):
     entry = _ENTRIES[op]
     if not _plain_eager(tensors):
         return op(*tensors, **options)

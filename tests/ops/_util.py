@@ -118,10 +118,71 @@ def check_channels_last(op, backend, front, case):
     )
 
 
-def op_tests(op, front, reference, cases, tolerance=TOLERANCE):
-    """The test functions of one op (a test module assigns them to its test_* names): backend "reference" against
-    the reference function, every other backend against the reference (fp32/fp64 within ``tolerance``), and the
-    channels_last cases' layout against the registry's ``keeps_channels_last``."""
+AUTOCAST_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.bfloat16, torch.float16)]
+
+
+def check_autocast(op, backend, front, case, dtype, lowered):
+    """Under ``torch.autocast("cpu", dtype)`` a call on fp32 inputs is exactly the call without autocast on the
+    inputs autocast's policy casts (bcos_kernels/ops/_autocast.py): the ``lowered`` ones in dtype, the others as
+    they are; output and every gradient bit for bit, the gradients in the leaves' fp32; with the backward outside
+    the autocast region and inside it."""
+    tensors = inputs(case, torch.float32)
+    cast = {
+        name: t.detach().to(dtype).requires_grad_(t.requires_grad) if name in lowered and t is not None else t
+        for name, t in tensors.items()
+    }
+    skip_unless_runs(op, backend, cast["x"], case)
+
+    def seeded(**kwargs):  # the same noise for every call of a sampling op
+        torch.manual_seed(0)
+        return front(**kwargs, backend=backend)
+
+    def forward_under_autocast(**kwargs):
+        with torch.autocast("cpu", dtype=dtype):
+            return seeded(**kwargs)
+
+    want = run(seeded, case, cast, dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        inside = run(seeded, case, tensors, dtype)
+    outside = run(forward_under_autocast, case, tensors, dtype)
+    for where, got in (("backward outside autocast", outside), ("backward inside autocast", inside)):
+        for name, value in want.items():
+            leaf = tensors.get(name.removeprefix("grad "))
+            expected = value.to(leaf.dtype) if name.startswith("grad ") else value
+            assert got[name].dtype == expected.dtype and torch.equal(got[name], expected), (
+                f"{op} {backend} {case.id} under autocast({dtype}), {where}: {name} ({got[name].dtype}) is not the "
+                f"call on the cast inputs ({expected.dtype})"
+            )
+
+
+def check_deterministic(op, backend, front, case):
+    """With ``torch.use_deterministic_algorithms(True)`` and 2 intra-op threads, two calls on the same inputs (a
+    sampling op: after the same seed) give the same output and gradients bit for bit."""
+    skip_unless_runs(op, backend, inputs(case, torch.float32)["x"], case)
+
+    def seeded(**kwargs):
+        torch.manual_seed(0)
+        return front(**kwargs, backend=backend)
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (run(seeded, case, inputs(case, torch.float32), torch.float32) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+    for name, value in first.items():
+        assert torch.equal(second[name], value), f"{op} {backend} {case.id}: {name} differs between two calls"
+
+
+def op_tests(op, front, reference, cases, tolerance=TOLERANCE, autocast_lowers=()):
+    """The test functions of one op, {name: function} (a test module adds them to its globals, so that a check added
+    here runs for every op): backend "reference" against
+    the reference function, every other backend against the reference (fp32/fp64 within ``tolerance``), the
+    channels_last cases' layout against the registry's ``keeps_channels_last``, and every backend under autocast
+    (``autocast_lowers``: the inputs it casts to the autocast dtype, see check_autocast), and every backend's
+    determinism."""
     params = pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in cases])
     dtypes = pytest.mark.parametrize("dtype", DTYPES)
     fast = pytest.mark.parametrize("backend", [b for b in backends.OPS[op] if b != "reference"])
@@ -144,4 +205,18 @@ def op_tests(op, front, reference, cases, tolerance=TOLERANCE):
     def test_channels_last(backend, case):
         check_channels_last(op, backend, front, case)
 
-    return test_reference_backend_is_the_reference_function, test_backend_matches_reference, test_channels_last
+    @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+    @params
+    @pytest.mark.parametrize("backend", list(backends.OPS[op]))
+    def test_autocast(backend, case, dtype):
+        check_autocast(op, backend, front, case, dtype, autocast_lowers)
+
+    @params
+    @pytest.mark.parametrize("backend", list(backends.OPS[op]))
+    def test_deterministic(backend, case):
+        check_deterministic(op, backend, front, case)
+
+    tests = {name: test for name, test in locals().items() if name.startswith("test_")}
+    if not any(c.channels_last for c in cases):
+        del tests["test_channels_last"]  # no case to run (an empty parametrisation would be a skip)
+    return tests

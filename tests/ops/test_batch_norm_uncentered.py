@@ -26,9 +26,7 @@ def original(x, weight=None, bias=None, *, running_var, training, momentum, eps,
     return reference.batch_norm_uncentered_2d(x, _buffer(running_var, x), weight, bias, training, momentum, eps, detach)
 
 
-test_reference_backend, test_backend, test_channels_last = op_tests(
-    "batch_norm_uncentered", front, original, BATCH_NORM_UNCENTERED
-)
+globals().update(op_tests("batch_norm_uncentered", front, original, BATCH_NORM_UNCENTERED))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

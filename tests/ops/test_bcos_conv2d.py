@@ -6,6 +6,12 @@ import bcos_kernels
 from bcos_kernels.ops.bcos_conv2d import reference
 from ops._util import op_tests
 
-test_reference_backend, test_backend, test_channels_last = op_tests(
-    "bcos_conv2d", bcos_kernels.bcos_conv2d, reference.bcos_conv2d, BCOS_CONV2D
+globals().update(
+    op_tests(
+        "bcos_conv2d",
+        bcos_kernels.bcos_conv2d,
+        reference.bcos_conv2d,
+        BCOS_CONV2D,
+        autocast_lowers=("x", "weight", "bias", "channel_scale"),
+    )
 )

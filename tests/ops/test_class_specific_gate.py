@@ -11,10 +11,12 @@ from ops._util import TOLERANCE, op_tests
 # fp64 is held to the fp32 contract here.
 FP64_IN_FP32 = {**TOLERANCE, torch.float64: TOLERANCE[torch.float32]}
 
-test_reference_backend, test_backend, test_channels_last = op_tests(
-    "class_specific_gate",
-    bcos_kernels.class_specific_gate,
-    reference.class_specific_gate,
-    CLASS_SPECIFIC_GATE,
-    FP64_IN_FP32,
+globals().update(
+    op_tests(
+        "class_specific_gate",
+        bcos_kernels.class_specific_gate,
+        reference.class_specific_gate,
+        CLASS_SPECIFIC_GATE,
+        FP64_IN_FP32,
+    )
 )

@@ -7,8 +7,14 @@ import bcos_kernels
 from bcos_kernels.ops.dau_conv2d import cost_model, reference
 from ops._util import DTYPES, check_backend, op_tests
 
-test_reference_backend, test_backend, test_channels_last = op_tests(
-    "dau_conv2d", bcos_kernels.dau_conv2d, reference.dau_conv2d_original, DAU_CONV2D
+globals().update(
+    op_tests(
+        "dau_conv2d",
+        bcos_kernels.dau_conv2d,
+        reference.dau_conv2d_original,
+        DAU_CONV2D,
+        autocast_lowers=("x", "rank_weight", "expand_weight", "expand_bias"),
+    )
 )
 
 

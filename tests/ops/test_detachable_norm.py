@@ -26,7 +26,7 @@ def original(x, weight=None, bias=None, *, kind, groups, eps, detach):
     return reference.group_norm(x, groups, weight, bias, eps, detach)
 
 
-test_reference_backend, test_backend, test_channels_last = op_tests("detachable_norm", front, original, DETACHABLE_NORM)
+globals().update(op_tests("detachable_norm", front, original, DETACHABLE_NORM))
 
 
 def test_explanation_mode_holds_the_variance_constant():

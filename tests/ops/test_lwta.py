@@ -12,6 +12,4 @@ from ops._util import TOLERANCE, op_tests
 # about 1e-7, not to fp64 rounding.
 LWTA_TOLERANCE = {**TOLERANCE, torch.float64: 1e-6}
 
-test_reference_backend, test_backend, test_channels_last = op_tests(
-    "lwta", bcos_kernels.lwta, reference.lwta, LWTA, LWTA_TOLERANCE
-)
+globals().update(op_tests("lwta", bcos_kernels.lwta, reference.lwta, LWTA, LWTA_TOLERANCE))

@@ -13,7 +13,7 @@ import torch
 from typing import NamedTuple, Optional
 
 from bcos_kernels import backends
-from bcos_kernels.ops import _eager
+from bcos_kernels.ops import _autocast, _eager
 from bcos_kernels.ops._checks import check_tensor
 from bcos_kernels.ops._dtypes import compute_dtype
 from bcos_kernels.ops._options import custom_op
@@ -36,10 +36,14 @@ def batch_norm_uncentered(
 ) -> torch.Tensor:
     """``x / sqrt(var + eps) * weight + bias`` per channel of x (N, C, H, W); var: the biased batch variance over
     (N, H, W) when ``training`` (running_var, if given, updated in place), else ``running_var``. ``detach``: the
-    batch statistics are constants for autograd (explanation mode)."""
+    batch statistics are constants for autograd (explanation mode). Under autocast weight and bias (and an eval-mode
+    running_var) are cast to x's dtype."""
     check_tensor("x", x, 4)
+    weight, bias = _autocast.in_dtype_of(x, weight, bias)
+    if not training:  # read only (training updates the buffer itself, in its own dtype)
+        (running_var,) = _autocast.in_dtype_of(x, running_var)
     channels = x.shape[1]
-    mixed = []  # the per-channel tensors not in x's dtype
+    mixed = []  # the per-channel tensors the op reads that are not in x's dtype
     for name, t in (("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -48,7 +52,7 @@ def batch_norm_uncentered(
             raise ValueError(f"{name} has {t.shape[0]} elements but x has {channels} channels")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must be on the same device")
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and not (name == "running_var" and training):  # training: the update casts
             mixed.append(name)
     if not training and running_var is None:
         raise ValueError("running_var must be tracked to evaluate the norm in eval mode")
@@ -57,7 +61,8 @@ def batch_norm_uncentered(
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     name = backends.resolve("batch_norm_uncentered", backend, x, mixed_dtypes=tuple(mixed))
     if name == "reference":
-        return reference.batch_norm_uncentered_2d(x, running_var, weight, bias, training, momentum, eps, detach)
+        with _autocast.off(x):
+            return reference.batch_norm_uncentered_2d(x, running_var, weight, bias, training, momentum, eps, detach)
     out, _, var, _ = _eager.call(
         batch_norm_uncentered_op,
         x,

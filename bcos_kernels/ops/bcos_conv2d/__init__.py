@@ -11,8 +11,8 @@ from typing import List, NamedTuple
 import torch
 
 from bcos_kernels import backends
+from bcos_kernels.ops import _autocast, _eager
 from bcos_kernels.ops import _bcos_common as common
-from bcos_kernels.ops import _eager
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
 from bcos_kernels.ops._layout import conv_output_size
 from bcos_kernels.ops._options import custom_op
@@ -42,7 +42,9 @@ def bcos_conv2d(
     ``detach=True`` is explanation mode: the dynamic scale is a constant for the gradient.
     ``channel_scale``: None or an (O,) tensor multiplying output channel o after everything else (an eval-mode
     uncentered batch norm folded into the epilogue, see ``bcos_kernels.fold_batchnorm``); it gets a gradient.
+    Under autocast x, weight, bias and channel_scale are cast to its dtype, as a conv2d's inputs.
     """
+    x, weight, bias, channel_scale = _autocast.lower_precision(x, weight, bias, channel_scale)
     check_tensor("x", x, 4)
     check_tensor("weight", weight, 4)
     check_like("weight", weight, "x", x)
@@ -89,7 +91,8 @@ def bcos_conv2d(
         channel_scale = channel_scale.contiguous()
     name = backends.resolve("bcos_conv2d", backend, x)
     if name == "reference":
-        return ref.bcos_conv2d(x, weight, bias, **dict(opts, b=b), channel_scale=channel_scale)
+        with _autocast.off(x):
+            return ref.bcos_conv2d(x, weight, bias, **dict(opts, b=b), channel_scale=channel_scale)
     out, _, _, _ = _eager.call(bcos_conv2d_fused, x, weight, bias, b_tensor, channel_scale, **opts, backend=name)
     return out
 

@@ -10,8 +10,8 @@ from typing import NamedTuple
 import torch
 
 from bcos_kernels import backends
+from bcos_kernels.ops import _autocast, _eager
 from bcos_kernels.ops import _bcos_common as common
-from bcos_kernels.ops import _eager
 from bcos_kernels.ops._checks import check_like, check_tensor
 from bcos_kernels.ops._options import custom_op
 from bcos_kernels.ops.bcos_linear import reference as ref
@@ -20,7 +20,9 @@ from bcos_kernels.ops.bcos_linear import reference as ref
 def bcos_linear(
     x, weight, bias=None, *, b=2.0, max_out=1, normalize_weight=True, scale=1.0, detach=False, backend=None
 ):
-    """B-cos linear. x: (..., D); weight: (O*max_out, D); bias: (O*max_out,) or None. Returns (..., O)."""
+    """B-cos linear. x: (..., D); weight: (O*max_out, D); bias: (O*max_out,) or None. Returns (..., O).
+    Under autocast x, weight and bias are cast to its dtype, as a linear's inputs."""
+    x, weight, bias = _autocast.lower_precision(x, weight, bias)
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, 2)
     check_like("weight", weight, "x", x)
@@ -35,7 +37,8 @@ def bcos_linear(
     b_tensor, opts = common.check_options(x, b, max_out, normalize_weight, scale, detach)
     name = backends.resolve("bcos_linear", backend, x)
     if name == "reference":
-        return ref.bcos_linear(x, weight, bias, **dict(opts, b=b))
+        with _autocast.off(x):
+            return ref.bcos_linear(x, weight, bias, **dict(opts, b=b))
     out, _, _, _ = _eager.call(bcos_linear_fused, x, weight, bias, b_tensor, **opts, backend=name)
     return out
 

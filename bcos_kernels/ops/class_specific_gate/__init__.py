@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from bcos_kernels import backends
-from bcos_kernels.ops import _eager
+from bcos_kernels.ops import _autocast, _eager
 from bcos_kernels.ops._checks import check_like, check_tensor
 from bcos_kernels.ops._layout import is_channels_last, memory_format
 from bcos_kernels.ops._options import custom_op
@@ -87,7 +87,8 @@ def class_specific_gate(
         labels = _check_labels(labels, x, mask.shape[1])
     name = backends.resolve("class_specific_gate", backend, x)
     if name == "reference":
-        return ref.class_specific_gate(x, mask, labels, training=training)
+        with _autocast.off(x):
+            return ref.class_specific_gate(x, mask, labels, training=training)
     if not training:
         return x
     return _eager.call(class_specific_gate_op, x, mask, labels, backend=name)

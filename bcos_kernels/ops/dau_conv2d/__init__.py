@@ -14,7 +14,7 @@ import torch
 from typing import List, NamedTuple
 
 from bcos_kernels import backends
-from bcos_kernels.ops import _eager
+from bcos_kernels.ops import _autocast, _eager
 from bcos_kernels.ops._checks import check_like, check_tensor, int_pair, positive_int
 from bcos_kernels.ops._layout import conv_output_size
 from bcos_kernels.ops._options import custom_op
@@ -44,7 +44,9 @@ def dau_conv2d(
     ``padding=None`` is the original's default (k - 1) // 2. ``norm`` is "squash" or "l2".
     ``detach=True`` is explanation mode: the dynamic weights (and their norms) are constants for the
     gradient, which then flows to x only through x_patch in w . x_patch.
+    Under autocast x and the weights are cast to its dtype, as a conv2d's inputs.
     """
+    x, rank_weight, expand_weight, expand_bias = _autocast.lower_precision(x, rank_weight, expand_weight, expand_bias)
     check_tensor("x", x, 4)
     check_tensor("rank_weight", rank_weight, 4)
     check_tensor("expand_weight", expand_weight, 4)
@@ -93,17 +95,18 @@ def dau_conv2d(
         "dau_conv2d", backend, x, rank=rank, pixels=max(x.shape[0] * ho * wo, x.shape[0] * x.shape[2] * x.shape[3])
     )
     if name == "reference":  # plain autograd through the exact reference, no custom op
-        return dau_conv2d_original(
-            x,
-            rank_weight,
-            expand_weight,
-            expand_bias,
-            kernel_size=kernel_size,
-            stride=stride,
-            padding=padding,
-            norm=norm,
-            detach=detach,
-        )
+        with _autocast.off(x):
+            return dau_conv2d_original(
+                x,
+                rank_weight,
+                expand_weight,
+                expand_bias,
+                kernel_size=kernel_size,
+                stride=stride,
+                padding=padding,
+                norm=norm,
+                detach=detach,
+            )
     plan = _plan(name, x, rank_weight, expand_weight, expand_bias, kernel_size, ho, wo, detach)
     out, _, _, _ = _eager.call(
         dau_conv2d_op,

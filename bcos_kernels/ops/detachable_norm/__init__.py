@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from typing import NamedTuple, Optional, Sequence
 
 from bcos_kernels import backends
-from bcos_kernels.ops import _eager
+from bcos_kernels.ops import _autocast, _eager
 from bcos_kernels.ops._checks import check_tensor, positive_int
 from bcos_kernels.ops._dtypes import compute_dtype
 from bcos_kernels.ops._options import custom_op
@@ -23,7 +23,9 @@ __all__ = ["detachable_group_norm", "detachable_layer_norm"]
 
 
 def _check_affine(x: torch.Tensor, weight, bias, shape, what: str):
-    """The names of weight/bias not in x's dtype; raises on a wrong type, shape or device."""
+    """(weight, bias, the names of those not in x's dtype); raises on a wrong type, shape or device. Under autocast
+    weight and bias are cast to x's dtype (_autocast.py)."""
+    weight, bias = _autocast.in_dtype_of(x, weight, bias)
     mixed = []
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
@@ -35,7 +37,7 @@ def _check_affine(x: torch.Tensor, weight, bias, shape, what: str):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must be on the same device")
         if t.dtype != x.dtype:
             mixed.append(name)
-    return tuple(mixed)
+    return weight, bias, tuple(mixed)
 
 
 def _check_eps(eps) -> float:
@@ -62,7 +64,7 @@ def detachable_layer_norm(
         raise ValueError(f"normalized_shape must be an int or a non-empty sequence of ints, got {normalized_shape!r}")
     if x.dim() < len(normalized_shape) or tuple(x.shape[x.dim() - len(normalized_shape) :]) != normalized_shape:
         raise ValueError(f"x of shape {tuple(x.shape)} does not end in normalized_shape {normalized_shape}")
-    mixed = _check_affine(x, weight, bias, normalized_shape, "normalized_shape")
+    weight, bias, mixed = _check_affine(x, weight, bias, normalized_shape, "normalized_shape")
     norm = NormOptions("layer", 1, len(normalized_shape), _check_eps(eps), "")
     return _normalise(x, weight, bias, norm, detach, backend, mixed, normalized_shape)
 
@@ -84,7 +86,7 @@ def detachable_group_norm(
     num_groups = positive_int("num_groups", num_groups)
     if x.shape[1] % num_groups:
         raise ValueError(f"x has {x.shape[1]} channels, which num_groups={num_groups} does not divide")
-    mixed = _check_affine(x, weight, bias, (x.shape[1],), "one value per channel of x")
+    weight, bias, mixed = _check_affine(x, weight, bias, (x.shape[1],), "one value per channel of x")
     norm = NormOptions("group", num_groups, x.dim() - 1, _check_eps(eps), "")
     return _normalise(x, weight, bias, norm, detach, backend, mixed, num_groups)
 
@@ -98,7 +100,8 @@ def _normalise(x, weight, bias, norm: "NormOptions", detach: bool, backend, mixe
         return aten(x, shape_or_groups, weight, bias, norm.eps)
     if name == "reference":
         original = reference.layer_norm if layer else reference.group_norm
-        return original(x, shape_or_groups, weight, bias, norm.eps, True)
+        with _autocast.off(x):
+            return original(x, shape_or_groups, weight, bias, norm.eps, True)
     return _eager.call(detached_norm, x, weight, bias, **norm._replace(backend=name)._asdict())[0]
 
 

@@ -49,7 +49,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from bcos_kernels import backends
-from bcos_kernels.ops import _eager
+from bcos_kernels.ops import _autocast, _eager
 from bcos_kernels.ops._checks import check_tensor, positive_int
 from bcos_kernels.ops._layout import block_shape, is_channels_last, memory_format, memory_format_of
 from bcos_kernels.ops._options import custom_op
@@ -113,9 +113,10 @@ def lwta(
     keeps = _by_name.cpu.keeps_probabilities(x, stochastic=not deterministic)  # read by auto's choice on the CPU
     name = backends.resolve("lwta", backend, x, deterministic=deterministic, keeps_probabilities=keeps)
     if name == "reference":
-        return ref.lwta(
-            x, competitors, temperature=temperature, deterministic=deterministic, training=training, noise=noise
-        )
+        with _autocast.off(x):
+            return ref.lwta(
+                x, competitors, temperature=temperature, deterministic=deterministic, training=training, noise=noise
+            )
     seed = None
     if deterministic:
         noise = None
