@@ -12,7 +12,7 @@ PY=${PYTHON:-python}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q triton numpy einops pytest ninja "setuptools>=64" wheel
+"$PY" -m pip install -q triton numpy einops pytest hypothesis ninja "setuptools>=64" wheel
 "$PY" -m pip install -q --no-deps "bcos==0.1.3"
 # [viz]: matplotlib and Pillow, for examples/train_and_explain.py and its test
 "$PY" -m pip install -q --no-build-isolation -e ".[viz]"

@@ -14,6 +14,8 @@ from typing import Any, Dict
 import torch
 from helpers import csg_inputs, lwta_inputs, lwta_kwargs, make_dau_case
 
+import bcos_kernels
+
 F64 = torch.float64
 
 
@@ -295,3 +297,34 @@ DETACHABLE_NORM = [
     _detachable_norm("group_channels_last", (2, 6, 3, 4), "group", 2, bias=False, channels_last=True),
     _detachable_norm("group_trained", (2, 4, 3, 3), "group", 2, detach=False),
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Each op's front door as its cases call it (the norms' cases hold plain values where the front doors take other
+# forms), and the table of every op: {registry name: (front, cases)}
+# ---------------------------------------------------------------------------------------------------------------
+def running_var_buffer(values, like):
+    """A fresh running-variance buffer in like's dtype from a case's tuple (None stays None)."""
+    return None if values is None else torch.tensor(values, dtype=like.dtype)
+
+
+def batch_norm_front(x, weight=None, bias=None, *, running_var, backend, **kwargs):
+    running_var = running_var_buffer(running_var, x)
+    return bcos_kernels.batch_norm_uncentered(x, running_var, weight, bias, backend=backend, **kwargs)
+
+
+def detachable_norm_front(x, weight=None, bias=None, *, kind, groups, backend, **kwargs):
+    if kind == "layer":
+        return bcos_kernels.ops.detachable_layer_norm(x, groups, weight, bias, backend=backend, **kwargs)
+    return bcos_kernels.ops.detachable_group_norm(x, groups, weight, bias, backend=backend, **kwargs)
+
+
+OPS = {
+    "bcos_conv2d": (bcos_kernels.bcos_conv2d, BCOS_CONV2D),
+    "bcos_linear": (bcos_kernels.bcos_linear, BCOS_LINEAR),
+    "dau_conv2d": (bcos_kernels.dau_conv2d, DAU_CONV2D),
+    "lwta": (bcos_kernels.lwta, LWTA),
+    "class_specific_gate": (bcos_kernels.class_specific_gate, CLASS_SPECIFIC_GATE),
+    "batch_norm_uncentered": (batch_norm_front, BATCH_NORM_UNCENTERED),
+    "detachable_norm": (detachable_norm_front, DETACHABLE_NORM),
+}

@@ -7,15 +7,7 @@ from functools import partial
 
 import pytest
 import torch
-from cases import (
-    BATCH_NORM_UNCENTERED,
-    BCOS_CONV2D,
-    BCOS_LINEAR,
-    CLASS_SPECIFIC_GATE,
-    DAU_CONV2D,
-    DETACHABLE_NORM,
-    LWTA,
-)
+from cases import OPS
 from ops._util import inputs, run, skip_unless_runs
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -25,26 +17,6 @@ from bcos_kernels import backends
 FAST_NODE = "_EagerFunctionBackward"
 
 
-def _batch_norm(x, weight=None, bias=None, *, running_var, backend, **kwargs):
-    v = None if running_var is None else torch.tensor(running_var, dtype=x.dtype)
-    return bcos_kernels.batch_norm_uncentered(x, v, weight, bias, backend=backend, **kwargs)
-
-
-def _detachable_norm(x, weight=None, bias=None, *, kind, groups, backend, **kwargs):
-    if kind == "layer":
-        return bcos_kernels.ops.detachable_layer_norm(x, groups, weight, bias, backend=backend, **kwargs)
-    return bcos_kernels.ops.detachable_group_norm(x, groups, weight, bias, backend=backend, **kwargs)
-
-
-OPS = {
-    "bcos_conv2d": (bcos_kernels.bcos_conv2d, BCOS_CONV2D),
-    "bcos_linear": (bcos_kernels.bcos_linear, BCOS_LINEAR),
-    "dau_conv2d": (bcos_kernels.dau_conv2d, DAU_CONV2D),
-    "lwta": (bcos_kernels.lwta, LWTA),
-    "class_specific_gate": (bcos_kernels.class_specific_gate, CLASS_SPECIFIC_GATE),
-    "batch_norm_uncentered": (_batch_norm, BATCH_NORM_UNCENTERED),
-    "detachable_norm": (_detachable_norm, DETACHABLE_NORM),
-}
 CALLS = [
     pytest.param(op, backend, case, id=f"{op}-{backend}-{case.id}")
     for op, (_, cases) in OPS.items()

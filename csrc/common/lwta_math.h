@@ -9,10 +9,16 @@
 //
 //   stochastic:    l_k = (x_k + g_k) / T,  g_k = gumbel(u_k)
 //                  p   = softmax(l) over the block, winner = first argmax of p
-//                  out_k = k == winner ? x_k * ((1 - p_k) + p_k) : 0
+//                  out_k = k == winner ? x_k * ((1 - p_k) + p_k) : x_k * (p_w - p_w)
 //                  grad_k = ((v_k - sum_j p_j v_j) * p_k) / T + (k == winner) * g'_k * ((1 - p_k) + p_k)
 //                           with g' the incoming gradient and v = g' * x
-//   deterministic: winner = first argmax of x, out_k = k == winner ? x_k : 0, grad_k = (k == winner) * g'_k
+//   deterministic: winner = first argmax of x (a NaN is the maximum, as torch.argmax takes it),
+//                  out_k = k == winner ? x_k : x_k * 0, grad_k = (k == winner) * g'_k
+//
+// A loser's output is x_k times the original's mask value there, 0 ((0 - p_k) + p_k in the stochastic mode), not
+// the constant 0: a NaN or inf x_k then gives NaN, and a block whose softmax is NaN (a NaN or +inf logit) is NaN
+// throughout, as in the original.  p_w - p_w is that mask value: the softmax of a block is NaN everywhere or
+// nowhere.
 //
 // The expression (1 - p) + p is the value at the winner of the original's
 // straight-through mask (y_hard - y_soft).detach() + y_soft; it is 1 up to
@@ -137,7 +143,7 @@ BCOS_HD inline int lwta_hard_choice(int units, const X& x) {
   int win = 0;
   for (int k = 1; k < units; ++k) {
     const T v = x(k);
-    if (v > best) {
+    if (v > best || (v != v && best == best)) {  // the first NaN wins, as in torch.argmax
       best = v;
       win = k;
     }
@@ -149,6 +155,12 @@ BCOS_HD inline int lwta_hard_choice(int units, const X& x) {
 template <typename T>
 BCOS_HD inline T lwta_winner_value(T x_win, T p_win) {
   return x_win * ((static_cast<T>(1) - p_win) + p_win);
+}
+
+// A loser's output (see the top): x times the mask's 0, p_win - p_win (deterministic mode: p_win = 0).
+template <typename T>
+BCOS_HD inline T lwta_loser_value(T x, T p_win) {
+  return x * (p_win - p_win);
 }
 
 // Stochastic backward of one block from its softmax probabilities prob(k):

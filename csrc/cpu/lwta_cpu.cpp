@@ -374,7 +374,10 @@ void forward_tiles(const T* x, T* out, uint8_t* winner, const LwtaShape& s, int 
     for_each_tile_block(s, U, g0, g1, buf, [&](int64_t idx, int64_t off, const auto& prob) {
       const auto choice = bcos_math::lwta_choice_from_probs<float>(U, prob);
       const float win_value = bcos_math::lwta_winner_value(buf.x[off + choice.winner * s.inner], choice.p_win);
-      for (int k = 0; k < U; ++k) out[start + off + k * s.inner] = static_cast<T>(k == choice.winner ? win_value : 0.0f);
+      for (int k = 0; k < U; ++k) {
+        const float lose = bcos_math::lwta_loser_value(buf.x[off + k * s.inner], choice.p_win);
+        out[start + off + k * s.inner] = static_cast<T>(k == choice.winner ? win_value : lose);
+      }
       winner[idx] = static_cast<uint8_t>(choice.winner);
     });
   });
@@ -436,6 +439,7 @@ void forward_blocks(const T* x, T* out, uint8_t* winner, const LwtaShape& s, int
     auto x_at = [&](int k) { return static_cast<A>(x[base + k * s.inner]); };
     int win;
     A win_value;
+    A p_win = A(0);  // deterministic: the loser mask is x * 0
     if (deterministic) {
       win = bcos_math::lwta_hard_choice<A>(U, x_at);
       win_value = x_at(win);  // the mask is exactly 1: x itself
@@ -445,8 +449,11 @@ void forward_blocks(const T* x, T* out, uint8_t* winner, const LwtaShape& s, int
       const auto choice = bcos_math::lwta_soft_choice<A>(U, [&](int k) { return logits[k]; });
       win = choice.winner;
       win_value = bcos_math::lwta_winner_value(x_at(win), choice.p_win);
+      p_win = choice.p_win;
     }
-    for (int k = 0; k < U; ++k) out[base + k * s.inner] = static_cast<T>(k == win ? win_value : A(0));
+    for (int k = 0; k < U; ++k) {
+      out[base + k * s.inner] = static_cast<T>(k == win ? win_value : bcos_math::lwta_loser_value(x_at(k), p_win));
+    }
     winner[idx] = static_cast<uint8_t>(win);
   });
 }
@@ -505,9 +512,11 @@ __attribute__((target("avx2"))) void sample_blocks8(const float* l, const float*
     win = _mm256_blendv_ps(win, _mm256_set1_ps(static_cast<float>(k)), gt);
   }
   const __m256 keep = _mm256_add_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), best), best);
+  const __m256 lose = _mm256_sub_ps(best, best);  // lwta_loser_value's mask: 0, or NaN for a NaN block
   for (int k = 0; k < U; ++k) {
     const __m256 is_win = _mm256_cmp_ps(win, _mm256_set1_ps(static_cast<float>(k)), _CMP_EQ_OQ);
-    store8(out + k * inner, len, _mm256_and_ps(_mm256_mul_ps(load8(x + k * inner, len, 0.0f), keep), is_win));
+    const __m256 xk = load8(x + k * inner, len, 0.0f);
+    store8(out + k * inner, len, _mm256_blendv_ps(_mm256_mul_ps(xk, lose), _mm256_mul_ps(xk, keep), is_win));
   }
 }
 
@@ -541,10 +550,12 @@ __attribute__((target("avx512f"))) void sample_blocks16(const float* l, const fl
     win = _mm512_mask_blend_epi32(gt, win, _mm512_set1_epi32(k));
   }
   const __m512 keep = _mm512_add_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), best), best);
+  const __m512 lose = _mm512_sub_ps(best, best);  // lwta_loser_value's mask: 0, or NaN for a NaN block
   for (int k = 0; k < U; ++k) {
     const __mmask16 is_win = _mm512_cmpeq_epi32_mask(win, _mm512_set1_epi32(k));
+    const __m512 xk = load16(x + k * inner, lanes, 0.0f);
     _mm512_mask_storeu_ps(out + k * inner, lanes,
-                          _mm512_maskz_mul_ps(is_win, load16(x + k * inner, lanes, 0.0f), keep));
+                          _mm512_mask_blend_ps(is_win, _mm512_mul_ps(xk, lose), _mm512_mul_ps(xk, keep)));
   }
 }
 
@@ -617,7 +628,10 @@ void sample_forward_tiles(const float* x, const Noise& noise, const LwtaShape& s
       for (int k = 0; k < U; ++k) p[k * s.inner] = prob(k);
       const auto choice = bcos_math::lwta_choice_from_probs<float>(U, [&](int k) { return p[k * s.inner]; });
       const float win_value = bcos_math::lwta_winner_value(x[start + off + choice.winner * s.inner], choice.p_win);
-      for (int k = 0; k < U; ++k) out[start + off + k * s.inner] = k == choice.winner ? win_value : 0.0f;
+      for (int k = 0; k < U; ++k) {
+        const float lose = bcos_math::lwta_loser_value(x[start + off + k * s.inner], choice.p_win);
+        out[start + off + k * s.inner] = k == choice.winner ? win_value : lose;
+      }
     });
   });
 }
@@ -637,7 +651,9 @@ void sample_forward_blocks(const T* x, const Noise& noise, const LwtaShape& s, i
     for (int k = 0; k < U; ++k) p[k * s.inner] = bcos_math::softmax_prob(logits[k], st);
     const auto choice = bcos_math::lwta_choice_from_probs<T>(U, [&](int k) { return p[k * s.inner]; });
     const T win_value = bcos_math::lwta_winner_value(x[base + choice.winner * s.inner], choice.p_win);
-    for (int k = 0; k < U; ++k) out[base + k * s.inner] = k == choice.winner ? win_value : T(0);
+    for (int k = 0; k < U; ++k) {
+      out[base + k * s.inner] = k == choice.winner ? win_value : bcos_math::lwta_loser_value(x[base + k * s.inner], choice.p_win);
+    }
   });
 }
 

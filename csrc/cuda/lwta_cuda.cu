@@ -90,6 +90,7 @@ __global__ void __launch_bounds__(kThreads) lwta_forward_kernel(LwtaArgs a, Nois
     auto x_at = [&](int k) { return IO<T>::load(x[base + k * a.inner]); };
     int win;
     A win_value;
+    A p_win = A(0);  // deterministic: the loser mask is x * 0
     if (a.deterministic) {
       win = bcos_math::lwta_hard_choice<A>(U, x_at);
       win_value = x_at(win);  // the mask is exactly 1: x itself
@@ -99,8 +100,11 @@ __global__ void __launch_bounds__(kThreads) lwta_forward_kernel(LwtaArgs a, Nois
       with_logits<kU, A>(U, live, [&](const auto& logit) { choice = bcos_math::lwta_soft_choice<A>(U, logit); });
       win = choice.winner;
       win_value = bcos_math::lwta_winner_value(x_at(win), choice.p_win);
+      p_win = choice.p_win;
     }
-    for (int k = 0; k < U; ++k) out[base + k * a.inner] = IO<T>::store(k == win ? win_value : A(0));
+    for (int k = 0; k < U; ++k) {
+      out[base + k * a.inner] = IO<T>::store(k == win ? win_value : bcos_math::lwta_loser_value(x_at(k), p_win));
+    }
     a.winner_out[idx] = static_cast<uint8_t>(win);
   });
 }

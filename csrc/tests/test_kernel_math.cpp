@@ -106,6 +106,14 @@ void test_lwta_choice() {
   check(bcos_math::lwta_soft_choice<float>(4, tied_at).winner == 1, "ties: first maximum (soft)", 0, 1);
   check(bcos_math::lwta_hard_choice<float>(4, tied_at) == 1, "ties: first maximum (hard)", 0, 1);
   check(bcos_math::lwta_winner_value(2.0, 0.7) == 2.0 * ((1.0 - 0.7) + 0.7), "winner value", 0, 0);
+  // NaN as torch.argmax takes it (the first NaN is the maximum), and losers that keep a NaN or inf x non-finite
+  const float with_nan[] = {1.0f, std::nanf(""), 5.0f, std::nanf("")};
+  auto nan_at = [&](int k) { return with_nan[k]; };
+  check(bcos_math::lwta_hard_choice<float>(4, nan_at) == 1, "first NaN wins (hard)", 0, 1);
+  check(bcos_math::lwta_loser_value(-3.0f, 0.0f) == 0.0f, "loser value 0", 0, 0);
+  check(std::isnan(bcos_math::lwta_loser_value(std::nanf(""), 0.4f)), "a NaN loser stays NaN", 0, 0);
+  check(std::isnan(bcos_math::lwta_loser_value(INFINITY, 0.4f)), "an inf loser gives NaN (inf * 0)", 0, 0);
+  check(std::isnan(bcos_math::lwta_loser_value(2.0f, std::nanf(""))), "a NaN block is NaN throughout", 0, 0);
 }
 
 void test_lwta_backward() {

@@ -5,7 +5,8 @@ import copy
 
 import pytest
 import torch
-from cases import BATCH_NORM_UNCENTERED
+from cases import BATCH_NORM_UNCENTERED, running_var_buffer
+from cases import batch_norm_front as front
 from originals import bcos_module
 
 import bcos_kernels
@@ -14,16 +15,10 @@ from bcos_kernels.ops.batch_norm_uncentered import reference
 from ops._util import op_tests
 
 
-def _buffer(values, like):
-    return None if values is None else torch.tensor(values, dtype=like.dtype)
-
-
-def front(x, weight=None, bias=None, *, running_var, backend, **kwargs):
-    return bcos_kernels.batch_norm_uncentered(x, _buffer(running_var, x), weight, bias, backend=backend, **kwargs)
-
-
 def original(x, weight=None, bias=None, *, running_var, training, momentum, eps, detach):
-    return reference.batch_norm_uncentered_2d(x, _buffer(running_var, x), weight, bias, training, momentum, eps, detach)
+    return reference.batch_norm_uncentered_2d(
+        x, running_var_buffer(running_var, x), weight, bias, training, momentum, eps, detach
+    )
 
 
 globals().update(op_tests("batch_norm_uncentered", front, original, BATCH_NORM_UNCENTERED))

@@ -6,18 +6,13 @@ import copy
 import pytest
 import torch
 from cases import DETACHABLE_NORM
+from cases import detachable_norm_front as front
 from originals import bcos_module
 
 import bcos_kernels
 from bcos_kernels import nn as bnn
 from bcos_kernels.ops.detachable_norm import detachable_group_norm, detachable_layer_norm, reference
 from ops._util import op_tests
-
-
-def front(x, weight=None, bias=None, *, kind, groups, eps, detach, backend):
-    if kind == "layer":
-        return detachable_layer_norm(x, groups, weight, bias, eps, detach=detach, backend=backend)
-    return detachable_group_norm(x, groups, weight, bias, eps, detach=detach, backend=backend)
 
 
 def original(x, weight=None, bias=None, *, kind, groups, eps, detach):

@@ -68,7 +68,8 @@ def backward(grad_out, x, weight, mean, inv_std, opts, needs):
             centred = x - _per_channel(mean).to(x.dtype)
             grad_x = torch.addcmul(grad_x, centred, _per_channel(-coef).to(x.dtype))
     if need_w:
-        grad_w = (sum_gx * inv_std).to(weight.dtype)
+        # an empty batch: a zero gradient (the sum is over nothing), not 0 times its NaN statistics
+        grad_w = (sum_gx * inv_std if x.numel() else torch.zeros_like(sum_gx)).to(weight.dtype)
     if need_b:
         grad_b = grad_out.sum(DIMS).to(grad_out.dtype)
     return grad_x, grad_w, grad_b

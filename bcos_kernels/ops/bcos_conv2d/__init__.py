@@ -90,6 +90,8 @@ def bcos_conv2d(
             )
         channel_scale = channel_scale.contiguous()
     name = backends.resolve("bcos_conv2d", backend, x)
+    if x.numel() == 0:  # the fused kernels read an empty norm as b == 1; the reference's ATen ops give the empty result
+        name = "reference"
     if name == "reference":
         with _autocast.off(x):
             return ref.bcos_conv2d(x, weight, bias, **dict(opts, b=b), channel_scale=channel_scale)

@@ -40,6 +40,9 @@ def backward(grad_out, x, mask, labels, opts):
         per_sample = grad_out.to(acc) * x.to(acc)
         if per_sample.dim() == 4:
             per_sample = per_sample.sum((2, 3))
-        onehot = torch.nn.functional.one_hot(labels, num_classes).to(acc)  # (N, K)
-        grad_mask = (per_sample.t() @ onehot).to(x.dtype)  # (C, K)
+        # summed per class by an accumulating index_put (deterministic on every device), not a one-hot matmul,
+        # whose 0 * NaN would spread a NaN of one sample into every class's column
+        by_class = per_sample.new_zeros(num_classes, per_sample.shape[1])
+        by_class.index_put_((labels,), per_sample, accumulate=True)
+        grad_mask = by_class.t().to(x.dtype).contiguous()  # (C, K)
     return grad_x, grad_mask

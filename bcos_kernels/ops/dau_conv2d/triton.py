@@ -247,9 +247,11 @@ def _forward_kernel(x_ptr, e_ptr, b_ptr, z_ptr, gram_ptr, h2_ptr, c_ptr, out_ptr
                           DATA_DOT)                                # b_o . x_p
         sq += tl.load(c_ptr + units, mask=unit_ok, other=0.0)[None, :]
 
-    # Rounding can push ||w||^2 slightly below 0; an exactly-zero weight gives 0 (and zero gradient).
-    s = tl.sqrt(tl.maximum(sq, 0.0))
-    live = s > 0
+    # Rounding can push ||w||^2 slightly below 0; an exactly-zero weight gives 0 (and zero gradient). A NaN (from a
+    # NaN or inf in x or the weights) stays NaN, as in the reference: the clamp propagates it (a GPU's fmax would
+    # drop it) and counts as live.
+    s = tl.sqrt(tl.maximum(sq, 0.0, propagate_nan=tl.PropagateNan.ALL))
+    live = s != 0
     s_safe = tl.where(live, s, 1.0)
     if SQUASH:
         inv = s_safe / (1.0 + s_safe * s_safe)

@@ -51,6 +51,8 @@ def forward(x, weight, bias, opts):
     """(out, mean, rstd) with ATen's statistics (compute dtype)."""
     if opts.kind == "layer":
         return torch.native_layer_norm(x, x.shape[x.dim() - opts.norm_dims :], weight, bias, opts.eps)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()  # ATen's group norm reads one of the two layouts only
     n, c = x.shape[:2]
     inner = x[0, 0].numel() if n and c else 0
     return torch.native_group_norm(x, weight, bias, n, c, inner, opts.groups, opts.eps)

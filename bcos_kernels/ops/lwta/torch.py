@@ -57,15 +57,18 @@ def forward(x, noise, seed, opts):
         raise ValueError("bcos_kernels::lwta: a seed needs backend 'triton' or 'cuda' (backend 'torch' takes noise)")
     ct = _compute_dtype(x, noise)
     xb, axis = _block_view(x, competitors)
-    out = torch.zeros_like(x)
+    # the losers' outputs: x times the original's mask value 0 (a NaN or inf x gives NaN, as there), not zeros
+    out = torch.empty_like(x)
     outb = _block_view(out, competitors)[0]
     if noise is None:
+        torch.mul(xb, 0, out=outb)
         winner = xb.argmax(axis, keepdim=True)
         # the original's mask is exactly 1 at the winner: out = x there, 0 elsewhere
         outb.scatter_(axis, winner, xb.gather(axis, winner))
     else:
         p = _soft(xb, _block_view(noise, competitors)[0], temperature, axis, ct)
         p_win, winner = p.max(axis, keepdim=True)
+        torch.mul(xb, (p_win - p_win).to(x.dtype), out=outb)  # (0 - p) + p: also NaN for a NaN softmax
         # the original's straight-through mask value at the winner: (1 - p) + p (1 up to rounding)
         outb.scatter_(axis, winner, (xb.gather(axis, winner).to(ct) * ((1.0 - p_win) + p_win)).to(x.dtype))
     winner = winner.squeeze(axis).to(torch.uint8).contiguous(memory_format=memory_format(is_channels_last(x)))

@@ -160,18 +160,21 @@ def _lwta_forward_kernel(x_ptr, noise_ptr, seed_ptr, out_ptr, winner_ptr, R, Q, 
     x_raw = tl.load(x_ptr + offset, mask=valid, other=0.0)
     x = x_raw.to(tl.float32)
     if MODE == 0:
-        winner = tl.argmax(tl.where(unit < U, x, float("-inf")), axis=1)
+        # a NaN wins (torch.argmax's maximum), then the first maximum; padding lanes never
+        winner = tl.argmax(tl.where(unit < U, tl.where(x != x, float("inf"), x), float("-inf")), axis=1)
         is_winner = unit == winner[:, None, :]
-        # the original's mask is exactly 1 at the winner: out = x there, 0 elsewhere
-        out = tl.where(is_winner, x_raw, tl.zeros_like(x_raw))
+        # the original's mask is exactly 1 at the winner: out = x there, x * 0 elsewhere (NaN for a NaN or inf x)
+        out = tl.where(is_winner, x_raw, x_raw * 0)
     else:
         p = _soft(x, unit, offset, r, winner_offset, valid, noise_ptr, seed_ptr, temperature, G, HW, U, MODE,
                   NHWC, EPS)
-        winner = tl.argmax(p, axis=1)
-        p_winner = tl.max(p, axis=1)[:, None, :]
+        # a block's softmax is NaN everywhere or nowhere: the argmax of a NaN block is unit 0
+        winner = tl.argmax(tl.where(p != p, 0.0, p), axis=1)
         is_winner = unit == winner[:, None, :]
-        # the straight-through mask's value at the winner, (1 - p) + p: 1 up to the last bit, as the original
-        out = tl.where(is_winner, x * ((1.0 - p_winner) + p_winner), 0.0).to(x_raw.dtype)
+        p_winner = tl.sum(tl.where(is_winner, p, 0.0), axis=1)[:, None, :]  # (tl.max would drop a NaN on a GPU)
+        # the straight-through mask's value, (1 - p) + p at the winner (1 up to the last bit) and (0 - p) + p = 0
+        # elsewhere, both as the original: NaN for a NaN block, and x * 0 is NaN for a NaN or inf x
+        out = tl.where(is_winner, x * ((1.0 - p_winner) + p_winner), x * (p_winner - p_winner)).to(x_raw.dtype)
     tl.store(out_ptr + offset, out, mask=valid)
     tl.store(winner_ptr + winner_offset, winner[:, None, :].to(tl.uint8), mask=in_range)
 
