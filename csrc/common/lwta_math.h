@@ -141,11 +141,18 @@ template <typename T, typename X>
 BCOS_HD inline int lwta_hard_choice(int units, const X& x) {
   T best = x(0);
   int win = 0;
+  bool any_nan = best != best;
   for (int k = 1; k < units; ++k) {
     const T v = x(k);
-    if (v > best || (v != v && best == best)) {  // the first NaN wins, as in torch.argmax
+    any_nan |= v != v;  // no branch on it here: the common loop stays the plain first argmax
+    if (v > best) {
       best = v;
       win = k;
+    }
+  }
+  if (any_nan) {  // the first NaN wins, as in torch.argmax
+    for (int k = 0; k < units; ++k) {
+      if (x(k) != x(k)) return k;
     }
   }
   return win;
