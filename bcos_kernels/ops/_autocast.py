@@ -24,13 +24,15 @@ from typing import Optional
 
 import torch
 
-_AVAILABLE: dict = {}  # device type -> whether torch has autocast for it (torch raises for e.g. "meta")
+# whether torch has autocast for a device type (torch.is_autocast_enabled raises for e.g. "meta"); filled here, not
+# on first use: a cache filled while dynamo traces makes its restarted trace take another path, which it refuses
+_AVAILABLE = {device_type: torch.amp.is_autocast_available(device_type) for device_type in ("cpu", "cuda", "meta")}
 
 
 def _enabled(device_type: str) -> bool:
     available = _AVAILABLE.get(device_type)
     if available is None:
-        available = _AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+        available = torch.amp.is_autocast_available(device_type)
     return available and torch.is_autocast_enabled(device_type)
 
 
