@@ -36,11 +36,14 @@ def _enabled(device_type: str) -> bool:
     return available and torch.is_autocast_enabled(device_type)
 
 
+def _on(x) -> bool:
+    """Whether autocast is on for x's device (False when x is no tensor)."""
+    return isinstance(x, torch.Tensor) and _enabled(x.device.type)
+
+
 def autocast_dtype(x) -> Optional[torch.dtype]:
     """The dtype autocast runs a conv in on x's device, or None where autocast is off there (or x is no tensor)."""
-    if not isinstance(x, torch.Tensor) or not _enabled(x.device.type):
-        return None
-    return torch.get_autocast_dtype(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if _on(x) else None
 
 
 def lower_precision(x, *tensors) -> tuple:
@@ -58,13 +61,13 @@ def lower_precision(x, *tensors) -> tuple:
 def in_dtype_of(x, *tensors) -> tuple:
     """tensors, under autocast each floating one of them in x's dtype (None as it is); without autocast
     themselves."""
-    if autocast_dtype(x) is None:
+    if not _on(x):
         return tensors
     return tuple(t.to(x.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 def off(x):
     """A context in which autocast is off on x's device (a no-op context where it is off already)."""
-    if not isinstance(x, torch.Tensor) or not _enabled(x.device.type):
+    if not _on(x):
         return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
